@@ -1,0 +1,517 @@
+//! The task state machine, as a pure function: `(task, input) → (task', actions, events)`.
+//!
+//! The TaskActor feeds it inputs (a plan arrived, an executor answered, a timer fired),
+//! commits the new task and its events in one synced batch, and only then performs the
+//! actions. Keeping it pure makes every transition unit-testable and replayable.
+
+use crate::model::{DecisionKind, JsonText, Step, StepStatus, Task, TaskStatus};
+use crate::protocol::{ArchiveReply, ExecReply, FailureKind, PlanReply, TaskEvent, Verdict};
+
+/// Bounds and timings the machine needs; times are injected, never read from a clock.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub retry_delay_ms_base: u64,
+    pub retry_delay_ms_max: u64,
+    /// Re-sends of one attempt when no executor answers, before the step fails.
+    pub redeliveries_max: u32,
+    /// Retries of a plan/verify/archive hop before the task fails.
+    pub hop_retries_max: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { retry_delay_ms_base: 200, retry_delay_ms_max: 10_000, redeliveries_max: 8, hop_retries_max: 5 }
+    }
+}
+
+/// What happened to the task.
+#[derive(Debug, Clone)]
+pub enum Input {
+    /// The actor (re)started from its checkpoint.
+    Start,
+    Planned(PlanReply),
+    /// The plan hop failed (timeout, no planner).
+    PlanUnavailable(String),
+    Executed { step: String, attempt: u32, reply: ExecReply },
+    /// No executor answered the request for this attempt (timeout, no responders).
+    ExecUnanswered { step: String, attempt: u32, error: String },
+    Verified { step: String, attempt: u32, verdict: Verdict },
+    VerifyUnavailable { step: String, attempt: u32, error: String },
+    TaskVerified(Verdict),
+    TaskVerifyUnavailable(String),
+    Archived(ArchiveReply),
+    RetryDue { step: String, attempt: u32 },
+    /// A delayed plan/verify/archive hop is due again.
+    HopDue,
+    Cancel { reason: String },
+    /// The task's actor kept crashing; give up on the task with this reason.
+    Abandon { reason: String },
+    Resolve { step: String, decision: DecisionKind, by: String },
+}
+
+/// What the actor must do after committing.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    RequestPlan,
+    Exec { step: String, attempt: u32 },
+    Verify { step: String, attempt: u32 },
+    VerifyTask,
+    Archive,
+    /// Deliver `Input::RetryDue { step, attempt }` at `at_ms`.
+    RetryAt { step: String, attempt: u32, at_ms: u64 },
+    /// Deliver `Input::HopDue` at `at_ms`.
+    HopAt { at_ms: u64 },
+}
+
+/// The result of one input.
+#[derive(Debug, Default)]
+pub struct Transition {
+    pub actions: Vec<Action>,
+    pub events: Vec<TaskEvent>,
+    /// False when nothing durable changed (a stale reply, an in-memory step).
+    pub commit: bool,
+}
+
+/// A request that the task's state does not allow (answered as `conflict`).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{0}")]
+pub struct Rejected(pub String);
+
+struct Cx<'a> {
+    task: &'a mut Task,
+    now_ms: u64,
+    jitter: f64,
+    limits: &'a Limits,
+    out: Transition,
+}
+
+/// Applies `input` to `task`. `jitter` in `[0, 1)` comes from the actor's seeded RNG.
+pub fn apply(
+    task: &mut Task,
+    input: Input,
+    now_ms: u64,
+    jitter: f64,
+    limits: &Limits,
+) -> Result<Transition, Rejected> {
+    let mut cx = Cx { task, now_ms, jitter, limits, out: Transition::default() };
+    cx.input(input)?;
+    if cx.out.commit {
+        cx.task.updated_at_ms = now_ms;
+    }
+    Ok(cx.out)
+}
+
+impl Cx<'_> {
+    fn input(&mut self, input: Input) -> Result<(), Rejected> {
+        match input {
+            Input::Start => self.start(),
+            Input::Cancel { reason } => return self.cancel(reason),
+            Input::Abandon { reason } => {
+                if !self.task.status.is_terminal() {
+                    self.fail(reason);
+                }
+            }
+            Input::Resolve { step, decision, by } => return self.resolve(&step, decision, &by),
+            _ if self.task.status.is_terminal() => {}
+            Input::Planned(reply) => self.planned(reply),
+            Input::PlanUnavailable(error) => self.hop_failed(TaskStatus::Planning, error),
+            Input::Executed { step, attempt, reply } => self.executed(&step, attempt, reply),
+            Input::ExecUnanswered { step, attempt, error } => self.unanswered(&step, attempt, error),
+            Input::Verified { step, attempt, verdict } => self.verified(&step, attempt, verdict),
+            Input::VerifyUnavailable { step, attempt, error } => {
+                let verdict = Verdict { passed: false, reasons: vec![format!("verifier unavailable: {error}")] };
+                self.verified(&step, attempt, verdict);
+            }
+            Input::TaskVerified(verdict) => self.task_verified(verdict),
+            Input::TaskVerifyUnavailable(error) => self.hop_failed(TaskStatus::Verifying, error),
+            Input::Archived(reply) => self.archived(reply),
+            Input::RetryDue { step, attempt } => self.retry_due(&step, attempt),
+            Input::HopDue => self.hop_due(),
+        }
+        Ok(())
+    }
+
+    // --- lifecycle -----------------------------------------------------------------
+
+    fn start(&mut self) {
+        match self.task.status {
+            TaskStatus::Accepted => {
+                self.set_status(TaskStatus::Planning, None);
+                self.out.actions.push(Action::RequestPlan);
+            }
+            TaskStatus::Planning => self.out.actions.push(Action::RequestPlan),
+            TaskStatus::Running | TaskStatus::AwaitingOperator => self.resume_steps(),
+            TaskStatus::Verifying => self.out.actions.push(Action::VerifyTask),
+            TaskStatus::Archiving => self.out.actions.push(Action::Archive),
+            TaskStatus::Succeeded | TaskStatus::Failed | TaskStatus::Cancelled => {}
+        }
+    }
+
+    /// After a restart: re-send what was in flight, re-arm timers, dispatch what is ready.
+    fn resume_steps(&mut self) {
+        for i in 0..self.task.steps.len() {
+            let step = &mut self.task.steps[i];
+            let id = step.spec.id.clone();
+            match step.status {
+                // Verifying is never checkpointed, but an actor restarted in-process may
+                // hold it: go back through the ledger, which replays the recorded outcome.
+                StepStatus::Running | StepStatus::Verifying => {
+                    step.status = StepStatus::Running;
+                    self.out.actions.push(Action::Exec { step: id, attempt: step.attempts });
+                }
+                StepStatus::RetryWait => {
+                    let at_ms = step.retry_at_ms.unwrap_or(self.now_ms);
+                    self.out.actions.push(Action::RetryAt { step: id, attempt: step.next_attempt, at_ms });
+                }
+                _ => {}
+            }
+        }
+        if self.task.status == TaskStatus::Running {
+            self.dispatch_ready();
+        }
+    }
+
+    fn planned(&mut self, reply: PlanReply) {
+        if self.task.status != TaskStatus::Planning {
+            return;
+        }
+        match reply {
+            PlanReply::Planned { steps, checks, playbook_version } => {
+                self.task.steps = steps.into_iter().map(Step::new).collect();
+                self.task.checks = checks;
+                self.task.playbook_version = playbook_version;
+                self.task.hop_retries = 0;
+                let detail = format!("{} steps", self.task.steps.len());
+                self.set_status(TaskStatus::Running, Some(detail));
+                self.dispatch_ready();
+            }
+            PlanReply::Rejected { code, message } => {
+                self.fail(format!("planner rejected the task ({code:?}): {message}"));
+            }
+        }
+    }
+
+    fn cancel(&mut self, reason: String) -> Result<(), Rejected> {
+        if self.task.status.is_terminal() {
+            return Err(Rejected(format!("task is already {}", self.task.status)));
+        }
+        self.skip_unfinished();
+        self.task.failure = Some(format!("cancelled: {reason}"));
+        self.task.attention = None;
+        self.set_status(TaskStatus::Cancelled, Some(reason));
+        Ok(())
+    }
+
+    fn resolve(&mut self, step_id: &str, decision: DecisionKind, by: &str) -> Result<(), Rejected> {
+        let Some(i) = self.task.step_index(step_id) else {
+            return Err(Rejected(format!("task has no step `{step_id}`")));
+        };
+        if self.task.steps[i].status != StepStatus::OutcomeUnknown {
+            return Err(Rejected(format!(
+                "step `{step_id}` is {:?}, not waiting for a decision",
+                self.task.steps[i].status
+            )));
+        }
+        let by = if by.is_empty() { "operator" } else { by };
+        match decision {
+            DecisionKind::Abort => {
+                let step = &mut self.task.steps[i];
+                step.status = StepStatus::Failed;
+                step.finished_at_ms = Some(self.now_ms);
+                step.error = Some(format!("aborted by {by} after an unknown outcome"));
+                self.event("step_failed", Some(step_id), Some(self.task.steps[i].attempts), Some(format!("aborted by {by}")));
+                self.fail(format!("step `{step_id}` aborted by {by} (outcome unknown)"));
+            }
+            DecisionKind::Retry => {
+                let attempt = self.task.steps[i].attempts + 1;
+                self.event("step_resolved", Some(step_id), Some(attempt), Some(format!("retry by {by}")));
+                self.clear_attention();
+                self.begin_attempt(i, attempt);
+            }
+            DecisionKind::MarkDone => {
+                let step = &mut self.task.steps[i];
+                step.status = StepStatus::Succeeded;
+                step.finished_at_ms = Some(self.now_ms);
+                step.output.get_or_insert_with(JsonText::null);
+                step.verdict = Some(Verdict { passed: true, reasons: vec![format!("marked done by {by}")] });
+                let attempt = step.attempts;
+                self.event("step_succeeded", Some(step_id), Some(attempt), Some(format!("marked done by {by}")));
+                self.clear_attention();
+                self.advance();
+            }
+        }
+        Ok(())
+    }
+
+    // --- steps ---------------------------------------------------------------------
+
+    /// Starts every pending step whose dependencies have succeeded.
+    fn dispatch_ready(&mut self) {
+        let ready: Vec<usize> = (0..self.task.steps.len())
+            .filter(|&i| {
+                let step = &self.task.steps[i];
+                step.status == StepStatus::Pending
+                    && step.spec.depends_on.iter().all(|d| {
+                        self.task.step(d).is_some_and(|s| s.status == StepStatus::Succeeded)
+                    })
+            })
+            .collect();
+        for i in ready {
+            self.begin_attempt(i, 1);
+        }
+    }
+
+    fn begin_attempt(&mut self, i: usize, attempt: u32) {
+        let now = self.now_ms;
+        let step = &mut self.task.steps[i];
+        step.status = StepStatus::Running;
+        step.attempts = attempt;
+        step.redeliveries = 0;
+        step.retry_at_ms = None;
+        step.started_at_ms.get_or_insert(now);
+        let id = step.spec.id.clone();
+        self.event("step_started", Some(&id), Some(attempt), None);
+        self.out.actions.push(Action::Exec { step: id, attempt });
+    }
+
+    /// The step index if `attempt` is the step's current attempt in `status`.
+    fn current(&self, step_id: &str, attempt: u32, status: StepStatus) -> Option<usize> {
+        let i = self.task.step_index(step_id)?;
+        let step = &self.task.steps[i];
+        (step.attempts == attempt && step.status == status).then_some(i)
+    }
+
+    fn executed(&mut self, step_id: &str, attempt: u32, reply: ExecReply) {
+        let Some(i) = self.current(step_id, attempt, StepStatus::Running) else { return };
+        match reply {
+            ExecReply::Done { output, .. } => {
+                let step = &mut self.task.steps[i];
+                step.output = Some(output);
+                step.error = None;
+                step.status = StepStatus::Verifying;
+                // Not committed: the verdict commits output and verdict together.
+                self.out.actions.push(Action::Verify { step: step_id.to_string(), attempt });
+            }
+            ExecReply::Failed { kind: FailureKind::OutcomeUnknown, message, output } => {
+                let step = &mut self.task.steps[i];
+                step.status = StepStatus::OutcomeUnknown;
+                step.output = output;
+                step.error = Some(message.clone());
+                self.task.attention = Some((step_id.to_string(), message.clone()));
+                self.event("step_outcome_unknown", Some(step_id), Some(attempt), Some(message.clone()));
+                if self.task.status == TaskStatus::Running {
+                    self.set_status(TaskStatus::AwaitingOperator, Some(format!("step `{step_id}`: {message}")));
+                }
+            }
+            ExecReply::Failed { kind, message, output } => {
+                let step = &mut self.task.steps[i];
+                step.output = output;
+                self.attempt_failed(i, kind == FailureKind::Retryable, message);
+            }
+        }
+    }
+
+    fn unanswered(&mut self, step_id: &str, attempt: u32, error: String) {
+        let Some(i) = self.current(step_id, attempt, StepStatus::Running) else { return };
+        let limits = self.limits.clone();
+        let step = &mut self.task.steps[i];
+        if step.redeliveries >= limits.redeliveries_max {
+            let message = format!("no executor answered for `{}` after {} tries: {error}", step.spec.tool, step.redeliveries + 1);
+            self.attempt_failed(i, false, message);
+            return;
+        }
+        // Re-send the same attempt: the executor's ledger makes that safe for every class.
+        step.redeliveries += 1;
+        let delay = self.backoff(step.redeliveries);
+        let step = &mut self.task.steps[i];
+        step.status = StepStatus::RetryWait;
+        step.next_attempt = attempt;
+        step.retry_at_ms = Some(self.now_ms + delay);
+        step.error = Some(error.clone());
+        let at_ms = self.now_ms + delay;
+        self.event("step_redelivery", Some(step_id), Some(attempt), Some(error));
+        self.out.actions.push(Action::RetryAt { step: step_id.to_string(), attempt, at_ms });
+    }
+
+    fn verified(&mut self, step_id: &str, attempt: u32, verdict: Verdict) {
+        let Some(i) = self.current(step_id, attempt, StepStatus::Verifying) else { return };
+        if verdict.passed {
+            let step = &mut self.task.steps[i];
+            step.status = StepStatus::Succeeded;
+            step.finished_at_ms = Some(self.now_ms);
+            step.verdict = Some(verdict);
+            self.event("step_succeeded", Some(step_id), Some(attempt), None);
+            self.advance();
+        } else {
+            let message = format!("verification failed: {}", verdict.reasons.join("; "));
+            self.task.steps[i].verdict = Some(verdict);
+            self.attempt_failed(i, true, message);
+        }
+    }
+
+    /// A failed attempt: retry with backoff while attempts remain and it is worth it,
+    /// else the step fails and so does the task.
+    fn attempt_failed(&mut self, i: usize, retryable: bool, message: String) {
+        let step = &self.task.steps[i];
+        let id = step.spec.id.clone();
+        let attempt = step.attempts;
+        if retryable && attempt < step.spec.max_attempts {
+            let delay = self.backoff(attempt);
+            let at_ms = self.now_ms + delay;
+            let step = &mut self.task.steps[i];
+            step.status = StepStatus::RetryWait;
+            step.next_attempt = attempt + 1;
+            step.retry_at_ms = Some(at_ms);
+            step.error = Some(message.clone());
+            self.event("step_retry", Some(&id), Some(attempt), Some(format!("{message}; retry in {delay} ms")));
+            self.out.actions.push(Action::RetryAt { step: id, attempt: attempt + 1, at_ms });
+            return;
+        }
+        let step = &mut self.task.steps[i];
+        step.status = StepStatus::Failed;
+        step.finished_at_ms = Some(self.now_ms);
+        step.error = Some(message.clone());
+        self.event("step_failed", Some(&id), Some(attempt), Some(message.clone()));
+        let tries = if attempt == 1 { "1 attempt".to_string() } else { format!("{attempt} attempts") };
+        self.fail(format!("step `{id}` failed after {tries}: {message}"));
+    }
+
+    fn retry_due(&mut self, step_id: &str, attempt: u32) {
+        let Some(i) = self.task.step_index(step_id) else { return };
+        let step = &self.task.steps[i];
+        if step.status != StepStatus::RetryWait || step.next_attempt != attempt {
+            return;
+        }
+        if step.attempts == attempt {
+            // A redelivery of the same attempt.
+            let step = &mut self.task.steps[i];
+            step.status = StepStatus::Running;
+            step.retry_at_ms = None;
+            self.out.commit = true;
+            self.out.actions.push(Action::Exec { step: step_id.to_string(), attempt });
+        } else {
+            self.begin_attempt(i, attempt);
+        }
+    }
+
+    /// After a step succeeds: more steps, or on to task-level verification.
+    fn advance(&mut self) {
+        if self.task.steps.iter().all(|s| s.status == StepStatus::Succeeded) {
+            self.task.hop_retries = 0;
+            self.set_status(TaskStatus::Verifying, None);
+            self.out.actions.push(Action::VerifyTask);
+        } else if self.task.status == TaskStatus::Running {
+            self.dispatch_ready();
+        }
+    }
+
+    // --- task level ----------------------------------------------------------------
+
+    fn task_verified(&mut self, verdict: Verdict) {
+        if self.task.status != TaskStatus::Verifying {
+            return;
+        }
+        let passed = verdict.passed;
+        let reasons = verdict.reasons.join("; ");
+        self.task.task_verdict = Some(verdict);
+        if passed {
+            self.task.hop_retries = 0;
+            self.set_status(TaskStatus::Archiving, None);
+            self.out.actions.push(Action::Archive);
+        } else {
+            self.fail(format!("task verification failed: {reasons}"));
+        }
+    }
+
+    fn archived(&mut self, reply: ArchiveReply) {
+        if self.task.status != TaskStatus::Archiving {
+            return;
+        }
+        match reply {
+            ArchiveReply::Archived => self.set_status(TaskStatus::Succeeded, None),
+            ArchiveReply::Failed { message } => self.hop_failed(TaskStatus::Archiving, message),
+        }
+    }
+
+    /// A plan/verify/archive hop failed: these are side-effect free, so retry with
+    /// backoff (not committed), then fail the task.
+    fn hop_failed(&mut self, during: TaskStatus, error: String) {
+        if self.task.status != during {
+            return;
+        }
+        self.task.hop_retries += 1;
+        if self.task.hop_retries > self.limits.hop_retries_max {
+            self.fail(format!("{} hop failed {} times: {error}", during, self.task.hop_retries));
+            return;
+        }
+        let at_ms = self.now_ms + self.backoff(self.task.hop_retries);
+        self.out.actions.push(Action::HopAt { at_ms });
+    }
+
+    fn hop_due(&mut self) {
+        match self.task.status {
+            TaskStatus::Planning => self.out.actions.push(Action::RequestPlan),
+            TaskStatus::Verifying => self.out.actions.push(Action::VerifyTask),
+            TaskStatus::Archiving => self.out.actions.push(Action::Archive),
+            _ => {}
+        }
+    }
+
+    // --- helpers -------------------------------------------------------------------
+
+    fn fail(&mut self, reason: String) {
+        self.skip_unfinished();
+        self.task.attention = None;
+        self.task.failure = Some(reason.clone());
+        self.set_status(TaskStatus::Failed, Some(reason));
+    }
+
+    fn skip_unfinished(&mut self) {
+        for step in &mut self.task.steps {
+            if !step.status.is_done() {
+                step.status = StepStatus::Skipped;
+                step.retry_at_ms = None;
+            }
+        }
+    }
+
+    fn clear_attention(&mut self) {
+        self.task.attention = None;
+        if self.task.status == TaskStatus::AwaitingOperator
+            && !self.task.steps.iter().any(|s| s.status == StepStatus::OutcomeUnknown)
+        {
+            self.set_status(TaskStatus::Running, None);
+        }
+    }
+
+    fn set_status(&mut self, status: TaskStatus, detail: Option<String>) {
+        self.task.status = status;
+        self.event(status.as_str(), None, None, detail);
+    }
+
+    fn event(&mut self, kind: &str, step: Option<&str>, attempt: Option<u32>, detail: Option<String>) {
+        self.task.event_seq += 1;
+        self.out.commit = true;
+        self.out.events.push(TaskEvent {
+            task_id: self.task.id.clone(),
+            seq: self.task.event_seq,
+            kind: kind.to_string(),
+            status: self.task.status,
+            step_id: step.map(str::to_string),
+            attempt,
+            detail,
+            at_ms: self.now_ms,
+            node_id: self.task.node_id.clone(),
+        });
+    }
+
+    /// Exponential backoff with jitter: `base·2^(n-1)`, capped, scaled into [½, 1).
+    fn backoff(&self, n: u32) -> u64 {
+        let exp = self.limits.retry_delay_ms_base.saturating_mul(1u64 << (n.saturating_sub(1)).min(20));
+        let capped = exp.min(self.limits.retry_delay_ms_max) as f64;
+        (capped * (0.5 + self.jitter.clamp(0.0, 1.0) / 2.0)) as u64
+    }
+}
+
+#[cfg(test)]
+mod tests;

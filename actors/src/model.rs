@@ -1,0 +1,292 @@
+//! Domain records: tasks and steps as the TaskActor checkpoints them.
+//!
+//! These are stored with postcard (see `storage::codec`), which cannot hold a free-form
+//! `serde_json::Value`; dynamic JSON (inputs, params, outputs) travels as [`JsonText`].
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::protocol::{TaskCheck, Verdict};
+
+/// JSON kept as its text, so records stay postcard-encodable.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct JsonText(pub String);
+
+impl JsonText {
+    pub fn from_value(value: &Value) -> JsonText {
+        JsonText(value.to_string())
+    }
+
+    pub fn null() -> JsonText {
+        JsonText("null".into())
+    }
+
+    /// Parses the text. Cadre wrote it from a `Value`, so failure means corruption; the
+    /// caller reports it rather than guessing.
+    pub fn to_value(&self) -> Result<Value, serde_json::Error> {
+        serde_json::from_str(&self.0)
+    }
+
+    /// For views: a corrupt text shows as a string rather than failing the whole reply.
+    pub fn to_value_lossy(&self) -> Value {
+        self.to_value().unwrap_or_else(|_| Value::String(self.0.clone()))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskStatus {
+    Accepted,
+    Planning,
+    Running,
+    /// Waiting for an operator decision on a step (`cadre.tasks.resolve`).
+    AwaitingOperator,
+    Verifying,
+    Archiving,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl TaskStatus {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, TaskStatus::Succeeded | TaskStatus::Failed | TaskStatus::Cancelled)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskStatus::Accepted => "accepted",
+            TaskStatus::Planning => "planning",
+            TaskStatus::Running => "running",
+            TaskStatus::AwaitingOperator => "awaiting_operator",
+            TaskStatus::Verifying => "verifying",
+            TaskStatus::Archiving => "archiving",
+            TaskStatus::Succeeded => "succeeded",
+            TaskStatus::Failed => "failed",
+            TaskStatus::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<TaskStatus> {
+        serde_json::from_value(Value::String(s.to_string())).ok()
+    }
+
+    /// Order along the happy path; used to check that a task never moves backwards.
+    pub fn rank(self) -> u8 {
+        match self {
+            TaskStatus::Accepted => 0,
+            TaskStatus::Planning => 1,
+            TaskStatus::Running | TaskStatus::AwaitingOperator => 2,
+            TaskStatus::Verifying => 3,
+            TaskStatus::Archiving => 4,
+            TaskStatus::Succeeded | TaskStatus::Failed | TaskStatus::Cancelled => 5,
+        }
+    }
+}
+
+impl std::fmt::Display for TaskStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepStatus {
+    Pending,
+    Running,
+    /// Executed; the verdict is being computed (never checkpointed: a restart re-runs
+    /// the step through the effect ledger, which replays a recorded outcome).
+    Verifying,
+    /// Waiting to be dispatched again at `retry_at_ms`.
+    RetryWait,
+    Succeeded,
+    Failed,
+    /// An `unsafe` effect was in flight during a crash; waiting for an operator.
+    OutcomeUnknown,
+    /// Never run: the task ended first.
+    Skipped,
+}
+
+impl StepStatus {
+    pub fn is_done(self) -> bool {
+        matches!(self, StepStatus::Succeeded | StepStatus::Failed | StepStatus::Skipped)
+    }
+}
+
+/// What an operator decides for a step whose outcome is unknown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DecisionKind {
+    /// Run the step again as a new attempt.
+    Retry,
+    /// The effect happened; treat the step as succeeded.
+    MarkDone,
+    /// Fail the task.
+    Abort,
+}
+
+/// Success criteria for a step (and, in a `TaskCheck`, for a task). All given criteria
+/// must hold. Unknown keys are refused when a playbook loads.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Criteria {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status_in: Option<Vec<u16>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file_exists: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file_contains: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub json_path_equals: Option<JsonPathEquals>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_contains: Option<String>,
+}
+
+impl Criteria {
+    pub fn is_empty(&self) -> bool {
+        *self == Criteria::default()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JsonPathEquals {
+    /// `$.a.b[0].c` over the step's output.
+    pub path: String,
+    /// Expected value, as JSON text (stored records cannot hold a `Value`).
+    pub value: JsonText,
+}
+
+/// One step of a plan, with its templates over `input.*` already rendered.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepSpec {
+    pub id: String,
+    pub tool: String,
+    pub params: JsonText,
+    pub verify: Criteria,
+    pub depends_on: Vec<String>,
+    pub max_attempts: u32,
+    pub timeout_ms: u64,
+}
+
+/// A step's checkpointed state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Step {
+    pub spec: StepSpec,
+    pub status: StepStatus,
+    /// Attempts started so far (the current attempt's number once running).
+    pub attempts: u32,
+    /// Times the current attempt was re-sent because no executor answered.
+    pub redeliveries: u32,
+    pub output: Option<JsonText>,
+    pub error: Option<String>,
+    pub verdict: Option<Verdict>,
+    pub started_at_ms: Option<u64>,
+    pub finished_at_ms: Option<u64>,
+    pub retry_at_ms: Option<u64>,
+    /// The attempt a `RetryWait` will dispatch.
+    pub next_attempt: u32,
+}
+
+impl Step {
+    pub fn new(spec: StepSpec) -> Step {
+        Step {
+            spec,
+            status: StepStatus::Pending,
+            attempts: 0,
+            redeliveries: 0,
+            output: None,
+            error: None,
+            verdict: None,
+            started_at_ms: None,
+            finished_at_ms: None,
+            retry_at_ms: None,
+            next_attempt: 0,
+        }
+    }
+}
+
+/// A task's checkpoint: everything needed to resume it after a crash.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Task {
+    pub id: String,
+    pub playbook: String,
+    pub playbook_version: String,
+    pub input: JsonText,
+    pub idempotency_key: Option<String>,
+    pub node_id: String,
+    pub status: TaskStatus,
+    pub created_at_ms: u64,
+    pub updated_at_ms: u64,
+    pub steps: Vec<Step>,
+    pub checks: Vec<TaskCheck>,
+    pub task_verdict: Option<Verdict>,
+    pub failure: Option<String>,
+    /// `(step_id, reason)` while the task waits for an operator.
+    pub attention: Option<(String, String)>,
+    /// Sequence of the last event emitted; events are numbered 1, 2, 3 … per task.
+    pub event_seq: u64,
+    /// Retries of the current plan/verify/archive hop.
+    pub hop_retries: u32,
+}
+
+impl Task {
+    pub fn new(
+        id: String,
+        playbook: String,
+        input: JsonText,
+        idempotency_key: Option<String>,
+        node_id: String,
+        now_ms: u64,
+    ) -> Task {
+        Task {
+            id,
+            playbook,
+            playbook_version: String::new(),
+            input,
+            idempotency_key,
+            node_id,
+            status: TaskStatus::Accepted,
+            created_at_ms: now_ms,
+            updated_at_ms: now_ms,
+            steps: Vec::new(),
+            checks: Vec::new(),
+            task_verdict: None,
+            failure: None,
+            attention: None,
+            event_seq: 0,
+            hop_retries: 0,
+        }
+    }
+
+    pub fn step(&self, id: &str) -> Option<&Step> {
+        self.steps.iter().find(|s| s.spec.id == id)
+    }
+
+    pub fn step_index(&self, id: &str) -> Option<usize> {
+        self.steps.iter().position(|s| s.spec.id == id)
+    }
+
+    /// The idempotency key of a step: stable across attempts and restarts, so a target
+    /// that dedupes sees one logical request.
+    pub fn step_key(&self, step_id: &str) -> String {
+        format!("{}.{}", self.id, step_id)
+    }
+}
+
+/// An episode: the archived summary of a verified task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Episode {
+    pub task_id: String,
+    pub playbook: String,
+    pub input: JsonText,
+    /// `(step_id, tool, output)` in plan order.
+    pub steps: Vec<(String, String, JsonText)>,
+    pub started_at_ms: u64,
+    pub finished_at_ms: u64,
+    pub archived_at_ms: u64,
+}

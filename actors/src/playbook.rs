@@ -1,0 +1,423 @@
+//! Playbooks: versioned TOML descriptions of recurring loops, validated when loaded.
+//!
+//! Every error names the file, the step and the problem, so a typo is fixed in one go.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+use crate::model::{Criteria, JsonPathEquals, JsonText, StepSpec};
+use crate::protocol::{TaskCheck, subject};
+use crate::template::{self, Scope, TemplateError};
+use crate::tools;
+
+/// Plans are bounded: a playbook has 1 to 7 steps.
+pub const STEPS_MAX: usize = 7;
+/// Largest playbook file read.
+const FILE_BYTES_MAX: u64 = 256 << 10;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PlaybookFile {
+    name: String,
+    #[serde(default)]
+    description: String,
+    #[serde(default)]
+    version: Option<String>,
+    #[serde(default)]
+    steps: Vec<StepFile>,
+    #[serde(default)]
+    checks: Vec<CheckFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StepFile {
+    id: String,
+    tool: String,
+    #[serde(default = "empty_table")]
+    params: toml::Value,
+    #[serde(default)]
+    verify: Option<CriteriaFile>,
+    #[serde(default)]
+    depends_on: Vec<String>,
+    #[serde(default)]
+    max_attempts: Option<u32>,
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CheckFile {
+    step: String,
+    verify: CriteriaFile,
+}
+
+/// Criteria as written in TOML (`json_path_equals.value` is any TOML value).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CriteriaFile {
+    exit_code: Option<i64>,
+    status_in: Option<Vec<u16>>,
+    file_exists: Option<bool>,
+    file_contains: Option<String>,
+    json_path_equals: Option<JsonPathFile>,
+    output_contains: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JsonPathFile {
+    path: String,
+    value: toml::Value,
+}
+
+fn empty_table() -> toml::Value {
+    toml::Value::Table(Default::default())
+}
+
+/// Defaults for what a step does not say.
+#[derive(Debug, Clone)]
+pub struct StepDefaults {
+    pub max_attempts: u32,
+    pub timeout_ms: u64,
+}
+
+/// A validated playbook. Params and criteria are JSON with `{{...}}` templates.
+#[derive(Debug, Clone)]
+pub struct Playbook {
+    pub name: String,
+    pub description: String,
+    /// Declared version plus a content hash: `1@3f2a9c01`.
+    pub version: String,
+    pub path: PathBuf,
+    steps: Vec<PlannedStep>,
+    checks: Vec<(String, Value)>,
+}
+
+#[derive(Debug, Clone)]
+struct PlannedStep {
+    id: String,
+    tool: String,
+    params: Value,
+    verify: Value,
+    depends_on: Vec<String>,
+    max_attempts: u32,
+    timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{file}: {problem}")]
+pub struct PlaybookError {
+    pub file: String,
+    pub problem: String,
+}
+
+/// Why an input cannot run a playbook.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum InputError {
+    #[error("input must be a JSON object")]
+    NotAnObject,
+    #[error("step `{step}`: {source}")]
+    Template { step: String, source: TemplateError },
+}
+
+impl Playbook {
+    /// Parses and validates one playbook from TOML text.
+    pub fn parse(text: &str, file: &Path, defaults: &StepDefaults) -> Result<Playbook, PlaybookError> {
+        let file_name = file.display().to_string();
+        let err = |problem: String| PlaybookError { file: file_name.clone(), problem };
+        let raw: PlaybookFile = toml::from_str(text).map_err(|e| err(e.to_string().trim_end().to_string()))?;
+        if !subject::is_token(&raw.name) {
+            return Err(err(format!("name `{}` must be letters, digits, `-` or `_`", raw.name)));
+        }
+        if raw.steps.is_empty() || raw.steps.len() > STEPS_MAX {
+            return Err(err(format!("has {} steps; a playbook has 1 to {STEPS_MAX}", raw.steps.len())));
+        }
+        let ids: Vec<&str> = raw.steps.iter().map(|s| s.id.as_str()).collect();
+        let mut seen = HashSet::new();
+        let mut steps = Vec::with_capacity(raw.steps.len());
+        for s in &raw.steps {
+            let at = |problem: String| err(format!("step `{}`: {problem}", s.id));
+            if !subject::is_token(&s.id) {
+                return Err(at("id must be letters, digits, `-` or `_`".into()));
+            }
+            if !seen.insert(s.id.as_str()) {
+                return Err(at("id is used twice".into()));
+            }
+            let info = tools::info(&s.tool).ok_or_else(|| {
+                let known: Vec<_> = tools::CATALOG.iter().map(|t| t.name).collect();
+                at(format!("unknown tool `{}` (known: {})", s.tool, known.join(", ")))
+            })?;
+            let params = toml_to_json(&s.params);
+            tools::check_params(info, &params).map_err(at)?;
+            for dep in &s.depends_on {
+                if !ids.contains(&dep.as_str()) {
+                    return Err(at(format!("depends_on names `{dep}`, which is not a step")));
+                }
+                if dep == &s.id {
+                    return Err(at("depends on itself".into()));
+                }
+            }
+            let verify = s.verify.as_ref().ok_or_else(|| at("has no `verify` criteria".into()))?;
+            let verify = criteria_json(verify);
+            if verify.as_object().is_some_and(|m| m.is_empty()) {
+                return Err(at("`verify` sets no criterion".into()));
+            }
+            for r in template::references(&params)
+                .and_then(|mut r| {
+                    r.extend(template::references(&verify)?);
+                    Ok(r)
+                })
+                .map_err(|e| at(e.to_string()))?
+            {
+                check_reference(&r, &s.depends_on).map_err(at)?;
+            }
+            let max_attempts = s.max_attempts.unwrap_or(defaults.max_attempts);
+            if !(1..=20).contains(&max_attempts) {
+                return Err(at(format!("max_attempts {max_attempts} must be 1 to 20")));
+            }
+            steps.push(PlannedStep {
+                id: s.id.clone(),
+                tool: s.tool.clone(),
+                params,
+                verify,
+                depends_on: s.depends_on.clone(),
+                max_attempts,
+                timeout_ms: s.timeout_ms.unwrap_or(defaults.timeout_ms),
+            });
+        }
+        check_acyclic(&steps).map_err(err)?;
+        let mut checks = Vec::new();
+        for c in &raw.checks {
+            if !ids.contains(&c.step.as_str()) {
+                return Err(err(format!("check names step `{}`, which is not a step", c.step)));
+            }
+            checks.push((c.step.clone(), criteria_json(&c.verify)));
+        }
+        let hash = hex::encode(&Sha256::digest(text.as_bytes())[..4]);
+        Ok(Playbook {
+            name: raw.name,
+            description: raw.description,
+            version: format!("{}@{hash}", raw.version.unwrap_or_else(|| "0".into())),
+            path: file.to_path_buf(),
+            steps,
+            checks,
+        })
+    }
+
+    pub fn step_count(&self) -> usize {
+        self.steps.len()
+    }
+
+    /// Renders the plan for `input`: templates over `input.*` and `task.*` are filled
+    /// in; `steps.*` stay for dispatch time. Errors name the step and the missing field.
+    pub fn plan(&self, task_id: &str, input: &Value) -> Result<(Vec<StepSpec>, Vec<TaskCheck>), InputError> {
+        if !input.is_object() {
+            return Err(InputError::NotAnObject);
+        }
+        let task = json!({"id": task_id, "playbook": self.name});
+        let scope: &[(&str, &Value)] = &[("input", input), ("task", &task)];
+        let mut specs = Vec::with_capacity(self.steps.len());
+        for s in &self.steps {
+            let tpl = |source| InputError::Template { step: s.id.clone(), source };
+            let params = template::render(&s.params, scope).map_err(tpl)?;
+            let verify = criteria_from_json(&template::render(&s.verify, scope).map_err(tpl)?);
+            specs.push(StepSpec {
+                id: s.id.clone(),
+                tool: s.tool.clone(),
+                params: JsonText::from_value(&params),
+                verify,
+                depends_on: s.depends_on.clone(),
+                max_attempts: s.max_attempts,
+                timeout_ms: s.timeout_ms,
+            });
+        }
+        let mut checks = Vec::with_capacity(self.checks.len());
+        for (step, verify) in &self.checks {
+            let rendered = template::render(verify, scope)
+                .map_err(|source| InputError::Template { step: step.clone(), source })?;
+            checks.push(TaskCheck { step: step.clone(), criteria: criteria_from_json(&rendered) });
+        }
+        Ok((specs, checks))
+    }
+}
+
+fn check_reference(path: &str, depends_on: &[String]) -> Result<(), String> {
+    let mut parts = path.split('.');
+    match parts.next() {
+        Some("input") => Ok(()),
+        Some("task") => match parts.next() {
+            Some("id" | "playbook") => Ok(()),
+            _ => Err(format!("`{{{{{path}}}}}`: task has only `id` and `playbook`")),
+        },
+        Some("steps") => {
+            let step = parts.next().unwrap_or_default();
+            if !depends_on.iter().any(|d| d == step) {
+                return Err(format!("`{{{{{path}}}}}` reads step `{step}`, which must be in depends_on"));
+            }
+            match parts.next() {
+                Some("output") => Ok(()),
+                _ => Err(format!("`{{{{{path}}}}}`: read a step's result as steps.<id>.output.<field>")),
+            }
+        }
+        _ => Err(format!("`{{{{{path}}}}}`: templates read input.*, task.* or steps.<id>.output.*")),
+    }
+}
+
+fn check_acyclic(steps: &[PlannedStep]) -> Result<(), String> {
+    let mut done: HashSet<&str> = HashSet::new();
+    while done.len() < steps.len() {
+        let before = done.len();
+        for s in steps {
+            if !done.contains(s.id.as_str()) && s.depends_on.iter().all(|d| done.contains(d.as_str())) {
+                done.insert(&s.id);
+            }
+        }
+        if done.len() == before {
+            let stuck: Vec<_> = steps.iter().filter(|s| !done.contains(s.id.as_str())).map(|s| s.id.as_str()).collect();
+            return Err(format!("depends_on forms a cycle among steps {}", stuck.join(", ")));
+        }
+    }
+    Ok(())
+}
+
+pub fn toml_to_json(v: &toml::Value) -> Value {
+    match v {
+        toml::Value::String(s) => Value::String(s.clone()),
+        toml::Value::Integer(i) => json!(i),
+        toml::Value::Float(f) => json!(f),
+        toml::Value::Boolean(b) => json!(b),
+        toml::Value::Datetime(d) => Value::String(d.to_string()),
+        toml::Value::Array(a) => Value::Array(a.iter().map(toml_to_json).collect()),
+        toml::Value::Table(t) => Value::Object(t.iter().map(|(k, v)| (k.clone(), toml_to_json(v))).collect()),
+    }
+}
+
+/// Criteria as JSON, so templates inside them render like params do.
+fn criteria_json(c: &CriteriaFile) -> Value {
+    let mut m = serde_json::Map::new();
+    if let Some(v) = c.exit_code {
+        m.insert("exit_code".into(), json!(v));
+    }
+    if let Some(v) = &c.status_in {
+        m.insert("status_in".into(), json!(v));
+    }
+    if let Some(v) = c.file_exists {
+        m.insert("file_exists".into(), json!(v));
+    }
+    if let Some(v) = &c.file_contains {
+        m.insert("file_contains".into(), json!(v));
+    }
+    if let Some(v) = &c.json_path_equals {
+        m.insert("json_path_equals".into(), json!({"path": v.path, "value": toml_to_json(&v.value)}));
+    }
+    if let Some(v) = &c.output_contains {
+        m.insert("output_contains".into(), json!(v));
+    }
+    Value::Object(m)
+}
+
+fn criteria_from_json(v: &Value) -> Criteria {
+    let text = |k: &str| v.get(k).map(|x| x.as_str().map(str::to_string).unwrap_or_else(|| x.to_string()));
+    Criteria {
+        exit_code: v.get("exit_code").and_then(Value::as_i64),
+        status_in: v
+            .get("status_in")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(|x| x.as_u64().and_then(|n| u16::try_from(n).ok())).collect()),
+        file_exists: v.get("file_exists").and_then(Value::as_bool),
+        file_contains: text("file_contains"),
+        json_path_equals: v.get("json_path_equals").map(|j| JsonPathEquals {
+            path: j.get("path").and_then(Value::as_str).unwrap_or("$").to_string(),
+            value: JsonText::from_value(j.get("value").unwrap_or(&Value::Null)),
+        }),
+        output_contains: text("output_contains"),
+    }
+}
+
+/// Every playbook in a directory, by name.
+#[derive(Debug, Clone, Default)]
+pub struct Catalog {
+    playbooks: HashMap<String, Arc<Playbook>>,
+}
+
+impl Catalog {
+    /// Loads every `*.toml` in `dir`. All errors are collected, not just the first.
+    pub fn load_dir(dir: &Path, defaults: &StepDefaults) -> Result<Catalog, Vec<PlaybookError>> {
+        let fail = |problem: String| vec![PlaybookError { file: dir.display().to_string(), problem }];
+        let entries = std::fs::read_dir(dir).map_err(|e| fail(format!("cannot read the playbooks directory: {e}")))?;
+        let mut paths: Vec<PathBuf> = entries
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+            .collect();
+        paths.sort();
+        let mut catalog = Catalog::default();
+        let mut errors = Vec::new();
+        for path in paths {
+            let file = path.display().to_string();
+            let text = match read_capped(&path) {
+                Ok(t) => t,
+                Err(problem) => {
+                    errors.push(PlaybookError { file, problem });
+                    continue;
+                }
+            };
+            match Playbook::parse(&text, &path, defaults) {
+                Ok(pb) => {
+                    if let Some(other) = catalog.playbooks.get(&pb.name) {
+                        errors.push(PlaybookError {
+                            file,
+                            problem: format!("name `{}` is also used by {}", pb.name, other.path.display()),
+                        });
+                    } else {
+                        catalog.playbooks.insert(pb.name.clone(), Arc::new(pb));
+                    }
+                }
+                Err(e) => errors.push(e),
+            }
+        }
+        if errors.is_empty() { Ok(catalog) } else { Err(errors) }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<Playbook>> {
+        self.playbooks.get(name)
+    }
+
+    pub fn names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.playbooks.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        names
+    }
+
+    pub fn len(&self) -> usize {
+        self.playbooks.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.playbooks.is_empty()
+    }
+}
+
+fn read_capped(path: &Path) -> Result<String, String> {
+    let meta = std::fs::metadata(path).map_err(|e| format!("cannot read: {e}"))?;
+    if meta.len() > FILE_BYTES_MAX {
+        return Err(format!("is {} bytes; a playbook is at most {FILE_BYTES_MAX}", meta.len()));
+    }
+    std::fs::read_to_string(path).map_err(|e| format!("cannot read: {e}"))
+}
+
+impl Scope for Value {
+    fn root(&self, name: &str) -> Option<&Value> {
+        self.get(name)
+    }
+}
+
+#[cfg(test)]
+mod tests;

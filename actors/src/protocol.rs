@@ -1,0 +1,386 @@
+//! The wire protocol: every NATS subject Cadre uses and every payload on it.
+//!
+//! Architecture invariant: this is the only module that names subjects or defines wire
+//! messages. Public subjects (`cadre.tasks.*`, `cadre.events.*`) carry plain JSON so the
+//! `nats` CLI and any client can drive Cadre. Internal role hops (`cadre.plan`,
+//! `cadre.exec.*`, `cadre.verify`, `cadre.archive`) carry postcard: they are spoken
+//! only by Cadre nodes and sit on the hot path of every step.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::model::{Criteria, DecisionKind, JsonText, StepSpec, StepStatus, TaskStatus};
+
+/// Subject names. Functions where the subject carries an identifier.
+pub mod subject {
+    pub const TASKS_SUBMIT: &str = "cadre.tasks.submit";
+    pub const TASKS_ENQUEUE: &str = "cadre.tasks.enqueue";
+    pub const TASKS_GET: &str = "cadre.tasks.get";
+    pub const TASKS_LIST: &str = "cadre.tasks.list";
+    pub const TASKS_CANCEL: &str = "cadre.tasks.cancel";
+    pub const TASKS_RESOLVE: &str = "cadre.tasks.resolve";
+    pub const PLAN: &str = "cadre.plan";
+    pub const VERIFY: &str = "cadre.verify";
+    pub const ARCHIVE: &str = "cadre.archive";
+    pub const EVENTS_ALL: &str = "cadre.events.>";
+
+    /// The subject an executor for `tool` serves: `cadre.exec.file.write`.
+    pub fn exec(tool: &str) -> String {
+        format!("cadre.exec.{tool}")
+    }
+
+    /// `cadre.events.task.<task_id>.<kind>`.
+    pub fn task_event(task_id: &str, kind: &str) -> String {
+        format!("cadre.events.task.{task_id}.{kind}")
+    }
+
+    /// Every event of one task.
+    pub fn task_events(task_id: &str) -> String {
+        format!("cadre.events.task.{task_id}.>")
+    }
+
+    /// Queue groups: one member of each group answers a request.
+    pub const QUEUE_INTAKE: &str = "cadre-intake";
+    pub const QUEUE_TASKS: &str = "cadre-tasks";
+    pub const QUEUE_ROLES: &str = "cadre-roles";
+
+    /// JetStream stream and durable consumer that hold `cadre.tasks.enqueue`.
+    pub const INTAKE_STREAM: &str = "CADRE_INTAKE";
+    pub const INTAKE_CONSUMER: &str = "cadre-intake";
+
+    /// A task id or step id is used inside subjects, so it must be one subject token.
+    pub fn is_token(s: &str) -> bool {
+        !s.is_empty()
+            && s.len() <= 128
+            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Public JSON API
+// ---------------------------------------------------------------------------------------
+
+/// `cadre.tasks.submit` request, and the body published on `cadre.tasks.enqueue`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitRequest {
+    #[serde(default)]
+    pub playbook: Option<String>,
+    /// A goal in plain words, for the LLM planner (not available yet: answered with
+    /// `goal_not_supported`).
+    #[serde(default)]
+    pub goal: Option<String>,
+    #[serde(default = "empty_object")]
+    pub input: Value,
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+}
+
+fn empty_object() -> Value {
+    Value::Object(Default::default())
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SubmitReply {
+    pub task_id: String,
+    pub status: TaskStatus,
+    pub duplicate: bool,
+}
+
+/// `cadre.tasks.get` and `cadre.tasks.cancel` identify a task.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskRef {
+    pub task_id: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CancelRequest {
+    pub task_id: String,
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListRequest {
+    #[serde(default)]
+    pub status: Option<TaskStatus>,
+    #[serde(default)]
+    pub playbook: Option<String>,
+    /// Page size; default 20, at most [`LIST_LIMIT_MAX`].
+    #[serde(default)]
+    pub limit: Option<usize>,
+    /// Continue below this task id (the `next` of the previous page).
+    #[serde(default)]
+    pub before: Option<String>,
+}
+
+pub const LIST_LIMIT_DEFAULT: usize = 20;
+pub const LIST_LIMIT_MAX: usize = 500;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ListReply {
+    pub tasks: Vec<TaskSummary>,
+    /// Pass as `before` for the next page; absent on the last page.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub next: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TaskSummary {
+    pub task_id: String,
+    pub playbook: String,
+    pub status: TaskStatus,
+    pub created_at_ms: u64,
+    pub updated_at_ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub failure: Option<String>,
+}
+
+/// `cadre.tasks.resolve`: the operator's decision on a step whose outcome is unknown.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResolveRequest {
+    pub task_id: String,
+    pub step_id: String,
+    pub decision: DecisionKind,
+    #[serde(default)]
+    pub by: Option<String>,
+    #[serde(default)]
+    pub note: Option<String>,
+}
+
+/// Reply to cancel and resolve.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskStatusReply {
+    pub task_id: String,
+    pub status: TaskStatus,
+}
+
+/// The whole task, as `cadre.tasks.get` answers it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TaskView {
+    pub task_id: String,
+    pub playbook: String,
+    pub status: TaskStatus,
+    pub input: Value,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub idempotency_key: Option<String>,
+    pub node_id: String,
+    pub created_at_ms: u64,
+    pub updated_at_ms: u64,
+    pub steps: Vec<StepView>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub result: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub failure: Option<String>,
+    /// Present while the task waits for an operator: which step and why.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub attention: Option<Attention>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Attention {
+    pub step_id: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StepView {
+    pub id: String,
+    pub tool: String,
+    pub params: Value,
+    pub verify: Criteria,
+    pub depends_on: Vec<String>,
+    pub status: StepStatus,
+    pub attempts: u32,
+    pub idempotency_key: String,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub output: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub verdict: Option<Verdict>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub started_at_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub finished_at_ms: Option<u64>,
+}
+
+/// Published on `cadre.events.task.<task_id>.<kind>` for every committed transition.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskEvent {
+    pub task_id: String,
+    /// Per-task sequence, gap-free in commit order: a consumer can order and dedupe.
+    pub seq: u64,
+    pub kind: String,
+    pub status: TaskStatus,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub step_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub attempt: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub detail: Option<String>,
+    pub at_ms: u64,
+    pub node_id: String,
+}
+
+/// Every error reply on every subject: `{"error": {"code": "...", "message": "..."}}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorReply {
+    pub error: ErrorBody,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The payload is not valid JSON.
+    BadJson,
+    /// Valid JSON, but a field is missing, unknown or of the wrong type.
+    InvalidRequest,
+    UnknownPlaybook,
+    /// The input does not satisfy the playbook (a template names a missing field).
+    InvalidInput,
+    PayloadTooLarge,
+    /// A free-text goal needs the LLM planner, which this node does not have.
+    GoalNotSupported,
+    NotFound,
+    /// The request conflicts with the task's state (e.g. resolving a step that is not
+    /// waiting for a decision).
+    Conflict,
+    /// The node is shutting down or a dependency is unreachable; retry later.
+    Unavailable,
+    Internal,
+}
+
+impl ErrorReply {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> ErrorReply {
+        ErrorReply { error: ErrorBody { code, message: message.into() } }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Internal role hops (postcard)
+// ---------------------------------------------------------------------------------------
+
+/// `cadre.plan`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PlanRequest {
+    pub task_id: String,
+    pub playbook: String,
+    pub input: JsonText,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum PlanReply {
+    Planned { steps: Vec<StepSpec>, checks: Vec<TaskCheck>, playbook_version: String },
+    Rejected { code: ErrorCode, message: String },
+}
+
+/// A task-level success criterion over one step's output.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskCheck {
+    pub step: String,
+    pub criteria: Criteria,
+}
+
+/// `cadre.exec.<tool>`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExecRequest {
+    pub task_id: String,
+    pub step_id: String,
+    pub attempt: u32,
+    pub tool: String,
+    pub params: JsonText,
+    /// Stable for the step across attempts: what the outside world dedupes on.
+    pub idempotency_key: String,
+    /// The owner's lease revision; an executor refuses a token older than one it has seen.
+    pub fencing_token: u64,
+    pub timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ExecReply {
+    Done { output: JsonText, duration_us: u64, replayed: bool },
+    Failed { kind: FailureKind, message: String, output: Option<JsonText> },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureKind {
+    /// Worth another attempt: 5xx, 429, timeouts of re-runnable tools, no responder.
+    Retryable,
+    /// Another attempt would fail the same way: bad params, 4xx, refused path.
+    Permanent,
+    /// An `unsafe` effect may or may not have happened; an operator decides.
+    OutcomeUnknown,
+}
+
+/// `cadre.verify`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum VerifyRequest {
+    Step { task_id: String, step_id: String, tool: String, params: JsonText, criteria: Criteria, output: JsonText },
+    Task { task_id: String, checks: Vec<TaskCheck>, outputs: Vec<(String, JsonText)> },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Verdict {
+    pub passed: bool,
+    /// One line per criterion checked, saying what was expected and what was found.
+    pub reasons: Vec<String>,
+}
+
+/// `cadre.archive`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ArchiveRequest {
+    pub task_id: String,
+    pub playbook: String,
+    pub input: JsonText,
+    pub steps: Vec<(String, String, JsonText)>,
+    pub started_at_ms: u64,
+    pub finished_at_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ArchiveReply {
+    Archived,
+    Failed { message: String },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn submit_defaults_and_rejections() {
+        let r: SubmitRequest = serde_json::from_str(r#"{"playbook":"x"}"#).unwrap();
+        assert_eq!(r.input, serde_json::json!({}));
+        assert!(serde_json::from_str::<SubmitRequest>(r#"{"playbook":"x","bogus":1}"#).is_err());
+    }
+
+    #[test]
+    fn error_reply_shape() {
+        let e = ErrorReply::new(ErrorCode::UnknownPlaybook, "no playbook named `x`");
+        assert_eq!(
+            serde_json::to_value(&e).unwrap(),
+            serde_json::json!({"error": {"code": "unknown_playbook", "message": "no playbook named `x`"}})
+        );
+    }
+
+    #[test]
+    fn tokens() {
+        assert!(subject::is_token("01JABC-step_1"));
+        assert!(!subject::is_token("a.b"));
+        assert!(!subject::is_token("a b"));
+        assert!(!subject::is_token(""));
+        assert_eq!(subject::task_event("t1", "succeeded"), "cadre.events.task.t1.succeeded");
+    }
+}

@@ -1,0 +1,36 @@
+//! The roles, as ractor actors. Every actor has the same shape: a zero-sized actor
+//! type, `…Args` given at spawn, `…State` built in `pre_start`, a `…Msg` enum; requests
+//! to another role go over NATS with a timeout, never through its code.
+
+pub mod archivist;
+pub mod executor;
+pub mod intake;
+pub mod planner;
+pub mod relay;
+pub mod supervisor;
+pub mod task;
+pub mod task_api;
+pub mod task_supervisor;
+pub mod verifier;
+
+use ractor::{ActorRef, registry};
+
+/// Registered name of a node's singleton actor: `tasks@laptop`. Node-qualified so
+/// several nodes can share one process in tests.
+pub fn actor_name(role: &str, node_id: &str) -> String {
+    format!("{role}@{node_id}")
+}
+
+/// Looks a singleton up by name; `None` while it restarts.
+pub fn lookup<M: ractor::Message>(role: &str, node_id: &str) -> Option<ActorRef<M>> {
+    registry::where_is(actor_name(role, node_id)).map(ActorRef::from)
+}
+
+pub const RELAY: &str = "relay";
+pub const TASKS: &str = "tasks";
+pub const PLANNER: &str = "planner";
+pub const EXECUTOR: &str = "executor";
+pub const VERIFIER: &str = "verifier";
+pub const ARCHIVIST: &str = "archivist";
+pub const TASK_API: &str = "task-api";
+pub const INTAKE: &str = "intake";

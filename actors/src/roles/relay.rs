@@ -1,0 +1,101 @@
+//! The outbox relay: publishes committed messages, then deletes them from the outbox.
+//!
+//! Commit, then act: a transition's events are written in the same batch as its state;
+//! the relay is the only thing that sends them. Entries arrive from committers in
+//! memory; after a crash or a relay restart, `pre_start` sends what the outbox still
+//! holds. Delivery is at least once: consumers dedupe on `(task_id, seq)`.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use storage::{Batch, Cf};
+
+use crate::context::{NodeContext, OutboxEntry};
+
+pub struct Relay;
+
+pub struct RelayArgs {
+    pub ctx: Arc<NodeContext>,
+}
+
+pub struct RelayState {
+    ctx: Arc<NodeContext>,
+    /// Published but not yet flushed to the server.
+    unflushed: Vec<u64>,
+    flush_queued: bool,
+}
+
+pub enum RelayMsg {
+    Publish(Vec<(u64, OutboxEntry)>),
+    /// Flush the connection, then delete what was published.
+    Flush,
+}
+
+/// Entries read back per pass when draining a backlog.
+const BACKLOG_PAGE: usize = 4096;
+
+impl Actor for Relay {
+    type Msg = RelayMsg;
+    type State = RelayState;
+    type Arguments = RelayArgs;
+
+    async fn pre_start(&self, myself: ActorRef<RelayMsg>, args: RelayArgs) -> Result<RelayState, ActorProcessingErr> {
+        let mut state = RelayState { ctx: args.ctx, unflushed: Vec::new(), flush_queued: false };
+        let backlog = state.ctx.store.scan::<OutboxEntry>(Cf::Outbox, None, false, usize::MAX, usize::MAX, |_, _| true)?;
+        if !backlog.is_empty() {
+            tracing::info!(entries = backlog.len(), "relaying outbox backlog");
+            for chunk in backlog.chunks(BACKLOG_PAGE) {
+                let entries = chunk
+                    .iter()
+                    .map(|(k, e)| (crate::context::outbox_seq_of(k), e.clone()))
+                    .collect();
+                publish(&mut state, &myself, entries).await?;
+                flush(&mut state).await?;
+            }
+        }
+        Ok(state)
+    }
+
+    async fn handle(&self, myself: ActorRef<RelayMsg>, msg: RelayMsg, state: &mut RelayState) -> Result<(), ActorProcessingErr> {
+        match msg {
+            RelayMsg::Publish(entries) => publish(state, &myself, entries).await,
+            RelayMsg::Flush => flush(state).await,
+        }
+    }
+
+    async fn post_stop(&self, _: ActorRef<RelayMsg>, state: &mut RelayState) -> Result<(), ActorProcessingErr> {
+        flush(state).await
+    }
+}
+
+async fn publish(state: &mut RelayState, myself: &ActorRef<RelayMsg>, entries: Vec<(u64, OutboxEntry)>) -> Result<(), ActorProcessingErr> {
+    for (seq, entry) in entries {
+        // A publish error means the connection is gone for good (async-nats buffers
+        // across reconnects): fail, restart, and resend from the outbox.
+        state.ctx.nats.publish(entry.subject, Bytes::from(entry.payload)).await?;
+        state.unflushed.push(seq);
+    }
+    state.ctx.metrics.outbox_backlog.set(state.unflushed.len() as i64);
+    if !state.flush_queued && !state.unflushed.is_empty() {
+        state.flush_queued = true;
+        myself.cast(RelayMsg::Flush)?;
+    }
+    Ok(())
+}
+
+async fn flush(state: &mut RelayState) -> Result<(), ActorProcessingErr> {
+    state.flush_queued = false;
+    if state.unflushed.is_empty() {
+        return Ok(());
+    }
+    state.ctx.nats.flush().await?;
+    let mut batch = Batch::new();
+    for seq in state.unflushed.drain(..) {
+        batch.delete(Cf::Outbox, seq.to_be_bytes().to_vec());
+    }
+    // Unsynced: losing a delete only means a duplicate publish after power loss.
+    state.ctx.store.write_unsynced(batch)?;
+    state.ctx.metrics.outbox_backlog.set(0);
+    Ok(())
+}

@@ -1,0 +1,143 @@
+//! `file.write`: whole-file atomic writes under configured roots.
+
+use std::io::Write;
+use std::path::{Component, Path, PathBuf};
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+use super::{Call, Tool, ToolError, ToolInfo, str_param};
+
+pub struct FileWrite {
+    roots: Vec<PathBuf>,
+    fsync: bool,
+}
+
+impl FileWrite {
+    pub fn new(roots: Vec<PathBuf>, fsync: bool) -> FileWrite {
+        FileWrite { roots, fsync }
+    }
+
+    /// The path if it is absolute, has no `..`, and lies under a root, also after
+    /// resolving symlinks of its parent directory.
+    fn admit(&self, raw: &str) -> Result<PathBuf, ToolError> {
+        let path = Path::new(raw);
+        if !path.is_absolute() {
+            return Err(ToolError::permanent(format!("path `{raw}` must be absolute")));
+        }
+        if path.components().any(|c| matches!(c, Component::ParentDir)) {
+            return Err(ToolError::permanent(format!("path `{raw}` must not contain `..`")));
+        }
+        let Some(root) = self.roots.iter().find(|r| path.starts_with(r)) else {
+            return Err(ToolError::permanent(format!(
+                "path `{raw}` is outside the configured file roots ({})",
+                self.roots.iter().map(|r| r.display().to_string()).collect::<Vec<_>>().join(", ")
+            )));
+        };
+        let parent = path.parent().ok_or_else(|| ToolError::permanent(format!("path `{raw}` has no parent")))?;
+        if path.file_name().is_none() {
+            return Err(ToolError::permanent(format!("path `{raw}` names no file")));
+        }
+        std::fs::create_dir_all(parent)
+            .map_err(|e| ToolError::permanent(format!("cannot create {}: {e}", parent.display())))?;
+        let real_parent = parent
+            .canonicalize()
+            .map_err(|e| ToolError::permanent(format!("cannot resolve {}: {e}", parent.display())))?;
+        if !real_parent.starts_with(root) {
+            return Err(ToolError::permanent(format!(
+                "path `{raw}` resolves outside its root {} (symlink)",
+                root.display()
+            )));
+        }
+        Ok(real_parent.join(path.file_name().unwrap_or_default()))
+    }
+
+    fn write(&self, path: &Path, content: &[u8], key: &str) -> Result<(), ToolError> {
+        let dir = path.parent().unwrap_or(Path::new("/"));
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        // The temp name carries the idempotency key so concurrent attempts never share it.
+        let tmp = dir.join(format!(".{name}.{}.cadre-tmp", sanitize(key)));
+        let io = |what: &str, e: std::io::Error| ToolError::retryable(format!("{what} {}: {e}", path.display()));
+        let mut file = std::fs::File::create(&tmp).map_err(|e| io("cannot create temp file for", e))?;
+        file.write_all(content).map_err(|e| io("cannot write", e))?;
+        if self.fsync {
+            file.sync_all().map_err(|e| io("cannot sync", e))?;
+        }
+        drop(file);
+        std::fs::rename(&tmp, path).map_err(|e| io("cannot rename into", e))?;
+        if self.fsync {
+            std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io("cannot sync directory of", e))?;
+        }
+        Ok(())
+    }
+}
+
+fn sanitize(key: &str) -> String {
+    key.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' { c } else { '_' }).collect()
+}
+
+impl Tool for FileWrite {
+    fn info(&self) -> &'static ToolInfo {
+        &super::CATALOG[0]
+    }
+
+    fn run(&self, call: Call) -> BoxFuture<'_, Result<Value, ToolError>> {
+        async move {
+            let raw = str_param(&call.params, "path")?.to_string();
+            let content = match call.params.get("content") {
+                Some(Value::String(s)) => s.clone().into_bytes(),
+                Some(other) => serde_json::to_vec_pretty(other).unwrap_or_default(),
+                None => return Err(ToolError::permanent("param `content` is missing")),
+            };
+            let roots = self.roots.clone();
+            let fsync = self.fsync;
+            let key = call.idempotency_key.clone();
+            tokio::task::spawn_blocking(move || {
+                let tool = FileWrite { roots, fsync };
+                let path = tool.admit(&raw)?;
+                tool.write(&path, &content, &key)?;
+                let sha = hex::encode(Sha256::digest(&content));
+                Ok(json!({"path": path.display().to_string(), "bytes": content.len(), "sha256": sha}))
+            })
+            .await
+            .map_err(|e| ToolError::retryable(format!("file.write worker failed: {e}")))?
+        }
+        .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn call(path: &str, content: &str) -> Call {
+        Call { params: json!({"path": path, "content": content}), idempotency_key: "t.s".into(), timeout: Duration::from_secs(5) }
+    }
+
+    #[tokio::test]
+    async fn writes_under_root_and_refuses_escapes() {
+        let root = tempfile::tempdir().unwrap();
+        let root_path = root.path().canonicalize().unwrap();
+        let tool = FileWrite::new(vec![root_path.clone()], true);
+        let target = root_path.join("acme/README.md");
+        let out = tool.run(call(target.to_str().unwrap(), "# Acme")).await.unwrap();
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "# Acme");
+        assert_eq!(out["bytes"], 6);
+
+        let outside = tool.run(call("/etc/cadre-test", "x")).await.unwrap_err();
+        assert!(outside.to_string().contains("outside the configured file roots"), "{outside}");
+        let dotdot = format!("{}/../escape", root_path.display());
+        assert!(tool.run(call(&dotdot, "x")).await.unwrap_err().to_string().contains(".."));
+        assert!(tool.run(call("relative/path", "x")).await.unwrap_err().to_string().contains("absolute"));
+
+        let elsewhere = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(elsewhere.path(), root_path.join("link")).unwrap();
+        let via_link = root_path.join("link/file");
+        let err = tool.run(call(via_link.to_str().unwrap(), "x")).await.unwrap_err();
+        assert!(err.to_string().contains("symlink"), "{err}");
+        assert!(!elsewhere.path().join("file").exists());
+    }
+}

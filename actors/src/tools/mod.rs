@@ -1,0 +1,169 @@
+//! Tools (adapters): the only code that touches the outside world.
+//!
+//! Every tool declares its idempotency class, which decides what the effect ledger
+//! does with an effect whose outcome a crash left unknown:
+//! `idempotent` runs again, `keyed` runs again with the same key (the target dedupes),
+//! `unsafe` is never re-run blindly (an operator decides).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+mod file_write;
+mod http_request;
+mod shell_run;
+
+pub use file_write::FileWrite;
+pub use http_request::HttpRequest;
+pub use shell_run::ShellRun;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IdempotencyClass {
+    Idempotent,
+    Keyed,
+    Unsafe,
+}
+
+/// What every node knows about a tool, whether or not it runs it: used to validate
+/// plans before anything executes.
+#[derive(Debug, Clone, Copy)]
+pub struct ToolInfo {
+    pub name: &'static str,
+    pub class: IdempotencyClass,
+    pub description: &'static str,
+    pub required_params: &'static [&'static str],
+    pub optional_params: &'static [&'static str],
+}
+
+pub const CATALOG: &[ToolInfo] = &[
+    ToolInfo {
+        name: "file.write",
+        class: IdempotencyClass::Idempotent,
+        description: "Write a whole file atomically (temp file + rename) under a configured root",
+        required_params: &["path", "content"],
+        optional_params: &[],
+    },
+    ToolInfo {
+        name: "http.request",
+        class: IdempotencyClass::Keyed,
+        description: "HTTP request with an Idempotency-Key header; 5xx, 429 and timeouts retry",
+        required_params: &["url"],
+        optional_params: &["method", "headers", "json", "body", "timeout_ms"],
+    },
+    ToolInfo {
+        name: "shell.run",
+        class: IdempotencyClass::Unsafe,
+        description: "Run an allowed program with argv (never a shell string); captures exit code and output",
+        required_params: &["program"],
+        optional_params: &["args", "cwd", "env", "timeout_ms"],
+    },
+];
+
+pub fn info(name: &str) -> Option<&'static ToolInfo> {
+    CATALOG.iter().find(|t| t.name == name)
+}
+
+/// Checks that `params` is an object with the tool's required keys and no unknown ones.
+pub fn check_params(info: &ToolInfo, params: &Value) -> Result<(), String> {
+    let Value::Object(map) = params else {
+        return Err(format!("params for `{}` must be a table", info.name));
+    };
+    for key in info.required_params {
+        if !map.contains_key(*key) {
+            return Err(format!("`{}` needs param `{key}`", info.name));
+        }
+    }
+    for key in map.keys() {
+        if !info.required_params.contains(&key.as_str()) && !info.optional_params.contains(&key.as_str()) {
+            let known: Vec<_> = info.required_params.iter().chain(info.optional_params).copied().collect();
+            return Err(format!("`{}` has no param `{key}` (known: {})", info.name, known.join(", ")));
+        }
+    }
+    Ok(())
+}
+
+/// One call of a tool.
+#[derive(Debug, Clone)]
+pub struct Call {
+    pub params: Value,
+    pub idempotency_key: String,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ToolError {
+    #[error("{message}")]
+    Retryable { message: String, output: Option<Value> },
+    #[error("{message}")]
+    Permanent { message: String, output: Option<Value> },
+}
+
+impl ToolError {
+    pub fn permanent(message: impl Into<String>) -> ToolError {
+        ToolError::Permanent { message: message.into(), output: None }
+    }
+    pub fn retryable(message: impl Into<String>) -> ToolError {
+        ToolError::Retryable { message: message.into(), output: None }
+    }
+}
+
+pub trait Tool: Send + Sync + 'static {
+    fn info(&self) -> &'static ToolInfo;
+    fn run(&self, call: Call) -> BoxFuture<'_, Result<Value, ToolError>>;
+}
+
+/// Configuration the tools need from the node.
+#[derive(Debug, Clone)]
+pub struct ToolConfig {
+    /// Canonical roots `file.write` may write under. Empty: `file.write` refuses all.
+    pub file_roots: Vec<PathBuf>,
+    /// fsync file and directory on `file.write` (power-loss durability).
+    pub file_fsync: bool,
+    /// Programs `shell.run` may start, as given (names looked up on PATH, or absolute).
+    pub shell_allow: Vec<String>,
+    pub output_bytes_max: usize,
+}
+
+/// The tools this node runs.
+pub fn build(config: &ToolConfig) -> anyhow::Result<Vec<Arc<dyn Tool>>> {
+    Ok(vec![
+        Arc::new(FileWrite::new(config.file_roots.clone(), config.file_fsync)),
+        Arc::new(HttpRequest::new(config.output_bytes_max)?),
+        Arc::new(ShellRun::new(config.shell_allow.clone(), config.output_bytes_max)),
+    ])
+}
+
+fn str_param<'a>(params: &'a Value, key: &str) -> Result<&'a str, ToolError> {
+    params
+        .get(key)
+        .and_then(Value::as_str)
+        .ok_or_else(|| ToolError::permanent(format!("param `{key}` must be a string")))
+}
+
+fn opt_u64_param(params: &Value, key: &str) -> Result<Option<u64>, ToolError> {
+    match params.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_u64()
+            .map(Some)
+            .ok_or_else(|| ToolError::permanent(format!("param `{key}` must be a non-negative integer"))),
+    }
+}
+
+/// Cuts `bytes` to at most `max` bytes on a char boundary; says whether it cut.
+fn bounded_text(bytes: &[u8], max: usize) -> (String, bool) {
+    let text = String::from_utf8_lossy(bytes);
+    if text.len() <= max {
+        return (text.into_owned(), false);
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    (text[..end].to_string(), true)
+}

@@ -1,0 +1,13 @@
+//! Cadre's durable state: one RocksDB per node.
+//!
+//! This crate knows column families, keys and bytes; it does not know what a task is.
+//! The record encoding lives in [`codec`] alone, so changing it is one file.
+//! Synced commits go through a dedicated group-commit writer ([`Store::commit`]): every
+//! pending batch is drained into one `WriteBatch` and synced once, so throughput grows
+//! with the number of tasks in flight while each commit stays durable.
+
+pub mod codec;
+mod store;
+
+pub use codec::CodecError;
+pub use store::{Batch, Cf, Store, StoreError, StoreOptions, StoreStats, SCHEMA_VERSION};
