@@ -35,11 +35,17 @@ pub async fn request_wire<Req: Serialize, Rep: DeserializeOwned>(
     timeout: Duration,
 ) -> Result<Rep, HopError> {
     let payload = storage::codec::to_wire(req).map_err(|e| HopError::Decode(e.to_string()))?;
-    let request = async_nats::Request::new().payload(Bytes::from(payload)).timeout(Some(timeout));
+    let request = async_nats::Request::new()
+        .payload(Bytes::from(payload))
+        .timeout(Some(timeout));
     match client.send_request(subject.clone(), request).await {
-        Ok(msg) => storage::codec::from_wire(&msg.payload).map_err(|e| HopError::Decode(e.to_string())),
+        Ok(msg) => {
+            storage::codec::from_wire(&msg.payload).map_err(|e| HopError::Decode(e.to_string()))
+        }
         Err(e) => Err(match e.kind() {
-            async_nats::client::RequestErrorKind::TimedOut => HopError::Timeout(timeout.as_millis() as u64),
+            async_nats::client::RequestErrorKind::TimedOut => {
+                HopError::Timeout(timeout.as_millis() as u64)
+            }
             async_nats::client::RequestErrorKind::NoResponders => HopError::NoResponders(subject),
             _ => HopError::Transport(e.to_string()),
         }),
@@ -63,7 +69,12 @@ pub async fn reply_json<T: Serialize>(client: &Client, reply: Option<Subject>, v
     }
 }
 
-pub async fn reply_error(client: &Client, reply: Option<Subject>, code: ErrorCode, message: impl Into<String>) {
+pub async fn reply_error(
+    client: &Client,
+    reply: Option<Subject>,
+    code: ErrorCode,
+    message: impl Into<String>,
+) {
     reply_json(client, reply, &ErrorReply::new(code, message)).await;
 }
 
@@ -92,7 +103,9 @@ pub fn spawn_pump<M: ractor::Message>(
     let permits = Arc::new(Semaphore::new(depth.max(1)));
     tokio::spawn(async move {
         while let Some(msg) = sub.next().await {
-            let Ok(permit) = permits.clone().acquire_owned().await else { return };
+            let Ok(permit) = permits.clone().acquire_owned().await else {
+                return;
+            };
             if actor.cast(wrap(Inbound { msg, permit })).is_err() {
                 return;
             }

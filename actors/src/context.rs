@@ -62,7 +62,10 @@ impl NodeContext {
         clock: Arc<dyn Clock>,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<NodeContext>, StoreError> {
-        let last = store.last_key(Cf::Outbox)?.map(|k| outbox_seq_of(&k)).unwrap_or(0);
+        let last = store
+            .last_key(Cf::Outbox)?
+            .map(|k| outbox_seq_of(&k))
+            .unwrap_or(0);
         let boot_id = clock.now_ms() ^ (u64::from(std::process::id()) << 44);
         Ok(Arc::new(NodeContext {
             settings,

@@ -19,26 +19,38 @@ pub fn check(criteria: &Criteria, params: &Value, output: &Value) -> Verdict {
     };
     if let Some(want) = criteria.exit_code {
         let got = output.get("exit_code").and_then(Value::as_i64);
-        note(got == Some(want), format!("exit_code {} (want {want})", show(got)));
+        note(
+            got == Some(want),
+            format!("exit_code {} (want {want})", show(got)),
+        );
     }
     if let Some(list) = &criteria.status_in {
         let got = output.get("status").and_then(Value::as_u64);
         let ok = got.is_some_and(|s| list.iter().any(|w| u64::from(*w) == s));
         note(ok, format!("status {} in {list:?}", show(got)));
     }
-    let path = output.get("path").or_else(|| params.get("path")).and_then(Value::as_str);
+    let path = output
+        .get("path")
+        .or_else(|| params.get("path"))
+        .and_then(Value::as_str);
     if let Some(want) = criteria.file_exists {
         match path {
             Some(p) => {
                 let exists = std::path::Path::new(p).is_file();
-                note(exists == want, format!("file_exists {p}: {exists} (want {want})"));
+                note(
+                    exists == want,
+                    format!("file_exists {p}: {exists} (want {want})"),
+                );
             }
             None => note(false, "file_exists: the step has no `path`".into()),
         }
     }
     if let Some(needle) = &criteria.file_contains {
         match path.map(read_bounded) {
-            Some(Ok(text)) => note(text.contains(needle.as_str()), format!("file_contains {needle:?}")),
+            Some(Ok(text)) => note(
+                text.contains(needle.as_str()),
+                format!("file_contains {needle:?}"),
+            ),
             Some(Err(e)) => note(false, format!("file_contains {needle:?}: cannot read: {e}")),
             None => note(false, "file_contains: the step has no `path`".into()),
         }
@@ -47,13 +59,19 @@ pub fn check(criteria: &Criteria, params: &Value, output: &Value) -> Verdict {
         let want = rule.value.to_value_lossy();
         match json_path(output, &rule.path) {
             Ok(Some(got)) => note(*got == want, format!("{} = {got} (want {want})", rule.path)),
-            Ok(None) => note(false, format!("{} not found in the output (want {want})", rule.path)),
+            Ok(None) => note(
+                false,
+                format!("{} not found in the output (want {want})", rule.path),
+            ),
             Err(e) => note(false, format!("{}: {e}", rule.path)),
         }
     }
     if let Some(needle) = &criteria.output_contains {
         let text = output_text(output);
-        note(text.contains(needle.as_str()), format!("output_contains {needle:?}"));
+        note(
+            text.contains(needle.as_str()),
+            format!("output_contains {needle:?}"),
+        );
     }
     if reasons.is_empty() {
         reasons.push("ok: no criteria".into());
@@ -68,7 +86,9 @@ fn show<T: std::fmt::Display>(v: Option<T>) -> String {
 fn read_bounded(path: &str) -> std::io::Result<String> {
     use std::io::Read;
     let mut buf = Vec::new();
-    std::fs::File::open(path)?.take(FILE_READ_BYTES_MAX).read_to_end(&mut buf)?;
+    std::fs::File::open(path)?
+        .take(FILE_READ_BYTES_MAX)
+        .read_to_end(&mut buf)?;
     Ok(String::from_utf8_lossy(&buf).into_owned())
 }
 
@@ -101,12 +121,16 @@ pub fn json_path<'a>(root: &'a Value, path: &str) -> Result<Option<&'a Value>, S
             next = current.get(field);
             rest = &r[end..];
         } else if let Some(r) = rest.strip_prefix('[') {
-            let end = r.find(']').ok_or_else(|| format!("unclosed `[` in `{path}`"))?;
+            let end = r
+                .find(']')
+                .ok_or_else(|| format!("unclosed `[` in `{path}`"))?;
             let inner = r[..end].trim();
             next = if let Some(name) = inner.strip_prefix('"').and_then(|s| s.strip_suffix('"')) {
                 current.get(name)
             } else {
-                let i: usize = inner.parse().map_err(|_| format!("`[{inner}]` is not an index in `{path}`"))?;
+                let i: usize = inner
+                    .parse()
+                    .map_err(|_| format!("`[{inner}]` is not an index in `{path}`"))?;
                 current.get(i)
             };
             rest = &r[end + 1..];
@@ -135,13 +159,19 @@ mod tests {
         let out = json!({"status": 201, "body": {"client": {"name": "Acme", "tags": ["a", "b"]}}});
         let c = Criteria {
             status_in: Some(vec![200, 201]),
-            json_path_equals: Some(JsonPathEquals { path: "$.body.client.tags[1]".into(), value: JsonText("\"b\"".into()) }),
+            json_path_equals: Some(JsonPathEquals {
+                path: "$.body.client.tags[1]".into(),
+                value: JsonText("\"b\"".into()),
+            }),
             output_contains: Some("Acme".into()),
             ..Default::default()
         };
         let v = check(&c, &json!({}), &out);
         assert!(v.passed, "{:?}", v.reasons);
-        let c = Criteria { status_in: Some(vec![200]), ..Default::default() };
+        let c = Criteria {
+            status_in: Some(vec![200]),
+            ..Default::default()
+        };
         let v = check(&c, &json!({}), &out);
         assert!(!v.passed);
         assert_eq!(v.reasons, vec!["FAILED: status 201 in [200]"]);
@@ -153,15 +183,43 @@ mod tests {
         let f = dir.path().join("x.md");
         std::fs::write(&f, "# Acme\nwelcome").unwrap();
         let p = json!({"path": f.to_str().unwrap()});
-        let c = Criteria { file_exists: Some(true), file_contains: Some("welcome".into()), ..Default::default() };
+        let c = Criteria {
+            file_exists: Some(true),
+            file_contains: Some("welcome".into()),
+            ..Default::default()
+        };
         assert!(check(&c, &p, &json!({})).passed);
-        let c = Criteria { file_contains: Some("absent".into()), ..Default::default() };
+        let c = Criteria {
+            file_contains: Some("absent".into()),
+            ..Default::default()
+        };
         assert!(!check(&c, &p, &json!({})).passed);
-        let c = Criteria { file_exists: Some(true), ..Default::default() };
+        let c = Criteria {
+            file_exists: Some(true),
+            ..Default::default()
+        };
         assert!(!check(&c, &json!({"path": "/nonexistent/x"}), &json!({})).passed);
-        let c = Criteria { exit_code: Some(0), output_contains: Some("done".into()), ..Default::default() };
-        assert!(check(&c, &json!({}), &json!({"exit_code": 0, "stdout": "all done"})).passed);
-        assert!(!check(&c, &json!({}), &json!({"exit_code": 2, "stdout": "all done"})).passed);
+        let c = Criteria {
+            exit_code: Some(0),
+            output_contains: Some("done".into()),
+            ..Default::default()
+        };
+        assert!(
+            check(
+                &c,
+                &json!({}),
+                &json!({"exit_code": 0, "stdout": "all done"})
+            )
+            .passed
+        );
+        assert!(
+            !check(
+                &c,
+                &json!({}),
+                &json!({"exit_code": 2, "stdout": "all done"})
+            )
+            .passed
+        );
     }
 
     #[test]

@@ -1,1 +1,20 @@
-//! placeholder
+//! Cadre's roles as supervised ractor actors, and the wire protocol.
+//!
+//! - [`protocol`]: every subject and payload (the only place that defines them).
+//! - [`model`] and [`machine`]: the task record and its pure state machine.
+//! - [`playbook`], [`template`], [`criteria`], [`tools`]: what plans are made of.
+//! - [`roles`]: Intake, Planner, Executor, Verifier, Archivist, TaskActor and their
+//!   supervisors, the outbox relay.
+
+pub mod bus;
+pub mod clock;
+pub mod context;
+pub mod criteria;
+pub mod machine;
+pub mod metrics;
+pub mod model;
+pub mod playbook;
+pub mod protocol;
+pub mod roles;
+pub mod template;
+pub mod tools;

@@ -20,7 +20,12 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { retry_delay_ms_base: 200, retry_delay_ms_max: 10_000, redeliveries_max: 8, hop_retries_max: 5 }
+        Limits {
+            retry_delay_ms_base: 200,
+            retry_delay_ms_max: 10_000,
+            redeliveries_max: 8,
+            hop_retries_max: 5,
+        }
     }
 }
 
@@ -32,35 +37,74 @@ pub enum Input {
     Planned(PlanReply),
     /// The plan hop failed (timeout, no planner).
     PlanUnavailable(String),
-    Executed { step: String, attempt: u32, reply: ExecReply },
+    Executed {
+        step: String,
+        attempt: u32,
+        reply: ExecReply,
+    },
     /// No executor answered the request for this attempt (timeout, no responders).
-    ExecUnanswered { step: String, attempt: u32, error: String },
-    Verified { step: String, attempt: u32, verdict: Verdict },
-    VerifyUnavailable { step: String, attempt: u32, error: String },
+    ExecUnanswered {
+        step: String,
+        attempt: u32,
+        error: String,
+    },
+    Verified {
+        step: String,
+        attempt: u32,
+        verdict: Verdict,
+    },
+    VerifyUnavailable {
+        step: String,
+        attempt: u32,
+        error: String,
+    },
     TaskVerified(Verdict),
     TaskVerifyUnavailable(String),
     Archived(ArchiveReply),
-    RetryDue { step: String, attempt: u32 },
+    RetryDue {
+        step: String,
+        attempt: u32,
+    },
     /// A delayed plan/verify/archive hop is due again.
     HopDue,
-    Cancel { reason: String },
+    Cancel {
+        reason: String,
+    },
     /// The task's actor kept crashing; give up on the task with this reason.
-    Abandon { reason: String },
-    Resolve { step: String, decision: DecisionKind, by: String },
+    Abandon {
+        reason: String,
+    },
+    Resolve {
+        step: String,
+        decision: DecisionKind,
+        by: String,
+    },
 }
 
 /// What the actor must do after committing.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
     RequestPlan,
-    Exec { step: String, attempt: u32 },
-    Verify { step: String, attempt: u32 },
+    Exec {
+        step: String,
+        attempt: u32,
+    },
+    Verify {
+        step: String,
+        attempt: u32,
+    },
     VerifyTask,
     Archive,
     /// Deliver `Input::RetryDue { step, attempt }` at `at_ms`.
-    RetryAt { step: String, attempt: u32, at_ms: u64 },
+    RetryAt {
+        step: String,
+        attempt: u32,
+        at_ms: u64,
+    },
     /// Deliver `Input::HopDue` at `at_ms`.
-    HopAt { at_ms: u64 },
+    HopAt {
+        at_ms: u64,
+    },
 }
 
 /// The result of one input.
@@ -93,7 +137,13 @@ pub fn apply(
     jitter: f64,
     limits: &Limits,
 ) -> Result<Transition, Rejected> {
-    let mut cx = Cx { task, now_ms, jitter, limits, out: Transition::default() };
+    let mut cx = Cx {
+        task,
+        now_ms,
+        jitter,
+        limits,
+        out: Transition::default(),
+    };
     cx.input(input)?;
     if cx.out.commit {
         cx.task.updated_at_ms = now_ms;
@@ -115,11 +165,30 @@ impl Cx<'_> {
             _ if self.task.status.is_terminal() => {}
             Input::Planned(reply) => self.planned(reply),
             Input::PlanUnavailable(error) => self.hop_failed(TaskStatus::Planning, error),
-            Input::Executed { step, attempt, reply } => self.executed(&step, attempt, reply),
-            Input::ExecUnanswered { step, attempt, error } => self.unanswered(&step, attempt, error),
-            Input::Verified { step, attempt, verdict } => self.verified(&step, attempt, verdict),
-            Input::VerifyUnavailable { step, attempt, error } => {
-                let verdict = Verdict { passed: false, reasons: vec![format!("verifier unavailable: {error}")] };
+            Input::Executed {
+                step,
+                attempt,
+                reply,
+            } => self.executed(&step, attempt, reply),
+            Input::ExecUnanswered {
+                step,
+                attempt,
+                error,
+            } => self.unanswered(&step, attempt, error),
+            Input::Verified {
+                step,
+                attempt,
+                verdict,
+            } => self.verified(&step, attempt, verdict),
+            Input::VerifyUnavailable {
+                step,
+                attempt,
+                error,
+            } => {
+                let verdict = Verdict {
+                    passed: false,
+                    reasons: vec![format!("verifier unavailable: {error}")],
+                };
                 self.verified(&step, attempt, verdict);
             }
             Input::TaskVerified(verdict) => self.task_verified(verdict),
@@ -157,11 +226,18 @@ impl Cx<'_> {
                 // hold it: go back through the ledger, which replays the recorded outcome.
                 StepStatus::Running | StepStatus::Verifying => {
                     step.status = StepStatus::Running;
-                    self.out.actions.push(Action::Exec { step: id, attempt: step.attempts });
+                    self.out.actions.push(Action::Exec {
+                        step: id,
+                        attempt: step.attempts,
+                    });
                 }
                 StepStatus::RetryWait => {
                     let at_ms = step.retry_at_ms.unwrap_or(self.now_ms);
-                    self.out.actions.push(Action::RetryAt { step: id, attempt: step.next_attempt, at_ms });
+                    self.out.actions.push(Action::RetryAt {
+                        step: id,
+                        attempt: step.next_attempt,
+                        at_ms,
+                    });
                 }
                 _ => {}
             }
@@ -176,7 +252,11 @@ impl Cx<'_> {
             return;
         }
         match reply {
-            PlanReply::Planned { steps, checks, playbook_version } => {
+            PlanReply::Planned {
+                steps,
+                checks,
+                playbook_version,
+            } => {
                 self.task.steps = steps.into_iter().map(Step::new).collect();
                 self.task.checks = checks;
                 self.task.playbook_version = playbook_version;
@@ -219,12 +299,24 @@ impl Cx<'_> {
                 step.status = StepStatus::Failed;
                 step.finished_at_ms = Some(self.now_ms);
                 step.error = Some(format!("aborted by {by} after an unknown outcome"));
-                self.event("step_failed", Some(step_id), Some(self.task.steps[i].attempts), Some(format!("aborted by {by}")));
-                self.fail(format!("step `{step_id}` aborted by {by} (outcome unknown)"));
+                self.event(
+                    "step_failed",
+                    Some(step_id),
+                    Some(self.task.steps[i].attempts),
+                    Some(format!("aborted by {by}")),
+                );
+                self.fail(format!(
+                    "step `{step_id}` aborted by {by} (outcome unknown)"
+                ));
             }
             DecisionKind::Retry => {
                 let attempt = self.task.steps[i].attempts + 1;
-                self.event("step_resolved", Some(step_id), Some(attempt), Some(format!("retry by {by}")));
+                self.event(
+                    "step_resolved",
+                    Some(step_id),
+                    Some(attempt),
+                    Some(format!("retry by {by}")),
+                );
                 self.clear_attention();
                 self.begin_attempt(i, attempt);
             }
@@ -233,9 +325,17 @@ impl Cx<'_> {
                 step.status = StepStatus::Succeeded;
                 step.finished_at_ms = Some(self.now_ms);
                 step.output.get_or_insert_with(JsonText::null);
-                step.verdict = Some(Verdict { passed: true, reasons: vec![format!("marked done by {by}")] });
+                step.verdict = Some(Verdict {
+                    passed: true,
+                    reasons: vec![format!("marked done by {by}")],
+                });
                 let attempt = step.attempts;
-                self.event("step_succeeded", Some(step_id), Some(attempt), Some(format!("marked done by {by}")));
+                self.event(
+                    "step_succeeded",
+                    Some(step_id),
+                    Some(attempt),
+                    Some(format!("marked done by {by}")),
+                );
                 self.clear_attention();
                 self.advance();
             }
@@ -252,7 +352,9 @@ impl Cx<'_> {
                 let step = &self.task.steps[i];
                 step.status == StepStatus::Pending
                     && step.spec.depends_on.iter().all(|d| {
-                        self.task.step(d).is_some_and(|s| s.status == StepStatus::Succeeded)
+                        self.task
+                            .step(d)
+                            .is_some_and(|s| s.status == StepStatus::Succeeded)
                     })
             })
             .collect();
@@ -282,7 +384,9 @@ impl Cx<'_> {
     }
 
     fn executed(&mut self, step_id: &str, attempt: u32, reply: ExecReply) {
-        let Some(i) = self.current(step_id, attempt, StepStatus::Running) else { return };
+        let Some(i) = self.current(step_id, attempt, StepStatus::Running) else {
+            return;
+        };
         match reply {
             ExecReply::Done { output, .. } => {
                 let step = &mut self.task.steps[i];
@@ -290,20 +394,39 @@ impl Cx<'_> {
                 step.error = None;
                 step.status = StepStatus::Verifying;
                 // Not committed: the verdict commits output and verdict together.
-                self.out.actions.push(Action::Verify { step: step_id.to_string(), attempt });
+                self.out.actions.push(Action::Verify {
+                    step: step_id.to_string(),
+                    attempt,
+                });
             }
-            ExecReply::Failed { kind: FailureKind::OutcomeUnknown, message, output } => {
+            ExecReply::Failed {
+                kind: FailureKind::OutcomeUnknown,
+                message,
+                output,
+            } => {
                 let step = &mut self.task.steps[i];
                 step.status = StepStatus::OutcomeUnknown;
                 step.output = output;
                 step.error = Some(message.clone());
                 self.task.attention = Some((step_id.to_string(), message.clone()));
-                self.event("step_outcome_unknown", Some(step_id), Some(attempt), Some(message.clone()));
+                self.event(
+                    "step_outcome_unknown",
+                    Some(step_id),
+                    Some(attempt),
+                    Some(message.clone()),
+                );
                 if self.task.status == TaskStatus::Running {
-                    self.set_status(TaskStatus::AwaitingOperator, Some(format!("step `{step_id}`: {message}")));
+                    self.set_status(
+                        TaskStatus::AwaitingOperator,
+                        Some(format!("step `{step_id}`: {message}")),
+                    );
                 }
             }
-            ExecReply::Failed { kind, message, output } => {
+            ExecReply::Failed {
+                kind,
+                message,
+                output,
+            } => {
                 let step = &mut self.task.steps[i];
                 step.output = output;
                 self.attempt_failed(i, kind == FailureKind::Retryable, message);
@@ -312,17 +435,24 @@ impl Cx<'_> {
     }
 
     fn unanswered(&mut self, step_id: &str, attempt: u32, error: String) {
-        let Some(i) = self.current(step_id, attempt, StepStatus::Running) else { return };
+        let Some(i) = self.current(step_id, attempt, StepStatus::Running) else {
+            return;
+        };
         let limits = self.limits.clone();
         let step = &mut self.task.steps[i];
         if step.redeliveries >= limits.redeliveries_max {
-            let message = format!("no executor answered for `{}` after {} tries: {error}", step.spec.tool, step.redeliveries + 1);
+            let message = format!(
+                "no executor answered for `{}` after {} tries: {error}",
+                step.spec.tool,
+                step.redeliveries + 1
+            );
             self.attempt_failed(i, false, message);
             return;
         }
         // Re-send the same attempt: the executor's ledger makes that safe for every class.
         step.redeliveries += 1;
-        let delay = self.backoff(step.redeliveries);
+        let redeliveries = step.redeliveries;
+        let delay = self.backoff(redeliveries);
         let step = &mut self.task.steps[i];
         step.status = StepStatus::RetryWait;
         step.next_attempt = attempt;
@@ -330,11 +460,17 @@ impl Cx<'_> {
         step.error = Some(error.clone());
         let at_ms = self.now_ms + delay;
         self.event("step_redelivery", Some(step_id), Some(attempt), Some(error));
-        self.out.actions.push(Action::RetryAt { step: step_id.to_string(), attempt, at_ms });
+        self.out.actions.push(Action::RetryAt {
+            step: step_id.to_string(),
+            attempt,
+            at_ms,
+        });
     }
 
     fn verified(&mut self, step_id: &str, attempt: u32, verdict: Verdict) {
-        let Some(i) = self.current(step_id, attempt, StepStatus::Verifying) else { return };
+        let Some(i) = self.current(step_id, attempt, StepStatus::Verifying) else {
+            return;
+        };
         if verdict.passed {
             let step = &mut self.task.steps[i];
             step.status = StepStatus::Succeeded;
@@ -363,21 +499,41 @@ impl Cx<'_> {
             step.next_attempt = attempt + 1;
             step.retry_at_ms = Some(at_ms);
             step.error = Some(message.clone());
-            self.event("step_retry", Some(&id), Some(attempt), Some(format!("{message}; retry in {delay} ms")));
-            self.out.actions.push(Action::RetryAt { step: id, attempt: attempt + 1, at_ms });
+            self.event(
+                "step_retry",
+                Some(&id),
+                Some(attempt),
+                Some(format!("{message}; retry in {delay} ms")),
+            );
+            self.out.actions.push(Action::RetryAt {
+                step: id,
+                attempt: attempt + 1,
+                at_ms,
+            });
             return;
         }
         let step = &mut self.task.steps[i];
         step.status = StepStatus::Failed;
         step.finished_at_ms = Some(self.now_ms);
         step.error = Some(message.clone());
-        self.event("step_failed", Some(&id), Some(attempt), Some(message.clone()));
-        let tries = if attempt == 1 { "1 attempt".to_string() } else { format!("{attempt} attempts") };
+        self.event(
+            "step_failed",
+            Some(&id),
+            Some(attempt),
+            Some(message.clone()),
+        );
+        let tries = if attempt == 1 {
+            "1 attempt".to_string()
+        } else {
+            format!("{attempt} attempts")
+        };
         self.fail(format!("step `{id}` failed after {tries}: {message}"));
     }
 
     fn retry_due(&mut self, step_id: &str, attempt: u32) {
-        let Some(i) = self.task.step_index(step_id) else { return };
+        let Some(i) = self.task.step_index(step_id) else {
+            return;
+        };
         let step = &self.task.steps[i];
         if step.status != StepStatus::RetryWait || step.next_attempt != attempt {
             return;
@@ -388,7 +544,10 @@ impl Cx<'_> {
             step.status = StepStatus::Running;
             step.retry_at_ms = None;
             self.out.commit = true;
-            self.out.actions.push(Action::Exec { step: step_id.to_string(), attempt });
+            self.out.actions.push(Action::Exec {
+                step: step_id.to_string(),
+                attempt,
+            });
         } else {
             self.begin_attempt(i, attempt);
         }
@@ -396,7 +555,12 @@ impl Cx<'_> {
 
     /// After a step succeeds: more steps, or on to task-level verification.
     fn advance(&mut self) {
-        if self.task.steps.iter().all(|s| s.status == StepStatus::Succeeded) {
+        if self
+            .task
+            .steps
+            .iter()
+            .all(|s| s.status == StepStatus::Succeeded)
+        {
             self.task.hop_retries = 0;
             self.set_status(TaskStatus::Verifying, None);
             self.out.actions.push(Action::VerifyTask);
@@ -441,7 +605,10 @@ impl Cx<'_> {
         }
         self.task.hop_retries += 1;
         if self.task.hop_retries > self.limits.hop_retries_max {
-            self.fail(format!("{} hop failed {} times: {error}", during, self.task.hop_retries));
+            self.fail(format!(
+                "{} hop failed {} times: {error}",
+                during, self.task.hop_retries
+            ));
             return;
         }
         let at_ms = self.now_ms + self.backoff(self.task.hop_retries);
@@ -478,7 +645,11 @@ impl Cx<'_> {
     fn clear_attention(&mut self) {
         self.task.attention = None;
         if self.task.status == TaskStatus::AwaitingOperator
-            && !self.task.steps.iter().any(|s| s.status == StepStatus::OutcomeUnknown)
+            && !self
+                .task
+                .steps
+                .iter()
+                .any(|s| s.status == StepStatus::OutcomeUnknown)
         {
             self.set_status(TaskStatus::Running, None);
         }
@@ -489,7 +660,13 @@ impl Cx<'_> {
         self.event(status.as_str(), None, None, detail);
     }
 
-    fn event(&mut self, kind: &str, step: Option<&str>, attempt: Option<u32>, detail: Option<String>) {
+    fn event(
+        &mut self,
+        kind: &str,
+        step: Option<&str>,
+        attempt: Option<u32>,
+        detail: Option<String>,
+    ) {
         self.task.event_seq += 1;
         self.out.commit = true;
         self.out.events.push(TaskEvent {
@@ -507,7 +684,10 @@ impl Cx<'_> {
 
     /// Exponential backoff with jitter: `base·2^(n-1)`, capped, scaled into [½, 1).
     fn backoff(&self, n: u32) -> u64 {
-        let exp = self.limits.retry_delay_ms_base.saturating_mul(1u64 << (n.saturating_sub(1)).min(20));
+        let exp = self
+            .limits
+            .retry_delay_ms_base
+            .saturating_mul(1u64 << (n.saturating_sub(1)).min(20));
         let capped = exp.min(self.limits.retry_delay_ms_max) as f64;
         (capped * (0.5 + self.jitter.clamp(0.0, 1.0) / 2.0)) as u64
     }

@@ -22,46 +22,88 @@ pub struct Metrics {
     pub commit_seconds: Histogram,
 }
 
-const LATENCY_BUCKETS: &[f64] =
-    &[0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0];
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.0, 2.0, 5.0, 10.0,
+    30.0, 60.0,
+];
 
 impl Metrics {
     pub fn new() -> Result<Metrics, prometheus::Error> {
         let registry = Registry::new();
-        let counter = |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
-            let c = IntCounterVec::new(Opts::new(name, help), labels)?;
-            registry.register(Box::new(c.clone()))?;
-            Ok(c)
-        };
-        let histogram = |name: &str, help: &str, labels: &[&str]| -> Result<HistogramVec, prometheus::Error> {
-            let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()), labels)?;
-            registry.register(Box::new(h.clone()))?;
-            Ok(h)
-        };
-        let tasks_submitted_total =
-            counter("cadre_tasks_submitted_total", "Tasks accepted by intake.", &["playbook"])?;
-        let tasks_finished_total =
-            counter("cadre_tasks_finished_total", "Tasks that reached a terminal status.", &["playbook", "status"])?;
-        let task_duration_seconds =
-            histogram("cadre_task_duration_seconds", "Submit to terminal status.", &["playbook", "status"])?;
-        let step_duration_seconds =
-            histogram("cadre_step_duration_seconds", "One attempt of a step, dispatch to executor reply.", &["tool"])?;
-        let step_retries_total = counter("cadre_step_retries_total", "Step attempts retried.", &["tool"])?;
-        let step_failures_total = counter("cadre_step_failures_total", "Steps failed for good.", &["tool"])?;
-        let actor_restarts_total = counter("cadre_actor_restarts_total", "Actors restarted by a supervisor.", &["actor"])?;
+        let counter =
+            |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
+                let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+                registry.register(Box::new(c.clone()))?;
+                Ok(c)
+            };
+        let histogram =
+            |name: &str, help: &str, labels: &[&str]| -> Result<HistogramVec, prometheus::Error> {
+                let h = HistogramVec::new(
+                    HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
+                    labels,
+                )?;
+                registry.register(Box::new(h.clone()))?;
+                Ok(h)
+            };
+        let tasks_submitted_total = counter(
+            "cadre_tasks_submitted_total",
+            "Tasks accepted by intake.",
+            &["playbook"],
+        )?;
+        let tasks_finished_total = counter(
+            "cadre_tasks_finished_total",
+            "Tasks that reached a terminal status.",
+            &["playbook", "status"],
+        )?;
+        let task_duration_seconds = histogram(
+            "cadre_task_duration_seconds",
+            "Submit to terminal status.",
+            &["playbook", "status"],
+        )?;
+        let step_duration_seconds = histogram(
+            "cadre_step_duration_seconds",
+            "One attempt of a step, dispatch to executor reply.",
+            &["tool"],
+        )?;
+        let step_retries_total = counter(
+            "cadre_step_retries_total",
+            "Step attempts retried.",
+            &["tool"],
+        )?;
+        let step_failures_total = counter(
+            "cadre_step_failures_total",
+            "Steps failed for good.",
+            &["tool"],
+        )?;
+        let actor_restarts_total = counter(
+            "cadre_actor_restarts_total",
+            "Actors restarted by a supervisor.",
+            &["actor"],
+        )?;
         let effects_outcome_unknown_total = counter(
             "cadre_effects_outcome_unknown_total",
             "Unsafe effects found in `intent` after a crash.",
             &["tool"],
         )?;
-        let input_rejected_total =
-            counter("cadre_input_rejected_total", "Requests refused with an error reply.", &["subject", "code"])?;
-        let tasks_in_flight = IntGauge::new("cadre_tasks_in_flight", "Non-terminal tasks with a running TaskActor.")?;
+        let input_rejected_total = counter(
+            "cadre_input_rejected_total",
+            "Requests refused with an error reply.",
+            &["subject", "code"],
+        )?;
+        let tasks_in_flight = IntGauge::new(
+            "cadre_tasks_in_flight",
+            "Non-terminal tasks with a running TaskActor.",
+        )?;
         registry.register(Box::new(tasks_in_flight.clone()))?;
-        let steps_in_flight =
-            IntGaugeVec::new(Opts::new("cadre_steps_in_flight", "Steps executing on this node."), &["tool"])?;
+        let steps_in_flight = IntGaugeVec::new(
+            Opts::new("cadre_steps_in_flight", "Steps executing on this node."),
+            &["tool"],
+        )?;
         registry.register(Box::new(steps_in_flight.clone()))?;
-        let outbox_backlog = IntGauge::new("cadre_outbox_backlog", "Committed messages not yet published.")?;
+        let outbox_backlog = IntGauge::new(
+            "cadre_outbox_backlog",
+            "Committed messages not yet published.",
+        )?;
         registry.register(Box::new(outbox_backlog.clone()))?;
         let commit_seconds = Histogram::with_opts(
             HistogramOpts::new("cadre_commit_seconds", "Synced commit of one transition.")

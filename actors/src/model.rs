@@ -30,7 +30,8 @@ impl JsonText {
 
     /// For views: a corrupt text shows as a string rather than failing the whole reply.
     pub fn to_value_lossy(&self) -> Value {
-        self.to_value().unwrap_or_else(|_| Value::String(self.0.clone()))
+        self.to_value()
+            .unwrap_or_else(|_| Value::String(self.0.clone()))
     }
 }
 
@@ -51,7 +52,10 @@ pub enum TaskStatus {
 
 impl TaskStatus {
     pub fn is_terminal(self) -> bool {
-        matches!(self, TaskStatus::Succeeded | TaskStatus::Failed | TaskStatus::Cancelled)
+        matches!(
+            self,
+            TaskStatus::Succeeded | TaskStatus::Failed | TaskStatus::Cancelled
+        )
     }
 
     pub fn as_str(self) -> &'static str {
@@ -111,7 +115,10 @@ pub enum StepStatus {
 
 impl StepStatus {
     pub fn is_done(self) -> bool {
-        matches!(self, StepStatus::Succeeded | StepStatus::Failed | StepStatus::Skipped)
+        matches!(
+            self,
+            StepStatus::Succeeded | StepStatus::Failed | StepStatus::Skipped
+        )
     }
 }
 
@@ -128,27 +135,45 @@ pub enum DecisionKind {
 }
 
 /// Success criteria for a step (and, in a `TaskCheck`, for a task). All given criteria
-/// must hold. Unknown keys are refused when a playbook loads.
+/// must hold. Unknown keys are refused when a playbook loads. (No
+/// `skip_serializing_if` here: postcard is not self-describing; views strip nulls.)
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Criteria {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub exit_code: Option<i64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub status_in: Option<Vec<u16>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub file_exists: Option<bool>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub file_contains: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub json_path_equals: Option<JsonPathEquals>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub output_contains: Option<String>,
 }
 
 impl Criteria {
     pub fn is_empty(&self) -> bool {
         *self == Criteria::default()
+    }
+
+    /// As JSON with unset criteria left out, for views.
+    pub fn to_view(&self) -> serde_json::Value {
+        let mut v = serde_json::to_value(self).unwrap_or_default();
+        if let serde_json::Value::Object(map) = &mut v {
+            map.retain(|_, x| !x.is_null());
+            if let Some(serde_json::Value::Object(j)) = map.get_mut("json_path_equals")
+                && let Some(serde_json::Value::String(text)) = j.get("value").cloned()
+            {
+                j.insert(
+                    "value".into(),
+                    serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+                );
+            }
+        }
+        v
     }
 }
 

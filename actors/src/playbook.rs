@@ -129,15 +129,29 @@ pub enum InputError {
 
 impl Playbook {
     /// Parses and validates one playbook from TOML text.
-    pub fn parse(text: &str, file: &Path, defaults: &StepDefaults) -> Result<Playbook, PlaybookError> {
+    pub fn parse(
+        text: &str,
+        file: &Path,
+        defaults: &StepDefaults,
+    ) -> Result<Playbook, PlaybookError> {
         let file_name = file.display().to_string();
-        let err = |problem: String| PlaybookError { file: file_name.clone(), problem };
-        let raw: PlaybookFile = toml::from_str(text).map_err(|e| err(e.to_string().trim_end().to_string()))?;
+        let err = |problem: String| PlaybookError {
+            file: file_name.clone(),
+            problem,
+        };
+        let raw: PlaybookFile =
+            toml::from_str(text).map_err(|e| err(e.to_string().trim_end().to_string()))?;
         if !subject::is_token(&raw.name) {
-            return Err(err(format!("name `{}` must be letters, digits, `-` or `_`", raw.name)));
+            return Err(err(format!(
+                "name `{}` must be letters, digits, `-` or `_`",
+                raw.name
+            )));
         }
         if raw.steps.is_empty() || raw.steps.len() > STEPS_MAX {
-            return Err(err(format!("has {} steps; a playbook has 1 to {STEPS_MAX}", raw.steps.len())));
+            return Err(err(format!(
+                "has {} steps; a playbook has 1 to {STEPS_MAX}",
+                raw.steps.len()
+            )));
         }
         let ids: Vec<&str> = raw.steps.iter().map(|s| s.id.as_str()).collect();
         let mut seen = HashSet::new();
@@ -152,7 +166,11 @@ impl Playbook {
             }
             let info = tools::info(&s.tool).ok_or_else(|| {
                 let known: Vec<_> = tools::CATALOG.iter().map(|t| t.name).collect();
-                at(format!("unknown tool `{}` (known: {})", s.tool, known.join(", ")))
+                at(format!(
+                    "unknown tool `{}` (known: {})",
+                    s.tool,
+                    known.join(", ")
+                ))
             })?;
             let params = toml_to_json(&s.params);
             tools::check_params(info, &params).map_err(at)?;
@@ -164,7 +182,10 @@ impl Playbook {
                     return Err(at("depends on itself".into()));
                 }
             }
-            let verify = s.verify.as_ref().ok_or_else(|| at("has no `verify` criteria".into()))?;
+            let verify = s
+                .verify
+                .as_ref()
+                .ok_or_else(|| at("has no `verify` criteria".into()))?;
             let verify = criteria_json(verify);
             if verify.as_object().is_some_and(|m| m.is_empty()) {
                 return Err(at("`verify` sets no criterion".into()));
@@ -196,7 +217,10 @@ impl Playbook {
         let mut checks = Vec::new();
         for c in &raw.checks {
             if !ids.contains(&c.step.as_str()) {
-                return Err(err(format!("check names step `{}`, which is not a step", c.step)));
+                return Err(err(format!(
+                    "check names step `{}`, which is not a step",
+                    c.step
+                )));
             }
             checks.push((c.step.clone(), criteria_json(&c.verify)));
         }
@@ -217,7 +241,11 @@ impl Playbook {
 
     /// Renders the plan for `input`: templates over `input.*` and `task.*` are filled
     /// in; `steps.*` stay for dispatch time. Errors name the step and the missing field.
-    pub fn plan(&self, task_id: &str, input: &Value) -> Result<(Vec<StepSpec>, Vec<TaskCheck>), InputError> {
+    pub fn plan(
+        &self,
+        task_id: &str,
+        input: &Value,
+    ) -> Result<(Vec<StepSpec>, Vec<TaskCheck>), InputError> {
         if !input.is_object() {
             return Err(InputError::NotAnObject);
         }
@@ -225,7 +253,10 @@ impl Playbook {
         let scope: &[(&str, &Value)] = &[("input", input), ("task", &task)];
         let mut specs = Vec::with_capacity(self.steps.len());
         for s in &self.steps {
-            let tpl = |source| InputError::Template { step: s.id.clone(), source };
+            let tpl = |source| InputError::Template {
+                step: s.id.clone(),
+                source,
+            };
             let params = template::render(&s.params, scope).map_err(tpl)?;
             let verify = criteria_from_json(&template::render(&s.verify, scope).map_err(tpl)?);
             specs.push(StepSpec {
@@ -240,9 +271,15 @@ impl Playbook {
         }
         let mut checks = Vec::with_capacity(self.checks.len());
         for (step, verify) in &self.checks {
-            let rendered = template::render(verify, scope)
-                .map_err(|source| InputError::Template { step: step.clone(), source })?;
-            checks.push(TaskCheck { step: step.clone(), criteria: criteria_from_json(&rendered) });
+            let rendered =
+                template::render(verify, scope).map_err(|source| InputError::Template {
+                    step: step.clone(),
+                    source,
+                })?;
+            checks.push(TaskCheck {
+                step: step.clone(),
+                criteria: criteria_from_json(&rendered),
+            });
         }
         Ok((specs, checks))
     }
@@ -254,19 +291,27 @@ fn check_reference(path: &str, depends_on: &[String]) -> Result<(), String> {
         Some("input") => Ok(()),
         Some("task") => match parts.next() {
             Some("id" | "playbook") => Ok(()),
-            _ => Err(format!("`{{{{{path}}}}}`: task has only `id` and `playbook`")),
+            _ => Err(format!(
+                "`{{{{{path}}}}}`: task has only `id` and `playbook`"
+            )),
         },
         Some("steps") => {
             let step = parts.next().unwrap_or_default();
             if !depends_on.iter().any(|d| d == step) {
-                return Err(format!("`{{{{{path}}}}}` reads step `{step}`, which must be in depends_on"));
+                return Err(format!(
+                    "`{{{{{path}}}}}` reads step `{step}`, which must be in depends_on"
+                ));
             }
             match parts.next() {
                 Some("output") => Ok(()),
-                _ => Err(format!("`{{{{{path}}}}}`: read a step's result as steps.<id>.output.<field>")),
+                _ => Err(format!(
+                    "`{{{{{path}}}}}`: read a step's result as steps.<id>.output.<field>"
+                )),
             }
         }
-        _ => Err(format!("`{{{{{path}}}}}`: templates read input.*, task.* or steps.<id>.output.*")),
+        _ => Err(format!(
+            "`{{{{{path}}}}}`: templates read input.*, task.* or steps.<id>.output.*"
+        )),
     }
 }
 
@@ -275,13 +320,22 @@ fn check_acyclic(steps: &[PlannedStep]) -> Result<(), String> {
     while done.len() < steps.len() {
         let before = done.len();
         for s in steps {
-            if !done.contains(s.id.as_str()) && s.depends_on.iter().all(|d| done.contains(d.as_str())) {
+            if !done.contains(s.id.as_str())
+                && s.depends_on.iter().all(|d| done.contains(d.as_str()))
+            {
                 done.insert(&s.id);
             }
         }
         if done.len() == before {
-            let stuck: Vec<_> = steps.iter().filter(|s| !done.contains(s.id.as_str())).map(|s| s.id.as_str()).collect();
-            return Err(format!("depends_on forms a cycle among steps {}", stuck.join(", ")));
+            let stuck: Vec<_> = steps
+                .iter()
+                .filter(|s| !done.contains(s.id.as_str()))
+                .map(|s| s.id.as_str())
+                .collect();
+            return Err(format!(
+                "depends_on forms a cycle among steps {}",
+                stuck.join(", ")
+            ));
         }
     }
     Ok(())
@@ -295,7 +349,11 @@ pub fn toml_to_json(v: &toml::Value) -> Value {
         toml::Value::Boolean(b) => json!(b),
         toml::Value::Datetime(d) => Value::String(d.to_string()),
         toml::Value::Array(a) => Value::Array(a.iter().map(toml_to_json).collect()),
-        toml::Value::Table(t) => Value::Object(t.iter().map(|(k, v)| (k.clone(), toml_to_json(v))).collect()),
+        toml::Value::Table(t) => Value::Object(
+            t.iter()
+                .map(|(k, v)| (k.clone(), toml_to_json(v)))
+                .collect(),
+        ),
     }
 }
 
@@ -315,7 +373,10 @@ fn criteria_json(c: &CriteriaFile) -> Value {
         m.insert("file_contains".into(), json!(v));
     }
     if let Some(v) = &c.json_path_equals {
-        m.insert("json_path_equals".into(), json!({"path": v.path, "value": toml_to_json(&v.value)}));
+        m.insert(
+            "json_path_equals".into(),
+            json!({"path": v.path, "value": toml_to_json(&v.value)}),
+        );
     }
     if let Some(v) = &c.output_contains {
         m.insert("output_contains".into(), json!(v));
@@ -324,17 +385,28 @@ fn criteria_json(c: &CriteriaFile) -> Value {
 }
 
 fn criteria_from_json(v: &Value) -> Criteria {
-    let text = |k: &str| v.get(k).map(|x| x.as_str().map(str::to_string).unwrap_or_else(|| x.to_string()));
+    let text = |k: &str| {
+        v.get(k).map(|x| {
+            x.as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| x.to_string())
+        })
+    };
     Criteria {
         exit_code: v.get("exit_code").and_then(Value::as_i64),
-        status_in: v
-            .get("status_in")
-            .and_then(Value::as_array)
-            .map(|a| a.iter().filter_map(|x| x.as_u64().and_then(|n| u16::try_from(n).ok())).collect()),
+        status_in: v.get("status_in").and_then(Value::as_array).map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_u64().and_then(|n| u16::try_from(n).ok()))
+                .collect()
+        }),
         file_exists: v.get("file_exists").and_then(Value::as_bool),
         file_contains: text("file_contains"),
         json_path_equals: v.get("json_path_equals").map(|j| JsonPathEquals {
-            path: j.get("path").and_then(Value::as_str).unwrap_or("$").to_string(),
+            path: j
+                .get("path")
+                .and_then(Value::as_str)
+                .unwrap_or("$")
+                .to_string(),
             value: JsonText::from_value(j.get("value").unwrap_or(&Value::Null)),
         }),
         output_contains: text("output_contains"),
@@ -350,8 +422,14 @@ pub struct Catalog {
 impl Catalog {
     /// Loads every `*.toml` in `dir`. All errors are collected, not just the first.
     pub fn load_dir(dir: &Path, defaults: &StepDefaults) -> Result<Catalog, Vec<PlaybookError>> {
-        let fail = |problem: String| vec![PlaybookError { file: dir.display().to_string(), problem }];
-        let entries = std::fs::read_dir(dir).map_err(|e| fail(format!("cannot read the playbooks directory: {e}")))?;
+        let fail = |problem: String| {
+            vec![PlaybookError {
+                file: dir.display().to_string(),
+                problem,
+            }]
+        };
+        let entries = std::fs::read_dir(dir)
+            .map_err(|e| fail(format!("cannot read the playbooks directory: {e}")))?;
         let mut paths: Vec<PathBuf> = entries
             .filter_map(Result::ok)
             .map(|e| e.path())
@@ -374,7 +452,11 @@ impl Catalog {
                     if let Some(other) = catalog.playbooks.get(&pb.name) {
                         errors.push(PlaybookError {
                             file,
-                            problem: format!("name `{}` is also used by {}", pb.name, other.path.display()),
+                            problem: format!(
+                                "name `{}` is also used by {}",
+                                pb.name,
+                                other.path.display()
+                            ),
                         });
                     } else {
                         catalog.playbooks.insert(pb.name.clone(), Arc::new(pb));
@@ -383,7 +465,11 @@ impl Catalog {
                 Err(e) => errors.push(e),
             }
         }
-        if errors.is_empty() { Ok(catalog) } else { Err(errors) }
+        if errors.is_empty() {
+            Ok(catalog)
+        } else {
+            Err(errors)
+        }
     }
 
     pub fn get(&self, name: &str) -> Option<&Arc<Playbook>> {
@@ -408,7 +494,10 @@ impl Catalog {
 fn read_capped(path: &Path) -> Result<String, String> {
     let meta = std::fs::metadata(path).map_err(|e| format!("cannot read: {e}"))?;
     if meta.len() > FILE_BYTES_MAX {
-        return Err(format!("is {} bytes; a playbook is at most {FILE_BYTES_MAX}", meta.len()));
+        return Err(format!(
+            "is {} bytes; a playbook is at most {FILE_BYTES_MAX}",
+            meta.len()
+        ));
     }
     std::fs::read_to_string(path).map_err(|e| format!("cannot read: {e}"))
 }

@@ -52,7 +52,8 @@ pub mod subject {
     pub fn is_token(s: &str) -> bool {
         !s.is_empty()
             && s.len() <= 128
-            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
     }
 }
 
@@ -192,7 +193,7 @@ pub struct StepView {
     pub id: String,
     pub tool: String,
     pub params: Value,
-    pub verify: Criteria,
+    pub verify: Value,
     pub depends_on: Vec<String>,
     pub status: StepStatus,
     pub attempts: u32,
@@ -263,7 +264,12 @@ pub enum ErrorCode {
 
 impl ErrorReply {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> ErrorReply {
-        ErrorReply { error: ErrorBody { code, message: message.into() } }
+        ErrorReply {
+            error: ErrorBody {
+                code,
+                message: message.into(),
+            },
+        }
     }
 }
 
@@ -281,8 +287,15 @@ pub struct PlanRequest {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum PlanReply {
-    Planned { steps: Vec<StepSpec>, checks: Vec<TaskCheck>, playbook_version: String },
-    Rejected { code: ErrorCode, message: String },
+    Planned {
+        steps: Vec<StepSpec>,
+        checks: Vec<TaskCheck>,
+        playbook_version: String,
+    },
+    Rejected {
+        code: ErrorCode,
+        message: String,
+    },
 }
 
 /// A task-level success criterion over one step's output.
@@ -309,8 +322,16 @@ pub struct ExecRequest {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum ExecReply {
-    Done { output: JsonText, duration_us: u64, replayed: bool },
-    Failed { kind: FailureKind, message: String, output: Option<JsonText> },
+    Done {
+        output: JsonText,
+        duration_us: u64,
+        replayed: bool,
+    },
+    Failed {
+        kind: FailureKind,
+        message: String,
+        output: Option<JsonText>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -327,8 +348,19 @@ pub enum FailureKind {
 /// `cadre.verify`
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum VerifyRequest {
-    Step { task_id: String, step_id: String, tool: String, params: JsonText, criteria: Criteria, output: JsonText },
-    Task { task_id: String, checks: Vec<TaskCheck>, outputs: Vec<(String, JsonText)> },
+    Step {
+        task_id: String,
+        step_id: String,
+        tool: String,
+        params: JsonText,
+        criteria: Criteria,
+        output: JsonText,
+    },
+    Task {
+        task_id: String,
+        checks: Vec<TaskCheck>,
+        outputs: Vec<(String, JsonText)>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -381,6 +413,9 @@ mod tests {
         assert!(!subject::is_token("a.b"));
         assert!(!subject::is_token("a b"));
         assert!(!subject::is_token(""));
-        assert_eq!(subject::task_event("t1", "succeeded"), "cadre.events.task.t1.succeeded");
+        assert_eq!(
+            subject::task_event("t1", "succeeded"),
+            "cadre.events.task.t1.succeeded"
+        );
     }
 }

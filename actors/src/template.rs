@@ -47,9 +47,16 @@ pub fn references(value: &Value) -> Result<Vec<String>, TemplateError> {
 pub fn render(value: &Value, scope: &(impl Scope + ?Sized)) -> Result<Value, TemplateError> {
     Ok(match value {
         Value::String(s) => render_str(s, scope)?,
-        Value::Array(items) => Value::Array(items.iter().map(|v| render(v, scope)).collect::<Result<_, _>>()?),
+        Value::Array(items) => Value::Array(
+            items
+                .iter()
+                .map(|v| render(v, scope))
+                .collect::<Result<_, _>>()?,
+        ),
         Value::Object(map) => Value::Object(
-            map.iter().map(|(k, v)| Ok((k.clone(), render(v, scope)?))).collect::<Result<_, TemplateError>>()?,
+            map.iter()
+                .map(|(k, v)| Ok((k.clone(), render(v, scope)?)))
+                .collect::<Result<_, TemplateError>>()?,
         ),
         other => other.clone(),
     })
@@ -83,10 +90,15 @@ fn render_str(s: &str, scope: &(impl Scope + ?Sized)) -> Result<Value, TemplateE
 
 /// `Ok(None)` when the root is not in scope (left for later); an error when the root
 /// is in scope but the path is not there.
-fn lookup<'a>(path: &str, scope: &'a (impl Scope + ?Sized)) -> Result<Option<&'a Value>, TemplateError> {
+fn lookup<'a>(
+    path: &str,
+    scope: &'a (impl Scope + ?Sized),
+) -> Result<Option<&'a Value>, TemplateError> {
     let mut parts = path.split('.');
     let root = parts.next().unwrap_or_default();
-    let Some(mut current) = scope.root(root) else { return Ok(None) };
+    let Some(mut current) = scope.root(root) else {
+        return Ok(None);
+    };
     for part in parts {
         let next = match current {
             Value::Object(map) => map.get(part),
@@ -114,7 +126,9 @@ fn split(s: &str) -> Result<Vec<Piece<'_>>, TemplateError> {
             out.push(Piece::Text(&rest[..open]));
         }
         let after = &rest[open + 2..];
-        let close = after.find("}}").ok_or_else(|| TemplateError::Unclosed(s.to_string()))?;
+        let close = after
+            .find("}}")
+            .ok_or_else(|| TemplateError::Unclosed(s.to_string()))?;
         let path = after[..close].trim();
         if path.is_empty() {
             return Err(TemplateError::Empty(s.to_string()));
@@ -161,15 +175,33 @@ mod tests {
         let input = json!({"client": "Acme"});
         let scope: &[(&str, &Value)] = &[("input", &input)];
         let v = json!("{{steps.a.output.x}} for {{input.client}}");
-        assert_eq!(render(&v, scope).unwrap(), json!("{{steps.a.output.x}} for Acme"));
-        assert_eq!(render(&json!("{{input.nope}}"), scope), Err(TemplateError::Missing("input.nope".into())));
-        assert_eq!(render(&json!("{{input.client.x}}"), scope), Err(TemplateError::Missing("input.client.x".into())));
+        assert_eq!(
+            render(&v, scope).unwrap(),
+            json!("{{steps.a.output.x}} for Acme")
+        );
+        assert_eq!(
+            render(&json!("{{input.nope}}"), scope),
+            Err(TemplateError::Missing("input.nope".into()))
+        );
+        assert_eq!(
+            render(&json!("{{input.client.x}}"), scope),
+            Err(TemplateError::Missing("input.client.x".into()))
+        );
     }
 
     #[test]
     fn malformed_templates() {
-        assert!(matches!(references(&json!("a {{ b")), Err(TemplateError::Unclosed(_))));
-        assert!(matches!(references(&json!("a {{ }}")), Err(TemplateError::Empty(_))));
-        assert_eq!(references(&json!({"a": ["{{x.y}}", "{{z}} {{w}}"]})).unwrap(), vec!["x.y", "z", "w"]);
+        assert!(matches!(
+            references(&json!("a {{ b")),
+            Err(TemplateError::Unclosed(_))
+        ));
+        assert!(matches!(
+            references(&json!("a {{ }}")),
+            Err(TemplateError::Empty(_))
+        ));
+        assert_eq!(
+            references(&json!({"a": ["{{x.y}}", "{{z}} {{w}}"]})).unwrap(),
+            vec!["x.y", "z", "w"]
+        );
     }
 }

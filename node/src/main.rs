@@ -1,1 +1,381 @@
-fn main() {}
+//! `cadre`: run a node, or drive one over NATS.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use actors::playbook::{Catalog, StepDefaults};
+use actors::protocol::subject;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use node::cli::{CliError, Client};
+use node::config::{Config, Overrides};
+use serde_json::{Value, json};
+
+#[derive(Parser)]
+#[command(
+    name = "cadre",
+    version,
+    about = "Cadre: the operating layer of a one-person business"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run or inspect a node.
+    #[command(subcommand)]
+    Node(NodeCommand),
+    /// Submit, inspect, cancel and resolve tasks.
+    Task(TaskArgs),
+    /// Validate playbooks.
+    #[command(subcommand)]
+    Playbook(PlaybookCommand),
+    /// Declare Cadre's JetStream streams on a NATS system, so tasks enqueued before any
+    /// node starts are kept.
+    Setup(ClientOpts),
+}
+
+#[derive(Subcommand)]
+enum NodeCommand {
+    /// Start a node (SIGTERM or ctrl-c stops it cleanly).
+    Run(NodeRunArgs),
+}
+
+#[derive(Args)]
+struct NodeRunArgs {
+    /// TOML configuration file.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    node_id: Option<String>,
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// NATS URL; empty or unset starts a local nats-server.
+    #[arg(long)]
+    nats_url: Option<String>,
+    #[arg(long)]
+    playbooks_dir: Option<PathBuf>,
+    #[arg(long)]
+    metrics_addr: Option<String>,
+    /// Print the effective configuration (defaults → file → env → flags) and exit.
+    #[arg(long)]
+    dump_config: bool,
+}
+
+#[derive(Subcommand)]
+enum PlaybookCommand {
+    /// Load every playbook in a directory and report every problem.
+    Check {
+        #[arg(default_value = "playbooks")]
+        dir: PathBuf,
+    },
+}
+
+#[derive(Args, Clone)]
+struct ClientOpts {
+    #[arg(
+        long,
+        env = "CADRE_NATS_URL",
+        default_value = "nats://127.0.0.1:4222",
+        global = true
+    )]
+    nats_url: String,
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[arg(long, default_value_t = 5000, global = true)]
+    timeout_ms: u64,
+}
+
+#[derive(Args)]
+struct TaskArgs {
+    #[command(flatten)]
+    opts: ClientOpts,
+    #[command(subcommand)]
+    command: TaskCommand,
+}
+
+#[derive(Subcommand)]
+enum TaskCommand {
+    /// Submit a task; `--wait` follows it to the end.
+    Submit {
+        playbook: String,
+        /// Input as a JSON object.
+        #[arg(long, conflicts_with = "input_file")]
+        input: Option<String>,
+        #[arg(long)]
+        input_file: Option<PathBuf>,
+        /// Idempotency key: the same key again returns the same task.
+        #[arg(long)]
+        key: Option<String>,
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Show a task: status, plan, every step with attempts, verdicts and timing.
+    Get { task_id: String },
+    /// Most recent tasks first.
+    List {
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long)]
+        playbook: Option<String>,
+        #[arg(long)]
+        limit: Option<usize>,
+        #[arg(long)]
+        before: Option<String>,
+    },
+    Cancel {
+        task_id: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Follow a task's events live until it ends; exit 0 only if it succeeded.
+    Watch { task_id: String },
+    /// Decide a step whose outcome is unknown.
+    Resolve {
+        task_id: String,
+        #[arg(long)]
+        step: String,
+        #[arg(long, value_enum)]
+        decision: Decision,
+        #[arg(long)]
+        by: Option<String>,
+        #[arg(long)]
+        note: Option<String>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Decision {
+    Retry,
+    MarkDone,
+    Abort,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cadre: cannot start the runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let code = runtime.block_on(async {
+        match cli.command {
+            Command::Node(NodeCommand::Run(args)) => node_run(args).await,
+            Command::Playbook(PlaybookCommand::Check { dir }) => playbook_check(&dir),
+            Command::Setup(opts) => client_main(opts, |c| async move { setup(&c).await }).await,
+            Command::Task(TaskArgs { opts, command }) => {
+                client_main(opts, |c| task(c, command)).await
+            }
+        }
+    });
+    std::process::exit(code);
+}
+
+async fn client_main<F, Fut>(opts: ClientOpts, f: F) -> i32
+where
+    F: FnOnce(Client) -> Fut,
+    Fut: std::future::Future<Output = Result<(), CliError>>,
+{
+    let timeout = Duration::from_millis(opts.timeout_ms);
+    let result = match Client::connect(&opts.nats_url, timeout, opts.json).await {
+        Ok(client) => f(client).await,
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            if opts.json
+                && let CliError::Reply(reply) = &e
+            {
+                node::cli::print_json(reply);
+            } else {
+                eprintln!("cadre: {e}");
+            }
+            e.exit_code()
+        }
+    }
+}
+
+async fn task(c: Client, command: TaskCommand) -> Result<(), CliError> {
+    match command {
+        TaskCommand::Submit {
+            playbook,
+            input,
+            input_file,
+            key,
+            wait,
+        } => {
+            let input: Value = match (input, input_file) {
+                (Some(text), _) => parse_input(&text)?,
+                (None, Some(path)) => {
+                    let text = std::fs::read_to_string(&path).map_err(|e| {
+                        CliError::Usage(format!("cannot read {}: {e}", path.display()))
+                    })?;
+                    parse_input(&text)?
+                }
+                (None, None) => json!({}),
+            };
+            let reply = c.submit(&playbook, input, key).await?;
+            if wait {
+                c.watch(&reply.task_id).await?;
+            }
+            Ok(())
+        }
+        TaskCommand::Get { task_id } => c.show(&task_id).await.map(drop),
+        TaskCommand::List {
+            status,
+            playbook,
+            limit,
+            before,
+        } => {
+            c.list(
+                json!({"status": status, "playbook": playbook, "limit": limit, "before": before}),
+            )
+            .await
+        }
+        TaskCommand::Cancel { task_id, reason } => {
+            c.control(
+                subject::TASKS_CANCEL,
+                json!({"task_id": task_id, "reason": reason}),
+            )
+            .await
+        }
+        TaskCommand::Watch { task_id } => c.watch(&task_id).await.map(drop),
+        TaskCommand::Resolve {
+            task_id,
+            step,
+            decision,
+            by,
+            note,
+        } => {
+            let decision = match decision {
+                Decision::Retry => "retry",
+                Decision::MarkDone => "mark_done",
+                Decision::Abort => "abort",
+            };
+            let req = json!({"task_id": task_id, "step_id": step, "decision": decision, "by": by, "note": note});
+            c.control(subject::TASKS_RESOLVE, req).await
+        }
+    }
+}
+
+fn parse_input(text: &str) -> Result<Value, CliError> {
+    let value: Value = serde_json::from_str(text)
+        .map_err(|e| CliError::Usage(format!("--input is not JSON: {e}")))?;
+    if !value.is_object() {
+        return Err(CliError::Usage("--input must be a JSON object".into()));
+    }
+    Ok(value)
+}
+
+async fn setup(c: &Client) -> Result<(), CliError> {
+    let js = async_nats::jetstream::new(c.nats().clone());
+    actors::roles::intake::ensure_intake_stream(&js, Config::default().payload_bytes_max)
+        .await
+        .map_err(|e| CliError::Unreachable(format!("cannot declare the intake stream: {e}")))?;
+    println!(
+        "stream {} ready: {} is durable",
+        subject::INTAKE_STREAM,
+        subject::TASKS_ENQUEUE
+    );
+    Ok(())
+}
+
+fn playbook_check(dir: &std::path::Path) -> i32 {
+    let config = Config::default();
+    let defaults = StepDefaults {
+        max_attempts: config.step_attempts_max,
+        timeout_ms: config.step_timeout_ms,
+    };
+    match Catalog::load_dir(dir, &defaults) {
+        Ok(catalog) => {
+            for name in catalog.names() {
+                if let Some(pb) = catalog.get(name) {
+                    println!(
+                        "ok  {name}  v{}  {} steps  {}",
+                        pb.version,
+                        pb.step_count(),
+                        pb.path.display()
+                    );
+                }
+            }
+            0
+        }
+        Err(errors) => {
+            for e in errors {
+                eprintln!("error: {e}");
+            }
+            2
+        }
+    }
+}
+
+async fn node_run(args: NodeRunArgs) -> i32 {
+    let flags = Overrides {
+        node_id: args.node_id,
+        data_dir: args.data_dir,
+        nats_url: args.nats_url,
+        playbooks_dir: args.playbooks_dir,
+        metrics_addr: args.metrics_addr,
+    };
+    let config = match Config::load(args.config.as_deref(), std::env::vars(), &flags) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("cadre: {e}");
+            return 2;
+        }
+    };
+    if args.dump_config {
+        match toml::to_string(&config) {
+            Ok(text) => {
+                print!("{text}");
+                return 0;
+            }
+            Err(e) => {
+                eprintln!("cadre: {e}");
+                return 1;
+            }
+        }
+    }
+    init_tracing(&config);
+    let shutdown = async {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return std::future::pending().await,
+            };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("interrupt"),
+        }
+    };
+    match node::run(config, shutdown).await {
+        Ok(()) => 0,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("cadre: {e:#}");
+            1
+        }
+    }
+}
+
+fn init_tracing(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if config.log_format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}

@@ -97,7 +97,10 @@ mod tests {
             for bit in 0..8 {
                 let mut flipped = bytes.clone();
                 flipped[i] ^= 1 << bit;
-                assert!(decode::<Sample>(&flipped).is_err(), "flip at byte {i} bit {bit} undetected");
+                assert!(
+                    decode::<Sample>(&flipped).is_err(),
+                    "flip at byte {i} bit {bit} undetected"
+                );
             }
         }
     }
@@ -108,7 +111,10 @@ mod tests {
         let mut body = vec![9u8, 0];
         let crc = crc32fast::hash(&body);
         body.extend_from_slice(&crc.to_le_bytes());
-        assert_eq!(decode::<Sample>(&body), Err(CodecError::UnknownFormat { found: 9 }));
+        assert_eq!(
+            decode::<Sample>(&body),
+            Err(CodecError::UnknownFormat { found: 9 })
+        );
     }
 
     #[test]

@@ -10,4 +10,4 @@ pub mod codec;
 mod store;
 
 pub use codec::CodecError;
-pub use store::{Batch, Cf, Store, StoreError, StoreOptions, StoreStats, SCHEMA_VERSION};
+pub use store::{Batch, Cf, SCHEMA_VERSION, Store, StoreError, StoreOptions, StoreStats};

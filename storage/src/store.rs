@@ -38,8 +38,15 @@ pub enum Cf {
 }
 
 impl Cf {
-    pub const ALL: [Cf; 7] =
-        [Cf::Tasks, Cf::Active, Cf::Outbox, Cf::Effects, Cf::IntakeKeys, Cf::Episodes, Cf::Meta];
+    pub const ALL: [Cf; 7] = [
+        Cf::Tasks,
+        Cf::Active,
+        Cf::Outbox,
+        Cf::Effects,
+        Cf::IntakeKeys,
+        Cf::Episodes,
+        Cf::Meta,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -59,9 +66,16 @@ pub enum StoreError {
     #[error("rocksdb: {0}")]
     Rocks(#[from] rocksdb::Error),
     #[error("corrupt record in column family `{cf}` at key {key:?}: {source}")]
-    Corrupt { cf: &'static str, key: String, source: CodecError },
+    Corrupt {
+        cf: &'static str,
+        key: String,
+        source: CodecError,
+    },
     #[error("cannot encode a record for `{cf}`: {source}")]
-    Encode { cf: &'static str, source: CodecError },
+    Encode {
+        cf: &'static str,
+        source: CodecError,
+    },
     #[error(
         "the store at {path} has schema version {found}, newer than this binary's {SCHEMA_VERSION}: run a newer cadre"
     )]
@@ -71,7 +85,10 @@ pub enum StoreError {
     #[error("the store's commit writer has stopped")]
     WriterGone,
     #[error("cannot create the data directory {path}: {source}")]
-    DataDir { path: PathBuf, source: std::io::Error },
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -82,15 +99,24 @@ pub struct StoreOptions {
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        StoreOptions { write_buffer_bytes: 16 << 20 }
+        StoreOptions {
+            write_buffer_bytes: 16 << 20,
+        }
     }
 }
 
 /// One write operation in a [`Batch`].
 #[derive(Debug)]
 enum Op {
-    Put { cf: Cf, key: Vec<u8>, value: Vec<u8> },
-    Delete { cf: Cf, key: Vec<u8> },
+    Put {
+        cf: Cf,
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+    Delete {
+        cf: Cf,
+        key: Vec<u8>,
+    },
 }
 
 /// The operations of one state transition, applied atomically.
@@ -111,13 +137,23 @@ impl Batch {
         key: impl Into<Vec<u8>>,
         value: &T,
     ) -> Result<&mut Self, StoreError> {
-        let value = codec::encode(value).map_err(|source| StoreError::Encode { cf: cf.name(), source })?;
-        self.ops.push(Op::Put { cf, key: key.into(), value });
+        let value = codec::encode(value).map_err(|source| StoreError::Encode {
+            cf: cf.name(),
+            source,
+        })?;
+        self.ops.push(Op::Put {
+            cf,
+            key: key.into(),
+            value,
+        });
         Ok(self)
     }
 
     pub fn delete(&mut self, cf: Cf, key: impl Into<Vec<u8>>) -> &mut Self {
-        self.ops.push(Op::Delete { cf, key: key.into() });
+        self.ops.push(Op::Delete {
+            cf,
+            key: key.into(),
+        });
         self
     }
 
@@ -177,8 +213,10 @@ impl Store {
     /// Opens (creating if missing) the store at `path`, checks and migrates its schema,
     /// and starts the group-commit writer.
     pub fn open(path: &Path, options: &StoreOptions) -> Result<Store, StoreError> {
-        std::fs::create_dir_all(path)
-            .map_err(|source| StoreError::DataDir { path: path.to_path_buf(), source })?;
+        std::fs::create_dir_all(path).map_err(|source| StoreError::DataDir {
+            path: path.to_path_buf(),
+            source,
+        })?;
         let mut db_opts = Options::default();
         db_opts.create_if_missing(true);
         db_opts.create_missing_column_families(true);
@@ -199,7 +237,10 @@ impl Store {
             std::thread::Builder::new()
                 .name("cadre-commit".into())
                 .spawn(move || group_commit_writer(db, rx, stats))
-                .map_err(|source| StoreError::DataDir { path: path.to_path_buf(), source })?
+                .map_err(|source| StoreError::DataDir {
+                    path: path.to_path_buf(),
+                    source,
+                })?
         };
         let store = Store {
             inner: Arc::new(Inner {
@@ -216,9 +257,10 @@ impl Store {
 
     fn check_schema(&self) -> Result<(), StoreError> {
         match self.get::<u32>(Cf::Meta, META_SCHEMA_KEY)? {
-            Some(found) if found > SCHEMA_VERSION => {
-                Err(StoreError::TooNew { path: self.inner.path.clone(), found })
-            }
+            Some(found) if found > SCHEMA_VERSION => Err(StoreError::TooNew {
+                path: self.inner.path.clone(),
+                found,
+            }),
             Some(found) if found == SCHEMA_VERSION => Ok(()),
             // Older or absent: migrate. Version 1 is the first schema, so the only
             // migration is stamping it.
@@ -262,7 +304,10 @@ impl Store {
     /// WAL and a sync covers everything written before it. Use only for records whose
     /// loss on power failure is repaired by redoing deterministic work.
     pub fn write_unsynced(&self, batch: Batch) -> Result<(), StoreError> {
-        self.inner.stats.unsynced_writes.fetch_add(1, Ordering::Relaxed);
+        self.inner
+            .stats
+            .unsynced_writes
+            .fetch_add(1, Ordering::Relaxed);
         self.write_batch(batch, false)
     }
 
@@ -283,11 +328,13 @@ impl Store {
         let Some(bytes) = db.get_pinned_cf(handle(db, cf), key)? else {
             return Ok(None);
         };
-        codec::decode(&bytes).map(Some).map_err(|source| StoreError::Corrupt {
-            cf: cf.name(),
-            key: String::from_utf8_lossy(key).into_owned(),
-            source,
-        })
+        codec::decode(&bytes)
+            .map(Some)
+            .map_err(|source| StoreError::Corrupt {
+                cf: cf.name(),
+                key: String::from_utf8_lossy(key).into_owned(),
+                source,
+            })
     }
 
     pub fn contains(&self, cf: Cf, key: &[u8]) -> Result<bool, StoreError> {
@@ -358,7 +405,9 @@ impl Store {
         Cf::ALL
             .iter()
             .filter_map(|cf| {
-                db.property_int_value_cf(handle(db, *cf), "rocksdb.total-sst-files-size").ok().flatten()
+                db.property_int_value_cf(handle(db, *cf), "rocksdb.total-sst-files-size")
+                    .ok()
+                    .flatten()
             })
             .sum()
     }
@@ -373,7 +422,8 @@ impl Store {
 fn handle(db: &DB, cf: Cf) -> &rocksdb::ColumnFamily {
     // Every family in Cf::ALL is created at open, so a missing handle is a bug in this
     // file, not an input error.
-    db.cf_handle(cf.name()).unwrap_or_else(|| panic!("column family {} not opened", cf.name()))
+    db.cf_handle(cf.name())
+        .unwrap_or_else(|| panic!("column family {} not opened", cf.name()))
 }
 
 fn apply(db: &DB, wb: &mut WriteBatch, batch: Batch) {
@@ -406,7 +456,9 @@ fn group_commit_writer(db: Arc<DB>, mut rx: mpsc::Receiver<CommitRequest>, stats
         opts.set_sync(true);
         let started = Instant::now();
         let result = db.write_opt(wb, &opts).map_err(|e| e.to_string());
-        stats.sync_micros.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        stats
+            .sync_micros
+            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
         stats.syncs.fetch_add(1, Ordering::Relaxed);
         for done in waiters.drain(..) {
             // A waiter that went away (its task stopped) needs no answer.
@@ -425,7 +477,9 @@ mod tests {
         {
             let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
             let mut batch = Batch::new();
-            batch.put(Cf::Tasks, "t1", &("hello".to_string(), 7u32)).unwrap();
+            batch
+                .put(Cf::Tasks, "t1", &("hello".to_string(), 7u32))
+                .unwrap();
             batch.put(Cf::Active, "t1", &()).unwrap();
             store.commit(batch).await.unwrap();
             let mut batch = Batch::new();
@@ -458,10 +512,17 @@ mod tests {
         assert_eq!(stats.commits.load(Ordering::Relaxed), 200);
         // Every commit is durable; how many fsyncs that took depends on timing, but never more.
         assert!(stats.syncs.load(Ordering::Relaxed) <= 201);
-        let all = store.scan::<u32>(Cf::Tasks, None, false, 1000, 1000, |_, _| true).unwrap();
+        let all = store
+            .scan::<u32>(Cf::Tasks, None, false, 1000, 1000, |_, _| true)
+            .unwrap();
         assert_eq!(all.len(), 200);
-        let last_two = store.scan::<u32>(Cf::Tasks, None, true, 2, 1000, |_, _| true).unwrap();
-        assert_eq!(last_two.iter().map(|(_, v)| *v).collect::<Vec<_>>(), vec![199, 198]);
+        let last_two = store
+            .scan::<u32>(Cf::Tasks, None, true, 2, 1000, |_, _| true)
+            .unwrap();
+        assert_eq!(
+            last_two.iter().map(|(_, v)| *v).collect::<Vec<_>>(),
+            vec![199, 198]
+        );
     }
 
     #[tokio::test]
@@ -474,7 +535,10 @@ mod tests {
         let db = &store.inner.db;
         db.put_cf(handle(db, Cf::Tasks), b"bad", &raw).unwrap();
         let err = store.get::<u64>(Cf::Tasks, b"bad").unwrap_err();
-        assert!(matches!(err, StoreError::Corrupt { cf: "tasks", .. }), "{err}");
+        assert!(
+            matches!(err, StoreError::Corrupt { cf: "tasks", .. }),
+            "{err}"
+        );
         assert!(err.to_string().contains("\"bad\""), "{err}");
     }
 
@@ -484,10 +548,14 @@ mod tests {
         {
             let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
             let mut batch = Batch::new();
-            batch.put(Cf::Meta, META_SCHEMA_KEY, &(SCHEMA_VERSION + 1)).unwrap();
+            batch
+                .put(Cf::Meta, META_SCHEMA_KEY, &(SCHEMA_VERSION + 1))
+                .unwrap();
             store.commit(batch).await.unwrap();
         }
-        let err = Store::open(dir.path(), &StoreOptions::default()).err().expect("must refuse");
+        let err = Store::open(dir.path(), &StoreOptions::default())
+            .err()
+            .expect("must refuse");
         assert!(matches!(err, StoreError::TooNew { found, .. } if found == SCHEMA_VERSION + 1));
         assert!(err.to_string().contains("run a newer cadre"));
     }

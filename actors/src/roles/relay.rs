@@ -40,9 +40,24 @@ impl Actor for Relay {
     type State = RelayState;
     type Arguments = RelayArgs;
 
-    async fn pre_start(&self, myself: ActorRef<RelayMsg>, args: RelayArgs) -> Result<RelayState, ActorProcessingErr> {
-        let mut state = RelayState { ctx: args.ctx, unflushed: Vec::new(), flush_queued: false };
-        let backlog = state.ctx.store.scan::<OutboxEntry>(Cf::Outbox, None, false, usize::MAX, usize::MAX, |_, _| true)?;
+    async fn pre_start(
+        &self,
+        myself: ActorRef<RelayMsg>,
+        args: RelayArgs,
+    ) -> Result<RelayState, ActorProcessingErr> {
+        let mut state = RelayState {
+            ctx: args.ctx,
+            unflushed: Vec::new(),
+            flush_queued: false,
+        };
+        let backlog = state.ctx.store.scan::<OutboxEntry>(
+            Cf::Outbox,
+            None,
+            false,
+            usize::MAX,
+            usize::MAX,
+            |_, _| true,
+        )?;
         if !backlog.is_empty() {
             tracing::info!(entries = backlog.len(), "relaying outbox backlog");
             for chunk in backlog.chunks(BACKLOG_PAGE) {
@@ -57,26 +72,47 @@ impl Actor for Relay {
         Ok(state)
     }
 
-    async fn handle(&self, myself: ActorRef<RelayMsg>, msg: RelayMsg, state: &mut RelayState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        myself: ActorRef<RelayMsg>,
+        msg: RelayMsg,
+        state: &mut RelayState,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             RelayMsg::Publish(entries) => publish(state, &myself, entries).await,
             RelayMsg::Flush => flush(state).await,
         }
     }
 
-    async fn post_stop(&self, _: ActorRef<RelayMsg>, state: &mut RelayState) -> Result<(), ActorProcessingErr> {
+    async fn post_stop(
+        &self,
+        _: ActorRef<RelayMsg>,
+        state: &mut RelayState,
+    ) -> Result<(), ActorProcessingErr> {
         flush(state).await
     }
 }
 
-async fn publish(state: &mut RelayState, myself: &ActorRef<RelayMsg>, entries: Vec<(u64, OutboxEntry)>) -> Result<(), ActorProcessingErr> {
+async fn publish(
+    state: &mut RelayState,
+    myself: &ActorRef<RelayMsg>,
+    entries: Vec<(u64, OutboxEntry)>,
+) -> Result<(), ActorProcessingErr> {
     for (seq, entry) in entries {
         // A publish error means the connection is gone for good (async-nats buffers
         // across reconnects): fail, restart, and resend from the outbox.
-        state.ctx.nats.publish(entry.subject, Bytes::from(entry.payload)).await?;
+        state
+            .ctx
+            .nats
+            .publish(entry.subject, Bytes::from(entry.payload))
+            .await?;
         state.unflushed.push(seq);
     }
-    state.ctx.metrics.outbox_backlog.set(state.unflushed.len() as i64);
+    state
+        .ctx
+        .metrics
+        .outbox_backlog
+        .set(state.unflushed.len() as i64);
     if !state.flush_queued && !state.unflushed.is_empty() {
         state.flush_queued = true;
         myself.cast(RelayMsg::Flush)?;

@@ -14,7 +14,8 @@ use tokio::sync::mpsc;
 
 use crate::metrics::Metrics;
 
-pub type SpawnFn = Arc<dyn Fn(ActorCell) -> BoxFuture<'static, Result<ActorCell, SpawnErr>> + Send + Sync>;
+pub type SpawnFn =
+    Arc<dyn Fn(ActorCell) -> BoxFuture<'static, Result<ActorCell, SpawnErr>> + Send + Sync>;
 
 /// One supervised child: how to (re)start it, linked to the supervisor.
 #[derive(Clone)]
@@ -46,7 +47,10 @@ impl RestartPolicy {
     /// Records a failure at `now`; `Some(delay)` to restart after, `None` when the
     /// child failed too often and the failure must escalate.
     pub fn on_failure(&self, history: &mut VecDeque<Instant>, now: Instant) -> Option<Duration> {
-        while history.front().is_some_and(|t| now.duration_since(*t) > self.window) {
+        while history
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > self.window)
+        {
             history.pop_front();
         }
         history.push_back(now);
@@ -123,7 +127,9 @@ impl Actor for NodeSupervisor {
         match msg {
             NodeSupervisorMsg::Stopping => state.stopping = true,
             NodeSupervisorMsg::Restart(name) if !state.stopping => {
-                let Some(spec) = state.specs.get(name).cloned() else { return Ok(()) };
+                let Some(spec) = state.specs.get(name).cloned() else {
+                    return Ok(());
+                };
                 match (spec.spawn)(myself.get_cell()).await {
                     Ok(cell) => {
                         tracing::info!(actor = name, "restarted");
@@ -148,12 +154,15 @@ impl Actor for NodeSupervisor {
     ) -> Result<(), ActorProcessingErr> {
         let (cell, reason) = match event {
             SupervisionEvent::ActorFailed(cell, err) => (cell, format!("failed: {err}")),
-            SupervisionEvent::ActorTerminated(cell, _, reason) => {
-                (cell, format!("stopped: {}", reason.unwrap_or_else(|| "no reason".into())))
-            }
+            SupervisionEvent::ActorTerminated(cell, _, reason) => (
+                cell,
+                format!("stopped: {}", reason.unwrap_or_else(|| "no reason".into())),
+            ),
             _ => return Ok(()),
         };
-        let Some(name) = state.running.remove(&cell.get_id()) else { return Ok(()) };
+        let Some(name) = state.running.remove(&cell.get_id()) else {
+            return Ok(());
+        };
         if state.stopping {
             return Ok(());
         }
@@ -164,8 +173,18 @@ impl Actor for NodeSupervisor {
 }
 
 impl NodeSupervisor {
-    fn child_failed(&self, myself: &ActorRef<NodeSupervisorMsg>, state: &mut NodeSupervisorState, name: &'static str, reason: String) {
-        state.metrics.actor_restarts_total.with_label_values(&[name]).inc();
+    fn child_failed(
+        &self,
+        myself: &ActorRef<NodeSupervisorMsg>,
+        state: &mut NodeSupervisorState,
+        name: &'static str,
+        reason: String,
+    ) {
+        state
+            .metrics
+            .actor_restarts_total
+            .with_label_values(&[name])
+            .inc();
         let history = state.history.entry(name).or_default();
         match state.policy.on_failure(history, Instant::now()) {
             Some(delay) => {
@@ -200,14 +219,27 @@ mod tests {
         };
         let mut h = VecDeque::new();
         let t0 = Instant::now();
-        assert_eq!(policy.on_failure(&mut h, t0), Some(Duration::from_millis(100)));
-        assert_eq!(policy.on_failure(&mut h, t0), Some(Duration::from_millis(200)));
-        assert_eq!(policy.on_failure(&mut h, t0), Some(Duration::from_millis(250)));
+        assert_eq!(
+            policy.on_failure(&mut h, t0),
+            Some(Duration::from_millis(100))
+        );
+        assert_eq!(
+            policy.on_failure(&mut h, t0),
+            Some(Duration::from_millis(200))
+        );
+        assert_eq!(
+            policy.on_failure(&mut h, t0),
+            Some(Duration::from_millis(250))
+        );
         assert_eq!(policy.on_failure(&mut h, t0), None);
         // Failures older than the window are forgotten.
         let mut h = VecDeque::new();
         for i in 0..10 {
-            assert!(policy.on_failure(&mut h, t0 + Duration::from_secs(11 * i)).is_some());
+            assert!(
+                policy
+                    .on_failure(&mut h, t0 + Duration::from_secs(11 * i))
+                    .is_some()
+            );
         }
     }
 }

@@ -25,26 +25,37 @@ impl FileWrite {
     fn admit(&self, raw: &str) -> Result<PathBuf, ToolError> {
         let path = Path::new(raw);
         if !path.is_absolute() {
-            return Err(ToolError::permanent(format!("path `{raw}` must be absolute")));
+            return Err(ToolError::permanent(format!(
+                "path `{raw}` must be absolute"
+            )));
         }
         if path.components().any(|c| matches!(c, Component::ParentDir)) {
-            return Err(ToolError::permanent(format!("path `{raw}` must not contain `..`")));
+            return Err(ToolError::permanent(format!(
+                "path `{raw}` must not contain `..`"
+            )));
         }
         let Some(root) = self.roots.iter().find(|r| path.starts_with(r)) else {
             return Err(ToolError::permanent(format!(
                 "path `{raw}` is outside the configured file roots ({})",
-                self.roots.iter().map(|r| r.display().to_string()).collect::<Vec<_>>().join(", ")
+                self.roots
+                    .iter()
+                    .map(|r| r.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )));
         };
-        let parent = path.parent().ok_or_else(|| ToolError::permanent(format!("path `{raw}` has no parent")))?;
+        let parent = path
+            .parent()
+            .ok_or_else(|| ToolError::permanent(format!("path `{raw}` has no parent")))?;
         if path.file_name().is_none() {
             return Err(ToolError::permanent(format!("path `{raw}` names no file")));
         }
-        std::fs::create_dir_all(parent)
-            .map_err(|e| ToolError::permanent(format!("cannot create {}: {e}", parent.display())))?;
-        let real_parent = parent
-            .canonicalize()
-            .map_err(|e| ToolError::permanent(format!("cannot resolve {}: {e}", parent.display())))?;
+        std::fs::create_dir_all(parent).map_err(|e| {
+            ToolError::permanent(format!("cannot create {}: {e}", parent.display()))
+        })?;
+        let real_parent = parent.canonicalize().map_err(|e| {
+            ToolError::permanent(format!("cannot resolve {}: {e}", parent.display()))
+        })?;
         if !real_parent.starts_with(root) {
             return Err(ToolError::permanent(format!(
                 "path `{raw}` resolves outside its root {} (symlink)",
@@ -59,8 +70,11 @@ impl FileWrite {
         let name = path.file_name().unwrap_or_default().to_string_lossy();
         // The temp name carries the idempotency key so concurrent attempts never share it.
         let tmp = dir.join(format!(".{name}.{}.cadre-tmp", sanitize(key)));
-        let io = |what: &str, e: std::io::Error| ToolError::retryable(format!("{what} {}: {e}", path.display()));
-        let mut file = std::fs::File::create(&tmp).map_err(|e| io("cannot create temp file for", e))?;
+        let io = |what: &str, e: std::io::Error| {
+            ToolError::retryable(format!("{what} {}: {e}", path.display()))
+        };
+        let mut file =
+            std::fs::File::create(&tmp).map_err(|e| io("cannot create temp file for", e))?;
         file.write_all(content).map_err(|e| io("cannot write", e))?;
         if self.fsync {
             file.sync_all().map_err(|e| io("cannot sync", e))?;
@@ -68,14 +82,24 @@ impl FileWrite {
         drop(file);
         std::fs::rename(&tmp, path).map_err(|e| io("cannot rename into", e))?;
         if self.fsync {
-            std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io("cannot sync directory of", e))?;
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| io("cannot sync directory of", e))?;
         }
         Ok(())
     }
 }
 
 fn sanitize(key: &str) -> String {
-    key.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' { c } else { '_' }).collect()
+    key.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 impl Tool for FileWrite {
@@ -114,7 +138,11 @@ mod tests {
     use std::time::Duration;
 
     fn call(path: &str, content: &str) -> Call {
-        Call { params: json!({"path": path, "content": content}), idempotency_key: "t.s".into(), timeout: Duration::from_secs(5) }
+        Call {
+            params: json!({"path": path, "content": content}),
+            idempotency_key: "t.s".into(),
+            timeout: Duration::from_secs(5),
+        }
     }
 
     #[tokio::test]
@@ -123,20 +151,43 @@ mod tests {
         let root_path = root.path().canonicalize().unwrap();
         let tool = FileWrite::new(vec![root_path.clone()], true);
         let target = root_path.join("acme/README.md");
-        let out = tool.run(call(target.to_str().unwrap(), "# Acme")).await.unwrap();
+        let out = tool
+            .run(call(target.to_str().unwrap(), "# Acme"))
+            .await
+            .unwrap();
         assert_eq!(std::fs::read_to_string(&target).unwrap(), "# Acme");
         assert_eq!(out["bytes"], 6);
 
         let outside = tool.run(call("/etc/cadre-test", "x")).await.unwrap_err();
-        assert!(outside.to_string().contains("outside the configured file roots"), "{outside}");
+        assert!(
+            outside
+                .to_string()
+                .contains("outside the configured file roots"),
+            "{outside}"
+        );
         let dotdot = format!("{}/../escape", root_path.display());
-        assert!(tool.run(call(&dotdot, "x")).await.unwrap_err().to_string().contains(".."));
-        assert!(tool.run(call("relative/path", "x")).await.unwrap_err().to_string().contains("absolute"));
+        assert!(
+            tool.run(call(&dotdot, "x"))
+                .await
+                .unwrap_err()
+                .to_string()
+                .contains("..")
+        );
+        assert!(
+            tool.run(call("relative/path", "x"))
+                .await
+                .unwrap_err()
+                .to_string()
+                .contains("absolute")
+        );
 
         let elsewhere = tempfile::tempdir().unwrap();
         std::os::unix::fs::symlink(elsewhere.path(), root_path.join("link")).unwrap();
         let via_link = root_path.join("link/file");
-        let err = tool.run(call(via_link.to_str().unwrap(), "x")).await.unwrap_err();
+        let err = tool
+            .run(call(via_link.to_str().unwrap(), "x"))
+            .await
+            .unwrap_err();
         assert!(err.to_string().contains("symlink"), "{err}");
         assert!(!elsewhere.path().join("file").exists());
     }

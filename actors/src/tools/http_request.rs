@@ -22,7 +22,10 @@ impl HttpRequest {
             .user_agent(concat!("cadre/", env!("CARGO_PKG_VERSION")))
             .redirect(reqwest::redirect::Policy::limited(5))
             .build()?;
-        Ok(HttpRequest { client, body_bytes_max })
+        Ok(HttpRequest {
+            client,
+            body_bytes_max,
+        })
     }
 }
 
@@ -35,10 +38,16 @@ impl Tool for HttpRequest {
         async move {
             let p = &call.params;
             let url = str_param(p, "url")?;
-            let method = p.get("method").and_then(Value::as_str).unwrap_or("GET").to_ascii_uppercase();
+            let method = p
+                .get("method")
+                .and_then(Value::as_str)
+                .unwrap_or("GET")
+                .to_ascii_uppercase();
             let method = reqwest::Method::from_bytes(method.as_bytes())
                 .map_err(|_| ToolError::permanent(format!("`{method}` is not an HTTP method")))?;
-            let timeout = opt_u64_param(p, "timeout_ms")?.map(Duration::from_millis).unwrap_or(call.timeout);
+            let timeout = opt_u64_param(p, "timeout_ms")?
+                .map(Duration::from_millis)
+                .unwrap_or(call.timeout);
             let mut req = self
                 .client
                 .request(method, url)
@@ -46,20 +55,26 @@ impl Tool for HttpRequest {
                 .header("Idempotency-Key", &call.idempotency_key);
             if let Some(headers) = p.get("headers") {
                 let Value::Object(headers) = headers else {
-                    return Err(ToolError::permanent("param `headers` must be a table of strings"));
+                    return Err(ToolError::permanent(
+                        "param `headers` must be a table of strings",
+                    ));
                 };
                 for (name, value) in headers {
-                    let value = value
-                        .as_str()
-                        .ok_or_else(|| ToolError::permanent(format!("header `{name}` must be a string")))?;
+                    let value = value.as_str().ok_or_else(|| {
+                        ToolError::permanent(format!("header `{name}` must be a string"))
+                    })?;
                     req = req.header(name.as_str(), value);
                 }
             }
             match (p.get("json"), p.get("body")) {
-                (Some(_), Some(_)) => return Err(ToolError::permanent("give `json` or `body`, not both")),
+                (Some(_), Some(_)) => {
+                    return Err(ToolError::permanent("give `json` or `body`, not both"));
+                }
                 (Some(json), None) => req = req.json(json),
                 (None, Some(Value::String(body))) => req = req.body(body.clone()),
-                (None, Some(_)) => return Err(ToolError::permanent("param `body` must be a string")),
+                (None, Some(_)) => {
+                    return Err(ToolError::permanent("param `body` must be a string"));
+                }
                 (None, None) => {}
             }
             let resp = req.send().await.map_err(|e| classify_send_error(&e))?;
@@ -86,9 +101,15 @@ impl Tool for HttpRequest {
             }
             let out = Value::Object(out);
             if status.is_server_error() || status == reqwest::StatusCode::TOO_MANY_REQUESTS {
-                Err(ToolError::Retryable { message: format!("HTTP {status} from {url}"), output: Some(out) })
+                Err(ToolError::Retryable {
+                    message: format!("HTTP {status} from {url}"),
+                    output: Some(out),
+                })
             } else if status.is_client_error() {
-                Err(ToolError::Permanent { message: format!("HTTP {status} from {url}"), output: Some(out) })
+                Err(ToolError::Permanent {
+                    message: format!("HTTP {status} from {url}"),
+                    output: Some(out),
+                })
             } else {
                 Ok(out)
             }
@@ -111,7 +132,11 @@ fn classify_send_error(e: &reqwest::Error) -> ToolError {
 /// Reads at most `max + 1` bytes, so a huge body cannot exhaust memory.
 async fn read_bounded(mut resp: reqwest::Response, max: usize) -> Result<Vec<u8>, ToolError> {
     let mut out = Vec::new();
-    while let Some(chunk) = resp.chunk().await.map_err(|e| ToolError::retryable(format!("reading body: {e}")))? {
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .map_err(|e| ToolError::retryable(format!("reading body: {e}")))?
+    {
         let room = (max + 1).saturating_sub(out.len());
         out.extend_from_slice(&chunk[..chunk.len().min(room)]);
         if out.len() > max {

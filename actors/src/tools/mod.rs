@@ -79,9 +79,20 @@ pub fn check_params(info: &ToolInfo, params: &Value) -> Result<(), String> {
         }
     }
     for key in map.keys() {
-        if !info.required_params.contains(&key.as_str()) && !info.optional_params.contains(&key.as_str()) {
-            let known: Vec<_> = info.required_params.iter().chain(info.optional_params).copied().collect();
-            return Err(format!("`{}` has no param `{key}` (known: {})", info.name, known.join(", ")));
+        if !info.required_params.contains(&key.as_str())
+            && !info.optional_params.contains(&key.as_str())
+        {
+            let known: Vec<_> = info
+                .required_params
+                .iter()
+                .chain(info.optional_params)
+                .copied()
+                .collect();
+            return Err(format!(
+                "`{}` has no param `{key}` (known: {})",
+                info.name,
+                known.join(", ")
+            ));
         }
     }
     Ok(())
@@ -98,17 +109,29 @@ pub struct Call {
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ToolError {
     #[error("{message}")]
-    Retryable { message: String, output: Option<Value> },
+    Retryable {
+        message: String,
+        output: Option<Value>,
+    },
     #[error("{message}")]
-    Permanent { message: String, output: Option<Value> },
+    Permanent {
+        message: String,
+        output: Option<Value>,
+    },
 }
 
 impl ToolError {
     pub fn permanent(message: impl Into<String>) -> ToolError {
-        ToolError::Permanent { message: message.into(), output: None }
+        ToolError::Permanent {
+            message: message.into(),
+            output: None,
+        }
     }
     pub fn retryable(message: impl Into<String>) -> ToolError {
-        ToolError::Retryable { message: message.into(), output: None }
+        ToolError::Retryable {
+            message: message.into(),
+            output: None,
+        }
     }
 }
 
@@ -134,7 +157,10 @@ pub fn build(config: &ToolConfig) -> anyhow::Result<Vec<Arc<dyn Tool>>> {
     Ok(vec![
         Arc::new(FileWrite::new(config.file_roots.clone(), config.file_fsync)),
         Arc::new(HttpRequest::new(config.output_bytes_max)?),
-        Arc::new(ShellRun::new(config.shell_allow.clone(), config.output_bytes_max)),
+        Arc::new(ShellRun::new(
+            config.shell_allow.clone(),
+            config.output_bytes_max,
+        )),
     ])
 }
 
@@ -148,10 +174,9 @@ fn str_param<'a>(params: &'a Value, key: &str) -> Result<&'a str, ToolError> {
 fn opt_u64_param(params: &Value, key: &str) -> Result<Option<u64>, ToolError> {
     match params.get(key) {
         None | Some(Value::Null) => Ok(None),
-        Some(v) => v
-            .as_u64()
-            .map(Some)
-            .ok_or_else(|| ToolError::permanent(format!("param `{key}` must be a non-negative integer"))),
+        Some(v) => v.as_u64().map(Some).ok_or_else(|| {
+            ToolError::permanent(format!("param `{key}` must be a non-negative integer"))
+        }),
     }
 }
 

@@ -17,7 +17,10 @@ pub struct ShellRun {
 
 impl ShellRun {
     pub fn new(allow: Vec<String>, output_bytes_max: usize) -> ShellRun {
-        ShellRun { allow, output_bytes_max }
+        ShellRun {
+            allow,
+            output_bytes_max,
+        }
     }
 }
 
@@ -33,7 +36,11 @@ impl Tool for ShellRun {
             if !self.allow.iter().any(|a| a == program) {
                 return Err(ToolError::permanent(format!(
                     "program `{program}` is not allowed (CADRE_SHELL_ALLOW: {})",
-                    if self.allow.is_empty() { "empty".to_string() } else { self.allow.join(", ") }
+                    if self.allow.is_empty() {
+                        "empty".to_string()
+                    } else {
+                        self.allow.join(", ")
+                    }
                 )));
             }
             let args: Vec<String> = match p.get("args") {
@@ -43,16 +50,26 @@ impl Tool for ShellRun {
                     .map(|a| match a {
                         Value::String(s) => Ok(s.clone()),
                         Value::Number(n) => Ok(n.to_string()),
-                        _ => Err(ToolError::permanent("every element of `args` must be a string")),
+                        _ => Err(ToolError::permanent(
+                            "every element of `args` must be a string",
+                        )),
                     })
                     .collect::<Result<_, _>>()?,
-                Some(_) => return Err(ToolError::permanent("param `args` must be a list of strings")),
+                Some(_) => {
+                    return Err(ToolError::permanent(
+                        "param `args` must be a list of strings",
+                    ));
+                }
             };
             let timeout = opt_u64_param(p, "timeout_ms")?
                 .map(std::time::Duration::from_millis)
                 .unwrap_or(call.timeout);
             let mut cmd = tokio::process::Command::new(program);
-            cmd.args(&args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+            cmd.args(&args)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .kill_on_drop(true);
             // A clean environment: the node's own variables (and any secrets in them) do
             // not leak into programs; PATH, HOME and LANG are kept so programs work.
             cmd.env_clear();
@@ -64,7 +81,12 @@ impl Tool for ShellRun {
             cmd.env("CADRE_IDEMPOTENCY_KEY", &call.idempotency_key);
             if let Some(Value::Object(env)) = p.get("env") {
                 for (k, v) in env {
-                    cmd.env(k, v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string()));
+                    cmd.env(
+                        k,
+                        v.as_str()
+                            .map(str::to_string)
+                            .unwrap_or_else(|| v.to_string()),
+                    );
                 }
             }
             if let Some(cwd) = p.get("cwd").and_then(Value::as_str) {
@@ -77,7 +99,10 @@ impl Tool for ShellRun {
             let mut stdout = child.stdout.take();
             let mut stderr = child.stderr.take();
             let run = async {
-                let (out, err) = tokio::join!(read_capped(stdout.as_mut(), max), read_capped(stderr.as_mut(), max));
+                let (out, err) = tokio::join!(
+                    read_capped(stdout.as_mut(), max),
+                    read_capped(stderr.as_mut(), max)
+                );
                 let status = child.wait().await;
                 (out, err, status)
             };
@@ -88,7 +113,8 @@ impl Tool for ShellRun {
                     timeout.as_millis()
                 )));
             };
-            let status = status.map_err(|e| ToolError::permanent(format!("waiting for `{program}`: {e}")))?;
+            let status = status
+                .map_err(|e| ToolError::permanent(format!("waiting for `{program}`: {e}")))?;
             let (stdout, stdout_truncated) = bounded_text(&out, max);
             let (stderr, stderr_truncated) = bounded_text(&err, max);
             Ok(json!({
@@ -105,8 +131,13 @@ impl Tool for ShellRun {
 
 /// Reads a pipe to its end, keeping at most `max + 1` bytes (the rest is drained so
 /// the child never blocks on a full pipe).
-async fn read_capped<R: tokio::io::AsyncRead + Unpin>(reader: Option<&mut R>, max: usize) -> Vec<u8> {
-    let Some(reader) = reader else { return Vec::new() };
+async fn read_capped<R: tokio::io::AsyncRead + Unpin>(
+    reader: Option<&mut R>,
+    max: usize,
+) -> Vec<u8> {
+    let Some(reader) = reader else {
+        return Vec::new();
+    };
     let mut kept = Vec::new();
     let mut buf = [0u8; 8192];
     loop {
@@ -126,19 +157,42 @@ mod tests {
     use std::time::Duration;
 
     fn call(params: Value) -> Call {
-        Call { params, idempotency_key: "t.s".into(), timeout: Duration::from_secs(5) }
+        Call {
+            params,
+            idempotency_key: "t.s".into(),
+            timeout: Duration::from_secs(5),
+        }
     }
 
     #[tokio::test]
     async fn runs_allowed_programs_with_argv_only() {
         let tool = ShellRun::new(vec!["echo".into(), "sleep".into()], 8);
-        let out = tool.run(call(json!({"program": "echo", "args": ["a;", "$(rm -rf /)"]}))).await.unwrap();
+        let out = tool
+            .run(call(
+                json!({"program": "echo", "args": ["a;", "$(rm -rf /)"]}),
+            ))
+            .await
+            .unwrap();
         assert_eq!(out["exit_code"], 0);
-        assert_eq!(out["stdout"], "a; $(rm ", "argv passed verbatim, output capped at 8 bytes");
+        assert_eq!(
+            out["stdout"], "a; $(rm ",
+            "argv passed verbatim, output capped at 8 bytes"
+        );
         assert_eq!(out["stdout_truncated"], true);
-        let refused = tool.run(call(json!({"program": "sh", "args": ["-c", "true"]}))).await.unwrap_err();
+        let refused = tool
+            .run(call(json!({"program": "sh", "args": ["-c", "true"]})))
+            .await
+            .unwrap_err();
         assert!(refused.to_string().contains("not allowed"), "{refused}");
-        let slow = tool.run(call(json!({"program": "sleep", "args": ["5"], "timeout_ms": 50}))).await.unwrap_err();
-        assert!(matches!(slow, ToolError::Permanent { .. }) && slow.to_string().contains("timed out"), "{slow}");
+        let slow = tool
+            .run(call(
+                json!({"program": "sleep", "args": ["5"], "timeout_ms": 50}),
+            ))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(slow, ToolError::Permanent { .. }) && slow.to_string().contains("timed out"),
+            "{slow}"
+        );
     }
 }

@@ -1,0 +1,330 @@
+//! Executor (`cadre.exec.<tool>`): runs one step through its tool, behind the effect
+//! ledger.
+//!
+//! Ledger key: `<task>/<step>/<attempt>`. Before a `keyed` or `unsafe` tool touches the
+//! world, the intent is recorded (synced for `unsafe`); after, the outcome. A request
+//! for an attempt whose outcome is recorded gets that outcome back without running
+//! again; one already running here waits for it. An intent left by an earlier process
+//! is an outcome unknown: `keyed` runs again with the same key (the target dedupes),
+//! `unsafe` is reported to the task, which waits for an operator. `idempotent` tools
+//! keep no ledger: running them again is the definition of safe.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use storage::{Batch, Cf};
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+
+use crate::bus::{self, Inbound};
+use crate::context::NodeContext;
+use crate::model::JsonText;
+use crate::protocol::{ExecReply, ExecRequest, FailureKind, subject};
+use crate::tools::{Call, IdempotencyClass, Tool, ToolError};
+
+pub struct Executor;
+
+pub struct ExecutorArgs {
+    pub ctx: Arc<NodeContext>,
+    pub tools: Vec<Arc<dyn Tool>>,
+}
+
+type Running = Shared<BoxFuture<'static, ExecReply>>;
+
+pub struct ExecutorState {
+    ctx: Arc<NodeContext>,
+    tools: HashMap<&'static str, (Arc<dyn Tool>, Arc<Semaphore>)>,
+    running: Arc<Mutex<HashMap<String, Running>>>,
+    pumps: Vec<JoinHandle<()>>,
+}
+
+pub enum ExecutorMsg {
+    Request(Inbound),
+    /// Steps executing now (for a draining node).
+    InFlight(ractor::RpcReplyPort<usize>),
+}
+
+/// One effect-ledger entry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Effect {
+    pub tool: String,
+    pub class: IdempotencyClass,
+    pub idempotency_key: String,
+    /// sha256 of the rendered params: the exact action.
+    pub args_hash: String,
+    pub fencing_token: u64,
+    pub boot_id: u64,
+    pub started_at_ms: u64,
+    /// `None` while the effect is in `intent`.
+    pub outcome: Option<ExecReply>,
+    pub finished_at_ms: Option<u64>,
+}
+
+impl Actor for Executor {
+    type Msg = ExecutorMsg;
+    type State = ExecutorState;
+    type Arguments = ExecutorArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<ExecutorMsg>,
+        args: ExecutorArgs,
+    ) -> Result<ExecutorState, ActorProcessingErr> {
+        let ctx = args.ctx;
+        let mut tools = HashMap::new();
+        let mut pumps = Vec::new();
+        for tool in args.tools {
+            let name = tool.info().name;
+            let sub = ctx
+                .nats
+                .queue_subscribe(subject::exec(name), subject::QUEUE_ROLES.into())
+                .await?;
+            pumps.push(bus::spawn_pump(
+                sub,
+                myself.clone(),
+                ctx.settings.mailbox_depth_max,
+                ExecutorMsg::Request,
+            ));
+            tools.insert(
+                name,
+                (
+                    tool,
+                    Arc::new(Semaphore::new(ctx.settings.exec_concurrency_max)),
+                ),
+            );
+        }
+        Ok(ExecutorState {
+            ctx,
+            tools,
+            running: Arc::default(),
+            pumps,
+        })
+    }
+
+    async fn handle(
+        &self,
+        _: ActorRef<ExecutorMsg>,
+        msg: ExecutorMsg,
+        state: &mut ExecutorState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            ExecutorMsg::Request(inbound) => state.request(inbound),
+            ExecutorMsg::InFlight(reply) => {
+                let n = state.running.lock().map(|r| r.len()).unwrap_or(0);
+                let _ = reply.send(n);
+            }
+        }
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        _: ActorRef<ExecutorMsg>,
+        state: &mut ExecutorState,
+    ) -> Result<(), ActorProcessingErr> {
+        for pump in &state.pumps {
+            pump.abort();
+        }
+        Ok(())
+    }
+}
+
+impl ExecutorState {
+    fn request(&mut self, inbound: Inbound) {
+        let Inbound { msg, permit } = inbound;
+        let ctx = self.ctx.clone();
+        let req = match storage::codec::from_wire::<ExecRequest>(&msg.payload) {
+            Ok(req) => req,
+            Err(e) => {
+                let reply = failed(
+                    FailureKind::Permanent,
+                    format!("undecodable exec request: {e}"),
+                );
+                tokio::spawn(async move { bus::reply_wire(&ctx.nats, msg.reply, &reply).await });
+                return;
+            }
+        };
+        let Some((tool, slots)) = self.tools.get(req.tool.as_str()).cloned() else {
+            let reply = failed(
+                FailureKind::Permanent,
+                format!("this node has no tool `{}`", req.tool),
+            );
+            tokio::spawn(async move { bus::reply_wire(&ctx.nats, msg.reply, &reply).await });
+            return;
+        };
+        let running = self.running.clone();
+        tokio::spawn(async move {
+            let reply = execute(ctx.clone(), running, tool, slots, req).await;
+            bus::reply_wire(&ctx.nats, msg.reply, &reply).await;
+            drop(permit);
+        });
+    }
+}
+
+fn failed(kind: FailureKind, message: String) -> ExecReply {
+    ExecReply::Failed {
+        kind,
+        message,
+        output: None,
+    }
+}
+
+/// Runs `req` once per ledger key, however many times it is delivered.
+async fn execute(
+    ctx: Arc<NodeContext>,
+    running: Arc<Mutex<HashMap<String, Running>>>,
+    tool: Arc<dyn Tool>,
+    slots: Arc<Semaphore>,
+    req: ExecRequest,
+) -> ExecReply {
+    let class = tool.info().class;
+    let ledger_key = format!("{}/{}/{}", req.task_id, req.step_id, req.attempt);
+    let job = {
+        let Ok(mut map) = running.lock() else {
+            return failed(FailureKind::Retryable, "executor state poisoned".into());
+        };
+        if let Some(job) = map.get(&ledger_key) {
+            job.clone()
+        } else {
+            if class != IdempotencyClass::Idempotent {
+                match ctx.store.get::<Effect>(Cf::Effects, ledger_key.as_bytes()) {
+                    Ok(Some(Effect {
+                        outcome: Some(outcome),
+                        ..
+                    })) => return replayed(outcome),
+                    Ok(Some(effect)) if class == IdempotencyClass::Unsafe => {
+                        ctx.metrics
+                            .effects_outcome_unknown_total
+                            .with_label_values(&[&req.tool])
+                            .inc();
+                        return failed(
+                            FailureKind::OutcomeUnknown,
+                            format!(
+                                "`{}` was started at {} ms by an earlier process and its outcome is unknown; \
+                                 resolve with retry, mark_done or abort",
+                                effect.tool, effect.started_at_ms
+                            ),
+                        );
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        return failed(
+                            FailureKind::Retryable,
+                            format!("effect ledger unreadable: {e}"),
+                        );
+                    }
+                }
+            }
+            let job = run(ctx.clone(), tool, slots, req, ledger_key.clone())
+                .boxed()
+                .shared();
+            map.insert(ledger_key.clone(), job.clone());
+            job
+        }
+    };
+    let reply = job.await;
+    if let Ok(mut map) = running.lock() {
+        map.remove(&ledger_key);
+    }
+    reply
+}
+
+fn replayed(outcome: ExecReply) -> ExecReply {
+    match outcome {
+        ExecReply::Done {
+            output,
+            duration_us,
+            ..
+        } => ExecReply::Done {
+            output,
+            duration_us,
+            replayed: true,
+        },
+        other => other,
+    }
+}
+
+async fn run(
+    ctx: Arc<NodeContext>,
+    tool: Arc<dyn Tool>,
+    slots: Arc<Semaphore>,
+    req: ExecRequest,
+    ledger_key: String,
+) -> ExecReply {
+    let info = tool.info();
+    let Ok(_slot) = slots.acquire().await else {
+        return failed(FailureKind::Retryable, "executor is stopping".into());
+    };
+    let params = match req.params.to_value() {
+        Ok(v) => v,
+        Err(e) => return failed(FailureKind::Permanent, format!("params are not JSON: {e}")),
+    };
+    let mut effect = Effect {
+        tool: req.tool.clone(),
+        class: info.class,
+        idempotency_key: req.idempotency_key.clone(),
+        args_hash: hex::encode(Sha256::digest(req.params.0.as_bytes())),
+        fencing_token: req.fencing_token,
+        boot_id: ctx.boot_id,
+        started_at_ms: ctx.now_ms(),
+        outcome: None,
+        finished_at_ms: None,
+    };
+    if let Err(e) = record(&ctx, &ledger_key, &effect).await {
+        return failed(FailureKind::Retryable, format!("cannot record intent: {e}"));
+    }
+    let gauge = ctx.metrics.steps_in_flight.with_label_values(&[info.name]);
+    gauge.inc();
+    let started = Instant::now();
+    let call = Call {
+        params,
+        idempotency_key: req.idempotency_key.clone(),
+        timeout: Duration::from_millis(req.timeout_ms),
+    };
+    let result = tool.run(call).await;
+    gauge.dec();
+    let duration_us = started.elapsed().as_micros() as u64;
+    let reply = match result {
+        Ok(output) => ExecReply::Done {
+            output: JsonText::from_value(&output),
+            duration_us,
+            replayed: false,
+        },
+        Err(ToolError::Retryable { message, output }) => ExecReply::Failed {
+            kind: FailureKind::Retryable,
+            message,
+            output: output.as_ref().map(JsonText::from_value),
+        },
+        Err(ToolError::Permanent { message, output }) => ExecReply::Failed {
+            kind: FailureKind::Permanent,
+            message,
+            output: output.as_ref().map(JsonText::from_value),
+        },
+    };
+    effect.outcome = Some(reply.clone());
+    effect.finished_at_ms = Some(ctx.now_ms());
+    if let Err(e) = record(&ctx, &ledger_key, &effect).await {
+        // The effect happened; failing to record it only means a redelivery may find
+        // it in `intent`. Report the real outcome now.
+        tracing::error!(ledger_key, error = %e, "cannot record outcome");
+    }
+    reply
+}
+
+/// `unsafe`: synced, since a lost intent would let a crash re-run it blindly. `keyed`:
+/// unsynced, since re-running with the same key is safe. `idempotent`: not recorded.
+async fn record(ctx: &NodeContext, key: &str, effect: &Effect) -> Result<(), storage::StoreError> {
+    let mut batch = Batch::new();
+    batch.put(Cf::Effects, key.as_bytes(), effect)?;
+    match effect.class {
+        IdempotencyClass::Unsafe => ctx.store.commit(batch).await,
+        IdempotencyClass::Keyed => ctx.store.write_unsynced(batch),
+        IdempotencyClass::Idempotent => Ok(()),
+    }
+}

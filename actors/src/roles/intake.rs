@@ -1,0 +1,453 @@
+//! Intake: `cadre.tasks.submit` (request/reply) and `cadre.tasks.enqueue` (JetStream).
+//!
+//! Validates, dedupes by idempotency key, commits the task as `accepted` (synced, with
+//! its first event), and only then answers: an acknowledged task is never lost. A
+//! second submission with a key still being committed waits for that commit and gets
+//! the same task id.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, stream};
+use async_nats::{HeaderMap, Subject};
+use bytes::Bytes;
+use futures::StreamExt;
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use storage::{Batch, Cf};
+use tokio::task::JoinHandle;
+
+use crate::bus::{self, Inbound};
+use crate::context::NodeContext;
+use crate::model::{JsonText, Task, TaskStatus};
+use crate::playbook::Catalog;
+use crate::protocol::{ErrorCode, ErrorReply, SubmitReply, SubmitRequest, TaskEvent, subject};
+use crate::roles::relay::RelayMsg;
+use crate::roles::task_supervisor::TaskSupervisorMsg;
+use crate::roles::{RELAY, TASKS, lookup};
+
+/// Longest client idempotency key accepted.
+pub const IDEMPOTENCY_KEY_BYTES_MAX: usize = 256;
+/// Where enqueued messages that fail validation are reported (nobody waits for a reply).
+pub const INTAKE_REJECTED: &str = "cadre.events.intake.rejected";
+
+pub struct Intake;
+
+pub struct IntakeArgs {
+    pub ctx: Arc<NodeContext>,
+    pub catalog: Arc<Catalog>,
+}
+
+pub struct IntakeState {
+    ctx: Arc<NodeContext>,
+    catalog: Arc<Catalog>,
+    rng: StdRng,
+    /// Keys being committed → waiters for the same task.
+    pending: HashMap<String, Vec<Waiter>>,
+    pumps: Vec<JoinHandle<()>>,
+}
+
+pub enum IntakeMsg {
+    Submit(Inbound),
+    Enqueued(jetstream::Message),
+    Committed {
+        key: String,
+        task_id: String,
+        ok: bool,
+    },
+}
+
+/// Someone waiting for a submission's outcome.
+enum Waiter {
+    Reply(Option<Subject>),
+    Ack(Box<jetstream::Message>),
+}
+
+impl Actor for Intake {
+    type Msg = IntakeMsg;
+    type State = IntakeState;
+    type Arguments = IntakeArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<IntakeMsg>,
+        args: IntakeArgs,
+    ) -> Result<IntakeState, ActorProcessingErr> {
+        let ctx = args.ctx;
+        let depth = ctx.settings.mailbox_depth_max;
+        let sub = ctx
+            .nats
+            .queue_subscribe(subject::TASKS_SUBMIT, subject::QUEUE_INTAKE.into())
+            .await?;
+        let mut pumps = vec![bus::spawn_pump(
+            sub,
+            myself.clone(),
+            depth,
+            IntakeMsg::Submit,
+        )];
+        let js = jetstream::new(ctx.nats.clone());
+        let stream = ensure_intake_stream(&js, ctx.settings.payload_bytes_max).await?;
+        let consumer = stream
+            .get_or_create_consumer(
+                subject::INTAKE_CONSUMER,
+                consumer::pull::Config {
+                    durable_name: Some(subject::INTAKE_CONSUMER.into()),
+                    ack_policy: consumer::AckPolicy::Explicit,
+                    ack_wait: Duration::from_secs(30),
+                    max_ack_pending: depth as i64,
+                    ..Default::default()
+                },
+            )
+            .await?;
+        let mut messages = consumer.messages().await?;
+        let me = myself.clone();
+        pumps.push(tokio::spawn(async move {
+            while let Some(next) = messages.next().await {
+                match next {
+                    Ok(msg) => {
+                        if me.cast(IntakeMsg::Enqueued(msg)).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "intake stream"),
+                }
+            }
+        }));
+        let seed = ctx.settings.seed ^ ctx.boot_id;
+        Ok(IntakeState {
+            ctx,
+            catalog: args.catalog,
+            rng: StdRng::seed_from_u64(seed),
+            pending: HashMap::new(),
+            pumps,
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<IntakeMsg>,
+        msg: IntakeMsg,
+        state: &mut IntakeState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            IntakeMsg::Submit(inbound) => {
+                let msg = inbound.msg;
+                match state.validate(&msg.payload) {
+                    Ok((req, pb_name)) => {
+                        let key = req.idempotency_key.clone();
+                        state
+                            .accept(&myself, req, pb_name, key, Waiter::Reply(msg.reply))
+                            .await?;
+                    }
+                    Err(e) => {
+                        state.rejected(subject::TASKS_SUBMIT, &e);
+                        bus::reply_json(&state.ctx.nats, msg.reply, &e).await;
+                    }
+                }
+            }
+            IntakeMsg::Enqueued(msg) => match state.validate(&msg.payload) {
+                Ok((req, pb_name)) => {
+                    // Dedupe key: the client's, else the Nats-Msg-Id, else the stream
+                    // sequence (so a redelivery after a crash never makes a second task).
+                    let key = req
+                        .idempotency_key
+                        .clone()
+                        .or_else(|| msg_id(msg.headers.as_ref()))
+                        .or_else(|| {
+                            msg.info().ok().map(|i| {
+                                format!(
+                                    "jetstream:{}:{}",
+                                    subject::INTAKE_STREAM,
+                                    i.stream_sequence
+                                )
+                            })
+                        });
+                    state
+                        .accept(&myself, req, pb_name, key, Waiter::Ack(Box::new(msg)))
+                        .await?;
+                }
+                Err(e) => {
+                    state.rejected(subject::TASKS_ENQUEUE, &e);
+                    let seq = msg.info().ok().map(|i| i.stream_sequence);
+                    let report = serde_json::json!({"stream_sequence": seq, "error": e.error});
+                    let _ = state
+                        .ctx
+                        .nats
+                        .publish(INTAKE_REJECTED, Bytes::from(report.to_string()))
+                        .await;
+                    // Terminate: a bad message would be just as bad on redelivery.
+                    let _ = msg.ack_with(jetstream::AckKind::Term).await;
+                }
+            },
+            IntakeMsg::Committed { key, task_id, ok } => {
+                for waiter in state.pending.remove(&key).unwrap_or_default() {
+                    if ok {
+                        answer(&state.ctx, waiter, &task_id, TaskStatus::Accepted, true).await;
+                    } else {
+                        fail(&state.ctx, waiter).await;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        _: ActorRef<IntakeMsg>,
+        state: &mut IntakeState,
+    ) -> Result<(), ActorProcessingErr> {
+        for pump in &state.pumps {
+            pump.abort();
+        }
+        Ok(())
+    }
+}
+
+impl IntakeState {
+    /// Parses and validates a submission; `Err` is the reply to send.
+    fn validate(&self, payload: &[u8]) -> Result<(SubmitRequest, String), ErrorReply> {
+        let req: SubmitRequest = parse_json(payload, self.ctx.settings.payload_bytes_max)?;
+        let name = match (&req.playbook, &req.goal) {
+            (Some(name), _) => name.clone(),
+            (None, Some(_)) => {
+                return Err(ErrorReply::new(
+                    ErrorCode::GoalNotSupported,
+                    "free-text goals need the LLM planner, which this node does not have; name a `playbook`",
+                ));
+            }
+            (None, None) => {
+                return Err(ErrorReply::new(
+                    ErrorCode::InvalidRequest,
+                    "give a `playbook` (and its `input`)",
+                ));
+            }
+        };
+        let Some(playbook) = self.catalog.get(&name) else {
+            return Err(ErrorReply::new(
+                ErrorCode::UnknownPlaybook,
+                format!(
+                    "no playbook named `{name}` (known: {})",
+                    self.catalog.names().join(", ")
+                ),
+            ));
+        };
+        if let Some(key) = &req.idempotency_key
+            && (key.is_empty() || key.len() > IDEMPOTENCY_KEY_BYTES_MAX)
+        {
+            return Err(ErrorReply::new(
+                ErrorCode::InvalidRequest,
+                format!("idempotency_key must be 1 to {IDEMPOTENCY_KEY_BYTES_MAX} bytes"),
+            ));
+        }
+        // Render the plan once now so a missing input field is the submitter's error,
+        // not a failed task later.
+        playbook.plan("validation", &req.input).map_err(|e| {
+            ErrorReply::new(ErrorCode::InvalidInput, format!("playbook `{name}`: {e}"))
+        })?;
+        Ok((req, name))
+    }
+
+    fn rejected(&self, subject: &str, e: &ErrorReply) {
+        let code = serde_json::to_value(e.error.code)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        self.ctx
+            .metrics
+            .input_rejected_total
+            .with_label_values(&[subject, &code])
+            .inc();
+    }
+
+    async fn accept(
+        &mut self,
+        myself: &ActorRef<IntakeMsg>,
+        req: SubmitRequest,
+        playbook: String,
+        key: Option<String>,
+        waiter: Waiter,
+    ) -> Result<(), ActorProcessingErr> {
+        if let Some(key) = &key {
+            if let Some(waiters) = self.pending.get_mut(key) {
+                waiters.push(waiter);
+                return Ok(());
+            }
+            if let Some(task_id) = self
+                .ctx
+                .store
+                .get::<String>(Cf::IntakeKeys, key.as_bytes())?
+            {
+                let status = self
+                    .ctx
+                    .store
+                    .get::<Task>(Cf::Tasks, task_id.as_bytes())?
+                    .map(|t| t.status)
+                    .unwrap_or(TaskStatus::Accepted);
+                answer(&self.ctx, waiter, &task_id, status, true).await;
+                return Ok(());
+            }
+        }
+        let now = self.ctx.now_ms();
+        let task_id = ulid::Ulid::from_parts(now, self.rng.random::<u128>()).to_string();
+        let mut task = Task::new(
+            task_id.clone(),
+            playbook.clone(),
+            JsonText::from_value(&req.input),
+            key.clone(),
+            self.ctx.settings.node_id.clone(),
+            now,
+        );
+        task.event_seq = 1;
+        let event = TaskEvent {
+            task_id: task_id.clone(),
+            seq: 1,
+            kind: TaskStatus::Accepted.as_str().into(),
+            status: TaskStatus::Accepted,
+            step_id: None,
+            attempt: None,
+            detail: Some(format!("playbook {playbook}")),
+            at_ms: now,
+            node_id: task.node_id.clone(),
+        };
+        let mut batch = Batch::new();
+        batch.put(Cf::Tasks, task_id.as_bytes(), &task)?;
+        batch.put(Cf::Active, task_id.as_bytes(), &false)?;
+        if let Some(key) = &key {
+            batch.put(Cf::IntakeKeys, key.as_bytes(), &task_id)?;
+        }
+        let outgoing = self.ctx.stage_outbox(
+            &mut batch,
+            subject::task_event(&task_id, "accepted"),
+            serde_json::to_vec(&event)?,
+        )?;
+        if let Some(key) = &key {
+            self.pending.insert(key.clone(), Vec::new());
+        }
+        self.ctx
+            .metrics
+            .tasks_submitted_total
+            .with_label_values(&[&playbook])
+            .inc();
+        let ctx = self.ctx.clone();
+        let me = myself.clone();
+        tokio::spawn(async move {
+            let committed = ctx.store.commit(batch).await;
+            let ok = committed.is_ok();
+            match committed {
+                Ok(()) => {
+                    if let Some(relay) = lookup::<RelayMsg>(RELAY, &ctx.settings.node_id) {
+                        let _ = relay.cast(RelayMsg::Publish(vec![outgoing]));
+                    }
+                    if let Some(tasks) = lookup::<TaskSupervisorMsg>(TASKS, &ctx.settings.node_id) {
+                        let _ = tasks.cast(TaskSupervisorMsg::Start(task_id.clone()));
+                    }
+                    answer(&ctx, waiter, &task_id, TaskStatus::Accepted, false).await;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot commit a new task");
+                    fail(&ctx, waiter).await;
+                }
+            }
+            if let Some(key) = key {
+                let _ = me.cast(IntakeMsg::Committed { key, task_id, ok });
+            }
+        });
+        Ok(())
+    }
+}
+
+async fn answer(
+    ctx: &NodeContext,
+    waiter: Waiter,
+    task_id: &str,
+    status: TaskStatus,
+    duplicate: bool,
+) {
+    match waiter {
+        Waiter::Reply(reply) => {
+            bus::reply_json(
+                &ctx.nats,
+                reply,
+                &SubmitReply {
+                    task_id: task_id.to_string(),
+                    status,
+                    duplicate,
+                },
+            )
+            .await;
+        }
+        Waiter::Ack(msg) => {
+            if let Err(e) = msg.double_ack().await {
+                tracing::warn!(error = %e, task_id, "enqueue ack failed; a redelivery will dedupe");
+            }
+        }
+    }
+}
+
+async fn fail(ctx: &NodeContext, waiter: Waiter) {
+    match waiter {
+        Waiter::Reply(reply) => {
+            bus::reply_error(
+                &ctx.nats,
+                reply,
+                ErrorCode::Unavailable,
+                "the task could not be committed; retry",
+            )
+            .await;
+        }
+        // Not acked: JetStream redelivers it.
+        Waiter::Ack(_) => {}
+    }
+}
+
+fn msg_id(headers: Option<&HeaderMap>) -> Option<String> {
+    headers?
+        .get("Nats-Msg-Id")
+        .map(|v| format!("nats-msg-id:{v}"))
+}
+
+/// Parses a JSON request, telling malformed JSON apart from a wrong shape.
+pub fn parse_json<T: DeserializeOwned>(payload: &[u8], bytes_max: usize) -> Result<T, ErrorReply> {
+    if payload.len() > bytes_max {
+        return Err(ErrorReply::new(
+            ErrorCode::PayloadTooLarge,
+            format!(
+                "payload is {} bytes; the maximum is {bytes_max}",
+                payload.len()
+            ),
+        ));
+    }
+    let value: Value = serde_json::from_slice(payload).map_err(|e| {
+        ErrorReply::new(
+            ErrorCode::BadJson,
+            format!("payload is not valid JSON: {e}"),
+        )
+    })?;
+    serde_json::from_value(value)
+        .map_err(|e| ErrorReply::new(ErrorCode::InvalidRequest, e.to_string()))
+}
+
+/// Declares the durable intake stream (idempotent): file storage, work-queue retention,
+/// a deduplication window for `Nats-Msg-Id`.
+pub async fn ensure_intake_stream(
+    js: &jetstream::Context,
+    payload_bytes_max: usize,
+) -> Result<stream::Stream, ActorProcessingErr> {
+    let config = stream::Config {
+        name: subject::INTAKE_STREAM.into(),
+        subjects: vec![subject::TASKS_ENQUEUE.into()],
+        storage: stream::StorageType::File,
+        retention: stream::RetentionPolicy::WorkQueue,
+        duplicate_window: Duration::from_secs(120),
+        max_message_size: i32::try_from(payload_bytes_max).unwrap_or(i32::MAX),
+        max_messages: 1_000_000,
+        discard: stream::DiscardPolicy::New,
+        ..Default::default()
+    };
+    Ok(js.get_or_create_stream(config).await?)
+}

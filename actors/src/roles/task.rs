@@ -1,0 +1,492 @@
+//! TaskActor: one per in-flight task, the only writer of that task's state.
+//!
+//! It feeds inputs to the pure state machine (`crate::machine`), commits each
+//! transition with its events in one synced batch, and only then acts: sends the next
+//! request, arms a timer. Replies come back as messages, so the actor stays responsive
+//! to cancel while a step runs. It stops itself when the task ends or parks waiting for
+//! an operator; its checkpoint is all that is needed to start it again.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::{Map, Value};
+use storage::{Batch, Cf};
+
+use crate::bus::{self, HopError};
+use crate::context::NodeContext;
+use crate::machine::{self, Action, Input, Rejected};
+use crate::model::{DecisionKind, JsonText, StepStatus, Task, TaskStatus};
+use crate::protocol::{
+    ArchiveReply, ArchiveRequest, ExecReply, ExecRequest, FailureKind, PlanReply, PlanRequest,
+    Verdict, VerifyRequest, subject,
+};
+use crate::roles::relay::RelayMsg;
+use crate::roles::{RELAY, lookup};
+use crate::template;
+
+pub struct TaskActor;
+
+pub struct TaskArgs {
+    pub ctx: Arc<NodeContext>,
+    pub task_id: String,
+    /// Fail the task with this reason on start (its actor kept crashing).
+    pub abandon: Option<String>,
+}
+
+pub struct TaskState {
+    ctx: Arc<NodeContext>,
+    task: Task,
+    rng: StdRng,
+    /// When each running step was sent, for the step-duration histogram.
+    sent_at: Vec<Option<Instant>>,
+}
+
+pub enum TaskMsg {
+    Input(Input),
+    Cancel {
+        reason: String,
+        reply: RpcReplyPort<Result<TaskStatus, Rejected>>,
+    },
+    Resolve {
+        step: String,
+        decision: DecisionKind,
+        by: String,
+        reply: RpcReplyPort<Result<TaskStatus, Rejected>>,
+    },
+}
+
+impl Actor for TaskActor {
+    type Msg = TaskMsg;
+    type State = TaskState;
+    type Arguments = TaskArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<TaskMsg>,
+        args: TaskArgs,
+    ) -> Result<TaskState, ActorProcessingErr> {
+        let task: Task = args
+            .ctx
+            .store
+            .get(Cf::Tasks, args.task_id.as_bytes())?
+            .ok_or_else(|| format!("task {} has no checkpoint", args.task_id))?;
+        let seed = args.ctx.settings.seed ^ fxhash(&task.id);
+        let sent_at = vec![None; task.steps.len()];
+        let first = match args.abandon {
+            Some(reason) => Input::Abandon { reason },
+            None => Input::Start,
+        };
+        myself.cast(TaskMsg::Input(first))?;
+        Ok(TaskState {
+            ctx: args.ctx,
+            task,
+            rng: StdRng::seed_from_u64(seed),
+            sent_at,
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<TaskMsg>,
+        msg: TaskMsg,
+        state: &mut TaskState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            TaskMsg::Input(input) => {
+                // Inputs the state does not allow are programming errors in the
+                // machine's callers; they are only produced by Cancel/Resolve.
+                let _ = state.apply(&myself, input).await?;
+            }
+            TaskMsg::Cancel { reason, reply } => {
+                let result = state.apply(&myself, Input::Cancel { reason }).await?;
+                let _ = reply.send(result.map(|()| state.task.status));
+            }
+            TaskMsg::Resolve {
+                step,
+                decision,
+                by,
+                reply,
+            } => {
+                let result = state
+                    .apply(&myself, Input::Resolve { step, decision, by })
+                    .await?;
+                let _ = reply.send(result.map(|()| state.task.status));
+            }
+        }
+        if state.should_stop() {
+            myself.stop(Some(state.task.status.to_string()));
+        }
+        Ok(())
+    }
+}
+
+impl TaskState {
+    /// One input: transition, commit, then act. A commit error fails the actor, whose
+    /// supervisor restarts it from the last checkpoint.
+    async fn apply(
+        &mut self,
+        myself: &ActorRef<TaskMsg>,
+        input: Input,
+    ) -> Result<Result<(), Rejected>, ActorProcessingErr> {
+        self.observe(&input);
+        let now = self.ctx.now_ms();
+        let jitter: f64 = self.rng.random();
+        let transition = match machine::apply(
+            &mut self.task,
+            input,
+            now,
+            jitter,
+            &self.ctx.settings.limits,
+        ) {
+            Ok(t) => t,
+            Err(rejected) => return Ok(Err(rejected)),
+        };
+        if transition.commit {
+            self.commit(&transition.events).await?;
+        }
+        for action in transition.actions {
+            self.act(myself, action);
+        }
+        Ok(Ok(()))
+    }
+
+    async fn commit(
+        &mut self,
+        events: &[crate::protocol::TaskEvent],
+    ) -> Result<(), ActorProcessingErr> {
+        let ctx = &self.ctx;
+        let task = &self.task;
+        let mut batch = Batch::new();
+        batch.put(Cf::Tasks, task.id.as_bytes(), task)?;
+        if task.status.is_terminal() {
+            batch.delete(Cf::Active, task.id.as_bytes());
+        } else {
+            batch.put(Cf::Active, task.id.as_bytes(), &is_parked(task))?;
+        }
+        let mut outgoing = Vec::with_capacity(events.len());
+        for event in events {
+            let payload = serde_json::to_vec(event)?;
+            outgoing.push(ctx.stage_outbox(
+                &mut batch,
+                subject::task_event(&task.id, &event.kind),
+                payload,
+            )?);
+        }
+        let started = Instant::now();
+        ctx.store.commit(batch).await?;
+        ctx.metrics
+            .commit_seconds
+            .observe(started.elapsed().as_secs_f64());
+        if let Some(relay) = lookup::<RelayMsg>(RELAY, &ctx.settings.node_id) {
+            // If the relay is restarting, it sends these from the outbox when it starts.
+            let _ = relay.cast(RelayMsg::Publish(outgoing));
+        }
+        if task.status.is_terminal() {
+            let status = task.status.as_str();
+            ctx.metrics
+                .tasks_finished_total
+                .with_label_values(&[&task.playbook, status])
+                .inc();
+            let secs = task.updated_at_ms.saturating_sub(task.created_at_ms) as f64 / 1000.0;
+            ctx.metrics
+                .task_duration_seconds
+                .with_label_values(&[&task.playbook, status])
+                .observe(secs);
+        }
+        Ok(())
+    }
+
+    /// Metrics that need the input before the machine consumes it.
+    fn observe(&mut self, input: &Input) {
+        if let Input::Executed { step, reply, .. } = input
+            && let Some(i) = self.task.step_index(step)
+        {
+            let tool = self.task.steps[i].spec.tool.as_str();
+            if let Some(sent) = self.sent_at.get_mut(i).and_then(Option::take) {
+                self.ctx
+                    .metrics
+                    .step_duration_seconds
+                    .with_label_values(&[tool])
+                    .observe(sent.elapsed().as_secs_f64());
+            }
+            match reply {
+                ExecReply::Failed {
+                    kind: FailureKind::Retryable,
+                    ..
+                } => {
+                    self.ctx
+                        .metrics
+                        .step_retries_total
+                        .with_label_values(&[tool])
+                        .inc();
+                }
+                ExecReply::Failed {
+                    kind: FailureKind::Permanent,
+                    ..
+                } => {
+                    self.ctx
+                        .metrics
+                        .step_failures_total
+                        .with_label_values(&[tool])
+                        .inc();
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn should_stop(&self) -> bool {
+        self.task.status.is_terminal() || is_parked(&self.task)
+    }
+
+    fn act(&mut self, myself: &ActorRef<TaskMsg>, action: Action) {
+        let ctx = self.ctx.clone();
+        let me = myself.clone();
+        let hop_timeout = ctx.settings.hop_timeout;
+        match action {
+            Action::RequestPlan => {
+                let req = PlanRequest {
+                    task_id: self.task.id.clone(),
+                    playbook: self.task.playbook.clone(),
+                    input: self.task.input.clone(),
+                };
+                tokio::spawn(async move {
+                    let input = match bus::request_wire::<_, PlanReply>(
+                        &ctx.nats,
+                        subject::PLAN.into(),
+                        &req,
+                        hop_timeout,
+                    )
+                    .await
+                    {
+                        Ok(reply) => Input::Planned(reply),
+                        Err(e) => Input::PlanUnavailable(e.to_string()),
+                    };
+                    let _ = me.cast(TaskMsg::Input(input));
+                });
+            }
+            Action::Exec { step, attempt } => {
+                // Draining: leave the step as checkpointed (running); the next start
+                // re-sends it through the ledger.
+                if ctx.is_draining() {
+                    return;
+                }
+                let Some(i) = self.task.step_index(&step) else {
+                    return;
+                };
+                let req = match self.exec_request(i, attempt) {
+                    Ok(req) => req,
+                    Err(message) => {
+                        let reply = ExecReply::Failed {
+                            kind: FailureKind::Permanent,
+                            message,
+                            output: None,
+                        };
+                        let _ = me.cast(TaskMsg::Input(Input::Executed {
+                            step,
+                            attempt,
+                            reply,
+                        }));
+                        return;
+                    }
+                };
+                if let Some(slot) = self.sent_at.get_mut(i) {
+                    *slot = Some(Instant::now());
+                }
+                let timeout =
+                    Duration::from_millis(req.timeout_ms) + ctx.settings.exec_timeout_margin;
+                tokio::spawn(async move {
+                    let subject = subject::exec(&req.tool);
+                    let input =
+                        match bus::request_wire::<_, ExecReply>(&ctx.nats, subject, &req, timeout)
+                            .await
+                        {
+                            Ok(reply) => Input::Executed {
+                                step,
+                                attempt,
+                                reply,
+                            },
+                            Err(e) => Input::ExecUnanswered {
+                                step,
+                                attempt,
+                                error: e.to_string(),
+                            },
+                        };
+                    let _ = me.cast(TaskMsg::Input(input));
+                });
+            }
+            Action::Verify { step, attempt } => {
+                let Some(s) = self.task.step(&step) else {
+                    return;
+                };
+                let req = VerifyRequest::Step {
+                    task_id: self.task.id.clone(),
+                    step_id: step.clone(),
+                    tool: s.spec.tool.clone(),
+                    params: s.spec.params.clone(),
+                    criteria: s.spec.verify.clone(),
+                    output: s.output.clone().unwrap_or_else(JsonText::null),
+                };
+                tokio::spawn(async move {
+                    let input = match verify(&ctx, &req, hop_timeout).await {
+                        Ok(verdict) => Input::Verified {
+                            step,
+                            attempt,
+                            verdict,
+                        },
+                        Err(e) => Input::VerifyUnavailable {
+                            step,
+                            attempt,
+                            error: e.to_string(),
+                        },
+                    };
+                    let _ = me.cast(TaskMsg::Input(input));
+                });
+            }
+            Action::VerifyTask => {
+                let req = VerifyRequest::Task {
+                    task_id: self.task.id.clone(),
+                    checks: self.task.checks.clone(),
+                    outputs: self.outputs(),
+                };
+                tokio::spawn(async move {
+                    let input = match verify(&ctx, &req, hop_timeout).await {
+                        Ok(verdict) => Input::TaskVerified(verdict),
+                        Err(e) => Input::TaskVerifyUnavailable(e.to_string()),
+                    };
+                    let _ = me.cast(TaskMsg::Input(input));
+                });
+            }
+            Action::Archive => {
+                let req = ArchiveRequest {
+                    task_id: self.task.id.clone(),
+                    playbook: self.task.playbook.clone(),
+                    input: self.task.input.clone(),
+                    steps: self
+                        .task
+                        .steps
+                        .iter()
+                        .map(|s| {
+                            (
+                                s.spec.id.clone(),
+                                s.spec.tool.clone(),
+                                s.output.clone().unwrap_or_else(JsonText::null),
+                            )
+                        })
+                        .collect(),
+                    started_at_ms: self.task.created_at_ms,
+                    finished_at_ms: self.task.updated_at_ms,
+                };
+                tokio::spawn(async move {
+                    let reply = bus::request_wire::<_, ArchiveReply>(
+                        &ctx.nats,
+                        subject::ARCHIVE.into(),
+                        &req,
+                        hop_timeout,
+                    )
+                    .await
+                    .unwrap_or_else(|e| ArchiveReply::Failed {
+                        message: e.to_string(),
+                    });
+                    let _ = me.cast(TaskMsg::Input(Input::Archived(reply)));
+                });
+            }
+            Action::RetryAt {
+                step,
+                attempt,
+                at_ms,
+            } => {
+                let delay = Duration::from_millis(at_ms.saturating_sub(ctx.now_ms()));
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    let _ = me.cast(TaskMsg::Input(Input::RetryDue { step, attempt }));
+                });
+            }
+            Action::HopAt { at_ms } => {
+                let delay = Duration::from_millis(at_ms.saturating_sub(ctx.now_ms()));
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    let _ = me.cast(TaskMsg::Input(Input::HopDue));
+                });
+            }
+        }
+    }
+
+    /// The exec request for step `i`, with `{{steps.<id>.output…}}` filled in from the
+    /// outputs of the steps it depends on.
+    fn exec_request(&self, i: usize, attempt: u32) -> Result<ExecRequest, String> {
+        let spec = &self.task.steps[i].spec;
+        let mut params = spec
+            .params
+            .to_value()
+            .map_err(|e| format!("stored params unreadable: {e}"))?;
+        if spec.params.0.contains("{{") {
+            let mut steps = Map::new();
+            for s in &self.task.steps {
+                if s.status == StepStatus::Succeeded {
+                    let output = s
+                        .output
+                        .as_ref()
+                        .map(JsonText::to_value_lossy)
+                        .unwrap_or(Value::Null);
+                    steps.insert(s.spec.id.clone(), serde_json::json!({ "output": output }));
+                }
+            }
+            let scope = serde_json::json!({ "steps": steps });
+            params = template::render(&params, &scope)
+                .map_err(|e| format!("params of step `{}`: {e}", spec.id))?;
+        }
+        Ok(ExecRequest {
+            task_id: self.task.id.clone(),
+            step_id: spec.id.clone(),
+            attempt,
+            tool: spec.tool.clone(),
+            params: JsonText::from_value(&params),
+            idempotency_key: self.task.step_key(&spec.id),
+            fencing_token: 0,
+            timeout_ms: spec.timeout_ms,
+        })
+    }
+
+    fn outputs(&self) -> Vec<(String, JsonText)> {
+        self.task
+            .steps
+            .iter()
+            .map(|s| {
+                (
+                    s.spec.id.clone(),
+                    s.output.clone().unwrap_or_else(JsonText::null),
+                )
+            })
+            .collect()
+    }
+}
+
+async fn verify(
+    ctx: &NodeContext,
+    req: &VerifyRequest,
+    timeout: Duration,
+) -> Result<Verdict, HopError> {
+    bus::request_wire::<_, Verdict>(&ctx.nats, subject::VERIFY.into(), req, timeout).await
+}
+
+/// Parked: waiting for an operator with nothing in flight. Its actor can stop; the
+/// task costs only its checkpoint until a decision arrives.
+pub fn is_parked(task: &Task) -> bool {
+    task.status == TaskStatus::AwaitingOperator
+        && !task.steps.iter().any(|s| {
+            matches!(
+                s.status,
+                StepStatus::Running | StepStatus::Verifying | StepStatus::RetryWait
+            )
+        })
+}
+
+fn fxhash(s: &str) -> u64 {
+    s.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
+    })
+}

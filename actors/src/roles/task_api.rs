@@ -1,0 +1,328 @@
+//! `cadre.tasks.get|list|cancel|resolve`: reads answer from the store (the committed
+//! truth); cancel and resolve go to the task's own actor, the only writer of its state.
+
+use std::sync::Arc;
+
+use async_nats::Subject;
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use storage::Cf;
+use tokio::task::JoinHandle;
+
+use crate::bus::{self, Inbound};
+use crate::context::NodeContext;
+use crate::model::{JsonText, Task};
+use crate::protocol::{
+    Attention, CancelRequest, ErrorCode, ErrorReply, LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX, ListReply,
+    ListRequest, ResolveRequest, StepView, TaskRef, TaskStatusReply, TaskSummary, TaskView,
+    subject,
+};
+use crate::roles::intake::parse_json;
+use crate::roles::task_supervisor::{ControlError, TaskSupervisorMsg};
+use crate::roles::{TASKS, lookup};
+
+/// Keys a filtered list examines per page at most.
+const LIST_SCAN_MAX: usize = 20_000;
+
+pub struct TaskApi;
+
+pub struct TaskApiArgs {
+    pub ctx: Arc<NodeContext>,
+}
+
+pub struct TaskApiState {
+    ctx: Arc<NodeContext>,
+    pumps: Vec<JoinHandle<()>>,
+}
+
+pub enum TaskApiMsg {
+    Get(Inbound),
+    List(Inbound),
+    Cancel(Inbound),
+    Resolve(Inbound),
+}
+
+impl Actor for TaskApi {
+    type Msg = TaskApiMsg;
+    type State = TaskApiState;
+    type Arguments = TaskApiArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<TaskApiMsg>,
+        args: TaskApiArgs,
+    ) -> Result<TaskApiState, ActorProcessingErr> {
+        let ctx = args.ctx;
+        let depth = ctx.settings.mailbox_depth_max;
+        let q = || subject::QUEUE_TASKS.to_string();
+        let nats = &ctx.nats;
+        let pumps = vec![
+            bus::spawn_pump(
+                nats.queue_subscribe(subject::TASKS_GET, q()).await?,
+                myself.clone(),
+                depth,
+                TaskApiMsg::Get,
+            ),
+            bus::spawn_pump(
+                nats.queue_subscribe(subject::TASKS_LIST, q()).await?,
+                myself.clone(),
+                depth,
+                TaskApiMsg::List,
+            ),
+            bus::spawn_pump(
+                nats.queue_subscribe(subject::TASKS_CANCEL, q()).await?,
+                myself.clone(),
+                depth,
+                TaskApiMsg::Cancel,
+            ),
+            bus::spawn_pump(
+                nats.queue_subscribe(subject::TASKS_RESOLVE, q()).await?,
+                myself.clone(),
+                depth,
+                TaskApiMsg::Resolve,
+            ),
+        ];
+        Ok(TaskApiState { ctx, pumps })
+    }
+
+    async fn handle(
+        &self,
+        _: ActorRef<TaskApiMsg>,
+        msg: TaskApiMsg,
+        state: &mut TaskApiState,
+    ) -> Result<(), ActorProcessingErr> {
+        let ctx = &state.ctx;
+        let max = ctx.settings.payload_bytes_max;
+        match msg {
+            TaskApiMsg::Get(inbound) => {
+                let reply = parse_json::<TaskRef>(&inbound.msg.payload, max)
+                    .and_then(|r| get(ctx, &r.task_id));
+                respond(ctx, subject::TASKS_GET, inbound.msg.reply, reply).await;
+            }
+            TaskApiMsg::List(inbound) => {
+                // An empty payload means "no filter", like `{}`.
+                let payload: &[u8] = if inbound.msg.payload.is_empty() {
+                    b"{}"
+                } else {
+                    &inbound.msg.payload
+                };
+                let reply = parse_json::<ListRequest>(payload, max).and_then(|r| list(ctx, &r));
+                respond(ctx, subject::TASKS_LIST, inbound.msg.reply, reply).await;
+            }
+            TaskApiMsg::Cancel(inbound) => {
+                let ctx = ctx.clone();
+                tokio::spawn(async move {
+                    let Inbound { msg, permit } = inbound;
+                    let reply = match parse_json::<CancelRequest>(&msg.payload, max) {
+                        Ok(r) => {
+                            let reason = r.reason.unwrap_or_else(|| "cancelled by operator".into());
+                            let task_id = r.task_id.clone();
+                            control(&ctx, &r.task_id, |reply| TaskSupervisorMsg::Cancel {
+                                task_id,
+                                reason,
+                                reply,
+                            })
+                            .await
+                        }
+                        Err(e) => Err(e),
+                    };
+                    respond(&ctx, subject::TASKS_CANCEL, msg.reply, reply).await;
+                    drop(permit);
+                });
+            }
+            TaskApiMsg::Resolve(inbound) => {
+                let ctx = ctx.clone();
+                tokio::spawn(async move {
+                    let Inbound { msg, permit } = inbound;
+                    let reply = match parse_json::<ResolveRequest>(&msg.payload, max) {
+                        Ok(r) => {
+                            let task_id = r.task_id.clone();
+                            let by = r.by.unwrap_or_default();
+                            control(&ctx, &r.task_id, |reply| TaskSupervisorMsg::Resolve {
+                                task_id,
+                                step: r.step_id,
+                                decision: r.decision,
+                                by,
+                                reply,
+                            })
+                            .await
+                        }
+                        Err(e) => Err(e),
+                    };
+                    respond(&ctx, subject::TASKS_RESOLVE, msg.reply, reply).await;
+                    drop(permit);
+                });
+            }
+        }
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        _: ActorRef<TaskApiMsg>,
+        state: &mut TaskApiState,
+    ) -> Result<(), ActorProcessingErr> {
+        for pump in &state.pumps {
+            pump.abort();
+        }
+        Ok(())
+    }
+}
+
+async fn respond<T: serde::Serialize>(
+    ctx: &NodeContext,
+    subject: &str,
+    reply: Option<Subject>,
+    result: Result<T, ErrorReply>,
+) {
+    match result {
+        Ok(value) => bus::reply_json(&ctx.nats, reply, &value).await,
+        Err(e) => {
+            let code = serde_json::to_value(e.error.code)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default();
+            ctx.metrics
+                .input_rejected_total
+                .with_label_values(&[subject, &code])
+                .inc();
+            bus::reply_json(&ctx.nats, reply, &e).await;
+        }
+    }
+}
+
+fn get(ctx: &NodeContext, task_id: &str) -> Result<TaskView, ErrorReply> {
+    if !subject::is_token(task_id) {
+        return Err(ErrorReply::new(
+            ErrorCode::InvalidRequest,
+            "task_id must be letters, digits, `-` or `_`",
+        ));
+    }
+    match ctx.store.get::<Task>(Cf::Tasks, task_id.as_bytes()) {
+        Ok(Some(task)) => Ok(view(&task)),
+        Ok(None) => Err(ErrorReply::new(
+            ErrorCode::NotFound,
+            format!("no task `{task_id}`"),
+        )),
+        Err(e) => Err(ErrorReply::new(ErrorCode::Internal, e.to_string())),
+    }
+}
+
+fn list(ctx: &NodeContext, req: &ListRequest) -> Result<ListReply, ErrorReply> {
+    let limit = req.limit.unwrap_or(LIST_LIMIT_DEFAULT);
+    if limit == 0 || limit > LIST_LIMIT_MAX {
+        return Err(ErrorReply::new(
+            ErrorCode::InvalidRequest,
+            format!("limit must be 1 to {LIST_LIMIT_MAX}"),
+        ));
+    }
+    // Task ids are ULIDs, so key order is creation order: newest first is a reverse scan.
+    let before = req.before.as_deref();
+    let rows = ctx
+        .store
+        .scan::<Task>(
+            Cf::Tasks,
+            before.map(str::as_bytes),
+            true,
+            limit + 1,
+            LIST_SCAN_MAX,
+            |key, task| {
+                before.is_none_or(|b| key != b.as_bytes())
+                    && req.status.is_none_or(|s| s == task.status)
+                    && req.playbook.as_deref().is_none_or(|p| p == task.playbook)
+            },
+        )
+        .map_err(|e| ErrorReply::new(ErrorCode::Internal, e.to_string()))?;
+    let next = (rows.len() > limit).then(|| rows[limit - 1].1.id.clone());
+    let tasks = rows
+        .into_iter()
+        .take(limit)
+        .map(|(_, t)| TaskSummary {
+            task_id: t.id,
+            playbook: t.playbook,
+            status: t.status,
+            created_at_ms: t.created_at_ms,
+            updated_at_ms: t.updated_at_ms,
+            failure: t.failure,
+        })
+        .collect();
+    Ok(ListReply { tasks, next })
+}
+
+async fn control(
+    ctx: &NodeContext,
+    task_id: &str,
+    build: impl FnOnce(
+        ractor::RpcReplyPort<Result<crate::model::TaskStatus, ControlError>>,
+    ) -> TaskSupervisorMsg,
+) -> Result<TaskStatusReply, ErrorReply> {
+    if !subject::is_token(task_id) {
+        return Err(ErrorReply::new(
+            ErrorCode::InvalidRequest,
+            "task_id must be letters, digits, `-` or `_`",
+        ));
+    }
+    let Some(tasks) = lookup::<TaskSupervisorMsg>(TASKS, &ctx.settings.node_id) else {
+        return Err(ErrorReply::new(
+            ErrorCode::Unavailable,
+            "the task supervisor is restarting; retry",
+        ));
+    };
+    match tasks.call(build, Some(ctx.settings.hop_timeout * 2)).await {
+        Ok(ractor::rpc::CallResult::Success(Ok(status))) => Ok(TaskStatusReply {
+            task_id: task_id.to_string(),
+            status,
+        }),
+        Ok(ractor::rpc::CallResult::Success(Err(e))) => Err(match e {
+            ControlError::NotFound(_) => ErrorReply::new(ErrorCode::NotFound, e.to_string()),
+            ControlError::Conflict(_) => ErrorReply::new(ErrorCode::Conflict, e.to_string()),
+            ControlError::Unavailable(_) => ErrorReply::new(ErrorCode::Unavailable, e.to_string()),
+        }),
+        _ => Err(ErrorReply::new(
+            ErrorCode::Unavailable,
+            "no answer from the task supervisor; retry",
+        )),
+    }
+}
+
+/// The public view of a stored task.
+pub fn view(task: &Task) -> TaskView {
+    TaskView {
+        task_id: task.id.clone(),
+        playbook: task.playbook.clone(),
+        status: task.status,
+        input: task.input.to_value_lossy(),
+        idempotency_key: task.idempotency_key.clone(),
+        node_id: task.node_id.clone(),
+        created_at_ms: task.created_at_ms,
+        updated_at_ms: task.updated_at_ms,
+        steps: task
+            .steps
+            .iter()
+            .map(|s| StepView {
+                id: s.spec.id.clone(),
+                tool: s.spec.tool.clone(),
+                params: s.spec.params.to_value_lossy(),
+                verify: s.spec.verify.to_view(),
+                depends_on: s.spec.depends_on.clone(),
+                status: s.status,
+                attempts: s.attempts,
+                idempotency_key: task.step_key(&s.spec.id),
+                output: s.output.as_ref().map(JsonText::to_value_lossy),
+                error: s.error.clone(),
+                verdict: s.verdict.clone(),
+                started_at_ms: s.started_at_ms,
+                finished_at_ms: s.finished_at_ms,
+            })
+            .collect(),
+        result: task
+            .task_verdict
+            .as_ref()
+            .filter(|_| task.status == crate::model::TaskStatus::Succeeded)
+            .map(|v| serde_json::json!({"verdict": v.reasons, "archived": true})),
+        failure: task.failure.clone(),
+        attention: task.attention.as_ref().map(|(step_id, reason)| Attention {
+            step_id: step_id.clone(),
+            reason: reason.clone(),
+        }),
+    }
+}

@@ -1,0 +1,302 @@
+//! Supervises the TaskActors: starts one per task, resumes every non-terminal task when
+//! the node starts, restarts a crashed one with backoff from its checkpoint, and gives
+//! up on (fails) a task whose actor keeps crashing rather than taking the node down.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use storage::Cf;
+
+use crate::context::NodeContext;
+use crate::machine::Rejected;
+use crate::model::{DecisionKind, Task, TaskStatus};
+use crate::roles::supervisor::RestartPolicy;
+use crate::roles::task::{TaskActor, TaskArgs, TaskMsg};
+
+pub struct TaskSupervisor;
+
+pub struct TaskSupervisorArgs {
+    pub ctx: Arc<NodeContext>,
+}
+
+pub struct TaskSupervisorState {
+    ctx: Arc<NodeContext>,
+    running: HashMap<String, ActorRef<TaskMsg>>,
+    by_actor: HashMap<ActorId, String>,
+    crashes: HashMap<String, VecDeque<Instant>>,
+    policy: RestartPolicy,
+}
+
+/// Why a cancel or resolve could not be done.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ControlError {
+    #[error("no task `{0}`")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+pub type ControlReply = RpcReplyPort<Result<TaskStatus, ControlError>>;
+
+pub enum TaskSupervisorMsg {
+    /// A task was just committed as accepted: drive it.
+    Start(String),
+    /// Resume every non-terminal, non-parked task from the store; replies with the count.
+    ResumeAll(RpcReplyPort<usize>),
+    Cancel {
+        task_id: String,
+        reason: String,
+        reply: ControlReply,
+    },
+    Resolve {
+        task_id: String,
+        step: String,
+        decision: DecisionKind,
+        by: String,
+        reply: ControlReply,
+    },
+    /// Start a crashed task's actor again (after its backoff), or abandon it.
+    Respawn {
+        task_id: String,
+        abandon: Option<String>,
+    },
+    /// How many TaskActors run now.
+    Count(RpcReplyPort<usize>),
+}
+
+impl Actor for TaskSupervisor {
+    type Msg = TaskSupervisorMsg;
+    type State = TaskSupervisorState;
+    type Arguments = TaskSupervisorArgs;
+
+    async fn pre_start(
+        &self,
+        _: ActorRef<Self::Msg>,
+        args: TaskSupervisorArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let policy = RestartPolicy {
+            restarts_max: args.ctx.settings.task_restarts_max,
+            window: args.ctx.settings.restart_window,
+            backoff_base: Duration::from_millis(50),
+            backoff_max: Duration::from_secs(5),
+        };
+        Ok(TaskSupervisorState {
+            ctx: args.ctx,
+            running: HashMap::new(),
+            by_actor: HashMap::new(),
+            crashes: HashMap::new(),
+            policy,
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            TaskSupervisorMsg::Start(task_id) => {
+                state.ensure(&myself, &task_id, None).await;
+            }
+            TaskSupervisorMsg::ResumeAll(reply) => {
+                let active = state.ctx.store.scan::<bool>(
+                    Cf::Active,
+                    None,
+                    false,
+                    usize::MAX,
+                    usize::MAX,
+                    |_, parked| !parked,
+                )?;
+                let mut started = 0;
+                for (key, _) in active {
+                    let task_id = String::from_utf8_lossy(&key).into_owned();
+                    if state.ensure(&myself, &task_id, None).await.is_some() {
+                        started += 1;
+                    }
+                }
+                tracing::info!(tasks = started, "resumed non-terminal tasks");
+                let _ = reply.send(started);
+            }
+            TaskSupervisorMsg::Cancel {
+                task_id,
+                reason,
+                reply,
+            } => {
+                state
+                    .control(&myself, &task_id, reply, move |port| TaskMsg::Cancel {
+                        reason,
+                        reply: port,
+                    })
+                    .await;
+            }
+            TaskSupervisorMsg::Resolve {
+                task_id,
+                step,
+                decision,
+                by,
+                reply,
+            } => {
+                state
+                    .control(&myself, &task_id, reply, move |port| TaskMsg::Resolve {
+                        step,
+                        decision,
+                        by,
+                        reply: port,
+                    })
+                    .await;
+            }
+            TaskSupervisorMsg::Respawn { task_id, abandon } => {
+                state.ensure(&myself, &task_id, abandon).await;
+            }
+            TaskSupervisorMsg::Count(reply) => {
+                let _ = reply.send(state.running.len());
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        event: SupervisionEvent,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match event {
+            SupervisionEvent::ActorTerminated(cell, _, _) => {
+                if let Some(task_id) = state.by_actor.remove(&cell.get_id()) {
+                    state.running.remove(&task_id);
+                    state.crashes.remove(&task_id);
+                }
+            }
+            SupervisionEvent::ActorFailed(cell, err) => {
+                let Some(task_id) = state.by_actor.remove(&cell.get_id()) else {
+                    return Ok(());
+                };
+                state.running.remove(&task_id);
+                state
+                    .ctx
+                    .metrics
+                    .actor_restarts_total
+                    .with_label_values(&["task"])
+                    .inc();
+                let history = state.crashes.entry(task_id.clone()).or_default();
+                let (delay, abandon) = match state.policy.on_failure(history, Instant::now()) {
+                    Some(delay) => {
+                        tracing::warn!(task_id, error = %err, ?delay, "task actor failed; restarting from checkpoint");
+                        (delay, None)
+                    }
+                    None => {
+                        let reason = format!(
+                            "task actor failed {} times within {:?}; last error: {err}",
+                            history.len(),
+                            state.policy.window
+                        );
+                        tracing::error!(task_id, %reason, "abandoning task");
+                        history.clear();
+                        (Duration::ZERO, Some(reason))
+                    }
+                };
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    let _ = myself.cast(TaskSupervisorMsg::Respawn { task_id, abandon });
+                });
+            }
+            _ => {}
+        }
+        state
+            .ctx
+            .metrics
+            .tasks_in_flight
+            .set(state.running.len() as i64);
+        Ok(())
+    }
+}
+
+impl TaskSupervisorState {
+    /// The task's actor, starting it if needed. `None` if it cannot be started.
+    async fn ensure(
+        &mut self,
+        myself: &ActorRef<TaskSupervisorMsg>,
+        task_id: &str,
+        abandon: Option<String>,
+    ) -> Option<ActorRef<TaskMsg>> {
+        if let Some(actor) = self.running.get(task_id) {
+            return Some(actor.clone());
+        }
+        let args = TaskArgs {
+            ctx: self.ctx.clone(),
+            task_id: task_id.to_string(),
+            abandon,
+        };
+        match Actor::spawn_linked(None, TaskActor, args, myself.get_cell()).await {
+            Ok((actor, _)) => {
+                self.by_actor.insert(actor.get_id(), task_id.to_string());
+                self.running.insert(task_id.to_string(), actor.clone());
+                self.ctx
+                    .metrics
+                    .tasks_in_flight
+                    .set(self.running.len() as i64);
+                Some(actor)
+            }
+            Err(e) => {
+                tracing::error!(task_id, error = %e, "cannot start task actor");
+                None
+            }
+        }
+    }
+
+    /// Forwards a cancel/resolve to the task's actor (starting a parked one), answering
+    /// from the store when the task is unknown or already over.
+    async fn control(
+        &mut self,
+        myself: &ActorRef<TaskSupervisorMsg>,
+        task_id: &str,
+        reply: ControlReply,
+        build: impl FnOnce(RpcReplyPort<Result<TaskStatus, Rejected>>) -> TaskMsg + Send + 'static,
+    ) {
+        if !self.running.contains_key(task_id) {
+            match self.ctx.store.get::<Task>(Cf::Tasks, task_id.as_bytes()) {
+                Ok(None) => {
+                    let _ = reply.send(Err(ControlError::NotFound(task_id.to_string())));
+                    return;
+                }
+                Ok(Some(task)) if task.status.is_terminal() => {
+                    let _ = reply.send(Err(ControlError::Conflict(format!(
+                        "task is already {}",
+                        task.status
+                    ))));
+                    return;
+                }
+                Ok(Some(_)) => {}
+                Err(e) => {
+                    let _ = reply.send(Err(ControlError::Unavailable(e.to_string())));
+                    return;
+                }
+            }
+        }
+        let Some(actor) = self.ensure(myself, task_id, None).await else {
+            let _ = reply.send(Err(ControlError::Unavailable(
+                "cannot start the task's actor".into(),
+            )));
+            return;
+        };
+        let timeout = self.ctx.settings.hop_timeout;
+        tokio::spawn(async move {
+            let result = match actor.call(build, Some(timeout)).await {
+                Ok(ractor::rpc::CallResult::Success(Ok(status))) => Ok(status),
+                Ok(ractor::rpc::CallResult::Success(Err(Rejected(why)))) => {
+                    Err(ControlError::Conflict(why))
+                }
+                Ok(_) | Err(_) => Err(ControlError::Unavailable(
+                    "the task's actor did not answer; retry".into(),
+                )),
+            };
+            let _ = reply.send(result);
+        });
+    }
+}

@@ -1,0 +1,134 @@
+//! Verifier (`cadre.verify`): checks a step's outcome, or a whole task, against its
+//! success criteria. File criteria read the disk, so checks run on the blocking pool.
+
+use std::sync::Arc;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use serde_json::Value;
+use tokio::task::JoinHandle;
+
+use crate::bus::{self, Inbound};
+use crate::context::NodeContext;
+use crate::criteria;
+use crate::protocol::{Verdict, VerifyRequest, subject};
+
+pub struct Verifier;
+
+pub struct VerifierArgs {
+    pub ctx: Arc<NodeContext>,
+}
+
+pub struct VerifierState {
+    ctx: Arc<NodeContext>,
+    pump: JoinHandle<()>,
+}
+
+pub enum VerifierMsg {
+    Request(Inbound),
+}
+
+impl Actor for Verifier {
+    type Msg = VerifierMsg;
+    type State = VerifierState;
+    type Arguments = VerifierArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<VerifierMsg>,
+        args: VerifierArgs,
+    ) -> Result<VerifierState, ActorProcessingErr> {
+        let sub = args
+            .ctx
+            .nats
+            .queue_subscribe(subject::VERIFY, subject::QUEUE_ROLES.into())
+            .await?;
+        let pump = bus::spawn_pump(
+            sub,
+            myself,
+            args.ctx.settings.mailbox_depth_max,
+            VerifierMsg::Request,
+        );
+        Ok(VerifierState {
+            ctx: args.ctx,
+            pump,
+        })
+    }
+
+    async fn handle(
+        &self,
+        _: ActorRef<VerifierMsg>,
+        msg: VerifierMsg,
+        state: &mut VerifierState,
+    ) -> Result<(), ActorProcessingErr> {
+        let VerifierMsg::Request(inbound) = msg;
+        let ctx = state.ctx.clone();
+        tokio::spawn(async move {
+            let Inbound { msg, permit } = inbound;
+            let verdict = match storage::codec::from_wire::<VerifyRequest>(&msg.payload) {
+                Ok(req) => tokio::task::spawn_blocking(move || verify(&req))
+                    .await
+                    .unwrap_or_else(|e| Verdict {
+                        passed: false,
+                        reasons: vec![format!("verifier crashed: {e}")],
+                    }),
+                Err(e) => Verdict {
+                    passed: false,
+                    reasons: vec![format!("undecodable verify request: {e}")],
+                },
+            };
+            bus::reply_wire(&ctx.nats, msg.reply, &verdict).await;
+            drop(permit);
+        });
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        _: ActorRef<VerifierMsg>,
+        state: &mut VerifierState,
+    ) -> Result<(), ActorProcessingErr> {
+        state.pump.abort();
+        Ok(())
+    }
+}
+
+pub fn verify(req: &VerifyRequest) -> Verdict {
+    match req {
+        VerifyRequest::Step {
+            params,
+            criteria,
+            output,
+            ..
+        } => {
+            let params = params.to_value_lossy();
+            let output = output.to_value_lossy();
+            criteria::check(criteria, &params, &output)
+        }
+        VerifyRequest::Task {
+            checks, outputs, ..
+        } => {
+            let mut reasons = vec![format!("ok: all {} steps succeeded", outputs.len())];
+            let mut passed = true;
+            for check in checks {
+                let Some((_, output)) = outputs.iter().find(|(id, _)| *id == check.step) else {
+                    passed = false;
+                    reasons.push(format!(
+                        "FAILED: check names step `{}`, which has no output",
+                        check.step
+                    ));
+                    continue;
+                };
+                let verdict =
+                    criteria::check(&check.criteria, &Value::Null, &output.to_value_lossy());
+                passed &= verdict.passed;
+                reasons.extend(
+                    verdict
+                        .reasons
+                        .into_iter()
+                        .map(|r| format!("{}: {r}", check.step)),
+                );
+            }
+            Verdict { passed, reasons }
+        }
+    }
+}

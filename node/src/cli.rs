@@ -1,0 +1,318 @@
+//! The `cadre` client commands: the same subjects any NATS client uses.
+//!
+//! Exit codes scripts can rely on: 0 done (for `watch`: the task succeeded); 1 the node
+//! answered with an error, or the watched task failed or was cancelled; 2 bad usage or
+//! input; 3 NATS unreachable or no answer in time.
+
+use std::time::Duration;
+
+use actors::model::{StepStatus, TaskStatus};
+use actors::protocol::{
+    ErrorReply, ListReply, SubmitReply, TaskEvent, TaskStatusReply, TaskView, subject,
+};
+use bytes::Bytes;
+use futures::StreamExt;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("{0}")]
+    Usage(String),
+    #[error("{}: {}", code_str(.0), .0.error.message)]
+    Reply(ErrorReply),
+    #[error("{0}")]
+    Unreachable(String),
+    #[error("{0}")]
+    TaskEnded(String),
+}
+
+fn code_str(e: &ErrorReply) -> String {
+    serde_json::to_value(e.error.code)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+impl CliError {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            CliError::Reply(_) | CliError::TaskEnded(_) => 1,
+            CliError::Usage(_) => 2,
+            CliError::Unreachable(_) => 3,
+        }
+    }
+}
+
+pub struct Client {
+    nats: async_nats::Client,
+    timeout: Duration,
+    pub json: bool,
+}
+
+impl Client {
+    pub async fn connect(url: &str, timeout: Duration, json: bool) -> Result<Client, CliError> {
+        let nats = async_nats::ConnectOptions::new()
+            .name("cadre-cli")
+            .connection_timeout(timeout)
+            .connect(url)
+            .await
+            .map_err(|e| CliError::Unreachable(format!("cannot connect to NATS at {url}: {e}")))?;
+        Ok(Client {
+            nats,
+            timeout,
+            json,
+        })
+    }
+
+    pub fn nats(&self) -> &async_nats::Client {
+        &self.nats
+    }
+
+    /// Sends a JSON request; an `{"error": …}` reply becomes `CliError::Reply`.
+    pub async fn request<Req: Serialize, Rep: DeserializeOwned>(
+        &self,
+        subject: &str,
+        req: &Req,
+    ) -> Result<Rep, CliError> {
+        let payload = serde_json::to_vec(req).map_err(|e| CliError::Usage(e.to_string()))?;
+        let request = async_nats::Request::new()
+            .payload(Bytes::from(payload))
+            .timeout(Some(self.timeout));
+        let msg = self
+            .nats
+            .send_request(subject.to_string(), request)
+            .await
+            .map_err(|e| {
+                CliError::Unreachable(format!(
+                    "no answer on {subject}: {e} (is a cadre node running?)"
+                ))
+            })?;
+        let value: Value = serde_json::from_slice(&msg.payload)
+            .map_err(|e| CliError::Unreachable(format!("unreadable reply on {subject}: {e}")))?;
+        if value.get("error").is_some()
+            && let Ok(err) = serde_json::from_value::<ErrorReply>(value.clone())
+        {
+            return Err(CliError::Reply(err));
+        }
+        serde_json::from_value(value)
+            .map_err(|e| CliError::Unreachable(format!("unexpected reply on {subject}: {e}")))
+    }
+
+    pub async fn submit(
+        &self,
+        playbook: &str,
+        input: Value,
+        key: Option<String>,
+    ) -> Result<SubmitReply, CliError> {
+        let req = serde_json::json!({"playbook": playbook, "input": input, "idempotency_key": key});
+        let reply: SubmitReply = self.request(subject::TASKS_SUBMIT, &req).await?;
+        if self.json {
+            print_json(&reply);
+        } else if reply.duplicate {
+            println!(
+                "task {} already exists for this idempotency key ({})",
+                reply.task_id, reply.status
+            );
+        } else {
+            println!("accepted task {} ({playbook})", reply.task_id);
+        }
+        Ok(reply)
+    }
+
+    pub async fn get(&self, task_id: &str) -> Result<TaskView, CliError> {
+        self.request(subject::TASKS_GET, &serde_json::json!({"task_id": task_id}))
+            .await
+    }
+
+    pub async fn show(&self, task_id: &str) -> Result<TaskView, CliError> {
+        let task = self.get(task_id).await?;
+        if self.json {
+            print_json(&task);
+        } else {
+            print_task(&task);
+        }
+        Ok(task)
+    }
+
+    pub async fn list(&self, filter: Value) -> Result<(), CliError> {
+        let reply: ListReply = self.request(subject::TASKS_LIST, &filter).await?;
+        if self.json {
+            print_json(&reply);
+            return Ok(());
+        }
+        println!(
+            "{:<26}  {:<22}  {:<17}  {:<13}  FAILURE",
+            "TASK", "PLAYBOOK", "STATUS", "UPDATED"
+        );
+        for t in &reply.tasks {
+            println!(
+                "{:<26}  {:<22}  {:<17}  {:<13}  {}",
+                t.task_id,
+                t.playbook,
+                t.status.as_str(),
+                clock(t.updated_at_ms),
+                t.failure.as_deref().unwrap_or("")
+            );
+        }
+        if let Some(next) = &reply.next {
+            println!("(more: --before {next})");
+        }
+        Ok(())
+    }
+
+    pub async fn control(&self, subject: &str, req: Value) -> Result<(), CliError> {
+        let reply: TaskStatusReply = self.request(subject, &req).await?;
+        if self.json {
+            print_json(&reply);
+        } else {
+            println!("task {} is {}", reply.task_id, reply.status);
+        }
+        Ok(())
+    }
+
+    /// Follows a task's events until it ends; then prints its trace. Subscribes before
+    /// reading the task, so no transition falls between the two.
+    pub async fn watch(&self, task_id: &str) -> Result<TaskView, CliError> {
+        if !subject::is_token(task_id) {
+            return Err(CliError::Usage(format!("`{task_id}` is not a task id")));
+        }
+        let mut events = self
+            .nats
+            .subscribe(subject::task_events(task_id))
+            .await
+            .map_err(|e| CliError::Unreachable(e.to_string()))?;
+        let mut task = self.get(task_id).await?;
+        let mut last_seq = 0;
+        while !task.status.is_terminal() && task.status != TaskStatus::AwaitingOperator {
+            let Some(msg) = events.next().await else {
+                break;
+            };
+            let Ok(event) = serde_json::from_slice::<TaskEvent>(&msg.payload) else {
+                continue;
+            };
+            if event.seq <= last_seq {
+                continue; // at-least-once delivery: skip repeats
+            }
+            last_seq = event.seq;
+            if self.json {
+                print_json(&event);
+            } else {
+                print_event(&event);
+            }
+            if event.status.is_terminal() || event.status == TaskStatus::AwaitingOperator {
+                task = self.get(task_id).await?;
+            }
+        }
+        if !self.json {
+            println!();
+            print_task(&task);
+        }
+        match task.status {
+            TaskStatus::Succeeded => Ok(task),
+            TaskStatus::AwaitingOperator => Err(CliError::TaskEnded(format!(
+                "task {task_id} is waiting for an operator: cadre task resolve {task_id} --step <id> --decision retry|mark_done|abort"
+            ))),
+            other => Err(CliError::TaskEnded(format!(
+                "task {task_id} {other}: {}",
+                task.failure.clone().unwrap_or_default()
+            ))),
+        }
+    }
+}
+
+pub fn print_json<T: Serialize>(value: &T) {
+    match serde_json::to_string(value) {
+        Ok(s) => println!("{s}"),
+        Err(e) => eprintln!("cannot print: {e}"),
+    }
+}
+
+fn clock(ms: u64) -> String {
+    let secs = (ms / 1000) % 86_400;
+    format!(
+        "{:02}:{:02}:{:02}.{:03}",
+        secs / 3600,
+        (secs / 60) % 60,
+        secs % 60,
+        ms % 1000
+    )
+}
+
+fn print_event(e: &TaskEvent) {
+    let step = e
+        .step_id
+        .as_deref()
+        .map(|s| format!(" {s}"))
+        .unwrap_or_default();
+    let attempt = e
+        .attempt
+        .map(|a| format!(" (attempt {a})"))
+        .unwrap_or_default();
+    let detail = e
+        .detail
+        .as_deref()
+        .map(|d| format!(" — {d}"))
+        .unwrap_or_default();
+    println!(
+        "{} #{:<3} {:<20}{step}{attempt}{detail}",
+        clock(e.at_ms),
+        e.seq,
+        e.kind
+    );
+}
+
+/// The task as a trace: one line per step with status, attempts, timing and verdict.
+pub fn print_task(t: &TaskView) {
+    println!(
+        "task {}  playbook {}  node {}",
+        t.task_id, t.playbook, t.node_id
+    );
+    println!(
+        "status {}  created {}  updated {}  ({} ms)",
+        t.status,
+        clock(t.created_at_ms),
+        clock(t.updated_at_ms),
+        t.updated_at_ms.saturating_sub(t.created_at_ms)
+    );
+    for s in &t.steps {
+        let took = match (s.started_at_ms, s.finished_at_ms) {
+            (Some(a), Some(b)) => format!("{} ms", b.saturating_sub(a)),
+            _ => "-".into(),
+        };
+        let mark = match s.status {
+            StepStatus::Succeeded => "✓",
+            StepStatus::Failed => "✗",
+            StepStatus::OutcomeUnknown => "?",
+            StepStatus::Skipped => "-",
+            _ => "…",
+        };
+        println!(
+            "  {mark} {:<16} {:<13} {:<15} attempts {}  {took}",
+            s.id,
+            s.tool,
+            format!("{:?}", s.status).to_lowercase(),
+            s.attempts
+        );
+        if let Some(v) = &s.verdict {
+            for r in &v.reasons {
+                println!("      {r}");
+            }
+        }
+        if let Some(e) = &s.error
+            && s.status != StepStatus::Succeeded
+        {
+            println!("      error: {e}");
+        }
+    }
+    if let Some(a) = &t.attention {
+        println!("needs attention: step {}: {}", a.step_id, a.reason);
+    }
+    if let Some(f) = &t.failure {
+        println!("failure: {f}");
+    }
+    if let Some(r) = &t.result {
+        println!("result: {r}");
+    }
+}

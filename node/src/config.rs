@@ -1,0 +1,366 @@
+//! Node configuration, layered: defaults → TOML file (`--config`) → environment
+//! (`CADRE_<OPTION>`, one variable per option) → flags. Validated once, with messages
+//! that say what to fix; `cadre node run --dump-config` prints the result.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// This node's name: one subject token (`laptop`, `vps-1`).
+    pub node_id: String,
+    /// RocksDB store, and the local nats-server's JetStream store when it runs one.
+    pub data_dir: PathBuf,
+    /// NATS to connect to. Empty: start and supervise a local nats-server.
+    pub nats_url: String,
+    /// The nats-server binary for the local broker.
+    pub nats_server_bin: String,
+    /// Port of the local nats-server (loopback only).
+    pub local_nats_port: u16,
+    pub playbooks_dir: PathBuf,
+    /// `/metrics`, `/healthz`, `/readyz`.
+    pub metrics_addr: String,
+    /// Roots `file.write` may write under (env: colon-separated).
+    pub file_roots: Vec<PathBuf>,
+    /// fsync files and directories on `file.write` (power-loss durability).
+    pub file_fsync: bool,
+    /// Programs `shell.run` may start (env: comma-separated).
+    pub shell_allow: Vec<String>,
+    pub payload_bytes_max: usize,
+    /// Timeout of plan/verify/archive hops.
+    pub hop_timeout_ms: u64,
+    /// A step's timeout unless its playbook says otherwise.
+    pub step_timeout_ms: u64,
+    /// Attempts of a step unless its playbook says otherwise.
+    pub step_attempts_max: u32,
+    pub retry_delay_ms_base: u64,
+    pub retry_delay_ms_max: u64,
+    /// Steps one tool may run at once on this node.
+    pub exec_concurrency_max: usize,
+    /// Messages one role holds before it stops reading from NATS.
+    pub mailbox_depth_max: usize,
+    /// Captured stdout/stderr/HTTP body per step.
+    pub output_bytes_max: usize,
+    /// Crashes of one TaskActor within a minute before its task is failed.
+    pub task_restarts_max: u32,
+    /// On SIGTERM, how long in-flight steps may take to finish.
+    pub shutdown_grace_ms: u64,
+    /// `pretty` or `json`.
+    pub log_format: String,
+    /// A tracing filter: `info`, `cadre=debug,warn`.
+    pub log_level: String,
+    /// Seed for jitter and ids; 0 picks one from the clock (logged at start).
+    pub seed: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            node_id: "node-1".into(),
+            data_dir: PathBuf::from("cadre-data"),
+            nats_url: String::new(),
+            nats_server_bin: "nats-server".into(),
+            local_nats_port: 4222,
+            playbooks_dir: PathBuf::from("playbooks"),
+            metrics_addr: "127.0.0.1:9464".into(),
+            file_roots: Vec::new(),
+            file_fsync: true,
+            shell_allow: Vec::new(),
+            payload_bytes_max: 1 << 20,
+            hop_timeout_ms: 5_000,
+            step_timeout_ms: 30_000,
+            step_attempts_max: 3,
+            retry_delay_ms_base: 200,
+            retry_delay_ms_max: 10_000,
+            exec_concurrency_max: 256,
+            mailbox_depth_max: 4_096,
+            output_bytes_max: 64 << 10,
+            task_restarts_max: 5,
+            shutdown_grace_ms: 10_000,
+            log_format: "pretty".into(),
+            log_level: "info".into(),
+            seed: 0,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("environment variable {var}: {message}")]
+    Env { var: String, message: String },
+    #[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
+    Invalid(Vec<String>),
+}
+
+/// Flag overrides (the last layer). `None` leaves the value from earlier layers.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub node_id: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub nats_url: Option<String>,
+    pub playbooks_dir: Option<PathBuf>,
+    pub metrics_addr: Option<String>,
+}
+
+impl Config {
+    /// Layers the sources in order and validates the result.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        flags: &Overrides,
+    ) -> Result<Config, ConfigError> {
+        let mut table = match toml::Table::try_from(Config::default()) {
+            Ok(t) => t,
+            Err(e) => return Err(ConfigError::Invalid(vec![format!("defaults: {e}")])),
+        };
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.into(),
+                source,
+            })?;
+            let overlay: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                path: path.into(),
+                message: e.to_string(),
+            })?;
+            for (key, value) in overlay {
+                if !table.contains_key(&key) {
+                    let known: Vec<_> = table.keys().cloned().collect();
+                    return Err(ConfigError::Parse {
+                        path: path.into(),
+                        message: format!("unknown option `{key}` (known: {})", known.join(", ")),
+                    });
+                }
+                table.insert(key, value);
+            }
+        }
+        for (var, raw) in env {
+            let Some(key) = var.strip_prefix("CADRE_").map(str::to_ascii_lowercase) else {
+                continue;
+            };
+            let Some(current) = table.get(&key) else {
+                continue;
+            };
+            let value = env_value(&key, current, &raw).map_err(|message| ConfigError::Env {
+                var: var.clone(),
+                message,
+            })?;
+            table.insert(key, value);
+        }
+        let mut config: Config = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Invalid(vec![e.to_string()]))?;
+        if let Some(v) = &flags.node_id {
+            config.node_id = v.clone();
+        }
+        if let Some(v) = &flags.data_dir {
+            config.data_dir = v.clone();
+        }
+        if let Some(v) = &flags.nats_url {
+            config.nats_url = v.clone();
+        }
+        if let Some(v) = &flags.playbooks_dir {
+            config.playbooks_dir = v.clone();
+        }
+        if let Some(v) = &flags.metrics_addr {
+            config.metrics_addr = v.clone();
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Every problem at once, each saying what to fix.
+    pub fn validate(&mut self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        if !actors::protocol::subject::is_token(&self.node_id) {
+            problems.push(format!(
+                "node_id `{}` must be letters, digits, `-` or `_` (CADRE_NODE_ID)",
+                self.node_id
+            ));
+        }
+        if self.metrics_addr.parse::<SocketAddr>().is_err() {
+            problems.push(format!(
+                "metrics_addr `{}` must be host:port, e.g. 127.0.0.1:9464",
+                self.metrics_addr
+            ));
+        }
+        if !self.nats_url.is_empty()
+            && !self.nats_url.contains("://")
+            && !self.nats_url.contains(':')
+        {
+            problems.push(format!(
+                "nats_url `{}` must look like nats://host:4222",
+                self.nats_url
+            ));
+        }
+        let mut roots = Vec::new();
+        for root in &self.file_roots {
+            if !root.is_absolute() {
+                problems.push(format!(
+                    "file_roots entry `{}` must be an absolute path",
+                    root.display()
+                ));
+                continue;
+            }
+            match root.canonicalize() {
+                Ok(r) if r.is_dir() => roots.push(r),
+                _ => problems.push(format!(
+                    "file_roots entry `{}` must be an existing directory",
+                    root.display()
+                )),
+            }
+        }
+        self.file_roots = roots;
+        for (name, value) in [
+            ("payload_bytes_max", self.payload_bytes_max as u64),
+            ("hop_timeout_ms", self.hop_timeout_ms),
+            ("step_timeout_ms", self.step_timeout_ms),
+            ("step_attempts_max", u64::from(self.step_attempts_max)),
+            ("exec_concurrency_max", self.exec_concurrency_max as u64),
+            ("mailbox_depth_max", self.mailbox_depth_max as u64),
+            ("output_bytes_max", self.output_bytes_max as u64),
+            ("task_restarts_max", u64::from(self.task_restarts_max)),
+        ] {
+            if value == 0 {
+                problems.push(format!("{name} must be greater than 0"));
+            }
+        }
+        if self.payload_bytes_max > 64 << 20 {
+            problems.push("payload_bytes_max must be at most 64 MiB (NATS' own limit)".into());
+        }
+        if self.step_attempts_max > 20 {
+            problems.push("step_attempts_max must be at most 20".into());
+        }
+        if self.retry_delay_ms_base > self.retry_delay_ms_max {
+            problems.push("retry_delay_ms_base must not exceed retry_delay_ms_max".into());
+        }
+        if !matches!(self.log_format.as_str(), "pretty" | "json") {
+            problems.push(format!(
+                "log_format `{}` must be `pretty` or `json`",
+                self.log_format
+            ));
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+}
+
+/// Parses an environment value as the type the option has.
+fn env_value(key: &str, current: &toml::Value, raw: &str) -> Result<toml::Value, String> {
+    Ok(match current {
+        toml::Value::String(_) => toml::Value::String(raw.to_string()),
+        toml::Value::Integer(_) => toml::Value::Integer(
+            raw.trim()
+                .parse()
+                .map_err(|_| format!("`{raw}` is not a whole number"))?,
+        ),
+        toml::Value::Boolean(_) => toml::Value::Boolean(match raw.trim() {
+            "1" | "true" | "yes" | "on" => true,
+            "0" | "false" | "no" | "off" => false,
+            _ => return Err(format!("`{raw}` is not true/false")),
+        }),
+        toml::Value::Array(_) => {
+            let sep = if key == "file_roots" { ':' } else { ',' };
+            toml::Value::Array(
+                raw.split(sep)
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(|s| toml::Value::String(s.into()))
+                    .collect(),
+            )
+        }
+        _ => return Err("unsupported option type".into()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn layers_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("cadre.toml");
+        std::fs::write(
+            &file,
+            "node_id = \"from-file\"\nstep_attempts_max = 5\nhop_timeout_ms = 100\n",
+        )
+        .unwrap();
+        let root = dir.path().to_str().unwrap().to_string();
+        let roots = format!("{root}:{root}");
+        let c = Config::load(
+            Some(&file),
+            env(&[
+                ("CADRE_NODE_ID", "from-env"),
+                ("CADRE_FILE_ROOTS", &roots),
+                ("CADRE_SHELL_ALLOW", "echo, git"),
+                ("CADRE_HOP_TIMEOUT_MS", "250"),
+                ("HOME", "/x"),
+            ]),
+            &Overrides {
+                node_id: Some("from-flag".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(c.node_id, "from-flag");
+        assert_eq!(c.step_attempts_max, 5, "file beats default");
+        assert_eq!(c.hop_timeout_ms, 250, "env beats file");
+        assert_eq!(c.file_roots.len(), 2);
+        assert_eq!(c.shell_allow, vec!["echo", "git"]);
+    }
+
+    #[test]
+    fn errors_say_what_to_fix() {
+        let err = Config::load(
+            None,
+            env(&[("CADRE_STEP_TIMEOUT_MS", "soon")]),
+            &Overrides::default(),
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "environment variable CADRE_STEP_TIMEOUT_MS: `soon` is not a whole number"
+        );
+        let err = Config::load(
+            None,
+            env(&[
+                ("CADRE_NODE_ID", "a.b"),
+                ("CADRE_FILE_ROOTS", "relative"),
+                ("CADRE_LOG_FORMAT", "xml"),
+            ]),
+            &Overrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("node_id `a.b`"), "{err}");
+        assert!(err.contains("`relative` must be an absolute path"), "{err}");
+        assert!(err.contains("log_format `xml`"), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("bad.toml");
+        std::fs::write(&file, "nod_id = 1\n").unwrap();
+        let err = Config::load(Some(&file), env(&[]), &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown option `nod_id`"), "{err}");
+    }
+}

@@ -1,0 +1,303 @@
+//! `node::run(config, shutdown)`: wires a node, serves until `shutdown` resolves or a
+//! supervisor escalates, then stops in order. The world is passed in, so tests start
+//! nodes on free ports and stop them cleanly.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actors::clock::SystemClock;
+use actors::context::{NodeContext, Settings};
+use actors::machine::Limits;
+use actors::metrics::Metrics;
+use actors::playbook::{Catalog, StepDefaults};
+use actors::roles::archivist::{Archivist, ArchivistArgs};
+use actors::roles::executor::{Executor, ExecutorArgs, ExecutorMsg};
+use actors::roles::intake::{Intake, IntakeArgs};
+use actors::roles::planner::{Planner, PlannerArgs};
+use actors::roles::relay::{Relay, RelayArgs};
+use actors::roles::supervisor::{
+    ChildSpec, NodeSupervisor, NodeSupervisorArgs, NodeSupervisorMsg, RestartPolicy,
+};
+use actors::roles::task_api::{TaskApi, TaskApiArgs};
+use actors::roles::task_supervisor::{TaskSupervisor, TaskSupervisorArgs, TaskSupervisorMsg};
+use actors::roles::verifier::{Verifier, VerifierArgs};
+use actors::roles::{self, actor_name, lookup};
+use actors::tools::{self, ToolConfig};
+use anyhow::{Context, bail};
+use futures::FutureExt;
+use ractor::{Actor, ActorCell};
+use storage::{Store, StoreOptions};
+use tokio::sync::mpsc;
+
+use crate::config::Config;
+use crate::http;
+use crate::local_nats::LocalNats;
+
+/// Runs a node until `shutdown` completes (Ok) or the node cannot go on (Err: the
+/// process exits non-zero so systemd or Docker restarts it).
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let seed = if config.seed == 0 {
+        SystemClock.now_ms_seed()
+    } else {
+        config.seed
+    };
+    tracing::info!(node_id = %config.node_id, seed, "starting node");
+    let defaults = StepDefaults {
+        max_attempts: config.step_attempts_max,
+        timeout_ms: config.step_timeout_ms,
+    };
+    let catalog = Catalog::load_dir(&config.playbooks_dir, &defaults).map_err(|errors| {
+        let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        anyhow::anyhow!("invalid playbooks:\n  - {}", lines.join("\n  - "))
+    })?;
+    if catalog.is_empty() {
+        tracing::warn!(dir = %config.playbooks_dir.display(), "no playbooks found");
+    }
+    let store = Store::open(&config.data_dir.join("store"), &StoreOptions::default())
+        .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?;
+
+    let local_nats = if config.nats_url.is_empty() {
+        Some(
+            LocalNats::start(
+                &config.nats_server_bin,
+                &config.data_dir,
+                config.local_nats_port,
+                config.payload_bytes_max,
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
+    let url = local_nats
+        .as_ref()
+        .map(|n| n.url.clone())
+        .unwrap_or_else(|| config.nats_url.clone());
+    let nats = async_nats::ConnectOptions::new()
+        .name(format!("cadre-{}", config.node_id))
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .subscription_capacity(65_536)
+        .connection_timeout(Duration::from_secs(5))
+        .event_callback(|event| async move { tracing::info!(%event, "nats") })
+        .connect(&url)
+        .await
+        .with_context(|| format!("cannot connect to NATS at {url}"))?;
+
+    let metrics = Arc::new(Metrics::new()?);
+    let settings = settings(&config, seed, defaults);
+    let ctx = NodeContext::new(
+        settings,
+        nats.clone(),
+        store.clone(),
+        Arc::new(SystemClock),
+        metrics.clone(),
+    )?;
+    let tool_set = tools::build(&ctx.settings.tools)?;
+    let catalog = Arc::new(catalog);
+
+    let (fatal_tx, mut fatal_rx) = mpsc::unbounded_channel();
+    let children = child_specs(&ctx, &catalog, &tool_set);
+    let (root, root_handle) = Actor::spawn(
+        Some(actor_name("root", &config.node_id)),
+        NodeSupervisor,
+        NodeSupervisorArgs {
+            children,
+            policy: RestartPolicy::default(),
+            metrics: metrics.clone(),
+            fatal: fatal_tx,
+        },
+    )
+    .await
+    .context("cannot start the node's actors")?;
+
+    let resumed = match lookup::<TaskSupervisorMsg>(roles::TASKS, &config.node_id) {
+        Some(tasks) => tasks
+            .call(TaskSupervisorMsg::ResumeAll, Some(Duration::from_secs(120)))
+            .await
+            .ok(),
+        None => None,
+    };
+    let listener = tokio::net::TcpListener::bind(&config.metrics_addr)
+        .await
+        .with_context(|| format!("cannot listen on metrics_addr {}", config.metrics_addr))?;
+    let http_task = tokio::spawn(http::serve(listener, ctx.clone()));
+    tracing::info!(node_id = %config.node_id, nats = %url, resumed = ?resumed, playbooks = catalog.len(), "node ready");
+
+    let outcome = tokio::select! {
+        () = shutdown => Ok(()),
+        reason = fatal_rx.recv() => Err(reason.unwrap_or_else(|| "supervisor stopped".into())),
+    };
+
+    // Stop in order: no new work, let running steps finish, stop the actors (every
+    // transition is already committed), publish what the outbox holds, close.
+    tracing::info!("stopping node");
+    let _ = root.cast(NodeSupervisorMsg::Stopping);
+    if let Some(intake) = ractor::registry::where_is(actor_name(roles::INTAKE, &config.node_id)) {
+        let _ = intake
+            .stop_and_wait(Some("shutdown".into()), Some(Duration::from_secs(5)))
+            .await;
+    }
+    ctx.start_draining();
+    wait_for_steps(&ctx, &config).await;
+    stop_children(&root.get_cell()).await;
+    root.stop(Some("shutdown".into()));
+    let _ = root_handle.await;
+    http_task.abort();
+    let _ = nats.flush().await;
+    drop(nats);
+    if let Some(local) = local_nats {
+        local.stop().await;
+    }
+    drop(ctx);
+    drop(store);
+    match outcome {
+        Ok(()) => {
+            tracing::info!("node stopped");
+            Ok(())
+        }
+        Err(reason) => bail!("node stopped after an unrecoverable failure: {reason}"),
+    }
+}
+
+trait Seed {
+    fn now_ms_seed(&self) -> u64;
+}
+
+impl Seed for SystemClock {
+    fn now_ms_seed(&self) -> u64 {
+        use actors::clock::Clock;
+        self.now_ms() ^ u64::from(std::process::id()).rotate_left(32)
+    }
+}
+
+fn settings(config: &Config, seed: u64, step_defaults: StepDefaults) -> Settings {
+    Settings {
+        node_id: config.node_id.clone(),
+        payload_bytes_max: config.payload_bytes_max,
+        hop_timeout: Duration::from_millis(config.hop_timeout_ms),
+        exec_timeout_margin: Duration::from_millis(config.hop_timeout_ms),
+        limits: Limits {
+            retry_delay_ms_base: config.retry_delay_ms_base,
+            retry_delay_ms_max: config.retry_delay_ms_max,
+            ..Limits::default()
+        },
+        step_defaults,
+        tools: ToolConfig {
+            file_roots: config.file_roots.clone(),
+            file_fsync: config.file_fsync,
+            shell_allow: config.shell_allow.clone(),
+            output_bytes_max: config.output_bytes_max,
+        },
+        exec_concurrency_max: config.exec_concurrency_max,
+        mailbox_depth_max: config.mailbox_depth_max,
+        task_restarts_max: config.task_restarts_max,
+        restart_window: Duration::from_secs(60),
+        seed,
+    }
+}
+
+/// The node's actors, in start order: the relay before anything commits, the task
+/// supervisor before intake feeds it, intake last.
+fn child_specs(
+    ctx: &Arc<NodeContext>,
+    catalog: &Arc<Catalog>,
+    tools: &[Arc<dyn tools::Tool>],
+) -> Vec<ChildSpec> {
+    let node = ctx.settings.node_id.clone();
+    macro_rules! spec {
+        ($role:expr, $actor:expr, $args:expr) => {{
+            let ctx = ctx.clone();
+            let catalog = catalog.clone();
+            let tools = tools.to_vec();
+            let name = actor_name($role, &node);
+            ChildSpec {
+                name: $role,
+                spawn: Arc::new(move |sup: ActorCell| {
+                    let ctx = ctx.clone();
+                    let _catalog = catalog.clone();
+                    let _tools = tools.clone();
+                    let name = name.clone();
+                    async move {
+                        #[allow(clippy::redundant_closure_call)]
+                        let args = ($args)(ctx, _catalog, _tools);
+                        Actor::spawn_linked(Some(name), $actor, args, sup)
+                            .await
+                            .map(|(a, _)| a.get_cell())
+                    }
+                    .boxed()
+                }),
+            }
+        }};
+    }
+    vec![
+        spec!(roles::RELAY, Relay, |ctx, _, _| RelayArgs { ctx }),
+        spec!(roles::TASKS, TaskSupervisor, |ctx, _, _| {
+            TaskSupervisorArgs { ctx }
+        }),
+        spec!(roles::PLANNER, Planner, |ctx, catalog, _| PlannerArgs {
+            ctx,
+            catalog
+        }),
+        spec!(roles::EXECUTOR, Executor, |ctx, _, tools| ExecutorArgs {
+            ctx,
+            tools
+        }),
+        spec!(roles::VERIFIER, Verifier, |ctx, _, _| VerifierArgs { ctx }),
+        spec!(roles::ARCHIVIST, Archivist, |ctx, _, _| ArchivistArgs {
+            ctx
+        }),
+        spec!(roles::TASK_API, TaskApi, |ctx, _, _| TaskApiArgs { ctx }),
+        spec!(roles::INTAKE, Intake, |ctx, catalog, _| IntakeArgs {
+            ctx,
+            catalog
+        }),
+    ]
+}
+
+/// Waits (bounded by the grace period) until no step is executing on this node.
+async fn wait_for_steps(ctx: &NodeContext, config: &Config) {
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(config.shutdown_grace_ms);
+    let Some(executor) = lookup::<ExecutorMsg>(roles::EXECUTOR, &ctx.settings.node_id) else {
+        return;
+    };
+    loop {
+        let in_flight = executor
+            .call(ExecutorMsg::InFlight, Some(Duration::from_secs(1)))
+            .await;
+        match in_flight {
+            Ok(ractor::rpc::CallResult::Success(0)) | Err(_) => return,
+            Ok(_) if tokio::time::Instant::now() >= deadline => {
+                tracing::warn!(
+                    "grace period over with steps still running; they resume from the ledger on restart"
+                );
+                return;
+            }
+            Ok(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
+/// Stops the root's children, TaskActors first (via the task supervisor), relay last so
+/// it publishes everything committed before it.
+async fn stop_children(root: &ActorCell) {
+    let timeout = Some(Duration::from_secs(5));
+    let mut relay = None;
+    for child in root.get_children() {
+        if child
+            .get_name()
+            .is_some_and(|n| n.starts_with(roles::RELAY))
+        {
+            relay = Some(child);
+            continue;
+        }
+        let _ = child
+            .stop_children_and_wait(Some("shutdown".into()), timeout)
+            .await;
+        let _ = child.stop_and_wait(Some("shutdown".into()), timeout).await;
+    }
+    if let Some(relay) = relay {
+        let _ = relay.stop_and_wait(Some("shutdown".into()), timeout).await;
+    }
+}
