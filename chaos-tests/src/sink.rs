@@ -1,0 +1,90 @@
+//! A real HTTP server standing in for the outside world (a CRM).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use axum::Json;
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::post;
+use serde_json::{Value, json};
+
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub path: String,
+    pub idempotency_key: Option<String>,
+    pub body: Value,
+}
+
+#[derive(Default)]
+struct Inner {
+    requests: Vec<Recorded>,
+    /// First response per key: a retried request gets the same answer, as real APIs do.
+    by_key: HashMap<String, Value>,
+    /// Answer the next N requests with this status instead.
+    fail_next: Vec<u16>,
+}
+
+/// Serves `POST /clients` (201 with an id) and `POST /anything` the same way.
+pub struct HttpSink {
+    pub url: String,
+    inner: Arc<Mutex<Inner>>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl HttpSink {
+    pub async fn start() -> anyhow::Result<HttpSink> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let inner = Arc::new(Mutex::new(Inner::default()));
+        let app = Router::new().route("/{*path}", post(handle)).with_state(inner.clone());
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(HttpSink { url, inner, server })
+    }
+
+    /// The next requests get these statuses (e.g. `[503, 503]`), then normal answers.
+    pub fn fail_next(&self, statuses: &[u16]) {
+        if let Ok(mut inner) = self.inner.lock() {
+            inner.fail_next = statuses.to_vec();
+        }
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.inner.lock().map(|i| i.requests.clone()).unwrap_or_default()
+    }
+}
+
+impl Drop for HttpSink {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+async fn handle(
+    State(inner): State<Arc<Mutex<Inner>>>,
+    axum::extract::Path(path): axum::extract::Path<String>,
+    headers: HeaderMap,
+    body: Option<Json<Value>>,
+) -> (StatusCode, Json<Value>) {
+    let key = headers.get("idempotency-key").and_then(|v| v.to_str().ok()).map(str::to_string);
+    let body = body.map(|Json(b)| b).unwrap_or(Value::Null);
+    let Ok(mut inner) = inner.lock() else { return (StatusCode::INTERNAL_SERVER_ERROR, Json(json!({}))) };
+    inner.requests.push(Recorded { path: path.clone(), idempotency_key: key.clone(), body: body.clone() });
+    if !inner.fail_next.is_empty() {
+        let status = inner.fail_next.remove(0);
+        return (StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE), Json(json!({"error": "injected"})));
+    }
+    if let Some(previous) = key.as_ref().and_then(|k| inner.by_key.get(k)) {
+        return (StatusCode::CREATED, Json(previous.clone()));
+    }
+    let mut reply = if body.is_object() { body } else { json!({}) };
+    let id = format!("crm-{}", inner.by_key.len() + 1);
+    reply["id"] = json!(id);
+    if let Some(k) = key {
+        inner.by_key.insert(k, reply.clone());
+    }
+    (StatusCode::CREATED, Json(reply))
+}

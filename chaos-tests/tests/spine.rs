@@ -1,0 +1,333 @@
+//! The spine, end to end: a real nats-server on a free port, the real `cadre` binary,
+//! real RocksDB on disk, a real HTTP server as the CRM, real files.
+
+use std::path::Path;
+use std::time::Duration;
+
+use chaos_tests::{CadreNode, HttpSink, NatsServer, eventually, request, shipped_playbooks, wait_task};
+use futures::StreamExt;
+use serde_json::{Value, json};
+
+const WITHIN: Duration = Duration::from_secs(30);
+
+struct World {
+    nats: NatsServer,
+    client: async_nats::Client,
+    sink: HttpSink,
+    dir: tempfile::TempDir,
+    files: std::path::PathBuf,
+}
+
+async fn world() -> anyhow::Result<World> {
+    let nats = NatsServer::start()?;
+    let client = nats.client().await?;
+    let sink = HttpSink::start().await?;
+    let dir = tempfile::tempdir()?;
+    let files = dir.path().join("files").canonicalize().or_else(|_| {
+        std::fs::create_dir_all(dir.path().join("files"))?;
+        dir.path().join("files").canonicalize()
+    })?;
+    Ok(World { nats, client, sink, dir, files })
+}
+
+impl World {
+    fn node(&self, env: &[(&str, &str)]) -> anyhow::Result<CadreNode> {
+        let roots = self.files.display().to_string();
+        let playbooks = shipped_playbooks().display().to_string();
+        let mut all: Vec<(&str, &str)> = vec![("CADRE_FILE_ROOTS", &roots), ("CADRE_PLAYBOOKS_DIR", &playbooks)];
+        all.extend_from_slice(env);
+        CadreNode::start("n1", &self.dir.path().join("data"), &self.nats.url, &all)
+    }
+
+    fn onboarding(&self, client: &str) -> Value {
+        json!({"client": client, "email": "ops@example.test", "kickoff": "2026-12-01",
+               "root": self.files.display().to_string(), "crm_url": self.sink.url})
+    }
+
+    async fn submit(&self, body: Value) -> anyhow::Result<Value> {
+        request(&self.client, "cadre.tasks.submit", body.to_string()).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submitted_task_runs_to_succeeded_with_real_http_and_files() -> anyhow::Result<()> {
+    let w = world().await?;
+    let mut node = w.node(&[])?;
+    node.wait_ready(&w.client).await?;
+    let mut events = w.client.subscribe("cadre.events.>").await?;
+
+    let reply = w.submit(json!({"playbook": "client-onboarding", "input": w.onboarding("Acme")})).await?;
+    assert_eq!(reply["status"], "accepted", "{reply}");
+    assert_eq!(reply["duplicate"], false);
+    let task_id = reply["task_id"].as_str().unwrap_or_default().to_string();
+    let task = wait_task(&w.client, &task_id, WITHIN, chaos_tests::is_terminal).await?;
+
+    assert_eq!(task["status"], "succeeded", "{task:#}");
+    let steps = task["steps"].as_array().cloned().unwrap_or_default();
+    assert_eq!(steps.iter().map(|s| s["id"].as_str().unwrap_or("")).collect::<Vec<_>>(), ["folder", "crm", "welcome"]);
+    for s in &steps {
+        assert_eq!(s["status"], "succeeded", "{s:#}");
+        assert_eq!(s["attempts"], 1);
+        assert_eq!(s["verdict"]["passed"], true);
+        assert!(s["started_at_ms"].is_u64() && s["finished_at_ms"].is_u64());
+    }
+    let readme = std::fs::read_to_string(w.files.join("Acme/README.md"))?;
+    assert!(readme.starts_with("# Acme"), "{readme}");
+    let mail = std::fs::read_to_string(w.files.join("Acme/welcome-mail.md"))?;
+    assert!(mail.contains("Welcome aboard, Acme") && mail.contains("crm-1"), "step output flows into the next step: {mail}");
+
+    let crm: Vec<_> = w.sink.requests().into_iter().filter(|r| r.path == "clients").collect();
+    assert_eq!(crm.len(), 1);
+    assert_eq!(crm[0].idempotency_key.as_deref(), Some(format!("{task_id}.crm").as_str()));
+    assert_eq!(crm[0].body["name"], "Acme");
+
+    // Every committed transition was published, in order, ending with `succeeded`.
+    let mut kinds = Vec::new();
+    let mut last_seq = 0;
+    while !kinds.contains(&"succeeded".to_string()) {
+        let msg = tokio::time::timeout(WITHIN, events.next()).await?.ok_or_else(|| anyhow::anyhow!("events ended"))?;
+        let event: Value = serde_json::from_slice(&msg.payload)?;
+        if event["task_id"] != task_id.as_str() {
+            continue;
+        }
+        let seq = event["seq"].as_u64().unwrap_or(0);
+        assert!(seq > last_seq, "events in commit order");
+        last_seq = seq;
+        assert!(msg.subject.ends_with(event["kind"].as_str().unwrap_or("?")));
+        kinds.push(event["kind"].as_str().unwrap_or_default().to_string());
+    }
+    assert_eq!(kinds.first().map(String::as_str), Some("accepted"));
+    for k in ["planning", "running", "step_started", "step_succeeded", "verifying", "archiving"] {
+        assert!(kinds.iter().any(|x| x == k), "missing {k} in {kinds:?}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_idempotency_key_gives_the_same_task() -> anyhow::Result<()> {
+    let w = world().await?;
+    let mut node = w.node(&[])?;
+    node.wait_ready(&w.client).await?;
+    let body = json!({"playbook": "client-onboarding", "input": w.onboarding("Beta"), "idempotency_key": "beta-1"});
+    // Concurrent duplicates: one task, one `duplicate: false`.
+    let replies = futures::future::try_join_all((0..5).map(|_| w.submit(body.clone()))).await?;
+    let ids: std::collections::HashSet<_> = replies.iter().map(|r| r["task_id"].to_string()).collect();
+    assert_eq!(ids.len(), 1, "{replies:?}");
+    assert_eq!(replies.iter().filter(|r| r["duplicate"] == false).count(), 1, "{replies:?}");
+    let task_id = replies[0]["task_id"].as_str().unwrap_or_default().to_string();
+    wait_task(&w.client, &task_id, WITHIN, |s| s == "succeeded").await?;
+    let again = w.submit(body).await?;
+    assert_eq!(again["task_id"], task_id.as_str());
+    assert_eq!(again["duplicate"], true);
+    assert_eq!(again["status"], "succeeded");
+    let list = request(&w.client, "cadre.tasks.list", "{}").await?;
+    assert_eq!(list["tasks"].as_array().map(Vec::len), Some(1), "{list}");
+    assert_eq!(w.sink.requests().len(), 1);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enqueued_while_no_node_runs_is_carried_out_when_one_starts() -> anyhow::Result<()> {
+    let w = world().await?;
+    let setup = std::process::Command::new(chaos_tests::cadre_bin()?)
+        .args(["setup", "--nats-url", &w.nats.url])
+        .output()?;
+    assert!(setup.status.success(), "{}", String::from_utf8_lossy(&setup.stderr));
+    let js = async_nats::jetstream::new(w.client.clone());
+    for (i, client) in ["Gamma", "Delta", "Epsilon"].iter().enumerate() {
+        let body = json!({"playbook": "client-onboarding", "input": w.onboarding(client)}).to_string();
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", format!("msg-{i}").as_str());
+        js.publish_with_headers("cadre.tasks.enqueue", headers.clone(), body.clone().into()).await?.await?;
+        // The same message again (a retrying publisher): deduplicated.
+        js.publish_with_headers("cadre.tasks.enqueue", headers, body.into()).await?.await?;
+    }
+    // A duplicate by idempotency key, beyond Nats-Msg-Id.
+    for _ in 0..2 {
+        let body = json!({"playbook": "client-onboarding", "input": w.onboarding("Zeta"), "idempotency_key": "zeta"});
+        js.publish("cadre.tasks.enqueue", body.to_string().into()).await?.await?;
+    }
+    let mut node = w.node(&[])?;
+    node.wait_ready(&w.client).await?;
+    let tasks = eventually(WITHIN, "4 succeeded tasks", || async {
+        let list = request(&w.client, "cadre.tasks.list", "{}").await.ok()?;
+        let tasks = list["tasks"].as_array()?.clone();
+        (tasks.len() == 4 && tasks.iter().all(|t| t["status"] == "succeeded")).then_some(tasks)
+    })
+    .await?;
+    assert_eq!(tasks.len(), 4);
+    for client in ["Gamma", "Delta", "Epsilon", "Zeta"] {
+        assert!(w.files.join(client).join("README.md").exists(), "{client}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_a_structured_error_and_the_node_keeps_serving() -> anyhow::Result<()> {
+    let w = world().await?;
+    let mut node = w.node(&[("CADRE_PAYLOAD_BYTES_MAX", "2048")])?;
+    node.wait_ready(&w.client).await?;
+    let cases: Vec<(&str, String, &str)> = vec![
+        ("cadre.tasks.submit", "{not json".into(), "bad_json"),
+        ("cadre.tasks.submit", "".into(), "bad_json"),
+        ("cadre.tasks.submit", "[1,2]".into(), "invalid_request"),
+        ("cadre.tasks.submit", "{}".into(), "invalid_request"),
+        ("cadre.tasks.submit", r#"{"playbook":"client-onboarding","bogus":1}"#.into(), "invalid_request"),
+        ("cadre.tasks.submit", r#"{"playbook":"no-such-playbook"}"#.into(), "unknown_playbook"),
+        ("cadre.tasks.submit", r#"{"goal":"Onboard Acme"}"#.into(), "goal_not_supported"),
+        ("cadre.tasks.submit", r#"{"playbook":"client-onboarding","input":{"client":"x"}}"#.into(), "invalid_input"),
+        ("cadre.tasks.submit", r#"{"playbook":"client-onboarding","input":[]}"#.into(), "invalid_input"),
+        ("cadre.tasks.submit", format!(r#"{{"playbook":"client-onboarding","input":{{"pad":"{}"}}}}"#, "x".repeat(4096)), "payload_too_large"),
+        ("cadre.tasks.get", "{}".into(), "invalid_request"),
+        ("cadre.tasks.get", r#"{"task_id":"a.b"}"#.into(), "invalid_request"),
+        ("cadre.tasks.get", r#"{"task_id":"01NOTATASK"}"#.into(), "not_found"),
+        ("cadre.tasks.list", r#"{"limit":0}"#.into(), "invalid_request"),
+        ("cadre.tasks.list", r#"{"status":"sleeping"}"#.into(), "invalid_request"),
+        ("cadre.tasks.cancel", r#"{"task_id":"01NOTATASK"}"#.into(), "not_found"),
+        ("cadre.tasks.resolve", r#"{"task_id":"01NOTATASK","step_id":"s","decision":"retry"}"#.into(), "not_found"),
+        ("cadre.tasks.resolve", r#"{"task_id":"t","step_id":"s","decision":"maybe"}"#.into(), "invalid_request"),
+    ];
+    for (subject, payload, code) in &cases {
+        let reply = request(&w.client, subject, payload.clone()).await?;
+        assert_eq!(reply["error"]["code"], *code, "{subject} {payload:.60} → {reply}");
+        assert!(reply["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{reply}");
+    }
+    // Conflicts on a real task: resolve a step that is not waiting, cancel a finished task.
+    let done = w.submit(json!({"playbook": "client-onboarding", "input": w.onboarding("Eta")})).await?;
+    let task_id = done["task_id"].as_str().unwrap_or_default().to_string();
+    wait_task(&w.client, &task_id, WITHIN, |s| s == "succeeded").await?;
+    let resolve = json!({"task_id": task_id, "step_id": "crm", "decision": "retry"}).to_string();
+    assert_eq!(request(&w.client, "cadre.tasks.resolve", resolve).await?["error"]["code"], "conflict");
+    let cancel = json!({"task_id": task_id}).to_string();
+    assert_eq!(request(&w.client, "cadre.tasks.cancel", cancel).await?["error"]["code"], "conflict");
+    // An enqueued bad message is reported and dropped, not redelivered forever.
+    let mut rejected = w.client.subscribe("cadre.events.intake.rejected").await?;
+    let js = async_nats::jetstream::new(w.client.clone());
+    js.publish("cadre.tasks.enqueue", "{oops".into()).await?.await?;
+    let report = tokio::time::timeout(WITHIN, rejected.next()).await?.ok_or_else(|| anyhow::anyhow!("no report"))?;
+    let report: Value = serde_json::from_slice(&report.payload)?;
+    assert_eq!(report["error"]["code"], "bad_json");
+    // Still serving.
+    let ok = w.submit(json!({"playbook": "client-onboarding", "input": w.onboarding("Theta")})).await?;
+    let task_id = ok["task_id"].as_str().unwrap_or_default().to_string();
+    wait_task(&w.client, &task_id, WITHIN, |s| s == "succeeded").await?;
+    Ok(())
+}
+
+fn write_playbook(dir: &Path, name: &str, text: &str) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(dir.join(format!("{name}.toml")), text)?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retryable_failures_retry_with_the_same_key_and_permanent_ones_fail_the_task() -> anyhow::Result<()> {
+    let w = world().await?;
+    let playbooks = w.dir.path().join("playbooks");
+    write_playbook(
+        &playbooks,
+        "crm-only",
+        r#"
+name = "crm-only"
+[[steps]]
+id = "crm"
+tool = "http.request"
+max_attempts = 3
+params = { method = "POST", url = "{{input.url}}/clients", json = { name = "{{input.name}}" } }
+verify = { status_in = [201] }
+"#,
+    )?;
+    let pb = playbooks.display().to_string();
+    let mut node = w.node(&[("CADRE_PLAYBOOKS_DIR", &pb), ("CADRE_RETRY_DELAY_MS_BASE", "20"), ("CADRE_RETRY_DELAY_MS_MAX", "50")])?;
+    node.wait_ready(&w.client).await?;
+
+    w.sink.fail_next(&[503, 429]);
+    let r = w.submit(json!({"playbook": "crm-only", "input": {"url": w.sink.url, "name": "Iota"}})).await?;
+    let task_id = r["task_id"].as_str().unwrap_or_default().to_string();
+    let task = wait_task(&w.client, &task_id, WITHIN, chaos_tests::is_terminal).await?;
+    assert_eq!(task["status"], "succeeded", "{task:#}");
+    assert_eq!(task["steps"][0]["attempts"], 3);
+    let keys: Vec<_> = w.sink.requests().iter().map(|r| r.idempotency_key.clone()).collect();
+    assert_eq!(keys, vec![Some(format!("{task_id}.crm")); 3], "every attempt carries the same key");
+
+    w.sink.fail_next(&[400]);
+    let r = w.submit(json!({"playbook": "crm-only", "input": {"url": w.sink.url, "name": "Kappa"}})).await?;
+    let task_id = r["task_id"].as_str().unwrap_or_default().to_string();
+    let task = wait_task(&w.client, &task_id, WITHIN, chaos_tests::is_terminal).await?;
+    assert_eq!(task["status"], "failed");
+    assert_eq!(task["steps"][0]["attempts"], 1, "a 400 is not retried");
+    let failure = task["failure"].as_str().unwrap_or_default();
+    assert!(failure.contains("step `crm` failed after 1 attempt") && failure.contains("400"), "{failure}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_stops_a_running_task_and_sigterm_exits_cleanly() -> anyhow::Result<()> {
+    let w = world().await?;
+    let playbooks = w.dir.path().join("playbooks");
+    write_playbook(
+        &playbooks,
+        "slow",
+        r#"
+name = "slow"
+[[steps]]
+id = "wait"
+tool = "shell.run"
+params = { program = "sleep", args = ["{{input.seconds}}"] }
+verify = { exit_code = 0 }
+[[steps]]
+id = "after"
+tool = "shell.run"
+depends_on = ["wait"]
+params = { program = "sleep", args = ["0"] }
+verify = { exit_code = 0 }
+"#,
+    )?;
+    let pb = playbooks.display().to_string();
+    let mut node = w.node(&[("CADRE_PLAYBOOKS_DIR", &pb), ("CADRE_SHELL_ALLOW", "sleep")])?;
+    node.wait_ready(&w.client).await?;
+    let r = w.submit(json!({"playbook": "slow", "input": {"seconds": "3"}})).await?;
+    let task_id = r["task_id"].as_str().unwrap_or_default().to_string();
+    wait_task(&w.client, &task_id, WITHIN, |s| s == "running").await?;
+    let cancel = request(&w.client, "cadre.tasks.cancel", json!({"task_id": task_id, "reason": "client changed mind"}).to_string()).await?;
+    assert_eq!(cancel["status"], "cancelled", "{cancel}");
+    let task = wait_task(&w.client, &task_id, WITHIN, chaos_tests::is_terminal).await?;
+    assert_eq!(task["status"], "cancelled");
+    assert_eq!(task["steps"][1]["status"], "skipped");
+    assert!(task["failure"].as_str().unwrap_or_default().contains("client changed mind"));
+
+    // SIGTERM with a step in flight: the step finishes inside the grace period, exit 0.
+    let r = w.submit(json!({"playbook": "slow", "input": {"seconds": "1"}})).await?;
+    let task_id = r["task_id"].as_str().unwrap_or_default().to_string();
+    wait_task(&w.client, &task_id, WITHIN, |s| s == "running").await?;
+    assert_eq!(node.terminate(Duration::from_secs(20))?, Some(0));
+    // Restarted, the task resumes from its checkpoint and finishes.
+    node.restart()?;
+    node.wait_ready(&w.client).await?;
+    let task = wait_task(&w.client, &task_id, WITHIN, chaos_tests::is_terminal).await?;
+    assert_eq!(task["status"], "succeeded", "{task:#}");
+    Ok(())
+}
+
+#[test]
+fn config_errors_exit_2_with_what_to_fix_and_dump_config_shows_layers() -> anyhow::Result<()> {
+    let bin = chaos_tests::cadre_bin()?;
+    let out = std::process::Command::new(&bin)
+        .args(["node", "run", "--dump-config", "--node-id", "from-flag"])
+        .env("CADRE_STEP_ATTEMPTS_MAX", "4")
+        .output()?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout)?;
+    assert!(text.contains("node_id = \"from-flag\"") && text.contains("step_attempts_max = 4"), "{text}");
+    let out = std::process::Command::new(&bin)
+        .args(["node", "run"])
+        .env("CADRE_METRICS_ADDR", "nowhere")
+        .env("CADRE_FILE_ROOTS", "relative/dir")
+        .output()?;
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8(out.stderr)?;
+    assert!(err.contains("metrics_addr `nowhere`") && err.contains("must be an absolute path"), "{err}");
+    let out = std::process::Command::new(&bin).args(["task", "submit", "x", "--input", "[1]"]).output()?;
+    assert_eq!(out.status.code(), Some(2), "bad CLI input is a usage error");
+    Ok(())
+}
