@@ -317,6 +317,7 @@ impl Cx<'_> {
                     Some(attempt),
                     Some(format!("retry by {by}")),
                 );
+                self.task.steps[i].status = StepStatus::Pending;
                 self.clear_attention();
                 self.begin_attempt(i, attempt);
             }

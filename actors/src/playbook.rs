@@ -149,7 +149,7 @@ impl Playbook {
         }
         if raw.steps.is_empty() || raw.steps.len() > STEPS_MAX {
             return Err(err(format!(
-                "has {} steps; a playbook has 1 to {STEPS_MAX}",
+                "has {} steps; a playbook has 1 to {STEPS_MAX} steps",
                 raw.steps.len()
             )));
         }

@@ -55,7 +55,12 @@ impl NatsServer {
     pub fn start() -> anyhow::Result<NatsServer> {
         let dir = tempfile::tempdir()?;
         let port = free_port()?;
-        let mut server = NatsServer { child: None, port, url: format!("nats://127.0.0.1:{port}"), dir };
+        let mut server = NatsServer {
+            child: None,
+            port,
+            url: format!("nats://127.0.0.1:{port}"),
+            dir,
+        };
         server.spawn()?;
         Ok(server)
     }
@@ -113,9 +118,16 @@ pub fn cadre_bin() -> anyhow::Result<PathBuf> {
     }
     let exe = std::env::current_exe()?;
     // target/<profile>/deps/<test-binary> → target/<profile>/cadre
-    let bin = exe.parent().and_then(Path::parent).map(|d| d.join("cadre")).context("no target dir")?;
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("cadre"))
+        .context("no target dir")?;
     if !bin.exists() {
-        bail!("{} is missing: run `cargo build --bin cadre` first (the test command does)", bin.display());
+        bail!(
+            "{} is missing: run `cargo build --bin cadre` first (the test command does)",
+            bin.display()
+        );
     }
     Ok(bin)
 }
@@ -136,7 +148,12 @@ pub struct CadreNode {
 
 impl CadreNode {
     /// Starts a node against `nats_url` with `env` overrides (`CADRE_*`).
-    pub fn start(node_id: &str, data_dir: &Path, nats_url: &str, env: &[(&str, &str)]) -> anyhow::Result<CadreNode> {
+    pub fn start(
+        node_id: &str,
+        data_dir: &Path,
+        nats_url: &str,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<CadreNode> {
         let metrics = format!("127.0.0.1:{}", free_port()?);
         let mut all: Vec<(String, String)> = vec![
             ("CADRE_NODE_ID".into(), node_id.into()),
@@ -162,9 +179,15 @@ impl CadreNode {
 
     fn spawn(&mut self) -> anyhow::Result<()> {
         std::fs::create_dir_all(&self.data_dir)?;
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
         let mut cmd = Command::new(cadre_bin()?);
-        cmd.args(["node", "run"]).stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
+        cmd.args(["node", "run"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
@@ -176,10 +199,19 @@ impl CadreNode {
     pub async fn wait_ready(&mut self, nats: &async_nats::Client) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                bail!("cadre exited during start ({status}); log:\n{}", self.log_tail());
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!(
+                    "cadre exited during start ({status}); log:\n{}",
+                    self.log_tail()
+                );
             }
-            let req = async_nats::Request::new().payload(Bytes::from_static(b"{}")).timeout(Some(Duration::from_millis(500)));
+            let req = async_nats::Request::new()
+                .payload(Bytes::from_static(b"{}"))
+                .timeout(Some(Duration::from_millis(500)));
             if nats.send_request("cadre.tasks.list", req).await.is_ok() {
                 return Ok(());
             }
@@ -204,7 +236,9 @@ impl CadreNode {
 
     /// SIGTERM, then the exit code (bounded wait).
     pub fn terminate(&mut self, within: Duration) -> anyhow::Result<Option<i32>> {
-        let Some(mut child) = self.child.take() else { bail!("not running") };
+        let Some(mut child) = self.child.take() else {
+            bail!("not running")
+        };
         #[allow(unsafe_code)]
         // SAFETY: kill(2) on our own child's pid.
         unsafe {
@@ -217,7 +251,10 @@ impl CadreNode {
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
-                bail!("cadre did not exit within {within:?} of SIGTERM; log:\n{}", self.log_tail());
+                bail!(
+                    "cadre did not exit within {within:?} of SIGTERM; log:\n{}",
+                    self.log_tail()
+                );
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -237,14 +274,28 @@ impl Drop for CadreNode {
 }
 
 /// Sends a JSON request and returns the JSON reply.
-pub async fn request(nats: &async_nats::Client, subject: &str, payload: impl Into<Bytes>) -> anyhow::Result<Value> {
-    let req = async_nats::Request::new().payload(payload.into()).timeout(Some(Duration::from_secs(10)));
-    let msg = nats.send_request(subject.to_string(), req).await.with_context(|| format!("request on {subject}"))?;
+pub async fn request(
+    nats: &async_nats::Client,
+    subject: &str,
+    payload: impl Into<Bytes>,
+) -> anyhow::Result<Value> {
+    let req = async_nats::Request::new()
+        .payload(payload.into())
+        .timeout(Some(Duration::from_secs(10)));
+    let msg = nats
+        .send_request(subject.to_string(), req)
+        .await
+        .with_context(|| format!("request on {subject}"))?;
     Ok(serde_json::from_slice(&msg.payload)?)
 }
 
 /// Polls `cadre.tasks.get` until the task's status satisfies `done`.
-pub async fn wait_task(nats: &async_nats::Client, task_id: &str, within: Duration, done: impl Fn(&str) -> bool) -> anyhow::Result<Value> {
+pub async fn wait_task(
+    nats: &async_nats::Client,
+    task_id: &str,
+    within: Duration,
+    done: impl Fn(&str) -> bool,
+) -> anyhow::Result<Value> {
     let payload = serde_json::json!({"task_id": task_id}).to_string();
     let last = Arc::new(Mutex::new(Value::Null));
     let result = eventually(within, &format!("task {task_id}"), || {
@@ -259,7 +310,12 @@ pub async fn wait_task(nats: &async_nats::Client, task_id: &str, within: Duratio
         }
     })
     .await;
-    result.with_context(|| format!("last seen: {}", last.lock().map(|v| v.to_string()).unwrap_or_default()))
+    result.with_context(|| {
+        format!(
+            "last seen: {}",
+            last.lock().map(|v| v.to_string()).unwrap_or_default()
+        )
+    })
 }
 
 pub fn is_terminal(status: &str) -> bool {

@@ -38,7 +38,9 @@ impl HttpSink {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}", listener.local_addr()?);
         let inner = Arc::new(Mutex::new(Inner::default()));
-        let app = Router::new().route("/{*path}", post(handle)).with_state(inner.clone());
+        let app = Router::new()
+            .route("/{*path}", post(handle))
+            .with_state(inner.clone());
         let server = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
@@ -53,7 +55,10 @@ impl HttpSink {
     }
 
     pub fn requests(&self) -> Vec<Recorded> {
-        self.inner.lock().map(|i| i.requests.clone()).unwrap_or_default()
+        self.inner
+            .lock()
+            .map(|i| i.requests.clone())
+            .unwrap_or_default()
     }
 }
 
@@ -69,13 +74,25 @@ async fn handle(
     headers: HeaderMap,
     body: Option<Json<Value>>,
 ) -> (StatusCode, Json<Value>) {
-    let key = headers.get("idempotency-key").and_then(|v| v.to_str().ok()).map(str::to_string);
+    let key = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
     let body = body.map(|Json(b)| b).unwrap_or(Value::Null);
-    let Ok(mut inner) = inner.lock() else { return (StatusCode::INTERNAL_SERVER_ERROR, Json(json!({}))) };
-    inner.requests.push(Recorded { path: path.clone(), idempotency_key: key.clone(), body: body.clone() });
+    let Ok(mut inner) = inner.lock() else {
+        return (StatusCode::INTERNAL_SERVER_ERROR, Json(json!({})));
+    };
+    inner.requests.push(Recorded {
+        path: path.clone(),
+        idempotency_key: key.clone(),
+        body: body.clone(),
+    });
     if !inner.fail_next.is_empty() {
         let status = inner.fail_next.remove(0);
-        return (StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE), Json(json!({"error": "injected"})));
+        return (
+            StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+            Json(json!({"error": "injected"})),
+        );
     }
     if let Some(previous) = key.as_ref().and_then(|k| inner.by_key.get(k)) {
         return (StatusCode::CREATED, Json(previous.clone()));

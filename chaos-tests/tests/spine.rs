@@ -4,7 +4,9 @@
 use std::path::Path;
 use std::time::Duration;
 
-use chaos_tests::{CadreNode, HttpSink, NatsServer, eventually, request, shipped_playbooks, wait_task};
+use chaos_tests::{
+    CadreNode, HttpSink, NatsServer, eventually, request, shipped_playbooks, wait_task,
+};
 use futures::StreamExt;
 use serde_json::{Value, json};
 
@@ -27,14 +29,23 @@ async fn world() -> anyhow::Result<World> {
         std::fs::create_dir_all(dir.path().join("files"))?;
         dir.path().join("files").canonicalize()
     })?;
-    Ok(World { nats, client, sink, dir, files })
+    Ok(World {
+        nats,
+        client,
+        sink,
+        dir,
+        files,
+    })
 }
 
 impl World {
     fn node(&self, env: &[(&str, &str)]) -> anyhow::Result<CadreNode> {
         let roots = self.files.display().to_string();
         let playbooks = shipped_playbooks().display().to_string();
-        let mut all: Vec<(&str, &str)> = vec![("CADRE_FILE_ROOTS", &roots), ("CADRE_PLAYBOOKS_DIR", &playbooks)];
+        let mut all: Vec<(&str, &str)> = vec![
+            ("CADRE_FILE_ROOTS", &roots),
+            ("CADRE_PLAYBOOKS_DIR", &playbooks),
+        ];
         all.extend_from_slice(env);
         CadreNode::start("n1", &self.dir.path().join("data"), &self.nats.url, &all)
     }
@@ -56,7 +67,9 @@ async fn submitted_task_runs_to_succeeded_with_real_http_and_files() -> anyhow::
     node.wait_ready(&w.client).await?;
     let mut events = w.client.subscribe("cadre.events.>").await?;
 
-    let reply = w.submit(json!({"playbook": "client-onboarding", "input": w.onboarding("Acme")})).await?;
+    let reply = w
+        .submit(json!({"playbook": "client-onboarding", "input": w.onboarding("Acme")}))
+        .await?;
     assert_eq!(reply["status"], "accepted", "{reply}");
     assert_eq!(reply["duplicate"], false);
     let task_id = reply["task_id"].as_str().unwrap_or_default().to_string();
@@ -64,7 +77,13 @@ async fn submitted_task_runs_to_succeeded_with_real_http_and_files() -> anyhow::
 
     assert_eq!(task["status"], "succeeded", "{task:#}");
     let steps = task["steps"].as_array().cloned().unwrap_or_default();
-    assert_eq!(steps.iter().map(|s| s["id"].as_str().unwrap_or("")).collect::<Vec<_>>(), ["folder", "crm", "welcome"]);
+    assert_eq!(
+        steps
+            .iter()
+            .map(|s| s["id"].as_str().unwrap_or(""))
+            .collect::<Vec<_>>(),
+        ["folder", "crm", "welcome"]
+    );
     for s in &steps {
         assert_eq!(s["status"], "succeeded", "{s:#}");
         assert_eq!(s["attempts"], 1);
@@ -74,18 +93,31 @@ async fn submitted_task_runs_to_succeeded_with_real_http_and_files() -> anyhow::
     let readme = std::fs::read_to_string(w.files.join("Acme/README.md"))?;
     assert!(readme.starts_with("# Acme"), "{readme}");
     let mail = std::fs::read_to_string(w.files.join("Acme/welcome-mail.md"))?;
-    assert!(mail.contains("Welcome aboard, Acme") && mail.contains("crm-1"), "step output flows into the next step: {mail}");
+    assert!(
+        mail.contains("Welcome aboard, Acme") && mail.contains("crm-1"),
+        "step output flows into the next step: {mail}"
+    );
 
-    let crm: Vec<_> = w.sink.requests().into_iter().filter(|r| r.path == "clients").collect();
+    let crm: Vec<_> = w
+        .sink
+        .requests()
+        .into_iter()
+        .filter(|r| r.path == "clients")
+        .collect();
     assert_eq!(crm.len(), 1);
-    assert_eq!(crm[0].idempotency_key.as_deref(), Some(format!("{task_id}.crm").as_str()));
+    assert_eq!(
+        crm[0].idempotency_key.as_deref(),
+        Some(format!("{task_id}.crm").as_str())
+    );
     assert_eq!(crm[0].body["name"], "Acme");
 
     // Every committed transition was published, in order, ending with `succeeded`.
     let mut kinds = Vec::new();
     let mut last_seq = 0;
     while !kinds.contains(&"succeeded".to_string()) {
-        let msg = tokio::time::timeout(WITHIN, events.next()).await?.ok_or_else(|| anyhow::anyhow!("events ended"))?;
+        let msg = tokio::time::timeout(WITHIN, events.next())
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("events ended"))?;
         let event: Value = serde_json::from_slice(&msg.payload)?;
         if event["task_id"] != task_id.as_str() {
             continue;
@@ -97,7 +129,14 @@ async fn submitted_task_runs_to_succeeded_with_real_http_and_files() -> anyhow::
         kinds.push(event["kind"].as_str().unwrap_or_default().to_string());
     }
     assert_eq!(kinds.first().map(String::as_str), Some("accepted"));
-    for k in ["planning", "running", "step_started", "step_succeeded", "verifying", "archiving"] {
+    for k in [
+        "planning",
+        "running",
+        "step_started",
+        "step_succeeded",
+        "verifying",
+        "archiving",
+    ] {
         assert!(kinds.iter().any(|x| x == k), "missing {k} in {kinds:?}");
     }
     Ok(())
@@ -111,10 +150,18 @@ async fn same_idempotency_key_gives_the_same_task() -> anyhow::Result<()> {
     let body = json!({"playbook": "client-onboarding", "input": w.onboarding("Beta"), "idempotency_key": "beta-1"});
     // Concurrent duplicates: one task, one `duplicate: false`.
     let replies = futures::future::try_join_all((0..5).map(|_| w.submit(body.clone()))).await?;
-    let ids: std::collections::HashSet<_> = replies.iter().map(|r| r["task_id"].to_string()).collect();
+    let ids: std::collections::HashSet<_> =
+        replies.iter().map(|r| r["task_id"].to_string()).collect();
     assert_eq!(ids.len(), 1, "{replies:?}");
-    assert_eq!(replies.iter().filter(|r| r["duplicate"] == false).count(), 1, "{replies:?}");
-    let task_id = replies[0]["task_id"].as_str().unwrap_or_default().to_string();
+    assert_eq!(
+        replies.iter().filter(|r| r["duplicate"] == false).count(),
+        1,
+        "{replies:?}"
+    );
+    let task_id = replies[0]["task_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     wait_task(&w.client, &task_id, WITHIN, |s| s == "succeeded").await?;
     let again = w.submit(body).await?;
     assert_eq!(again["task_id"], task_id.as_str());
@@ -132,20 +179,31 @@ async fn enqueued_while_no_node_runs_is_carried_out_when_one_starts() -> anyhow:
     let setup = std::process::Command::new(chaos_tests::cadre_bin()?)
         .args(["setup", "--nats-url", &w.nats.url])
         .output()?;
-    assert!(setup.status.success(), "{}", String::from_utf8_lossy(&setup.stderr));
+    assert!(
+        setup.status.success(),
+        "{}",
+        String::from_utf8_lossy(&setup.stderr)
+    );
     let js = async_nats::jetstream::new(w.client.clone());
     for (i, client) in ["Gamma", "Delta", "Epsilon"].iter().enumerate() {
-        let body = json!({"playbook": "client-onboarding", "input": w.onboarding(client)}).to_string();
+        let body =
+            json!({"playbook": "client-onboarding", "input": w.onboarding(client)}).to_string();
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Nats-Msg-Id", format!("msg-{i}").as_str());
-        js.publish_with_headers("cadre.tasks.enqueue", headers.clone(), body.clone().into()).await?.await?;
+        js.publish_with_headers("cadre.tasks.enqueue", headers.clone(), body.clone().into())
+            .await?
+            .await?;
         // The same message again (a retrying publisher): deduplicated.
-        js.publish_with_headers("cadre.tasks.enqueue", headers, body.into()).await?.await?;
+        js.publish_with_headers("cadre.tasks.enqueue", headers, body.into())
+            .await?
+            .await?;
     }
     // A duplicate by idempotency key, beyond Nats-Msg-Id.
     for _ in 0..2 {
         let body = json!({"playbook": "client-onboarding", "input": w.onboarding("Zeta"), "idempotency_key": "zeta"});
-        js.publish("cadre.tasks.enqueue", body.to_string().into()).await?.await?;
+        js.publish("cadre.tasks.enqueue", body.to_string().into())
+            .await?
+            .await?;
     }
     let mut node = w.node(&[])?;
     node.wait_ready(&w.client).await?;
@@ -172,43 +230,120 @@ async fn bad_input_gets_a_structured_error_and_the_node_keeps_serving() -> anyho
         ("cadre.tasks.submit", "".into(), "bad_json"),
         ("cadre.tasks.submit", "[1,2]".into(), "invalid_request"),
         ("cadre.tasks.submit", "{}".into(), "invalid_request"),
-        ("cadre.tasks.submit", r#"{"playbook":"client-onboarding","bogus":1}"#.into(), "invalid_request"),
-        ("cadre.tasks.submit", r#"{"playbook":"no-such-playbook"}"#.into(), "unknown_playbook"),
-        ("cadre.tasks.submit", r#"{"goal":"Onboard Acme"}"#.into(), "goal_not_supported"),
-        ("cadre.tasks.submit", r#"{"playbook":"client-onboarding","input":{"client":"x"}}"#.into(), "invalid_input"),
-        ("cadre.tasks.submit", r#"{"playbook":"client-onboarding","input":[]}"#.into(), "invalid_input"),
-        ("cadre.tasks.submit", format!(r#"{{"playbook":"client-onboarding","input":{{"pad":"{}"}}}}"#, "x".repeat(4096)), "payload_too_large"),
+        (
+            "cadre.tasks.submit",
+            r#"{"playbook":"client-onboarding","bogus":1}"#.into(),
+            "invalid_request",
+        ),
+        (
+            "cadre.tasks.submit",
+            r#"{"playbook":"no-such-playbook"}"#.into(),
+            "unknown_playbook",
+        ),
+        (
+            "cadre.tasks.submit",
+            r#"{"goal":"Onboard Acme"}"#.into(),
+            "goal_not_supported",
+        ),
+        (
+            "cadre.tasks.submit",
+            r#"{"playbook":"client-onboarding","input":{"client":"x"}}"#.into(),
+            "invalid_input",
+        ),
+        (
+            "cadre.tasks.submit",
+            r#"{"playbook":"client-onboarding","input":[]}"#.into(),
+            "invalid_input",
+        ),
+        (
+            "cadre.tasks.submit",
+            format!(
+                r#"{{"playbook":"client-onboarding","input":{{"pad":"{}"}}}}"#,
+                "x".repeat(4096)
+            ),
+            "payload_too_large",
+        ),
         ("cadre.tasks.get", "{}".into(), "invalid_request"),
-        ("cadre.tasks.get", r#"{"task_id":"a.b"}"#.into(), "invalid_request"),
-        ("cadre.tasks.get", r#"{"task_id":"01NOTATASK"}"#.into(), "not_found"),
-        ("cadre.tasks.list", r#"{"limit":0}"#.into(), "invalid_request"),
-        ("cadre.tasks.list", r#"{"status":"sleeping"}"#.into(), "invalid_request"),
-        ("cadre.tasks.cancel", r#"{"task_id":"01NOTATASK"}"#.into(), "not_found"),
-        ("cadre.tasks.resolve", r#"{"task_id":"01NOTATASK","step_id":"s","decision":"retry"}"#.into(), "not_found"),
-        ("cadre.tasks.resolve", r#"{"task_id":"t","step_id":"s","decision":"maybe"}"#.into(), "invalid_request"),
+        (
+            "cadre.tasks.get",
+            r#"{"task_id":"a.b"}"#.into(),
+            "invalid_request",
+        ),
+        (
+            "cadre.tasks.get",
+            r#"{"task_id":"01NOTATASK"}"#.into(),
+            "not_found",
+        ),
+        (
+            "cadre.tasks.list",
+            r#"{"limit":0}"#.into(),
+            "invalid_request",
+        ),
+        (
+            "cadre.tasks.list",
+            r#"{"status":"sleeping"}"#.into(),
+            "invalid_request",
+        ),
+        (
+            "cadre.tasks.cancel",
+            r#"{"task_id":"01NOTATASK"}"#.into(),
+            "not_found",
+        ),
+        (
+            "cadre.tasks.resolve",
+            r#"{"task_id":"01NOTATASK","step_id":"s","decision":"retry"}"#.into(),
+            "not_found",
+        ),
+        (
+            "cadre.tasks.resolve",
+            r#"{"task_id":"t","step_id":"s","decision":"maybe"}"#.into(),
+            "invalid_request",
+        ),
     ];
     for (subject, payload, code) in &cases {
         let reply = request(&w.client, subject, payload.clone()).await?;
-        assert_eq!(reply["error"]["code"], *code, "{subject} {payload:.60} → {reply}");
-        assert!(reply["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{reply}");
+        assert_eq!(
+            reply["error"]["code"], *code,
+            "{subject} {payload:.60} → {reply}"
+        );
+        assert!(
+            reply["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{reply}"
+        );
     }
     // Conflicts on a real task: resolve a step that is not waiting, cancel a finished task.
-    let done = w.submit(json!({"playbook": "client-onboarding", "input": w.onboarding("Eta")})).await?;
+    let done = w
+        .submit(json!({"playbook": "client-onboarding", "input": w.onboarding("Eta")}))
+        .await?;
     let task_id = done["task_id"].as_str().unwrap_or_default().to_string();
     wait_task(&w.client, &task_id, WITHIN, |s| s == "succeeded").await?;
     let resolve = json!({"task_id": task_id, "step_id": "crm", "decision": "retry"}).to_string();
-    assert_eq!(request(&w.client, "cadre.tasks.resolve", resolve).await?["error"]["code"], "conflict");
+    assert_eq!(
+        request(&w.client, "cadre.tasks.resolve", resolve).await?["error"]["code"],
+        "conflict"
+    );
     let cancel = json!({"task_id": task_id}).to_string();
-    assert_eq!(request(&w.client, "cadre.tasks.cancel", cancel).await?["error"]["code"], "conflict");
+    assert_eq!(
+        request(&w.client, "cadre.tasks.cancel", cancel).await?["error"]["code"],
+        "conflict"
+    );
     // An enqueued bad message is reported and dropped, not redelivered forever.
     let mut rejected = w.client.subscribe("cadre.events.intake.rejected").await?;
     let js = async_nats::jetstream::new(w.client.clone());
-    js.publish("cadre.tasks.enqueue", "{oops".into()).await?.await?;
-    let report = tokio::time::timeout(WITHIN, rejected.next()).await?.ok_or_else(|| anyhow::anyhow!("no report"))?;
+    js.publish("cadre.tasks.enqueue", "{oops".into())
+        .await?
+        .await?;
+    let report = tokio::time::timeout(WITHIN, rejected.next())
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no report"))?;
     let report: Value = serde_json::from_slice(&report.payload)?;
     assert_eq!(report["error"]["code"], "bad_json");
     // Still serving.
-    let ok = w.submit(json!({"playbook": "client-onboarding", "input": w.onboarding("Theta")})).await?;
+    let ok = w
+        .submit(json!({"playbook": "client-onboarding", "input": w.onboarding("Theta")}))
+        .await?;
     let task_id = ok["task_id"].as_str().unwrap_or_default().to_string();
     wait_task(&w.client, &task_id, WITHIN, |s| s == "succeeded").await?;
     Ok(())
@@ -221,7 +356,8 @@ fn write_playbook(dir: &Path, name: &str, text: &str) -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retryable_failures_retry_with_the_same_key_and_permanent_ones_fail_the_task() -> anyhow::Result<()> {
+async fn retryable_failures_retry_with_the_same_key_and_permanent_ones_fail_the_task()
+-> anyhow::Result<()> {
     let w = world().await?;
     let playbooks = w.dir.path().join("playbooks");
     write_playbook(
@@ -238,26 +374,46 @@ verify = { status_in = [201] }
 "#,
     )?;
     let pb = playbooks.display().to_string();
-    let mut node = w.node(&[("CADRE_PLAYBOOKS_DIR", &pb), ("CADRE_RETRY_DELAY_MS_BASE", "20"), ("CADRE_RETRY_DELAY_MS_MAX", "50")])?;
+    let mut node = w.node(&[
+        ("CADRE_PLAYBOOKS_DIR", &pb),
+        ("CADRE_RETRY_DELAY_MS_BASE", "20"),
+        ("CADRE_RETRY_DELAY_MS_MAX", "50"),
+    ])?;
     node.wait_ready(&w.client).await?;
 
     w.sink.fail_next(&[503, 429]);
-    let r = w.submit(json!({"playbook": "crm-only", "input": {"url": w.sink.url, "name": "Iota"}})).await?;
+    let r = w
+        .submit(json!({"playbook": "crm-only", "input": {"url": w.sink.url, "name": "Iota"}}))
+        .await?;
     let task_id = r["task_id"].as_str().unwrap_or_default().to_string();
     let task = wait_task(&w.client, &task_id, WITHIN, chaos_tests::is_terminal).await?;
     assert_eq!(task["status"], "succeeded", "{task:#}");
     assert_eq!(task["steps"][0]["attempts"], 3);
-    let keys: Vec<_> = w.sink.requests().iter().map(|r| r.idempotency_key.clone()).collect();
-    assert_eq!(keys, vec![Some(format!("{task_id}.crm")); 3], "every attempt carries the same key");
+    let keys: Vec<_> = w
+        .sink
+        .requests()
+        .iter()
+        .map(|r| r.idempotency_key.clone())
+        .collect();
+    assert_eq!(
+        keys,
+        vec![Some(format!("{task_id}.crm")); 3],
+        "every attempt carries the same key"
+    );
 
     w.sink.fail_next(&[400]);
-    let r = w.submit(json!({"playbook": "crm-only", "input": {"url": w.sink.url, "name": "Kappa"}})).await?;
+    let r = w
+        .submit(json!({"playbook": "crm-only", "input": {"url": w.sink.url, "name": "Kappa"}}))
+        .await?;
     let task_id = r["task_id"].as_str().unwrap_or_default().to_string();
     let task = wait_task(&w.client, &task_id, WITHIN, chaos_tests::is_terminal).await?;
     assert_eq!(task["status"], "failed");
     assert_eq!(task["steps"][0]["attempts"], 1, "a 400 is not retried");
     let failure = task["failure"].as_str().unwrap_or_default();
-    assert!(failure.contains("step `crm` failed after 1 attempt") && failure.contains("400"), "{failure}");
+    assert!(
+        failure.contains("step `crm` failed after 1 attempt") && failure.contains("400"),
+        "{failure}"
+    );
     Ok(())
 }
 
@@ -286,18 +442,32 @@ verify = { exit_code = 0 }
     let pb = playbooks.display().to_string();
     let mut node = w.node(&[("CADRE_PLAYBOOKS_DIR", &pb), ("CADRE_SHELL_ALLOW", "sleep")])?;
     node.wait_ready(&w.client).await?;
-    let r = w.submit(json!({"playbook": "slow", "input": {"seconds": "3"}})).await?;
+    let r = w
+        .submit(json!({"playbook": "slow", "input": {"seconds": "3"}}))
+        .await?;
     let task_id = r["task_id"].as_str().unwrap_or_default().to_string();
     wait_task(&w.client, &task_id, WITHIN, |s| s == "running").await?;
-    let cancel = request(&w.client, "cadre.tasks.cancel", json!({"task_id": task_id, "reason": "client changed mind"}).to_string()).await?;
+    let cancel = request(
+        &w.client,
+        "cadre.tasks.cancel",
+        json!({"task_id": task_id, "reason": "client changed mind"}).to_string(),
+    )
+    .await?;
     assert_eq!(cancel["status"], "cancelled", "{cancel}");
     let task = wait_task(&w.client, &task_id, WITHIN, chaos_tests::is_terminal).await?;
     assert_eq!(task["status"], "cancelled");
     assert_eq!(task["steps"][1]["status"], "skipped");
-    assert!(task["failure"].as_str().unwrap_or_default().contains("client changed mind"));
+    assert!(
+        task["failure"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("client changed mind")
+    );
 
     // SIGTERM with a step in flight: the step finishes inside the grace period, exit 0.
-    let r = w.submit(json!({"playbook": "slow", "input": {"seconds": "1"}})).await?;
+    let r = w
+        .submit(json!({"playbook": "slow", "input": {"seconds": "1"}}))
+        .await?;
     let task_id = r["task_id"].as_str().unwrap_or_default().to_string();
     wait_task(&w.client, &task_id, WITHIN, |s| s == "running").await?;
     assert_eq!(node.terminate(Duration::from_secs(20))?, Some(0));
@@ -316,9 +486,16 @@ fn config_errors_exit_2_with_what_to_fix_and_dump_config_shows_layers() -> anyho
         .args(["node", "run", "--dump-config", "--node-id", "from-flag"])
         .env("CADRE_STEP_ATTEMPTS_MAX", "4")
         .output()?;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout)?;
-    assert!(text.contains("node_id = \"from-flag\"") && text.contains("step_attempts_max = 4"), "{text}");
+    assert!(
+        text.contains("node_id = \"from-flag\"") && text.contains("step_attempts_max = 4"),
+        "{text}"
+    );
     let out = std::process::Command::new(&bin)
         .args(["node", "run"])
         .env("CADRE_METRICS_ADDR", "nowhere")
@@ -326,8 +503,13 @@ fn config_errors_exit_2_with_what_to_fix_and_dump_config_shows_layers() -> anyho
         .output()?;
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8(out.stderr)?;
-    assert!(err.contains("metrics_addr `nowhere`") && err.contains("must be an absolute path"), "{err}");
-    let out = std::process::Command::new(&bin).args(["task", "submit", "x", "--input", "[1]"]).output()?;
+    assert!(
+        err.contains("metrics_addr `nowhere`") && err.contains("must be an absolute path"),
+        "{err}"
+    );
+    let out = std::process::Command::new(&bin)
+        .args(["task", "submit", "x", "--input", "[1]"])
+        .output()?;
     assert_eq!(out.status.code(), Some(2), "bad CLI input is a usage error");
     Ok(())
 }

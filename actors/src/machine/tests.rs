@@ -1,1 +1,595 @@
+//! State machine transitions, one input at a time.
 
+use super::*;
+use crate::model::{Criteria, JsonText, StepSpec};
+use crate::protocol::{ErrorCode, TaskCheck};
+
+fn spec(id: &str, deps: &[&str]) -> StepSpec {
+    StepSpec {
+        id: id.into(),
+        tool: "http.request".into(),
+        params: JsonText("{}".into()),
+        verify: Criteria {
+            status_in: Some(vec![200]),
+            ..Default::default()
+        },
+        depends_on: deps.iter().map(|d| d.to_string()).collect(),
+        max_attempts: 3,
+        timeout_ms: 1000,
+    }
+}
+
+fn task() -> Task {
+    Task::new(
+        "t1".into(),
+        "pb".into(),
+        JsonText("{}".into()),
+        None,
+        "n1".into(),
+        1_000,
+    )
+}
+
+fn limits() -> Limits {
+    Limits {
+        retry_delay_ms_base: 100,
+        retry_delay_ms_max: 1_000,
+        redeliveries_max: 2,
+        hop_retries_max: 2,
+    }
+}
+
+fn go(t: &mut Task, input: Input) -> Transition {
+    apply(t, input, 2_000, 0.0, &limits()).expect("accepted input")
+}
+
+fn planned(t: &mut Task, steps: Vec<StepSpec>) -> Transition {
+    go(t, Input::Start);
+    go(
+        t,
+        Input::Planned(PlanReply::Planned {
+            steps,
+            checks: vec![],
+            playbook_version: "1@x".into(),
+        }),
+    )
+}
+
+fn done(output: &str) -> ExecReply {
+    ExecReply::Done {
+        output: JsonText(output.into()),
+        duration_us: 5,
+        replayed: false,
+    }
+}
+
+fn pass() -> Verdict {
+    Verdict {
+        passed: true,
+        reasons: vec!["ok".into()],
+    }
+}
+
+fn exec(step: &str, attempt: u32) -> Action {
+    Action::Exec {
+        step: step.into(),
+        attempt,
+    }
+}
+
+fn kinds(t: &Transition) -> Vec<&str> {
+    t.events.iter().map(|e| e.kind.as_str()).collect()
+}
+
+#[test]
+fn happy_path_commits_every_transition_and_numbers_events() {
+    let mut t = task();
+    let tr = go(&mut t, Input::Start);
+    assert_eq!(t.status, TaskStatus::Planning);
+    assert!(tr.commit);
+    assert_eq!(tr.actions, vec![Action::RequestPlan]);
+
+    let tr = planned(&mut t, vec![spec("a", &[]), spec("b", &["a"])]);
+    assert_eq!(t.status, TaskStatus::Running);
+    assert_eq!(tr.actions, vec![exec("a", 1)], "b waits for a");
+    assert_eq!(kinds(&tr), ["running", "step_started"]);
+
+    let tr = go(
+        &mut t,
+        Input::Executed {
+            step: "a".into(),
+            attempt: 1,
+            reply: done(r#"{"status":200}"#),
+        },
+    );
+    assert!(
+        !tr.commit,
+        "output is committed with its verdict, not alone"
+    );
+    assert_eq!(
+        tr.actions,
+        vec![Action::Verify {
+            step: "a".into(),
+            attempt: 1
+        }]
+    );
+
+    let tr = go(
+        &mut t,
+        Input::Verified {
+            step: "a".into(),
+            attempt: 1,
+            verdict: pass(),
+        },
+    );
+    assert_eq!(kinds(&tr), ["step_succeeded", "step_started"]);
+    assert_eq!(tr.actions, vec![exec("b", 1)]);
+
+    go(
+        &mut t,
+        Input::Executed {
+            step: "b".into(),
+            attempt: 1,
+            reply: done("{}"),
+        },
+    );
+    let tr = go(
+        &mut t,
+        Input::Verified {
+            step: "b".into(),
+            attempt: 1,
+            verdict: pass(),
+        },
+    );
+    assert_eq!(t.status, TaskStatus::Verifying);
+    assert_eq!(tr.actions, vec![Action::VerifyTask]);
+    let tr = go(&mut t, Input::TaskVerified(pass()));
+    assert_eq!(t.status, TaskStatus::Archiving);
+    assert_eq!(tr.actions, vec![Action::Archive]);
+    let tr = go(&mut t, Input::Archived(ArchiveReply::Archived));
+    assert_eq!(t.status, TaskStatus::Succeeded);
+    assert!(tr.actions.is_empty());
+    let seqs: Vec<u64> = (1..=t.event_seq).collect();
+    assert_eq!(seqs.len() as u64, t.event_seq, "gap-free per-task sequence");
+}
+
+#[test]
+fn independent_steps_run_in_parallel() {
+    let mut t = task();
+    let tr = planned(
+        &mut t,
+        vec![spec("a", &[]), spec("b", &[]), spec("c", &["a", "b"])],
+    );
+    assert_eq!(tr.actions, vec![exec("a", 1), exec("b", 1)]);
+    go(
+        &mut t,
+        Input::Executed {
+            step: "a".into(),
+            attempt: 1,
+            reply: done("{}"),
+        },
+    );
+    let tr = go(
+        &mut t,
+        Input::Verified {
+            step: "a".into(),
+            attempt: 1,
+            verdict: pass(),
+        },
+    );
+    assert!(tr.actions.is_empty(), "c still waits for b");
+}
+
+#[test]
+fn retryable_failure_backs_off_then_fails_after_max_attempts() {
+    let mut t = task();
+    planned(&mut t, vec![spec("a", &[])]);
+    let fail = || ExecReply::Failed {
+        kind: FailureKind::Retryable,
+        message: "HTTP 503".into(),
+        output: None,
+    };
+    let tr = go(
+        &mut t,
+        Input::Executed {
+            step: "a".into(),
+            attempt: 1,
+            reply: fail(),
+        },
+    );
+    assert_eq!(
+        tr.actions,
+        vec![Action::RetryAt {
+            step: "a".into(),
+            attempt: 2,
+            at_ms: 2_050
+        }],
+        "100 ms × jitter ½"
+    );
+    assert_eq!(t.steps[0].status, StepStatus::RetryWait);
+    let tr = go(
+        &mut t,
+        Input::RetryDue {
+            step: "a".into(),
+            attempt: 2,
+        },
+    );
+    assert_eq!(tr.actions, vec![exec("a", 2)]);
+    let tr = go(
+        &mut t,
+        Input::Executed {
+            step: "a".into(),
+            attempt: 2,
+            reply: fail(),
+        },
+    );
+    assert_eq!(
+        tr.actions,
+        vec![Action::RetryAt {
+            step: "a".into(),
+            attempt: 3,
+            at_ms: 2_100
+        }],
+        "exponential"
+    );
+    go(
+        &mut t,
+        Input::RetryDue {
+            step: "a".into(),
+            attempt: 3,
+        },
+    );
+    let tr = go(
+        &mut t,
+        Input::Executed {
+            step: "a".into(),
+            attempt: 3,
+            reply: fail(),
+        },
+    );
+    assert_eq!(t.status, TaskStatus::Failed);
+    assert_eq!(kinds(&tr), ["step_failed", "failed"]);
+    assert_eq!(
+        t.failure.as_deref(),
+        Some("step `a` failed after 3 attempts: HTTP 503")
+    );
+}
+
+#[test]
+fn failed_verdict_retries_and_permanent_failure_does_not() {
+    let mut t = task();
+    planned(&mut t, vec![spec("a", &[]), spec("b", &["a"])]);
+    go(
+        &mut t,
+        Input::Executed {
+            step: "a".into(),
+            attempt: 1,
+            reply: done("{}"),
+        },
+    );
+    let verdict = Verdict {
+        passed: false,
+        reasons: vec!["FAILED: status 500 in [200]".into()],
+    };
+    let tr = go(
+        &mut t,
+        Input::Verified {
+            step: "a".into(),
+            attempt: 1,
+            verdict,
+        },
+    );
+    assert!(matches!(
+        tr.actions[..],
+        [Action::RetryAt { attempt: 2, .. }]
+    ));
+    go(
+        &mut t,
+        Input::RetryDue {
+            step: "a".into(),
+            attempt: 2,
+        },
+    );
+    let permanent = ExecReply::Failed {
+        kind: FailureKind::Permanent,
+        message: "HTTP 404".into(),
+        output: None,
+    };
+    go(
+        &mut t,
+        Input::Executed {
+            step: "a".into(),
+            attempt: 2,
+            reply: permanent,
+        },
+    );
+    assert_eq!(t.status, TaskStatus::Failed);
+    assert_eq!(t.steps[1].status, StepStatus::Skipped);
+}
+
+#[test]
+fn stale_replies_are_ignored() {
+    let mut t = task();
+    planned(&mut t, vec![spec("a", &[])]);
+    let tr = go(
+        &mut t,
+        Input::Executed {
+            step: "a".into(),
+            attempt: 7,
+            reply: done("{}"),
+        },
+    );
+    assert!(!tr.commit && tr.actions.is_empty());
+    let tr = go(
+        &mut t,
+        Input::Verified {
+            step: "a".into(),
+            attempt: 1,
+            verdict: pass(),
+        },
+    );
+    assert!(
+        !tr.commit && tr.actions.is_empty(),
+        "no verdict before the step executed"
+    );
+}
+
+#[test]
+fn unanswered_exec_redelivers_the_same_attempt_then_fails() {
+    let mut t = task();
+    planned(&mut t, vec![spec("a", &[])]);
+    for n in 1..=2 {
+        let tr = go(
+            &mut t,
+            Input::ExecUnanswered {
+                step: "a".into(),
+                attempt: 1,
+                error: "timeout".into(),
+            },
+        );
+        assert!(
+            matches!(tr.actions[..], [Action::RetryAt { attempt: 1, .. }]),
+            "redelivery {n} keeps the attempt"
+        );
+        let tr = go(
+            &mut t,
+            Input::RetryDue {
+                step: "a".into(),
+                attempt: 1,
+            },
+        );
+        assert_eq!(tr.actions, vec![exec("a", 1)]);
+    }
+    go(
+        &mut t,
+        Input::ExecUnanswered {
+            step: "a".into(),
+            attempt: 1,
+            error: "timeout".into(),
+        },
+    );
+    assert_eq!(t.status, TaskStatus::Failed);
+    assert!(
+        t.failure
+            .as_deref()
+            .is_some_and(|f| f.contains("no executor answered"))
+    );
+}
+
+#[test]
+fn outcome_unknown_parks_until_an_operator_decides() {
+    let mut t = task();
+    planned(&mut t, vec![spec("a", &[]), spec("b", &["a"])]);
+    let unknown = ExecReply::Failed {
+        kind: FailureKind::OutcomeUnknown,
+        message: "unknown".into(),
+        output: None,
+    };
+    let tr = go(
+        &mut t,
+        Input::Executed {
+            step: "a".into(),
+            attempt: 1,
+            reply: unknown,
+        },
+    );
+    assert_eq!(t.status, TaskStatus::AwaitingOperator);
+    assert_eq!(kinds(&tr), ["step_outcome_unknown", "awaiting_operator"]);
+    assert_eq!(t.attention.as_ref().map(|a| a.0.as_str()), Some("a"));
+
+    let mut retried = t.clone();
+    let tr = go(
+        &mut retried,
+        Input::Resolve {
+            step: "a".into(),
+            decision: DecisionKind::Retry,
+            by: "ops".into(),
+        },
+    );
+    assert_eq!(retried.status, TaskStatus::Running);
+    assert_eq!(tr.actions, vec![exec("a", 2)], "a retry is a new attempt");
+
+    let mut marked = t.clone();
+    let tr = go(
+        &mut marked,
+        Input::Resolve {
+            step: "a".into(),
+            decision: DecisionKind::MarkDone,
+            by: "ops".into(),
+        },
+    );
+    assert_eq!(marked.steps[0].status, StepStatus::Succeeded);
+    assert_eq!(tr.actions, vec![exec("b", 1)]);
+
+    let mut aborted = t.clone();
+    go(
+        &mut aborted,
+        Input::Resolve {
+            step: "a".into(),
+            decision: DecisionKind::Abort,
+            by: "ops".into(),
+        },
+    );
+    assert_eq!(aborted.status, TaskStatus::Failed);
+
+    let err = apply(
+        &mut t.clone(),
+        Input::Resolve {
+            step: "b".into(),
+            decision: DecisionKind::Retry,
+            by: String::new(),
+        },
+        0,
+        0.0,
+        &limits(),
+    );
+    assert!(err.is_err(), "b is not waiting for a decision");
+}
+
+#[test]
+fn restart_resends_in_flight_work_and_rearms_timers() {
+    let mut t = task();
+    planned(&mut t, vec![spec("a", &[]), spec("b", &[])]);
+    go(
+        &mut t,
+        Input::Executed {
+            step: "a".into(),
+            attempt: 1,
+            reply: done("{}"),
+        },
+    ); // verifying, not committed
+    let fail = ExecReply::Failed {
+        kind: FailureKind::Retryable,
+        message: "503".into(),
+        output: None,
+    };
+    go(
+        &mut t,
+        Input::Executed {
+            step: "b".into(),
+            attempt: 1,
+            reply: fail,
+        },
+    );
+    let tr = go(&mut t, Input::Start);
+    assert_eq!(
+        tr.actions,
+        vec![
+            exec("a", 1),
+            Action::RetryAt {
+                step: "b".into(),
+                attempt: 2,
+                at_ms: 2_050
+            }
+        ]
+    );
+    assert!(!tr.commit);
+}
+
+#[test]
+fn cancel_skips_the_rest_and_is_refused_once_terminal() {
+    let mut t = task();
+    planned(&mut t, vec![spec("a", &[]), spec("b", &["a"])]);
+    let tr = go(
+        &mut t,
+        Input::Cancel {
+            reason: "not needed".into(),
+        },
+    );
+    assert_eq!(t.status, TaskStatus::Cancelled);
+    assert_eq!(kinds(&tr), ["cancelled"]);
+    assert!(t.steps.iter().all(|s| s.status == StepStatus::Skipped));
+    assert_eq!(
+        apply(
+            &mut t,
+            Input::Cancel {
+                reason: "again".into()
+            },
+            0,
+            0.0,
+            &limits()
+        )
+        .unwrap_err(),
+        Rejected("task is already cancelled".into())
+    );
+    let tr = go(
+        &mut t,
+        Input::Executed {
+            step: "a".into(),
+            attempt: 1,
+            reply: done("{}"),
+        },
+    );
+    assert!(
+        tr.actions.is_empty(),
+        "late replies after cancel do nothing"
+    );
+}
+
+#[test]
+fn planner_rejection_and_hop_failures_fail_the_task_after_bounded_retries() {
+    let mut t = task();
+    go(&mut t, Input::Start);
+    let mut r = t.clone();
+    go(
+        &mut r,
+        Input::Planned(PlanReply::Rejected {
+            code: ErrorCode::InvalidInput,
+            message: "`input.x` is missing".into(),
+        }),
+    );
+    assert_eq!(r.status, TaskStatus::Failed);
+    for _ in 0..2 {
+        let tr = go(&mut t, Input::PlanUnavailable("no responders".into()));
+        assert!(matches!(tr.actions[..], [Action::HopAt { .. }]));
+        assert_eq!(go(&mut t, Input::HopDue).actions, vec![Action::RequestPlan]);
+    }
+    go(&mut t, Input::PlanUnavailable("no responders".into()));
+    assert_eq!(t.status, TaskStatus::Failed);
+}
+
+#[test]
+fn task_level_check_failure_fails_the_task() {
+    let mut t = task();
+    go(&mut t, Input::Start);
+    let checks = vec![TaskCheck {
+        step: "a".into(),
+        criteria: Criteria::default(),
+    }];
+    go(
+        &mut t,
+        Input::Planned(PlanReply::Planned {
+            steps: vec![spec("a", &[])],
+            checks,
+            playbook_version: "1".into(),
+        }),
+    );
+    go(
+        &mut t,
+        Input::Executed {
+            step: "a".into(),
+            attempt: 1,
+            reply: done("{}"),
+        },
+    );
+    go(
+        &mut t,
+        Input::Verified {
+            step: "a".into(),
+            attempt: 1,
+            verdict: pass(),
+        },
+    );
+    go(
+        &mut t,
+        Input::TaskVerified(Verdict {
+            passed: false,
+            reasons: vec!["FAILED: name".into()],
+        }),
+    );
+    assert_eq!(t.status, TaskStatus::Failed);
+    assert_eq!(
+        t.failure.as_deref(),
+        Some("task verification failed: FAILED: name")
+    );
+}

@@ -1,1 +1,151 @@
+//! Playbook validation: every error names the file, the step and the problem.
 
+use super::*;
+
+fn defaults() -> StepDefaults {
+    StepDefaults {
+        max_attempts: 3,
+        timeout_ms: 1000,
+    }
+}
+
+fn parse(text: &str) -> Result<Playbook, PlaybookError> {
+    Playbook::parse(text, Path::new("pb.toml"), &defaults())
+}
+
+fn err(text: &str) -> String {
+    parse(text).expect_err("must be refused").to_string()
+}
+
+const OK: &str = r#"
+name = "ok"
+[[steps]]
+id = "a"
+tool = "file.write"
+params = { path = "{{input.root}}/x", content = "{{input.text}}" }
+verify = { file_exists = true }
+[[steps]]
+id = "b"
+tool = "http.request"
+depends_on = ["a"]
+params = { url = "{{input.url}}", json = { sha = "{{steps.a.output.sha256}}" } }
+verify = { status_in = [200] }
+"#;
+
+#[test]
+fn a_valid_playbook_plans_with_input() {
+    let pb = parse(OK).unwrap();
+    assert!(pb.version.starts_with("0@"));
+    let (steps, _) = pb
+        .plan(
+            "t1",
+            &serde_json::json!({"root": "/r", "text": "hi", "url": "http://x"}),
+        )
+        .unwrap();
+    assert_eq!(
+        steps[0].params.to_value().unwrap(),
+        serde_json::json!({"path": "/r/x", "content": "hi"})
+    );
+    assert!(
+        steps[1].params.0.contains("{{steps.a.output.sha256}}"),
+        "step outputs render at dispatch"
+    );
+    let missing = pb
+        .plan("t1", &serde_json::json!({"root": "/r"}))
+        .unwrap_err();
+    assert_eq!(missing.to_string(), "step `a`: `input.text` is missing");
+}
+
+#[test]
+fn errors_name_file_step_and_problem() {
+    assert_eq!(
+        err("name = \"x\"\n"),
+        "pb.toml: has 0 steps; a playbook has 1 to 7 steps"
+    );
+    let eight: String = (0..8).map(|i| format!("[[steps]]\nid = \"s{i}\"\ntool = \"file.write\"\nparams = {{ path = \"/a\", content = \"\" }}\nverify = {{ file_exists = true }}\n")).collect();
+    assert!(err(&format!("name = \"x\"\n{eight}")).contains("has 8 steps"));
+    let unknown_tool = OK.replace("http.request", "http.get");
+    assert!(err(&unknown_tool).contains(
+        "pb.toml: step `b`: unknown tool `http.get` (known: file.write, http.request, shell.run)"
+    ));
+    let bad_dep = OK.replace("depends_on = [\"a\"]", "depends_on = [\"zz\"]");
+    assert_eq!(
+        err(&bad_dep),
+        "pb.toml: step `b`: depends_on names `zz`, which is not a step"
+    );
+    let undeclared = OK.replace("depends_on = [\"a\"]\n", "");
+    assert!(
+        err(&undeclared).contains("reads step `a`, which must be in depends_on"),
+        "{}",
+        err(&undeclared)
+    );
+    let typo = OK.replace("file_exists", "file_exist");
+    assert!(
+        err(&typo).contains("unknown field `file_exist`"),
+        "{}",
+        err(&typo)
+    );
+    let no_verify = OK.replace("verify = { status_in = [200] }", "");
+    assert_eq!(
+        err(&no_verify),
+        "pb.toml: step `b`: has no `verify` criteria"
+    );
+    let bad_param = OK.replace("json = {", "jsn = {");
+    assert!(err(&bad_param).contains("`http.request` has no param `jsn`"));
+    let missing_param = OK.replace("content = \"{{input.text}}\"", "");
+    assert!(err(&missing_param).contains("`file.write` needs param `content`"));
+    let bad_template = OK.replace("{{input.text}}", "{{input.text");
+    assert!(err(&bad_template).contains("unclosed"));
+    let bad_root = OK.replace("{{input.text}}", "{{secrets.x}}");
+    assert!(err(&bad_root).contains("templates read input.*"));
+    let dup = OK.replace("id = \"b\"", "id = \"a\"");
+    assert!(err(&dup).contains("id is used twice"));
+    let bad_toml = "name = \"x\"\n[[steps]\n";
+    assert!(err(bad_toml).starts_with("pb.toml: "));
+}
+
+#[test]
+fn cycles_are_refused() {
+    let cyclic = r#"
+name = "c"
+[[steps]]
+id = "a"
+tool = "file.write"
+depends_on = ["b"]
+params = { path = "/a", content = "" }
+verify = { file_exists = true }
+[[steps]]
+id = "b"
+tool = "file.write"
+depends_on = ["a"]
+params = { path = "/b", content = "" }
+verify = { file_exists = true }
+"#;
+    assert_eq!(
+        err(cyclic),
+        "pb.toml: depends_on forms a cycle among steps a, b"
+    );
+}
+
+#[test]
+fn shipped_playbooks_load() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../playbooks");
+    let catalog = Catalog::load_dir(&dir, &defaults()).unwrap();
+    assert_eq!(catalog.names(), ["client-onboarding", "weekly-newsletter"]);
+}
+
+#[test]
+fn a_directory_reports_every_bad_file_and_duplicate_names() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("a.toml"), OK).unwrap();
+    std::fs::write(dir.path().join("b.toml"), OK).unwrap();
+    std::fs::write(dir.path().join("c.toml"), "name = 1").unwrap();
+    let errors = Catalog::load_dir(dir.path(), &defaults()).unwrap_err();
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(
+        errors[0]
+            .to_string()
+            .contains("b.toml: name `ok` is also used by")
+    );
+    assert!(errors[1].to_string().contains("c.toml"));
+}

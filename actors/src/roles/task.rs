@@ -34,6 +34,9 @@ pub struct TaskArgs {
     pub task_id: String,
     /// Fail the task with this reason on start (its actor kept crashing).
     pub abandon: Option<String>,
+    /// Started to receive a cancel/resolve: stay up after `Start` even if parked, or
+    /// the control message that follows would find the actor gone.
+    pub hold_after_start: bool,
 }
 
 pub struct TaskState {
@@ -42,6 +45,7 @@ pub struct TaskState {
     rng: StdRng,
     /// When each running step was sent, for the step-duration histogram.
     sent_at: Vec<Option<Instant>>,
+    hold_after_start: bool,
 }
 
 pub enum TaskMsg {
@@ -85,6 +89,7 @@ impl Actor for TaskActor {
             task,
             rng: StdRng::seed_from_u64(seed),
             sent_at,
+            hold_after_start: args.hold_after_start,
         })
     }
 
@@ -94,8 +99,10 @@ impl Actor for TaskActor {
         msg: TaskMsg,
         state: &mut TaskState,
     ) -> Result<(), ActorProcessingErr> {
+        let mut hold = false;
         match msg {
             TaskMsg::Input(input) => {
+                hold = matches!(input, Input::Start) && std::mem::take(&mut state.hold_after_start);
                 // Inputs the state does not allow are programming errors in the
                 // machine's callers; they are only produced by Cancel/Resolve.
                 let _ = state.apply(&myself, input).await?;
@@ -116,7 +123,7 @@ impl Actor for TaskActor {
                 let _ = reply.send(result.map(|()| state.task.status));
             }
         }
-        if state.should_stop() {
+        if !hold && state.should_stop() {
             myself.stop(Some(state.task.status.to_string()));
         }
         Ok(())

@@ -225,6 +225,16 @@ impl TaskSupervisorState {
         task_id: &str,
         abandon: Option<String>,
     ) -> Option<ActorRef<TaskMsg>> {
+        self.spawn(myself, task_id, abandon, false).await
+    }
+
+    async fn spawn(
+        &mut self,
+        myself: &ActorRef<TaskSupervisorMsg>,
+        task_id: &str,
+        abandon: Option<String>,
+        hold_after_start: bool,
+    ) -> Option<ActorRef<TaskMsg>> {
         if let Some(actor) = self.running.get(task_id) {
             return Some(actor.clone());
         }
@@ -232,6 +242,7 @@ impl TaskSupervisorState {
             ctx: self.ctx.clone(),
             task_id: task_id.to_string(),
             abandon,
+            hold_after_start,
         };
         match Actor::spawn_linked(None, TaskActor, args, myself.get_cell()).await {
             Ok((actor, _)) => {
@@ -279,7 +290,9 @@ impl TaskSupervisorState {
                 }
             }
         }
-        let Some(actor) = self.ensure(myself, task_id, None).await else {
+        // A parked task's actor is started to take this message: it must not passivate
+        // before the message arrives.
+        let Some(actor) = self.spawn(myself, task_id, None, true).await else {
             let _ = reply.send(Err(ControlError::Unavailable(
                 "cannot start the task's actor".into(),
             )));
