@@ -20,6 +20,10 @@ pub struct Metrics {
     pub effects_outcome_unknown_total: IntCounterVec,
     pub input_rejected_total: IntCounterVec,
     pub commit_seconds: Histogram,
+    /// Set from the store's counters at scrape time.
+    pub store_commits: IntGauge,
+    pub store_fsyncs: IntGauge,
+    pub store_size_bytes: IntGauge,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -110,6 +114,23 @@ impl Metrics {
                 .buckets(LATENCY_BUCKETS.to_vec()),
         )?;
         registry.register(Box::new(commit_seconds.clone()))?;
+        let gauge = |name: &str, help: &str| -> Result<IntGauge, prometheus::Error> {
+            let g = IntGauge::new(name, help)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        let store_commits = gauge(
+            "cadre_store_synced_commits",
+            "Synced commits requested since start (one per transition).",
+        )?;
+        let store_fsyncs = gauge(
+            "cadre_store_fsyncs",
+            "fsyncs issued by the group-commit writer since start.",
+        )?;
+        let store_size_bytes = gauge(
+            "cadre_store_size_bytes",
+            "Approximate size of the RocksDB SST files.",
+        )?;
         Ok(Metrics {
             registry,
             tasks_submitted_total,
@@ -125,6 +146,9 @@ impl Metrics {
             effects_outcome_unknown_total,
             input_rejected_total,
             commit_seconds,
+            store_commits,
+            store_fsyncs,
+            store_size_bytes,
         })
     }
 }

@@ -117,12 +117,14 @@ pub fn cadre_bin() -> anyhow::Result<PathBuf> {
         return Ok(PathBuf::from(bin));
     }
     let exe = std::env::current_exe()?;
-    // target/<profile>/deps/<test-binary> → target/<profile>/cadre
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(|d| d.join("cadre"))
-        .context("no target dir")?;
+    // A test runs from target/<profile>/deps/, a bin (the benchmark) from target/<profile>/.
+    let dir = exe.parent().context("no target dir")?;
+    let dir = if dir.ends_with("deps") {
+        dir.parent().context("no target dir")?
+    } else {
+        dir
+    };
+    let bin = dir.join("cadre");
     if !bin.exists() {
         bail!(
             "{} is missing: run `cargo build --bin cadre` first (the test command does)",
@@ -220,6 +222,18 @@ impl CadreNode {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// `CADRE_METRICS_ADDR` of this node.
+    pub fn metrics_addr(&self) -> Option<&str> {
+        self.env
+            .iter()
+            .find(|(k, _)| k == "CADRE_METRICS_ADDR")
+            .map(|(_, v)| v.as_str())
     }
 
     pub fn kill9(&mut self) {

@@ -22,6 +22,14 @@ pub async fn serve(listener: tokio::net::TcpListener, ctx: Arc<NodeContext>) {
 }
 
 async fn metrics(State(ctx): State<Arc<NodeContext>>) -> impl IntoResponse {
+    let stats = ctx.store.stats();
+    let load =
+        |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed) as i64;
+    ctx.metrics.store_commits.set(load(&stats.commits));
+    ctx.metrics.store_fsyncs.set(load(&stats.syncs));
+    ctx.metrics
+        .store_size_bytes
+        .set(ctx.store.size_bytes() as i64);
     let mut body = Vec::new();
     let families = ctx.metrics.registry.gather();
     match TextEncoder::new().encode(&families, &mut body) {

