@@ -172,6 +172,15 @@ fn main() {
             Command::Playbook(PlaybookCommand::Check { dir }) => playbook_check(&dir),
             Command::Setup(opts) => client_main(opts, |c| async move { setup(&c).await }).await,
             Command::Task(TaskArgs { opts, command }) => {
+                // Bad input is a usage error (exit 2) whether or not NATS is reachable.
+                if let TaskCommand::Submit {
+                    input: Some(text), ..
+                } = &command
+                    && let Err(e) = parse_input(text)
+                {
+                    eprintln!("cadre: {e}");
+                    return e.exit_code();
+                }
                 client_main(opts, |c| task(c, command)).await
             }
         }
