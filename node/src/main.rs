@@ -149,6 +149,7 @@ enum TaskCommand {
 #[derive(Clone, Copy, ValueEnum)]
 enum Decision {
     Retry,
+    #[value(name = "mark_done")]
     MarkDone,
     Abort,
 }
