@@ -32,6 +32,13 @@ const LATENCY_BUCKETS: &[f64] = &[
 ];
 
 impl Metrics {
+    /// Counts a request refused with an error reply.
+    pub fn rejected(&self, subject: &str, code: crate::protocol::ErrorCode) {
+        self.input_rejected_total
+            .with_label_values(&[subject, code.as_str()])
+            .inc();
+    }
+
     pub fn new() -> Result<Metrics, prometheus::Error> {
         let registry = Registry::new();
         let counter =

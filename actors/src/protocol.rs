@@ -262,6 +262,24 @@ pub enum ErrorCode {
     Internal,
 }
 
+impl ErrorCode {
+    /// The wire spelling (`bad_json`), for metric labels and messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadJson => "bad_json",
+            ErrorCode::InvalidRequest => "invalid_request",
+            ErrorCode::UnknownPlaybook => "unknown_playbook",
+            ErrorCode::InvalidInput => "invalid_input",
+            ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::GoalNotSupported => "goal_not_supported",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::Conflict => "conflict",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
 impl ErrorReply {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> ErrorReply {
         ErrorReply {
@@ -396,6 +414,24 @@ mod tests {
         let r: SubmitRequest = serde_json::from_str(r#"{"playbook":"x"}"#).unwrap();
         assert_eq!(r.input, serde_json::json!({}));
         assert!(serde_json::from_str::<SubmitRequest>(r#"{"playbook":"x","bogus":1}"#).is_err());
+    }
+
+    #[test]
+    fn error_code_spelling_matches_serde() {
+        for code in [
+            ErrorCode::BadJson,
+            ErrorCode::InvalidRequest,
+            ErrorCode::UnknownPlaybook,
+            ErrorCode::InvalidInput,
+            ErrorCode::PayloadTooLarge,
+            ErrorCode::GoalNotSupported,
+            ErrorCode::NotFound,
+            ErrorCode::Conflict,
+            ErrorCode::Unavailable,
+            ErrorCode::Internal,
+        ] {
+            assert_eq!(serde_json::to_value(code).unwrap(), code.as_str());
+        }
     }
 
     #[test]

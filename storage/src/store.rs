@@ -23,11 +23,12 @@ const GROUP_BATCHES_MAX: usize = 2048;
 pub enum Cf {
     /// task_id → task record (the TaskActor's checkpoint).
     Tasks,
-    /// task_id → () for every non-terminal task: what a restart resumes.
+    /// task_id → parked flag (bool) for every non-terminal task: what a restart resumes
+    /// (parked tasks wait for an operator and are not started).
     Active,
     /// big-endian u64 sequence → message to publish (the transactional outbox).
     Outbox,
-    /// idempotency key / attempt → effect ledger entry.
+    /// `<task_id>/<step_id>/<attempt>` → effect ledger entry.
     Effects,
     /// client idempotency key → task_id.
     IntakeKeys,
@@ -82,6 +83,8 @@ pub enum StoreError {
     TooNew { path: PathBuf, found: u32 },
     #[error("synced commit failed: {0}")]
     Commit(String),
+    #[error("cannot start the commit writer thread: {0}")]
+    WriterThread(std::io::Error),
     #[error("the store's commit writer has stopped")]
     WriterGone,
     #[error("cannot create the data directory {path}: {source}")]
@@ -237,10 +240,7 @@ impl Store {
             std::thread::Builder::new()
                 .name("cadre-commit".into())
                 .spawn(move || group_commit_writer(db, rx, stats))
-                .map_err(|source| StoreError::DataDir {
-                    path: path.to_path_buf(),
-                    source,
-                })?
+                .map_err(StoreError::WriterThread)?
         };
         let store = Store {
             inner: Arc::new(Inner {

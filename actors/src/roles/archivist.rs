@@ -12,6 +12,7 @@ use crate::context::NodeContext;
 use crate::model::Episode;
 use crate::protocol::{ArchiveReply, ArchiveRequest, subject};
 
+#[derive(Clone, Copy)]
 pub struct Archivist;
 
 pub struct ArchivistArgs {

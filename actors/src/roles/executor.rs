@@ -28,6 +28,7 @@ use crate::model::JsonText;
 use crate::protocol::{ExecReply, ExecRequest, FailureKind, subject};
 use crate::tools::{Call, IdempotencyClass, Tool, ToolError};
 
+#[derive(Clone, Copy)]
 pub struct Executor;
 
 pub struct ExecutorArgs {

@@ -35,6 +35,7 @@ pub const IDEMPOTENCY_KEY_BYTES_MAX: usize = 256;
 /// Where enqueued messages that fail validation are reported (nobody waits for a reply).
 pub const INTAKE_REJECTED: &str = "cadre.events.intake.rejected";
 
+#[derive(Clone, Copy)]
 pub struct Intake;
 
 pub struct IntakeArgs {
@@ -253,15 +254,7 @@ impl IntakeState {
     }
 
     fn rejected(&self, subject: &str, e: &ErrorReply) {
-        let code = serde_json::to_value(e.error.code)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_string))
-            .unwrap_or_default();
-        self.ctx
-            .metrics
-            .input_rejected_total
-            .with_label_values(&[subject, &code])
-            .inc();
+        self.ctx.metrics.rejected(subject, e.error.code);
     }
 
     async fn accept(

@@ -10,6 +10,7 @@ use crate::context::NodeContext;
 use crate::playbook::Catalog;
 use crate::protocol::{ErrorCode, PlanReply, PlanRequest, subject};
 
+#[derive(Clone, Copy)]
 pub struct Planner;
 
 pub struct PlannerArgs {

@@ -13,6 +13,7 @@ use storage::{Batch, Cf};
 
 use crate::context::{NodeContext, OutboxEntry};
 
+#[derive(Clone, Copy)]
 pub struct Relay;
 
 pub struct RelayArgs {

@@ -250,8 +250,7 @@ impl TaskState {
     }
 
     fn act(&mut self, myself: &ActorRef<TaskMsg>, action: Action) {
-        let ctx = self.ctx.clone();
-        let me = myself.clone();
+        let ctx = &self.ctx;
         let hop_timeout = ctx.settings.hop_timeout;
         match action {
             Action::RequestPlan => {
@@ -260,20 +259,17 @@ impl TaskState {
                     playbook: self.task.playbook.clone(),
                     input: self.task.input.clone(),
                 };
-                tokio::spawn(async move {
-                    let input = match bus::request_wire::<_, PlanReply>(
-                        &ctx.nats,
-                        subject::PLAN.into(),
-                        &req,
-                        hop_timeout,
-                    )
-                    .await
-                    {
+                hop(
+                    ctx,
+                    myself,
+                    subject::PLAN.into(),
+                    req,
+                    hop_timeout,
+                    |r: Result<PlanReply, HopError>| match r {
                         Ok(reply) => Input::Planned(reply),
                         Err(e) => Input::PlanUnavailable(e.to_string()),
-                    };
-                    let _ = me.cast(TaskMsg::Input(input));
-                });
+                    },
+                );
             }
             Action::Exec { step, attempt } => {
                 // Draining: leave the step as checkpointed (running); the next start
@@ -292,7 +288,7 @@ impl TaskState {
                             message,
                             output: None,
                         };
-                        let _ = me.cast(TaskMsg::Input(Input::Executed {
+                        let _ = myself.cast(TaskMsg::Input(Input::Executed {
                             step,
                             attempt,
                             reply,
@@ -305,25 +301,26 @@ impl TaskState {
                 }
                 let timeout =
                     Duration::from_millis(req.timeout_ms) + ctx.settings.exec_timeout_margin;
-                tokio::spawn(async move {
-                    let subject = subject::exec(&req.tool);
-                    let input =
-                        match bus::request_wire::<_, ExecReply>(&ctx.nats, subject, &req, timeout)
-                            .await
-                        {
-                            Ok(reply) => Input::Executed {
-                                step,
-                                attempt,
-                                reply,
-                            },
-                            Err(e) => Input::ExecUnanswered {
-                                step,
-                                attempt,
-                                error: e.to_string(),
-                            },
-                        };
-                    let _ = me.cast(TaskMsg::Input(input));
-                });
+                let subject = subject::exec(&req.tool);
+                hop(
+                    ctx,
+                    myself,
+                    subject,
+                    req,
+                    timeout,
+                    move |r: Result<ExecReply, HopError>| match r {
+                        Ok(reply) => Input::Executed {
+                            step,
+                            attempt,
+                            reply,
+                        },
+                        Err(e) => Input::ExecUnanswered {
+                            step,
+                            attempt,
+                            error: e.to_string(),
+                        },
+                    },
+                );
             }
             Action::Verify { step, attempt } => {
                 let Some(s) = self.task.step(&step) else {
@@ -337,8 +334,13 @@ impl TaskState {
                     criteria: s.spec.verify.clone(),
                     output: s.output.clone().unwrap_or_else(JsonText::null),
                 };
-                tokio::spawn(async move {
-                    let input = match verify(&ctx, &req, hop_timeout).await {
+                hop(
+                    ctx,
+                    myself,
+                    subject::VERIFY.into(),
+                    req,
+                    hop_timeout,
+                    move |r: Result<Verdict, HopError>| match r {
                         Ok(verdict) => Input::Verified {
                             step,
                             attempt,
@@ -349,9 +351,8 @@ impl TaskState {
                             attempt,
                             error: e.to_string(),
                         },
-                    };
-                    let _ = me.cast(TaskMsg::Input(input));
-                });
+                    },
+                );
             }
             Action::VerifyTask => {
                 let req = VerifyRequest::Task {
@@ -359,13 +360,17 @@ impl TaskState {
                     checks: self.task.checks.clone(),
                     outputs: self.outputs(),
                 };
-                tokio::spawn(async move {
-                    let input = match verify(&ctx, &req, hop_timeout).await {
+                hop(
+                    ctx,
+                    myself,
+                    subject::VERIFY.into(),
+                    req,
+                    hop_timeout,
+                    |r: Result<Verdict, HopError>| match r {
                         Ok(verdict) => Input::TaskVerified(verdict),
                         Err(e) => Input::TaskVerifyUnavailable(e.to_string()),
-                    };
-                    let _ = me.cast(TaskMsg::Input(input));
-                });
+                    },
+                );
             }
             Action::Archive => {
                 let req = ArchiveRequest {
@@ -387,38 +392,25 @@ impl TaskState {
                     started_at_ms: self.task.created_at_ms,
                     finished_at_ms: self.task.updated_at_ms,
                 };
-                tokio::spawn(async move {
-                    let reply = bus::request_wire::<_, ArchiveReply>(
-                        &ctx.nats,
-                        subject::ARCHIVE.into(),
-                        &req,
-                        hop_timeout,
-                    )
-                    .await
-                    .unwrap_or_else(|e| ArchiveReply::Failed {
-                        message: e.to_string(),
-                    });
-                    let _ = me.cast(TaskMsg::Input(Input::Archived(reply)));
-                });
+                hop(
+                    ctx,
+                    myself,
+                    subject::ARCHIVE.into(),
+                    req,
+                    hop_timeout,
+                    |r: Result<ArchiveReply, HopError>| {
+                        Input::Archived(r.unwrap_or_else(|e| ArchiveReply::Failed {
+                            message: e.to_string(),
+                        }))
+                    },
+                );
             }
             Action::RetryAt {
                 step,
                 attempt,
                 at_ms,
-            } => {
-                let delay = Duration::from_millis(at_ms.saturating_sub(ctx.now_ms()));
-                tokio::spawn(async move {
-                    tokio::time::sleep(delay).await;
-                    let _ = me.cast(TaskMsg::Input(Input::RetryDue { step, attempt }));
-                });
-            }
-            Action::HopAt { at_ms } => {
-                let delay = Duration::from_millis(at_ms.saturating_sub(ctx.now_ms()));
-                tokio::spawn(async move {
-                    tokio::time::sleep(delay).await;
-                    let _ = me.cast(TaskMsg::Input(Input::HopDue));
-                });
-            }
+            } => deliver_at(ctx, myself, at_ms, Input::RetryDue { step, attempt }),
+            Action::HopAt { at_ms } => deliver_at(ctx, myself, at_ms, Input::HopDue),
         }
     }
 
@@ -472,12 +464,34 @@ impl TaskState {
     }
 }
 
-async fn verify(
-    ctx: &NodeContext,
-    req: &VerifyRequest,
+/// Sends `req` to another role without blocking the actor; the reply (or why there
+/// was none) comes back to it as an input.
+fn hop<Req, Rep>(
+    ctx: &Arc<NodeContext>,
+    me: &ActorRef<TaskMsg>,
+    subject: String,
+    req: Req,
     timeout: Duration,
-) -> Result<Verdict, HopError> {
-    bus::request_wire::<_, Verdict>(&ctx.nats, subject::VERIFY.into(), req, timeout).await
+    to_input: impl FnOnce(Result<Rep, HopError>) -> Input + Send + 'static,
+) where
+    Req: serde::Serialize + Send + Sync + 'static,
+    Rep: serde::de::DeserializeOwned + Send + 'static,
+{
+    let (ctx, me) = (ctx.clone(), me.clone());
+    tokio::spawn(async move {
+        let reply = bus::request_wire::<_, Rep>(&ctx.nats, subject, &req, timeout).await;
+        let _ = me.cast(TaskMsg::Input(to_input(reply)));
+    });
+}
+
+/// Delivers `input` to the actor at `at_ms` (by the injected clock).
+fn deliver_at(ctx: &NodeContext, me: &ActorRef<TaskMsg>, at_ms: u64, input: Input) {
+    let delay = Duration::from_millis(at_ms.saturating_sub(ctx.now_ms()));
+    let me = me.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(delay).await;
+        let _ = me.cast(TaskMsg::Input(input));
+    });
 }
 
 /// Parked: waiting for an operator with nothing in flight. Its actor can stop; the

@@ -10,7 +10,7 @@ use tokio::task::JoinHandle;
 
 use crate::bus::{self, Inbound};
 use crate::context::NodeContext;
-use crate::model::{JsonText, Task};
+use crate::model::{JsonText, Task, TaskStatus};
 use crate::protocol::{
     Attention, CancelRequest, ErrorCode, ErrorReply, LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX, ListReply,
     ListRequest, ResolveRequest, StepView, TaskRef, TaskStatusReply, TaskSummary, TaskView,
@@ -23,6 +23,7 @@ use crate::roles::{TASKS, lookup};
 /// Keys a filtered list examines per page at most.
 const LIST_SCAN_MAX: usize = 20_000;
 
+#[derive(Clone, Copy)]
 pub struct TaskApi;
 
 pub struct TaskApiArgs {
@@ -109,48 +110,10 @@ impl Actor for TaskApi {
                 respond(ctx, subject::TASKS_LIST, inbound.msg.reply, reply).await;
             }
             TaskApiMsg::Cancel(inbound) => {
-                let ctx = ctx.clone();
-                tokio::spawn(async move {
-                    let Inbound { msg, permit } = inbound;
-                    let reply = match parse_json::<CancelRequest>(&msg.payload, max) {
-                        Ok(r) => {
-                            let reason = r.reason.unwrap_or_else(|| "cancelled by operator".into());
-                            let task_id = r.task_id.clone();
-                            control(&ctx, &r.task_id, |reply| TaskSupervisorMsg::Cancel {
-                                task_id,
-                                reason,
-                                reply,
-                            })
-                            .await
-                        }
-                        Err(e) => Err(e),
-                    };
-                    respond(&ctx, subject::TASKS_CANCEL, msg.reply, reply).await;
-                    drop(permit);
-                });
+                spawn_control::<CancelRequest>(ctx, inbound, subject::TASKS_CANCEL)
             }
             TaskApiMsg::Resolve(inbound) => {
-                let ctx = ctx.clone();
-                tokio::spawn(async move {
-                    let Inbound { msg, permit } = inbound;
-                    let reply = match parse_json::<ResolveRequest>(&msg.payload, max) {
-                        Ok(r) => {
-                            let task_id = r.task_id.clone();
-                            let by = r.by.unwrap_or_default();
-                            control(&ctx, &r.task_id, |reply| TaskSupervisorMsg::Resolve {
-                                task_id,
-                                step: r.step_id,
-                                decision: r.decision,
-                                by,
-                                reply,
-                            })
-                            .await
-                        }
-                        Err(e) => Err(e),
-                    };
-                    respond(&ctx, subject::TASKS_RESOLVE, msg.reply, reply).await;
-                    drop(permit);
-                });
+                spawn_control::<ResolveRequest>(ctx, inbound, subject::TASKS_RESOLVE)
             }
         }
         Ok(())
@@ -177,14 +140,7 @@ async fn respond<T: serde::Serialize>(
     match result {
         Ok(value) => bus::reply_json(&ctx.nats, reply, &value).await,
         Err(e) => {
-            let code = serde_json::to_value(e.error.code)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_string))
-                .unwrap_or_default();
-            ctx.metrics
-                .input_rejected_total
-                .with_label_values(&[subject, &code])
-                .inc();
+            ctx.metrics.rejected(subject, e.error.code);
             bus::reply_json(&ctx.nats, reply, &e).await;
         }
     }
@@ -248,14 +204,76 @@ fn list(ctx: &NodeContext, req: &ListRequest) -> Result<ListReply, ErrorReply> {
     Ok(ListReply { tasks, next })
 }
 
-async fn control(
+/// A request that goes to the task's own actor (through the task supervisor).
+trait ControlRequest: serde::de::DeserializeOwned + Send + 'static {
+    fn task_id(&self) -> &str;
+    fn into_msg(
+        self,
+        reply: ractor::RpcReplyPort<Result<TaskStatus, ControlError>>,
+    ) -> TaskSupervisorMsg;
+}
+
+impl ControlRequest for CancelRequest {
+    fn task_id(&self) -> &str {
+        &self.task_id
+    }
+    fn into_msg(
+        self,
+        reply: ractor::RpcReplyPort<Result<TaskStatus, ControlError>>,
+    ) -> TaskSupervisorMsg {
+        let reason = self
+            .reason
+            .unwrap_or_else(|| "cancelled by operator".into());
+        TaskSupervisorMsg::Cancel {
+            task_id: self.task_id,
+            reason,
+            reply,
+        }
+    }
+}
+
+impl ControlRequest for ResolveRequest {
+    fn task_id(&self) -> &str {
+        &self.task_id
+    }
+    fn into_msg(
+        self,
+        reply: ractor::RpcReplyPort<Result<TaskStatus, ControlError>>,
+    ) -> TaskSupervisorMsg {
+        TaskSupervisorMsg::Resolve {
+            task_id: self.task_id,
+            step: self.step_id,
+            decision: self.decision,
+            by: self.by.unwrap_or_default(),
+            reply,
+        }
+    }
+}
+
+/// Handles a control request off the actor's mailbox: the answer waits on the task's actor.
+fn spawn_control<R: ControlRequest>(
+    ctx: &Arc<NodeContext>,
+    inbound: Inbound,
+    subject: &'static str,
+) {
+    let ctx = ctx.clone();
+    tokio::spawn(async move {
+        let Inbound { msg, permit } = inbound;
+        let reply = match parse_json::<R>(&msg.payload, ctx.settings.payload_bytes_max) {
+            Ok(request) => control(&ctx, request).await,
+            Err(e) => Err(e),
+        };
+        respond(&ctx, subject, msg.reply, reply).await;
+        drop(permit);
+    });
+}
+
+async fn control<R: ControlRequest>(
     ctx: &NodeContext,
-    task_id: &str,
-    build: impl FnOnce(
-        ractor::RpcReplyPort<Result<crate::model::TaskStatus, ControlError>>,
-    ) -> TaskSupervisorMsg,
+    request: R,
 ) -> Result<TaskStatusReply, ErrorReply> {
-    if !subject::is_token(task_id) {
+    let task_id = request.task_id().to_string();
+    if !subject::is_token(&task_id) {
         return Err(ErrorReply::new(
             ErrorCode::InvalidRequest,
             "task_id must be letters, digits, `-` or `_`",
@@ -267,11 +285,14 @@ async fn control(
             "the task supervisor is restarting; retry",
         ));
     };
-    match tasks.call(build, Some(ctx.settings.hop_timeout * 2)).await {
-        Ok(ractor::rpc::CallResult::Success(Ok(status))) => Ok(TaskStatusReply {
-            task_id: task_id.to_string(),
-            status,
-        }),
+    match tasks
+        .call(
+            |reply| request.into_msg(reply),
+            Some(ctx.settings.hop_timeout * 2),
+        )
+        .await
+    {
+        Ok(ractor::rpc::CallResult::Success(Ok(status))) => Ok(TaskStatusReply { task_id, status }),
         Ok(ractor::rpc::CallResult::Success(Err(e))) => Err(match e {
             ControlError::NotFound(_) => ErrorReply::new(ErrorCode::NotFound, e.to_string()),
             ControlError::Conflict(_) => ErrorReply::new(ErrorCode::Conflict, e.to_string()),
@@ -317,7 +338,7 @@ pub fn view(task: &Task) -> TaskView {
         result: task
             .task_verdict
             .as_ref()
-            .filter(|_| task.status == crate::model::TaskStatus::Succeeded)
+            .filter(|_| task.status == TaskStatus::Succeeded)
             .map(|v| serde_json::json!({"verdict": v.reasons, "archived": true})),
         failure: task.failure.clone(),
         attention: task.attention.as_ref().map(|(step_id, reason)| Attention {

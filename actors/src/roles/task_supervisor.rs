@@ -15,6 +15,7 @@ use crate::model::{DecisionKind, Task, TaskStatus};
 use crate::roles::supervisor::RestartPolicy;
 use crate::roles::task::{TaskActor, TaskArgs, TaskMsg};
 
+#[derive(Clone, Copy)]
 pub struct TaskSupervisor;
 
 pub struct TaskSupervisorArgs {

@@ -12,6 +12,7 @@ use crate::context::NodeContext;
 use crate::criteria;
 use crate::protocol::{Verdict, VerifyRequest, subject};
 
+#[derive(Clone, Copy)]
 pub struct Verifier;
 
 pub struct VerifierArgs {
