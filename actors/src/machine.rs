@@ -65,6 +65,11 @@ pub enum Input {
         step: String,
         attempt: u32,
     },
+    /// A step's verification is due again (the verifier did not answer).
+    VerifyDue {
+        step: String,
+        attempt: u32,
+    },
     /// A delayed plan/verify/archive hop is due again.
     HopDue,
     Cancel {
@@ -97,6 +102,12 @@ pub enum Action {
     Archive,
     /// Deliver `Input::RetryDue { step, attempt }` at `at_ms`.
     RetryAt {
+        step: String,
+        attempt: u32,
+        at_ms: u64,
+    },
+    /// Deliver `Input::VerifyDue { step, attempt }` at `at_ms`.
+    VerifyAt {
         step: String,
         attempt: u32,
         at_ms: u64,
@@ -184,12 +195,14 @@ impl Cx<'_> {
                 step,
                 attempt,
                 error,
-            } => {
-                let verdict = Verdict {
-                    passed: false,
-                    reasons: vec![format!("verifier unavailable: {error}")],
-                };
-                self.verified(&step, attempt, verdict);
+            } => self.verifier_unanswered(&step, attempt, error),
+            Input::VerifyDue { step, attempt } => {
+                if self
+                    .current(&step, attempt, StepStatus::Verifying)
+                    .is_some()
+                {
+                    self.out.actions.push(Action::Verify { step, attempt });
+                }
             }
             Input::TaskVerified(verdict) => self.task_verified(verdict),
             Input::TaskVerifyUnavailable(error) => self.hop_failed(TaskStatus::Verifying, error),
@@ -393,6 +406,7 @@ impl Cx<'_> {
                 let step = &mut self.task.steps[i];
                 step.output = Some(output);
                 step.error = None;
+                step.redeliveries = 0;
                 step.status = StepStatus::Verifying;
                 // Not committed: the verdict commits output and verdict together.
                 self.out.actions.push(Action::Verify {
@@ -462,6 +476,28 @@ impl Cx<'_> {
         let at_ms = self.now_ms + delay;
         self.event("step_redelivery", Some(step_id), Some(attempt), Some(error));
         self.out.actions.push(Action::RetryAt {
+            step: step_id.to_string(),
+            attempt,
+            at_ms,
+        });
+    }
+
+    /// No verdict came back. The effect already happened, so this must not cost an
+    /// attempt (a new attempt would run the effect again): ask again with backoff, and
+    /// fail the step, without re-running it, if the verifier stays away.
+    fn verifier_unanswered(&mut self, step_id: &str, attempt: u32, error: String) {
+        let Some(i) = self.current(step_id, attempt, StepStatus::Verifying) else {
+            return;
+        };
+        let step = &mut self.task.steps[i];
+        step.redeliveries += 1;
+        let tries = step.redeliveries;
+        if tries > self.limits.redeliveries_max {
+            self.attempt_failed(i, false, format!("no verdict after {tries} tries: {error}"));
+            return;
+        }
+        let at_ms = self.now_ms + self.backoff(tries);
+        self.out.actions.push(Action::VerifyAt {
             step: step_id.to_string(),
             attempt,
             at_ms,

@@ -593,3 +593,69 @@ fn task_level_check_failure_fails_the_task() {
         Some("task verification failed: FAILED: name")
     );
 }
+
+#[test]
+fn an_unanswered_verify_is_asked_again_without_rerunning_the_effect() {
+    let mut t = task();
+    planned(&mut t, vec![spec("a", &[])]);
+    go(
+        &mut t,
+        Input::Executed {
+            step: "a".into(),
+            attempt: 1,
+            reply: done("{}"),
+        },
+    );
+    for n in 1..=2 {
+        let tr = go(
+            &mut t,
+            Input::VerifyUnavailable {
+                step: "a".into(),
+                attempt: 1,
+                error: "timeout".into(),
+            },
+        );
+        assert!(!tr.commit, "nothing durable changed");
+        assert!(
+            matches!(tr.actions[..], [Action::VerifyAt { attempt: 1, .. }]),
+            "try {n}: verify again, same attempt"
+        );
+        let tr = go(
+            &mut t,
+            Input::VerifyDue {
+                step: "a".into(),
+                attempt: 1,
+            },
+        );
+        assert_eq!(
+            tr.actions,
+            vec![Action::Verify {
+                step: "a".into(),
+                attempt: 1
+            }]
+        );
+    }
+    let tr = go(
+        &mut t,
+        Input::VerifyUnavailable {
+            step: "a".into(),
+            attempt: 1,
+            error: "timeout".into(),
+        },
+    );
+    assert!(
+        tr.actions
+            .iter()
+            .all(|a| !matches!(a, Action::Exec { .. } | Action::RetryAt { .. })),
+        "never re-run"
+    );
+    assert_eq!(t.status, TaskStatus::Failed);
+    assert_eq!(t.steps[0].attempts, 1);
+    assert!(
+        t.failure
+            .as_deref()
+            .is_some_and(|f| f.contains("no verdict after 3 tries")),
+        "{:?}",
+        t.failure
+    );
+}

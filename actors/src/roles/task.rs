@@ -410,6 +410,11 @@ impl TaskState {
                 attempt,
                 at_ms,
             } => deliver_at(ctx, myself, at_ms, Input::RetryDue { step, attempt }),
+            Action::VerifyAt {
+                step,
+                attempt,
+                at_ms,
+            } => deliver_at(ctx, myself, at_ms, Input::VerifyDue { step, attempt }),
             Action::HopAt { at_ms } => deliver_at(ctx, myself, at_ms, Input::HopDue),
         }
     }
