@@ -12,7 +12,7 @@ use actors::machine::Limits;
 use actors::metrics::Metrics;
 use actors::playbook::{Catalog, StepDefaults};
 use actors::roles::archivist::{Archivist, ArchivistArgs};
-use actors::roles::executor::{Executor, ExecutorArgs, ExecutorMsg};
+use actors::roles::executor::{EffectsInFlight, Executor, ExecutorArgs, ExecutorMsg};
 use actors::roles::intake::{Intake, IntakeArgs};
 use actors::roles::planner::{Planner, PlannerArgs};
 use actors::roles::relay::{Relay, RelayArgs};
@@ -97,6 +97,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let tool_set = tools::build(&ctx.settings.tools)?;
     let catalog = Arc::new(catalog);
 
+    // Bound before any actor starts, so a taken port fails the start cleanly.
+    let listener = tokio::net::TcpListener::bind(&config.metrics_addr)
+        .await
+        .with_context(|| format!("cannot listen on metrics_addr {}", config.metrics_addr))?;
     let (fatal_tx, mut fatal_rx) = mpsc::unbounded_channel();
     let children = child_specs(&ctx, &catalog, &tool_set);
     let (root, root_handle) = Actor::spawn(
@@ -119,9 +123,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             .ok(),
         None => None,
     };
-    let listener = tokio::net::TcpListener::bind(&config.metrics_addr)
-        .await
-        .with_context(|| format!("cannot listen on metrics_addr {}", config.metrics_addr))?;
     let http_task = tokio::spawn(http::serve(listener, ctx.clone()));
     tracing::info!(node_id = %config.node_id, nats = %url, resumed = ?resumed, playbooks = catalog.len(), "node ready");
 
@@ -203,7 +204,13 @@ fn child_specs(
         }),
         spec(roles::TASKS, node, TaskSupervisor, {
             let ctx = c.clone();
-            move || TaskSupervisorArgs { ctx: ctx.clone() }
+            // First start: the node resumes tasks once every role is up. Restarts resume
+            // at once, because the crashed supervisor's TaskActors died with it.
+            let started = std::sync::atomic::AtomicBool::new(false);
+            move || TaskSupervisorArgs {
+                ctx: ctx.clone(),
+                resume_on_start: started.swap(true, std::sync::atomic::Ordering::SeqCst),
+            }
         }),
         spec(roles::PLANNER, node, Planner, {
             let (ctx, catalog) = (c.clone(), cat.clone());
@@ -214,9 +221,11 @@ fn child_specs(
         }),
         spec(roles::EXECUTOR, node, Executor, {
             let ctx = c.clone();
+            let in_flight = EffectsInFlight::default();
             move || ExecutorArgs {
                 ctx: ctx.clone(),
                 tools: t.clone(),
+                in_flight: in_flight.clone(),
             }
         }),
         spec(roles::VERIFIER, node, Verifier, {

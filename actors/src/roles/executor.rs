@@ -34,9 +34,18 @@ pub struct Executor;
 pub struct ExecutorArgs {
     pub ctx: Arc<NodeContext>,
     pub tools: Vec<Arc<dyn Tool>>,
+    /// Effects running on this node. Owned by whoever spawns the executor, so it
+    /// outlives an executor restart: the runs themselves (tokio tasks) go on, and a
+    /// re-sent request must still find them rather than take them for an earlier
+    /// process's (outcome unknown).
+    pub in_flight: EffectsInFlight,
 }
 
 type Running = Shared<BoxFuture<'static, ExecReply>>;
+
+/// Ledger key → the running effect, for coalescing re-sent requests.
+#[derive(Clone, Default)]
+pub struct EffectsInFlight(Arc<Mutex<HashMap<String, Running>>>);
 
 pub struct ExecutorState {
     ctx: Arc<NodeContext>,
@@ -103,7 +112,7 @@ impl Actor for Executor {
         Ok(ExecutorState {
             ctx,
             tools,
-            running: Arc::default(),
+            running: args.in_flight.0,
             pumps,
         })
     }

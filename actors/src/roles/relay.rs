@@ -43,7 +43,7 @@ impl Actor for Relay {
 
     async fn pre_start(
         &self,
-        myself: ActorRef<RelayMsg>,
+        _: ActorRef<RelayMsg>,
         args: RelayArgs,
     ) -> Result<RelayState, ActorProcessingErr> {
         let mut state = RelayState {
@@ -51,25 +51,7 @@ impl Actor for Relay {
             unflushed: Vec::new(),
             flush_queued: false,
         };
-        let backlog = state.ctx.store.scan::<OutboxEntry>(
-            Cf::Outbox,
-            None,
-            false,
-            usize::MAX,
-            usize::MAX,
-            |_, _| true,
-        )?;
-        if !backlog.is_empty() {
-            tracing::info!(entries = backlog.len(), "relaying outbox backlog");
-            for chunk in backlog.chunks(BACKLOG_PAGE) {
-                let entries = chunk
-                    .iter()
-                    .map(|(k, e)| (crate::context::outbox_seq_of(k), e.clone()))
-                    .collect();
-                publish(&mut state, &myself, entries).await?;
-                flush(&mut state).await?;
-            }
-        }
+        drain_backlog(&mut state).await?;
         Ok(state)
     }
 
@@ -85,12 +67,14 @@ impl Actor for Relay {
         }
     }
 
+    /// Messages still in the mailbox are dropped by a stop, but their entries are in the
+    /// outbox: send everything it holds, so a clean shutdown leaves nothing behind.
     async fn post_stop(
         &self,
         _: ActorRef<RelayMsg>,
         state: &mut RelayState,
     ) -> Result<(), ActorProcessingErr> {
-        flush(state).await
+        drain_backlog(state).await
     }
 }
 
@@ -117,6 +101,40 @@ async fn publish(
     if !state.flush_queued && !state.unflushed.is_empty() {
         state.flush_queued = true;
         myself.cast(RelayMsg::Flush)?;
+    }
+    Ok(())
+}
+
+/// Sends what the outbox holds, a page at a time (flushing and deleting each page).
+async fn drain_backlog(state: &mut RelayState) -> Result<(), ActorProcessingErr> {
+    // What was already published goes first, so it is not sent twice.
+    flush(state).await?;
+    let mut sent = 0;
+    loop {
+        let page = state.ctx.store.scan::<OutboxEntry>(
+            Cf::Outbox,
+            None,
+            false,
+            BACKLOG_PAGE,
+            BACKLOG_PAGE,
+            |_, _| true,
+        )?;
+        if page.is_empty() {
+            break;
+        }
+        sent += page.len();
+        for (key, entry) in page {
+            state
+                .ctx
+                .nats
+                .publish(entry.subject, Bytes::from(entry.payload))
+                .await?;
+            state.unflushed.push(crate::context::outbox_seq_of(&key));
+        }
+        flush(state).await?;
+    }
+    if sent > 0 {
+        tracing::info!(entries = sent, "relayed outbox backlog");
     }
     Ok(())
 }

@@ -20,6 +20,10 @@ pub struct TaskSupervisor;
 
 pub struct TaskSupervisorArgs {
     pub ctx: Arc<NodeContext>,
+    /// Resume every non-terminal task as soon as it starts. False at node start (the
+    /// node resumes once every role is up); true when restarted after a crash, since
+    /// its TaskActors died with it.
+    pub resume_on_start: bool,
 }
 
 pub struct TaskSupervisorState {
@@ -48,6 +52,8 @@ pub enum TaskSupervisorMsg {
     Start(String),
     /// Resume every non-terminal, non-parked task from the store; replies with the count.
     ResumeAll(RpcReplyPort<usize>),
+    /// The same, with no one waiting for the count.
+    Resume,
     Cancel {
         task_id: String,
         reason: String,
@@ -76,9 +82,12 @@ impl Actor for TaskSupervisor {
 
     async fn pre_start(
         &self,
-        _: ActorRef<Self::Msg>,
+        myself: ActorRef<Self::Msg>,
         args: TaskSupervisorArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
+        if args.resume_on_start {
+            myself.cast(TaskSupervisorMsg::Resume)?;
+        }
         let policy = RestartPolicy {
             restarts_max: args.ctx.settings.task_restarts_max,
             window: args.ctx.settings.restart_window,
@@ -105,23 +114,11 @@ impl Actor for TaskSupervisor {
                 state.ensure(&myself, &task_id, None).await;
             }
             TaskSupervisorMsg::ResumeAll(reply) => {
-                let active = state.ctx.store.scan::<bool>(
-                    Cf::Active,
-                    None,
-                    false,
-                    usize::MAX,
-                    usize::MAX,
-                    |_, parked| !parked,
-                )?;
-                let mut started = 0;
-                for (key, _) in active {
-                    let task_id = String::from_utf8_lossy(&key).into_owned();
-                    if state.ensure(&myself, &task_id, None).await.is_some() {
-                        started += 1;
-                    }
-                }
-                tracing::info!(tasks = started, "resumed non-terminal tasks");
+                let started = state.resume_all(&myself).await?;
                 let _ = reply.send(started);
+            }
+            TaskSupervisorMsg::Resume => {
+                state.resume_all(&myself).await?;
             }
             TaskSupervisorMsg::Cancel {
                 task_id,
@@ -219,6 +216,26 @@ impl Actor for TaskSupervisor {
 }
 
 impl TaskSupervisorState {
+    /// Starts an actor for every non-terminal task that is not parked.
+    async fn resume_all(
+        &mut self,
+        myself: &ActorRef<TaskSupervisorMsg>,
+    ) -> Result<usize, ActorProcessingErr> {
+        let active = self.ctx.store.keys(Cf::Active)?;
+        let mut started = 0;
+        for key in active {
+            if self.ctx.store.get::<bool>(Cf::Active, &key)? == Some(true) {
+                continue; // parked: waits for an operator, costs no actor
+            }
+            let task_id = String::from_utf8_lossy(&key).into_owned();
+            if self.ensure(myself, &task_id, None).await.is_some() {
+                started += 1;
+            }
+        }
+        tracing::info!(tasks = started, "resumed non-terminal tasks");
+        Ok(started)
+    }
+
     /// The task's actor, starting it if needed. `None` if it cannot be started.
     async fn ensure(
         &mut self,
