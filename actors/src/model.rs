@@ -191,7 +191,13 @@ pub struct JsonPathEquals {
 pub struct StepSpec {
     pub id: String,
     pub tool: String,
+    /// Params with `input.*`/`task.*` filled in: what is sent, unless the step reads an
+    /// earlier step's output (then this is for display and `params_template` is sent).
     pub params: JsonText,
+    /// The playbook's own params, for steps that read `steps.<id>.output…`: rendered once,
+    /// at dispatch, with input, task and step outputs together. One pass, so text that
+    /// came from the input is never read as a template.
+    pub params_template: Option<JsonText>,
     pub verify: Criteria,
     pub depends_on: Vec<String>,
     pub max_attempts: u32,

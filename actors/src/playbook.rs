@@ -17,6 +17,8 @@ use crate::tools;
 
 /// Plans are bounded: a playbook has 1 to 7 steps.
 pub const STEPS_MAX: usize = 7;
+/// Longest step timeout a playbook may set: one day.
+pub const TIMEOUT_MS_MAX: u64 = 86_400_000;
 /// Largest playbook file read.
 const FILE_BYTES_MAX: u64 = 256 << 10;
 
@@ -105,6 +107,8 @@ struct PlannedStep {
     id: String,
     tool: String,
     params: Value,
+    /// Params read `steps.*`: rendered at dispatch from the template.
+    reads_steps: bool,
     verify: Value,
     depends_on: Vec<String>,
     max_attempts: u32,
@@ -190,27 +194,31 @@ impl Playbook {
             if verify.as_object().is_some_and(|m| m.is_empty()) {
                 return Err(at("`verify` sets no criterion".into()));
             }
-            for r in template::references(&params)
-                .and_then(|mut r| {
-                    r.extend(template::references(&verify)?);
-                    Ok(r)
-                })
-                .map_err(|e| at(e.to_string()))?
-            {
-                check_reference(&r, &s.depends_on).map_err(at)?;
+            let param_refs = template::references(&params).map_err(|e| at(e.to_string()))?;
+            for r in &param_refs {
+                check_reference(r, &s.depends_on).map_err(at)?;
             }
+            check_criteria_references(&verify).map_err(at)?;
+            let reads_steps = param_refs.iter().any(|r| r.starts_with("steps."));
             let max_attempts = s.max_attempts.unwrap_or(defaults.max_attempts);
             if !(1..=20).contains(&max_attempts) {
                 return Err(at(format!("max_attempts {max_attempts} must be 1 to 20")));
+            }
+            let timeout_ms = s.timeout_ms.unwrap_or(defaults.timeout_ms);
+            if !(1..=TIMEOUT_MS_MAX).contains(&timeout_ms) {
+                return Err(at(format!(
+                    "timeout_ms {timeout_ms} must be 1 to {TIMEOUT_MS_MAX}"
+                )));
             }
             steps.push(PlannedStep {
                 id: s.id.clone(),
                 tool: s.tool.clone(),
                 params,
+                reads_steps,
                 verify,
                 depends_on: s.depends_on.clone(),
                 max_attempts,
-                timeout_ms: s.timeout_ms.unwrap_or(defaults.timeout_ms),
+                timeout_ms,
             });
         }
         check_acyclic(&steps).map_err(err)?;
@@ -222,7 +230,10 @@ impl Playbook {
                     c.step
                 )));
             }
-            checks.push((c.step.clone(), criteria_json(&c.verify)));
+            let verify = criteria_json(&c.verify);
+            check_criteria_references(&verify)
+                .map_err(|p| err(format!("check on `{}`: {p}", c.step)))?;
+            checks.push((c.step.clone(), verify));
         }
         let hash = hex::encode(&Sha256::digest(text.as_bytes())[..4]);
         Ok(Playbook {
@@ -263,6 +274,7 @@ impl Playbook {
                 id: s.id.clone(),
                 tool: s.tool.clone(),
                 params: JsonText::from_value(&params),
+                params_template: s.reads_steps.then(|| JsonText::from_value(&s.params)),
                 verify,
                 depends_on: s.depends_on.clone(),
                 max_attempts: s.max_attempts,
@@ -313,6 +325,20 @@ fn check_reference(path: &str, depends_on: &[String]) -> Result<(), String> {
             "`{{{{{path}}}}}`: templates read input.*, task.* or steps.<id>.output.*"
         )),
     }
+}
+
+/// Criteria are rendered when the plan is made, so they may read `input.*` and
+/// `task.*` only; a step's own result is what they check.
+fn check_criteria_references(verify: &Value) -> Result<(), String> {
+    for r in template::references(verify).map_err(|e| e.to_string())? {
+        if r.starts_with("steps.") {
+            return Err(format!(
+                "`{{{{{r}}}}}` in `verify`: criteria read input.* and task.* only (they check the step's own output)"
+            ));
+        }
+        check_reference(&r, &[])?;
+    }
+    Ok(())
 }
 
 fn check_acyclic(steps: &[PlannedStep]) -> Result<(), String> {

@@ -143,6 +143,24 @@ async fn submitted_task_runs_to_succeeded_with_real_http_and_files() -> anyhow::
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn input_text_is_never_read_as_a_template() -> anyhow::Result<()> {
+    let w = world().await?;
+    let mut node = w.node(&[])?;
+    node.wait_ready(&w.client).await?;
+    // The welcome step reads the CRM's output, so it renders at dispatch; the email
+    // (inserted there) looks like a template and must arrive as written.
+    let mut input = w.onboarding("Braces");
+    input["email"] = json!("ops@{{steps.folder.output.path}}.test {{ unclosed");
+    let r = w.submit(json!({"playbook": "client-onboarding", "input": input})).await?;
+    let task_id = r["task_id"].as_str().unwrap_or_default().to_string();
+    let task = wait_task(&w.client, &task_id, WITHIN, chaos_tests::is_terminal).await?;
+    assert_eq!(task["status"], "succeeded", "{task:#}");
+    let mail = std::fs::read_to_string(w.files.join("Braces/welcome-mail.md"))?;
+    assert!(mail.contains("To: ops@{{steps.folder.output.path}}.test {{ unclosed"), "{mail}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn same_idempotency_key_gives_the_same_task() -> anyhow::Result<()> {
     let w = world().await?;
     let mut node = w.node(&[])?;

@@ -9,6 +9,7 @@ fn spec(id: &str, deps: &[&str]) -> StepSpec {
         id: id.into(),
         tool: "http.request".into(),
         params: JsonText("{}".into()),
+        params_template: None,
         verify: Criteria {
             status_in: Some(vec![200]),
             ..Default::default()

@@ -423,36 +423,58 @@ impl TaskState {
     /// outputs of the steps it depends on.
     fn exec_request(&self, i: usize, attempt: u32) -> Result<ExecRequest, String> {
         let spec = &self.task.steps[i].spec;
-        let mut params = spec
-            .params
-            .to_value()
-            .map_err(|e| format!("stored params unreadable: {e}"))?;
-        if spec.params.0.contains("{{") {
-            let mut steps = Map::new();
-            for s in &self.task.steps {
-                if s.status == StepStatus::Succeeded {
-                    let output = s
-                        .output
-                        .as_ref()
-                        .map(JsonText::to_value_lossy)
-                        .unwrap_or(Value::Null);
-                    steps.insert(s.spec.id.clone(), serde_json::json!({ "output": output }));
-                }
-            }
-            let scope = serde_json::json!({ "steps": steps });
-            params = template::render(&params, &scope)
-                .map_err(|e| format!("params of step `{}`: {e}", spec.id))?;
-        }
+        let params = match &spec.params_template {
+            None => spec.params.clone(),
+            Some(template) => self
+                .render_at_dispatch(template)
+                .map_err(|e| format!("params of step `{}`: {e}", spec.id))?,
+        };
         Ok(ExecRequest {
             task_id: self.task.id.clone(),
             step_id: spec.id.clone(),
             attempt,
             tool: spec.tool.clone(),
-            params: JsonText::from_value(&params),
+            params,
             idempotency_key: self.task.step_key(&spec.id),
             fencing_token: 0,
             timeout_ms: spec.timeout_ms,
         })
+    }
+
+    /// Renders a step's own template with input, task and the outputs of succeeded
+    /// steps, in one pass.
+    fn render_at_dispatch(&self, template: &JsonText) -> Result<JsonText, String> {
+        let template = template
+            .to_value()
+            .map_err(|e| format!("stored template unreadable: {e}"))?;
+        let input = self
+            .task
+            .input
+            .to_value()
+            .map_err(|e| format!("stored input unreadable: {e}"))?;
+        let mut steps = Map::new();
+        for s in self
+            .task
+            .steps
+            .iter()
+            .filter(|s| s.status == StepStatus::Succeeded)
+        {
+            let output = s
+                .output
+                .as_ref()
+                .map(JsonText::to_value_lossy)
+                .unwrap_or(Value::Null);
+            steps.insert(s.spec.id.clone(), serde_json::json!({ "output": output }));
+        }
+        let task = serde_json::json!({ "id": self.task.id, "playbook": self.task.playbook });
+        let scope: &[(&str, &Value)] = &[
+            ("input", &input),
+            ("task", &task),
+            ("steps", &Value::Object(steps)),
+        ];
+        template::render(&template, scope)
+            .map(|v| JsonText::from_value(&v))
+            .map_err(|e| e.to_string())
     }
 
     fn outputs(&self) -> Vec<(String, JsonText)> {
