@@ -83,6 +83,8 @@ pub enum Input {
         step: String,
         decision: DecisionKind,
         by: String,
+        /// The operator's note, kept in the event that records the decision.
+        note: Option<String>,
     },
 }
 
@@ -172,7 +174,12 @@ impl Cx<'_> {
                     self.fail(reason);
                 }
             }
-            Input::Resolve { step, decision, by } => return self.resolve(&step, decision, &by),
+            Input::Resolve {
+                step,
+                decision,
+                by,
+                note,
+            } => return self.resolve(&step, decision, &by, note.as_deref()),
             _ if self.task.status.is_terminal() => {}
             Input::Planned(reply) => self.planned(reply),
             Input::PlanUnavailable(error) => self.hop_failed(TaskStatus::Planning, error),
@@ -295,17 +302,27 @@ impl Cx<'_> {
         Ok(())
     }
 
-    fn resolve(&mut self, step_id: &str, decision: DecisionKind, by: &str) -> Result<(), Rejected> {
+    fn resolve(
+        &mut self,
+        step_id: &str,
+        decision: DecisionKind,
+        by: &str,
+        note: Option<&str>,
+    ) -> Result<(), Rejected> {
         let Some(i) = self.task.step_index(step_id) else {
             return Err(Rejected(format!("task has no step `{step_id}`")));
         };
         if self.task.steps[i].status != StepStatus::OutcomeUnknown {
             return Err(Rejected(format!(
-                "step `{step_id}` is {:?}, not waiting for a decision",
-                self.task.steps[i].status
+                "step `{step_id}` is {}, not waiting for a decision",
+                self.task.steps[i].status.as_str()
             )));
         }
         let by = if by.is_empty() { "operator" } else { by };
+        let note = note
+            .filter(|n| !n.is_empty())
+            .map(|n| format!(": {n}"))
+            .unwrap_or_default();
         match decision {
             DecisionKind::Abort => {
                 let step = &mut self.task.steps[i];
@@ -316,7 +333,7 @@ impl Cx<'_> {
                     "step_failed",
                     Some(step_id),
                     Some(self.task.steps[i].attempts),
-                    Some(format!("aborted by {by}")),
+                    Some(format!("aborted by {by}{note}")),
                 );
                 self.fail(format!(
                     "step `{step_id}` aborted by {by} (outcome unknown)"
@@ -328,10 +345,10 @@ impl Cx<'_> {
                     "step_resolved",
                     Some(step_id),
                     Some(attempt),
-                    Some(format!("retry by {by}")),
+                    Some(format!("retry by {by}{note}")),
                 );
                 self.task.steps[i].status = StepStatus::Pending;
-                self.clear_attention();
+                self.refresh_attention();
                 self.begin_attempt(i, attempt);
             }
             DecisionKind::MarkDone => {
@@ -348,9 +365,9 @@ impl Cx<'_> {
                     "step_succeeded",
                     Some(step_id),
                     Some(attempt),
-                    Some(format!("marked done by {by}")),
+                    Some(format!("marked done by {by}{note}")),
                 );
-                self.clear_attention();
+                self.refresh_attention();
                 self.advance();
             }
         }
@@ -679,15 +696,21 @@ impl Cx<'_> {
         }
     }
 
-    fn clear_attention(&mut self) {
-        self.task.attention = None;
-        if self.task.status == TaskStatus::AwaitingOperator
-            && !self
-                .task
-                .steps
-                .iter()
-                .any(|s| s.status == StepStatus::OutcomeUnknown)
-        {
+    /// After a decision: the task keeps waiting while another step's outcome is unknown
+    /// (and says which), else it runs again.
+    fn refresh_attention(&mut self) {
+        self.task.attention = self
+            .task
+            .steps
+            .iter()
+            .find(|s| s.status == StepStatus::OutcomeUnknown)
+            .map(|s| {
+                (
+                    s.spec.id.clone(),
+                    s.error.clone().unwrap_or_else(|| "outcome unknown".into()),
+                )
+            });
+        if self.task.status == TaskStatus::AwaitingOperator && self.task.attention.is_none() {
             self.set_status(TaskStatus::Running, None);
         }
     }

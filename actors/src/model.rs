@@ -114,6 +114,20 @@ pub enum StepStatus {
 }
 
 impl StepStatus {
+    /// The wire spelling (`outcome_unknown`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepStatus::Pending => "pending",
+            StepStatus::Running => "running",
+            StepStatus::Verifying => "verifying",
+            StepStatus::RetryWait => "retry_wait",
+            StepStatus::Succeeded => "succeeded",
+            StepStatus::Failed => "failed",
+            StepStatus::OutcomeUnknown => "outcome_unknown",
+            StepStatus::Skipped => "skipped",
+        }
+    }
+
     pub fn is_done(self) -> bool {
         matches!(
             self,

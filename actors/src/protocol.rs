@@ -23,6 +23,8 @@ pub mod subject {
     pub const VERIFY: &str = "cadre.verify";
     pub const ARCHIVE: &str = "cadre.archive";
     pub const EVENTS_ALL: &str = "cadre.events.>";
+    /// Enqueued messages that failed validation (nobody waits for a reply there).
+    pub const INTAKE_REJECTED: &str = "cadre.events.intake.rejected";
 
     /// The subject an executor for `tool` serves: `cadre.exec.file.write`.
     pub fn exec(tool: &str) -> String {
@@ -226,6 +228,14 @@ pub struct TaskEvent {
     pub detail: Option<String>,
     pub at_ms: u64,
     pub node_id: String,
+}
+
+/// Published on `cadre.events.intake.rejected` for an enqueued message that was
+/// refused and dropped (terminated in JetStream, never redelivered).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IntakeRejected {
+    pub stream_sequence: Option<u64>,
+    pub error: ErrorBody,
 }
 
 /// Every error reply on every subject: `{"error": {"code": "...", "message": "..."}}`.

@@ -151,12 +151,17 @@ async fn input_text_is_never_read_as_a_template() -> anyhow::Result<()> {
     // (inserted there) looks like a template and must arrive as written.
     let mut input = w.onboarding("Braces");
     input["email"] = json!("ops@{{steps.folder.output.path}}.test {{ unclosed");
-    let r = w.submit(json!({"playbook": "client-onboarding", "input": input})).await?;
+    let r = w
+        .submit(json!({"playbook": "client-onboarding", "input": input}))
+        .await?;
     let task_id = r["task_id"].as_str().unwrap_or_default().to_string();
     let task = wait_task(&w.client, &task_id, WITHIN, chaos_tests::is_terminal).await?;
     assert_eq!(task["status"], "succeeded", "{task:#}");
     let mail = std::fs::read_to_string(w.files.join("Braces/welcome-mail.md"))?;
-    assert!(mail.contains("To: ops@{{steps.folder.output.path}}.test {{ unclosed"), "{mail}");
+    assert!(
+        mail.contains("To: ops@{{steps.folder.output.path}}.test {{ unclosed"),
+        "{mail}"
+    );
     Ok(())
 }
 

@@ -38,6 +38,9 @@ impl CliError {
     }
 }
 
+/// How often `watch` reads the task back, in case an event was missed.
+const WATCH_RECHECK: Duration = Duration::from_secs(3);
+
 pub struct Client {
     nats: async_nats::Client,
     timeout: Duration,
@@ -178,10 +181,19 @@ impl Client {
             .map_err(|e| CliError::Unreachable(e.to_string()))?;
         let mut task = self.get(task_id).await?;
         let mut last_seq = 0;
+        // Events are plain publishes: one missed during a reconnect must not leave the
+        // watch hanging, so the task is also read back every few seconds.
+        let mut recheck = tokio::time::interval(WATCH_RECHECK);
+        recheck.tick().await;
         while !task.status.is_terminal() && task.status != TaskStatus::AwaitingOperator {
-            let Some(msg) = events.next().await else {
-                break;
+            let msg = tokio::select! {
+                msg = events.next() => msg,
+                _ = recheck.tick() => {
+                    task = self.get(task_id).await?;
+                    continue;
+                }
             };
+            let Some(msg) = msg else { break };
             let Ok(event) = serde_json::from_slice::<TaskEvent>(&msg.payload) else {
                 continue;
             };

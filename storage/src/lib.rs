@@ -10,4 +10,4 @@ pub mod codec;
 mod store;
 
 pub use codec::CodecError;
-pub use store::{Batch, Cf, SCHEMA_VERSION, Store, StoreError, StoreOptions, StoreStats};
+pub use store::{Batch, Cf, SCHEMA_VERSION, ScanPage, Store, StoreError, StoreOptions, StoreStats};

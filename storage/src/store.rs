@@ -169,6 +169,14 @@ impl Batch {
     }
 }
 
+/// One page of a [`Store::scan`].
+#[derive(Debug)]
+pub struct ScanPage<T> {
+    pub rows: Vec<(Vec<u8>, T)>,
+    /// Set when the scan examined its maximum number of keys: the last key examined.
+    pub cut_at: Option<Vec<u8>>,
+}
+
 /// Counters the node exports and the benchmark reads.
 #[derive(Debug, Default)]
 pub struct StoreStats {
@@ -345,7 +353,8 @@ impl Store {
     /// Up to `limit` records in key order (or reverse), starting at `from` inclusive
     /// (forward) or at/below `from` (reverse); `None` starts at the end. `keep` filters
     /// decoded records; at most `scan_max` keys are examined so a filter cannot turn a
-    /// page into a full scan.
+    /// page into a full scan. When the scan stops at `scan_max`, `cut_at` is the last
+    /// key examined, so the caller can say where to go on.
     pub fn scan<T: DeserializeOwned>(
         &self,
         cf: Cf,
@@ -354,7 +363,7 @@ impl Store {
         limit: usize,
         scan_max: usize,
         mut keep: impl FnMut(&[u8], &T) -> bool,
-    ) -> Result<Vec<(Vec<u8>, T)>, StoreError> {
+    ) -> Result<ScanPage<T>, StoreError> {
         let db = &self.inner.db;
         let mode = match (from, reverse) {
             (Some(k), false) => IteratorMode::From(k, rocksdb::Direction::Forward),
@@ -362,9 +371,17 @@ impl Store {
             (None, false) => IteratorMode::Start,
             (None, true) => IteratorMode::End,
         };
-        let mut out = Vec::new();
+        let mut page = ScanPage {
+            rows: Vec::new(),
+            cut_at: None,
+        };
+        let mut last_key = None;
         for (examined, item) in db.iterator_cf(handle(db, cf), mode).enumerate() {
-            if out.len() >= limit || examined >= scan_max {
+            if page.rows.len() >= limit {
+                break;
+            }
+            if examined >= scan_max {
+                page.cut_at = last_key;
                 break;
             }
             let (key, value) = item?;
@@ -374,10 +391,11 @@ impl Store {
                 source,
             })?;
             if keep(&key, &record) {
-                out.push((key.into_vec(), record));
+                page.rows.push((key.to_vec(), record));
             }
+            last_key = Some(key.into_vec());
         }
-        Ok(out)
+        Ok(page)
     }
 
     /// All keys of a column family (used for small index families such as `active`).
@@ -514,11 +532,22 @@ mod tests {
         assert!(stats.syncs.load(Ordering::Relaxed) <= 201);
         let all = store
             .scan::<u32>(Cf::Tasks, None, false, 1000, 1000, |_, _| true)
-            .unwrap();
+            .unwrap()
+            .rows;
         assert_eq!(all.len(), 200);
         let last_two = store
             .scan::<u32>(Cf::Tasks, None, true, 2, 1000, |_, _| true)
+            .unwrap()
+            .rows;
+        let odd = store
+            .scan::<u32>(Cf::Tasks, None, false, 1000, 10, |_, v| v % 2 == 1)
             .unwrap();
+        assert_eq!(odd.rows.len(), 5, "a filter examines at most scan_max keys");
+        assert_eq!(
+            odd.cut_at.as_deref(),
+            Some(&b"k0009"[..]),
+            "and says where it stopped"
+        );
         assert_eq!(
             last_two.iter().map(|(_, v)| *v).collect::<Vec<_>>(),
             vec![199, 198]

@@ -405,6 +405,7 @@ fn outcome_unknown_parks_until_an_operator_decides() {
             step: "a".into(),
             decision: DecisionKind::Retry,
             by: "ops".into(),
+            note: None,
         },
     );
     assert_eq!(retried.status, TaskStatus::Running);
@@ -417,6 +418,7 @@ fn outcome_unknown_parks_until_an_operator_decides() {
             step: "a".into(),
             decision: DecisionKind::MarkDone,
             by: "ops".into(),
+            note: None,
         },
     );
     assert_eq!(marked.steps[0].status, StepStatus::Succeeded);
@@ -429,6 +431,7 @@ fn outcome_unknown_parks_until_an_operator_decides() {
             step: "a".into(),
             decision: DecisionKind::Abort,
             by: "ops".into(),
+            note: None,
         },
     );
     assert_eq!(aborted.status, TaskStatus::Failed);
@@ -439,6 +442,7 @@ fn outcome_unknown_parks_until_an_operator_decides() {
             step: "b".into(),
             decision: DecisionKind::Retry,
             by: String::new(),
+            note: None,
         },
         0,
         0.0,
@@ -658,5 +662,64 @@ fn an_unanswered_verify_is_asked_again_without_rerunning_the_effect() {
             .is_some_and(|f| f.contains("no verdict after 3 tries")),
         "{:?}",
         t.failure
+    );
+}
+
+#[test]
+fn a_decision_keeps_the_operator_note_and_attention_moves_to_the_next_unknown_step() {
+    let mut t = task();
+    planned(&mut t, vec![spec("a", &[]), spec("b", &[])]);
+    let unknown = |m: &str| ExecReply::Failed {
+        kind: FailureKind::OutcomeUnknown,
+        message: m.into(),
+        output: None,
+    };
+    go(
+        &mut t,
+        Input::Executed {
+            step: "a".into(),
+            attempt: 1,
+            reply: unknown("a unknown"),
+        },
+    );
+    go(
+        &mut t,
+        Input::Executed {
+            step: "b".into(),
+            attempt: 1,
+            reply: unknown("b unknown"),
+        },
+    );
+    let tr = go(
+        &mut t,
+        Input::Resolve {
+            step: "a".into(),
+            decision: DecisionKind::MarkDone,
+            by: "ann".into(),
+            note: Some("saw it in the log".into()),
+        },
+    );
+    assert_eq!(
+        tr.events[0].detail.as_deref(),
+        Some("marked done by ann: saw it in the log")
+    );
+    assert_eq!(t.status, TaskStatus::AwaitingOperator, "b still waits");
+    assert_eq!(t.attention, Some(("b".into(), "b unknown".into())));
+    let err = apply(
+        &mut t,
+        Input::Resolve {
+            step: "a".into(),
+            decision: DecisionKind::Retry,
+            by: String::new(),
+            note: None,
+        },
+        0,
+        0.0,
+        &limits(),
+    )
+    .unwrap_err();
+    assert_eq!(
+        err,
+        Rejected("step `a` is succeeded, not waiting for a decision".into())
     );
 }

@@ -98,10 +98,21 @@ fn errors_name_file_step_and_problem() {
     assert!(err(&bad_template).contains("unclosed"));
     let bad_root = OK.replace("{{input.text}}", "{{secrets.x}}");
     assert!(err(&bad_root).contains("templates read input.*"));
-    let verify_reads_steps = OK.replace("status_in = [200]", "output_contains = \"{{steps.a.output.sha256}}\"");
-    assert!(err(&verify_reads_steps).contains("criteria read input.* and task.* only"), "{}", err(&verify_reads_steps));
+    let verify_reads_steps = OK.replace(
+        "status_in = [200]",
+        "output_contains = \"{{steps.a.output.sha256}}\"",
+    );
+    assert!(
+        err(&verify_reads_steps).contains("criteria read input.* and task.* only"),
+        "{}",
+        err(&verify_reads_steps)
+    );
     let zero_timeout = OK.replace("id = \"b\"", "id = \"b\"\ntimeout_ms = 0");
-    assert!(err(&zero_timeout).contains("timeout_ms 0 must be 1 to 86400000"), "{}", err(&zero_timeout));
+    assert!(
+        err(&zero_timeout).contains("timeout_ms 0 must be 1 to 86400000"),
+        "{}",
+        err(&zero_timeout)
+    );
     let dup = OK.replace("id = \"b\"", "id = \"a\"");
     assert!(err(&dup).contains("id is used twice"));
     let bad_toml = "name = \"x\"\n[[steps]\n";

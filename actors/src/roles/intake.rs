@@ -25,15 +25,15 @@ use crate::bus::{self, Inbound};
 use crate::context::NodeContext;
 use crate::model::{JsonText, Task, TaskStatus};
 use crate::playbook::Catalog;
-use crate::protocol::{ErrorCode, ErrorReply, SubmitReply, SubmitRequest, TaskEvent, subject};
+use crate::protocol::{
+    ErrorCode, ErrorReply, IntakeRejected, SubmitReply, SubmitRequest, TaskEvent, subject,
+};
 use crate::roles::relay::RelayMsg;
 use crate::roles::task_supervisor::TaskSupervisorMsg;
 use crate::roles::{RELAY, TASKS, lookup};
 
 /// Longest client idempotency key accepted.
 pub const IDEMPOTENCY_KEY_BYTES_MAX: usize = 256;
-/// Where enqueued messages that fail validation are reported (nobody waits for a reply).
-pub const INTAKE_REJECTED: &str = "cadre.events.intake.rejected";
 
 #[derive(Clone, Copy)]
 pub struct Intake;
@@ -173,12 +173,17 @@ impl Actor for Intake {
                 }
                 Err(e) => {
                     state.rejected(subject::TASKS_ENQUEUE, &e);
-                    let seq = msg.info().ok().map(|i| i.stream_sequence);
-                    let report = serde_json::json!({"stream_sequence": seq, "error": e.error});
+                    let report = IntakeRejected {
+                        stream_sequence: msg.info().ok().map(|i| i.stream_sequence),
+                        error: e.error,
+                    };
                     let _ = state
                         .ctx
                         .nats
-                        .publish(INTAKE_REJECTED, Bytes::from(report.to_string()))
+                        .publish(
+                            subject::INTAKE_REJECTED,
+                            Bytes::from(serde_json::to_vec(&report)?),
+                        )
                         .await;
                     // Terminate: a bad message would be just as bad on redelivery.
                     let _ = msg.ack_with(jetstream::AckKind::Term).await;

@@ -111,14 +111,18 @@ async fn drain_backlog(state: &mut RelayState) -> Result<(), ActorProcessingErr>
     flush(state).await?;
     let mut sent = 0;
     loop {
-        let page = state.ctx.store.scan::<OutboxEntry>(
-            Cf::Outbox,
-            None,
-            false,
-            BACKLOG_PAGE,
-            BACKLOG_PAGE,
-            |_, _| true,
-        )?;
+        let page = state
+            .ctx
+            .store
+            .scan::<OutboxEntry>(
+                Cf::Outbox,
+                None,
+                false,
+                BACKLOG_PAGE,
+                BACKLOG_PAGE,
+                |_, _| true,
+            )?
+            .rows;
         if page.is_empty() {
             break;
         }

@@ -58,6 +58,7 @@ pub enum TaskMsg {
         step: String,
         decision: DecisionKind,
         by: String,
+        note: Option<String>,
         reply: RpcReplyPort<Result<TaskStatus, Rejected>>,
     },
 }
@@ -115,10 +116,19 @@ impl Actor for TaskActor {
                 step,
                 decision,
                 by,
+                note,
                 reply,
             } => {
                 let result = state
-                    .apply(&myself, Input::Resolve { step, decision, by })
+                    .apply(
+                        &myself,
+                        Input::Resolve {
+                            step,
+                            decision,
+                            by,
+                            note,
+                        },
+                    )
                     .await?;
                 let _ = reply.send(result.map(|()| state.task.status));
             }

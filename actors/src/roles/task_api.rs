@@ -173,7 +173,7 @@ fn list(ctx: &NodeContext, req: &ListRequest) -> Result<ListReply, ErrorReply> {
     }
     // Task ids are ULIDs, so key order is creation order: newest first is a reverse scan.
     let before = req.before.as_deref();
-    let rows = ctx
+    let page = ctx
         .store
         .scan::<Task>(
             Cf::Tasks,
@@ -188,7 +188,15 @@ fn list(ctx: &NodeContext, req: &ListRequest) -> Result<ListReply, ErrorReply> {
             },
         )
         .map_err(|e| ErrorReply::new(ErrorCode::Internal, e.to_string()))?;
-    let next = (rows.len() > limit).then(|| rows[limit - 1].1.id.clone());
+    let rows = page.rows;
+    // More to read: a full page, or a filtered scan that stopped at its cap (then the
+    // cursor is where it stopped, and the page may be short or even empty).
+    let next = if rows.len() > limit {
+        Some(rows[limit - 1].1.id.clone())
+    } else {
+        page.cut_at
+            .map(|k| String::from_utf8_lossy(&k).into_owned())
+    };
     let tasks = rows
         .into_iter()
         .take(limit)
@@ -245,6 +253,7 @@ impl ControlRequest for ResolveRequest {
             step: self.step_id,
             decision: self.decision,
             by: self.by.unwrap_or_default(),
+            note: self.note,
             reply,
         }
     }

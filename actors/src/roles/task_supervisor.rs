@@ -64,6 +64,7 @@ pub enum TaskSupervisorMsg {
         step: String,
         decision: DecisionKind,
         by: String,
+        note: Option<String>,
         reply: ControlReply,
     },
     /// Start a crashed task's actor again (after its backoff), or abandon it.
@@ -137,6 +138,7 @@ impl Actor for TaskSupervisor {
                 step,
                 decision,
                 by,
+                note,
                 reply,
             } => {
                 state
@@ -144,6 +146,7 @@ impl Actor for TaskSupervisor {
                         step,
                         decision,
                         by,
+                        note,
                         reply: port,
                     })
                     .await;
