@@ -52,6 +52,8 @@ pub enum Input {
         step: String,
         attempt: u32,
         verdict: Verdict,
+        /// The task's verdict, when the last step was verified with the task's checks.
+        task_verdict: Option<Verdict>,
     },
     VerifyUnavailable {
         step: String,
@@ -124,6 +126,8 @@ pub enum Action {
 #[derive(Debug, Default)]
 pub struct Transition {
     pub actions: Vec<Action>,
+    /// Events of this transition. When `commit` is false they are held by the caller
+    /// and committed (and so published) with the next transition that commits.
     pub events: Vec<TaskEvent>,
     /// False when nothing durable changed (a stale reply, an in-memory step).
     pub commit: bool,
@@ -197,7 +201,8 @@ impl Cx<'_> {
                 step,
                 attempt,
                 verdict,
-            } => self.verified(&step, attempt, verdict),
+                task_verdict,
+            } => self.verified(&step, attempt, verdict, task_verdict),
             Input::VerifyUnavailable {
                 step,
                 attempt,
@@ -225,7 +230,10 @@ impl Cx<'_> {
     fn start(&mut self) {
         match self.task.status {
             TaskStatus::Accepted => {
+                // Not committed on its own: planning is effect-free and redone after a
+                // crash. Its event is held and committed with the plan (or the failure).
                 self.set_status(TaskStatus::Planning, None);
+                self.out.commit = false;
                 self.out.actions.push(Action::RequestPlan);
             }
             TaskStatus::Planning => self.out.actions.push(Action::RequestPlan),
@@ -368,7 +376,7 @@ impl Cx<'_> {
                     Some(format!("marked done by {by}{note}")),
                 );
                 self.refresh_attention();
-                self.advance();
+                self.advance(None);
             }
         }
         Ok(())
@@ -521,7 +529,13 @@ impl Cx<'_> {
         });
     }
 
-    fn verified(&mut self, step_id: &str, attempt: u32, verdict: Verdict) {
+    fn verified(
+        &mut self,
+        step_id: &str,
+        attempt: u32,
+        verdict: Verdict,
+        task_verdict: Option<Verdict>,
+    ) {
         let Some(i) = self.current(step_id, attempt, StepStatus::Verifying) else {
             return;
         };
@@ -531,7 +545,7 @@ impl Cx<'_> {
             step.finished_at_ms = Some(self.now_ms);
             step.verdict = Some(verdict);
             self.event("step_succeeded", Some(step_id), Some(attempt), None);
-            self.advance();
+            self.advance(task_verdict);
         } else {
             let message = format!("verification failed: {}", verdict.reasons.join("; "));
             self.task.steps[i].verdict = Some(verdict);
@@ -608,7 +622,9 @@ impl Cx<'_> {
     }
 
     /// After a step succeeds: more steps, or on to task-level verification.
-    fn advance(&mut self) {
+    /// With the task's verdict already in hand (it came with the last step's), the task
+    /// goes through `verifying` within the same commit.
+    fn advance(&mut self, task_verdict: Option<Verdict>) {
         if self
             .task
             .steps
@@ -617,7 +633,10 @@ impl Cx<'_> {
         {
             self.task.hop_retries = 0;
             self.set_status(TaskStatus::Verifying, None);
-            self.out.actions.push(Action::VerifyTask);
+            match task_verdict {
+                Some(verdict) => self.task_verified(verdict),
+                None => self.out.actions.push(Action::VerifyTask),
+            }
         } else if self.task.status == TaskStatus::Running {
             self.dispatch_ready();
         }

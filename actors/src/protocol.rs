@@ -383,12 +383,31 @@ pub enum VerifyRequest {
         params: JsonText,
         criteria: Criteria,
         output: JsonText,
+        /// Set when this is the task's last step: if the step passes, check the task
+        /// too, in the same round trip.
+        task: Option<TaskChecks>,
     },
     Task {
         task_id: String,
-        checks: Vec<TaskCheck>,
-        outputs: Vec<(String, JsonText)>,
+        task: TaskChecks,
     },
+}
+
+/// Task-level criteria and the outputs they read.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TaskChecks {
+    pub checks: Vec<TaskCheck>,
+    /// `(step_id, output)` of every step.
+    pub outputs: Vec<(String, JsonText)>,
+}
+
+/// Reply on `cadre.verify`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VerifyReply {
+    /// The step's verdict (for `VerifyRequest::Task`, the task's).
+    pub verdict: Verdict,
+    /// The task's verdict, when asked for with a passing step.
+    pub task: Option<Verdict>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

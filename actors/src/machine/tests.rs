@@ -87,7 +87,12 @@ fn happy_path_commits_every_transition_and_numbers_events() {
     let mut t = task();
     let tr = go(&mut t, Input::Start);
     assert_eq!(t.status, TaskStatus::Planning);
-    assert!(tr.commit);
+    assert!(!tr.commit, "planning is committed with the plan, not alone");
+    assert_eq!(
+        kinds(&tr),
+        ["planning"],
+        "its event is held for that commit"
+    );
     assert_eq!(tr.actions, vec![Action::RequestPlan]);
 
     let tr = planned(&mut t, vec![spec("a", &[]), spec("b", &["a"])]);
@@ -121,6 +126,7 @@ fn happy_path_commits_every_transition_and_numbers_events() {
             step: "a".into(),
             attempt: 1,
             verdict: pass(),
+            task_verdict: None,
         },
     );
     assert_eq!(kinds(&tr), ["step_succeeded", "step_started"]);
@@ -140,6 +146,7 @@ fn happy_path_commits_every_transition_and_numbers_events() {
             step: "b".into(),
             attempt: 1,
             verdict: pass(),
+            task_verdict: None,
         },
     );
     assert_eq!(t.status, TaskStatus::Verifying);
@@ -176,6 +183,7 @@ fn independent_steps_run_in_parallel() {
             step: "a".into(),
             attempt: 1,
             verdict: pass(),
+            task_verdict: None,
         },
     );
     assert!(tr.actions.is_empty(), "c still waits for b");
@@ -278,6 +286,7 @@ fn failed_verdict_retries_and_permanent_failure_does_not() {
             step: "a".into(),
             attempt: 1,
             verdict,
+            task_verdict: None,
         },
     );
     assert!(matches!(
@@ -327,6 +336,7 @@ fn stale_replies_are_ignored() {
             step: "a".into(),
             attempt: 1,
             verdict: pass(),
+            task_verdict: None,
         },
     );
     assert!(
@@ -583,6 +593,7 @@ fn task_level_check_failure_fails_the_task() {
             step: "a".into(),
             attempt: 1,
             verdict: pass(),
+            task_verdict: None,
         },
     );
     go(
@@ -721,5 +732,61 @@ fn a_decision_keeps_the_operator_note_and_attention_moves_to_the_next_unknown_st
     assert_eq!(
         err,
         Rejected("step `a` is succeeded, not waiting for a decision".into())
+    );
+}
+
+#[test]
+fn the_last_steps_verify_can_carry_the_task_verdict_into_one_commit() {
+    let mut t = task();
+    planned(&mut t, vec![spec("a", &[])]);
+    go(
+        &mut t,
+        Input::Executed {
+            step: "a".into(),
+            attempt: 1,
+            reply: done("{}"),
+        },
+    );
+    let tr = go(
+        &mut t,
+        Input::Verified {
+            step: "a".into(),
+            attempt: 1,
+            verdict: pass(),
+            task_verdict: Some(pass()),
+        },
+    );
+    assert!(tr.commit);
+    assert_eq!(kinds(&tr), ["step_succeeded", "verifying", "archiving"]);
+    assert_eq!(tr.actions, vec![Action::Archive]);
+    assert_eq!(t.status, TaskStatus::Archiving);
+
+    let mut t = task();
+    planned(&mut t, vec![spec("a", &[])]);
+    go(
+        &mut t,
+        Input::Executed {
+            step: "a".into(),
+            attempt: 1,
+            reply: done("{}"),
+        },
+    );
+    let no = Verdict {
+        passed: false,
+        reasons: vec!["FAILED: crm: $.body.name".into()],
+    };
+    let tr = go(
+        &mut t,
+        Input::Verified {
+            step: "a".into(),
+            attempt: 1,
+            verdict: pass(),
+            task_verdict: Some(no),
+        },
+    );
+    assert_eq!(kinds(&tr), ["step_succeeded", "verifying", "failed"]);
+    assert_eq!(
+        t.failure.as_deref(),
+        Some("task verification failed: FAILED: crm: $.body.name")
     );
 }

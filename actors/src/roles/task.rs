@@ -21,7 +21,7 @@ use crate::machine::{self, Action, Input, Rejected};
 use crate::model::{DecisionKind, JsonText, StepStatus, Task, TaskStatus};
 use crate::protocol::{
     ArchiveReply, ArchiveRequest, ExecReply, ExecRequest, FailureKind, PlanReply, PlanRequest,
-    Verdict, VerifyRequest, subject,
+    TaskChecks, VerifyReply, VerifyRequest, subject,
 };
 use crate::roles::relay::RelayMsg;
 use crate::roles::{RELAY, lookup};
@@ -46,6 +46,8 @@ pub struct TaskState {
     /// When each running step was sent, for the step-duration histogram.
     sent_at: Vec<Option<Instant>>,
     hold_after_start: bool,
+    /// Events of transitions not committed on their own (see `machine::Transition`).
+    held_events: Vec<crate::protocol::TaskEvent>,
 }
 
 pub enum TaskMsg {
@@ -91,6 +93,7 @@ impl Actor for TaskActor {
             rng: StdRng::seed_from_u64(seed),
             sent_at,
             hold_after_start: args.hold_after_start,
+            held_events: Vec::new(),
         })
     }
 
@@ -162,7 +165,11 @@ impl TaskState {
             Err(rejected) => return Ok(Err(rejected)),
         };
         if transition.commit {
-            self.commit(&transition.events).await?;
+            let mut events = std::mem::take(&mut self.held_events);
+            events.extend(transition.events);
+            self.commit(&events).await?;
+        } else {
+            self.held_events.extend(transition.events);
         }
         for action in transition.actions {
             self.act(myself, action);
@@ -336,6 +343,12 @@ impl TaskState {
                 let Some(s) = self.task.step(&step) else {
                     return;
                 };
+                // The last step carries the task's checks: one round trip decides both.
+                let last = self
+                    .task
+                    .steps
+                    .iter()
+                    .all(|o| o.spec.id == step || o.status == StepStatus::Succeeded);
                 let req = VerifyRequest::Step {
                     task_id: self.task.id.clone(),
                     step_id: step.clone(),
@@ -343,6 +356,7 @@ impl TaskState {
                     params: s.spec.params.clone(),
                     criteria: s.spec.verify.clone(),
                     output: s.output.clone().unwrap_or_else(JsonText::null),
+                    task: last.then(|| self.task_checks()),
                 };
                 hop(
                     ctx,
@@ -350,11 +364,12 @@ impl TaskState {
                     subject::VERIFY.into(),
                     req,
                     hop_timeout,
-                    move |r: Result<Verdict, HopError>| match r {
-                        Ok(verdict) => Input::Verified {
+                    move |r: Result<VerifyReply, HopError>| match r {
+                        Ok(reply) => Input::Verified {
                             step,
                             attempt,
-                            verdict,
+                            verdict: reply.verdict,
+                            task_verdict: reply.task,
                         },
                         Err(e) => Input::VerifyUnavailable {
                             step,
@@ -367,8 +382,7 @@ impl TaskState {
             Action::VerifyTask => {
                 let req = VerifyRequest::Task {
                     task_id: self.task.id.clone(),
-                    checks: self.task.checks.clone(),
-                    outputs: self.outputs(),
+                    task: self.task_checks(),
                 };
                 hop(
                     ctx,
@@ -376,8 +390,8 @@ impl TaskState {
                     subject::VERIFY.into(),
                     req,
                     hop_timeout,
-                    |r: Result<Verdict, HopError>| match r {
-                        Ok(verdict) => Input::TaskVerified(verdict),
+                    |r: Result<VerifyReply, HopError>| match r {
+                        Ok(reply) => Input::TaskVerified(reply.verdict),
                         Err(e) => Input::TaskVerifyUnavailable(e.to_string()),
                     },
                 );
@@ -485,6 +499,13 @@ impl TaskState {
         template::render(&template, scope)
             .map(|v| JsonText::from_value(&v))
             .map_err(|e| e.to_string())
+    }
+
+    fn task_checks(&self) -> TaskChecks {
+        TaskChecks {
+            checks: self.task.checks.clone(),
+            outputs: self.outputs(),
+        }
     }
 
     fn outputs(&self) -> Vec<(String, JsonText)> {

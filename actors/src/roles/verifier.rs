@@ -10,7 +10,7 @@ use tokio::task::JoinHandle;
 use crate::bus::{self, Inbound};
 use crate::context::NodeContext;
 use crate::criteria;
-use crate::protocol::{Verdict, VerifyRequest, subject};
+use crate::protocol::{TaskChecks, Verdict, VerifyReply, VerifyRequest, subject};
 
 #[derive(Clone, Copy)]
 pub struct Verifier;
@@ -66,16 +66,12 @@ impl Actor for Verifier {
         tokio::spawn(async move {
             let Inbound { msg, permit } = inbound;
             let verdict = match storage::codec::from_wire::<VerifyRequest>(&msg.payload) {
+                // Only file criteria touch the disk; the rest is cheap enough to run here.
+                Ok(req) if !reads_files(&req) => verify(&req),
                 Ok(req) => tokio::task::spawn_blocking(move || verify(&req))
                     .await
-                    .unwrap_or_else(|e| Verdict {
-                        passed: false,
-                        reasons: vec![format!("verifier crashed: {e}")],
-                    }),
-                Err(e) => Verdict {
-                    passed: false,
-                    reasons: vec![format!("undecodable verify request: {e}")],
-                },
+                    .unwrap_or_else(|e| failed(format!("verifier crashed: {e}"))),
+                Err(e) => failed(format!("undecodable verify request: {e}")),
             };
             bus::reply_wire(&ctx.nats, msg.reply, &verdict).await;
             drop(permit);
@@ -93,43 +89,71 @@ impl Actor for Verifier {
     }
 }
 
-pub fn verify(req: &VerifyRequest) -> Verdict {
+pub fn verify(req: &VerifyRequest) -> VerifyReply {
     match req {
         VerifyRequest::Step {
             params,
             criteria,
             output,
+            task,
             ..
         } => {
-            let params = params.to_value_lossy();
-            let output = output.to_value_lossy();
-            criteria::check(criteria, &params, &output)
+            let verdict =
+                criteria::check(criteria, &params.to_value_lossy(), &output.to_value_lossy());
+            let task = task.as_ref().filter(|_| verdict.passed).map(verify_task);
+            VerifyReply { verdict, task }
         }
-        VerifyRequest::Task {
-            checks, outputs, ..
-        } => {
-            let mut reasons = vec![format!("ok: all {} steps succeeded", outputs.len())];
-            let mut passed = true;
-            for check in checks {
-                let Some((_, output)) = outputs.iter().find(|(id, _)| *id == check.step) else {
-                    passed = false;
-                    reasons.push(format!(
-                        "FAILED: check names step `{}`, which has no output",
-                        check.step
-                    ));
-                    continue;
-                };
-                let verdict =
-                    criteria::check(&check.criteria, &Value::Null, &output.to_value_lossy());
-                passed &= verdict.passed;
-                reasons.extend(
-                    verdict
-                        .reasons
-                        .into_iter()
-                        .map(|r| format!("{}: {r}", check.step)),
-                );
-            }
-            Verdict { passed, reasons }
+        VerifyRequest::Task { task, .. } => VerifyReply {
+            verdict: verify_task(task),
+            task: None,
+        },
+    }
+}
+
+/// Every step succeeded (the caller asks only then); checks the task-level criteria.
+fn verify_task(task: &TaskChecks) -> Verdict {
+    let mut reasons = vec![format!("ok: all {} steps succeeded", task.outputs.len())];
+    let mut passed = true;
+    for check in &task.checks {
+        let Some((_, output)) = task.outputs.iter().find(|(id, _)| *id == check.step) else {
+            passed = false;
+            reasons.push(format!(
+                "FAILED: check names step `{}`, which has no output",
+                check.step
+            ));
+            continue;
+        };
+        let verdict = criteria::check(&check.criteria, &Value::Null, &output.to_value_lossy());
+        passed &= verdict.passed;
+        reasons.extend(
+            verdict
+                .reasons
+                .into_iter()
+                .map(|r| format!("{}: {r}", check.step)),
+        );
+    }
+    Verdict { passed, reasons }
+}
+
+fn reads_files(req: &VerifyRequest) -> bool {
+    let reads = |c: &crate::model::Criteria| c.file_exists.is_some() || c.file_contains.is_some();
+    match req {
+        VerifyRequest::Step { criteria, task, .. } => {
+            reads(criteria)
+                || task
+                    .as_ref()
+                    .is_some_and(|t| t.checks.iter().any(|c| reads(&c.criteria)))
         }
+        VerifyRequest::Task { task, .. } => task.checks.iter().any(|c| reads(&c.criteria)),
+    }
+}
+
+fn failed(reason: String) -> VerifyReply {
+    VerifyReply {
+        verdict: Verdict {
+            passed: false,
+            reasons: vec![reason],
+        },
+        task: None,
     }
 }

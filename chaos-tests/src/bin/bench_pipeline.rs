@@ -187,6 +187,14 @@ async fn store_counters(node: &CadreNode) -> anyhow::Result<(u64, u64)> {
     ))
 }
 
+fn read_f(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// GET /metrics over a plain TCP stream (no HTTP client needed for one request).
 async fn reqwest_lite(addr: &str) -> anyhow::Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
