@@ -236,6 +236,31 @@ impl CadreNode {
             .map(|(_, v)| v.as_str())
     }
 
+    /// Resident set size of the node process, KiB (0 if not running).
+    pub fn rss_kib(&self) -> u64 {
+        let Some(pid) = self.pid() else { return 0 };
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// The node's `/metrics` text.
+    pub async fn metrics(&self) -> anyhow::Result<String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = self.metrics_addr().context("no metrics address")?;
+        // One plain GET: the harness needs no HTTP client for this.
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        let request = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await?;
+        let mut body = String::new();
+        stream.read_to_string(&mut body).await?;
+        Ok(body)
+    }
+
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
@@ -330,6 +355,15 @@ pub async fn wait_task(
             last.lock().map(|v| v.to_string()).unwrap_or_default()
         )
     })
+}
+
+/// The value of an unlabelled series in Prometheus text (0 when absent).
+pub fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.split_whitespace().next() == Some(name))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
 }
 
 pub fn is_terminal(status: &str) -> bool {

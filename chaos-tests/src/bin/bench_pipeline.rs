@@ -16,25 +16,25 @@ name = "bench4"
 [[steps]]
 id = "s1"
 tool = "file.write"
-params = { path = "{{input.root}}/{{task.id}}/1.txt", content = "one" }
+params = { path = "{{input.root}}/{{task.id}}-1.txt", content = "one" }
 verify = { file_exists = true }
 [[steps]]
 id = "s2"
 tool = "file.write"
 depends_on = ["s1"]
-params = { path = "{{input.root}}/{{task.id}}/2.txt", content = "two" }
+params = { path = "{{input.root}}/{{task.id}}-2.txt", content = "two" }
 verify = { file_exists = true }
 [[steps]]
 id = "s3"
 tool = "file.write"
 depends_on = ["s2"]
-params = { path = "{{input.root}}/{{task.id}}/3.txt", content = "three" }
+params = { path = "{{input.root}}/{{task.id}}-3.txt", content = "three" }
 verify = { file_exists = true }
 [[steps]]
 id = "s4"
 tool = "file.write"
 depends_on = ["s3"]
-params = { path = "{{input.root}}/{{task.id}}/4.txt", content = "four" }
+params = { path = "{{input.root}}/{{task.id}}-4.txt", content = "four" }
 verify = { file_exists = true }
 "#;
 
@@ -52,9 +52,13 @@ async fn main() -> anyhow::Result<()> {
     let nats = NatsServer::start()?;
     let client = nats.client().await?;
     let dir = tempfile::tempdir()?;
-    let files = dir.path().join("files");
-    std::fs::create_dir_all(&files)?;
-    let files = files.canonicalize()?;
+    // BENCH_FILES_DIR=/dev/shm puts the files the steps write on tmpfs (the store stays on
+    // disk): it separates Cadre's cost from the file system's cost of creating inodes.
+    let files_parent = match std::env::var("BENCH_FILES_DIR") {
+        Ok(d) => tempfile::tempdir_in(d)?,
+        Err(_) => tempfile::tempdir_in(dir.path())?,
+    };
+    let files = files_parent.path().canonicalize()?;
     let playbooks = dir.path().join("playbooks");
     std::fs::create_dir_all(&playbooks)?;
     std::fs::write(playbooks.join("bench4.toml"), PLAYBOOK)?;
@@ -70,7 +74,7 @@ async fn main() -> anyhow::Result<()> {
         ],
     )?;
     node.wait_ready(&client).await?;
-    let rss_idle = rss_kib(node.pid());
+    let rss_idle = node.rss_kib();
     let input = json!({"playbook": "bench4", "input": {"root": roots}}).to_string();
 
     // Done-notifications: one subscription for every task's `succeeded` event.
@@ -126,10 +130,11 @@ async fn main() -> anyhow::Result<()> {
     }
     let elapsed = started.elapsed();
     let (c2, f2) = store_counters(&node).await?;
-    let rss_after = rss_kib(node.pid());
+    let rss_after = node.rss_kib();
 
     println!(
-        "bench_pipeline: 4-step file.write playbook, real nats-server + cadre, file_fsync={fsync}"
+        "bench_pipeline: 4-step file.write playbook, real nats-server + cadre, file_fsync={fsync}, files in {}",
+        files.display()
     );
     println!(
         "sequential ({sequential} tasks): p50 {:.2} ms, p99 {:.2} ms; synced commits/task {:.2}, fsyncs/task {:.2}",
@@ -157,55 +162,11 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-fn rss_kib(pid: Option<u32>) -> u64 {
-    let Some(pid) = pid else { return 0 };
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
 /// (synced commits, fsyncs) from the node's /metrics.
 async fn store_counters(node: &CadreNode) -> anyhow::Result<(u64, u64)> {
-    let addr = node
-        .metrics_addr()
-        .ok_or_else(|| anyhow::anyhow!("no metrics address"))?;
-    let text = reqwest_lite(addr).await?;
-    let read = |name: &str| {
-        text.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0) as u64
-    };
+    let metrics = node.metrics().await?;
     Ok((
-        read("cadre_store_synced_commits "),
-        read("cadre_store_fsyncs "),
+        chaos_tests::metric(&metrics, "cadre_store_synced_commits") as u64,
+        chaos_tests::metric(&metrics, "cadre_store_fsyncs") as u64,
     ))
-}
-
-fn read_f(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(name))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
-/// GET /metrics over a plain TCP stream (no HTTP client needed for one request).
-async fn reqwest_lite(addr: &str) -> anyhow::Result<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await?;
-    stream
-        .write_all(
-            format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
-                .as_bytes(),
-        )
-        .await?;
-    let mut body = String::new();
-    stream.read_to_string(&mut body).await?;
-    Ok(body)
 }
