@@ -86,6 +86,9 @@ async fn main() -> anyhow::Result<()> {
     .await?;
     let parked_secs = restarted.elapsed().as_secs_f64();
     let rss_parked = node.rss_kib();
+    // What stays once the burst of resuming them is over (the node trims its heap every 5 s).
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let rss_settled = node.rss_kib();
     let list = chaos_tests::request(
         &client,
         "cadre.tasks.list",
@@ -116,6 +119,11 @@ async fn main() -> anyhow::Result<()> {
         rss_fresh / 1024,
         rss_parked / 1024,
         rss_parked.saturating_sub(rss_fresh) as f64 / 1024.0
+    );
+    println!(
+        "RSS 6 s later: {} MiB (+{:.1} MiB)",
+        rss_settled / 1024,
+        rss_settled.saturating_sub(rss_fresh) as f64 / 1024.0
     );
     println!(
         "restarted again with {tasks} tasks already parked: {} MiB (+{:.1} MiB), {resumed} task actors started",
