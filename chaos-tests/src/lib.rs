@@ -328,6 +328,29 @@ pub async fn request(
     Ok(serde_json::from_slice(&msg.payload)?)
 }
 
+/// Submits every body on `cadre.tasks.submit`, `in_flight` at a time; returns how many
+/// got no reply (each is printed).
+pub async fn submit_many(
+    nats: &async_nats::Client,
+    bodies: impl Iterator<Item = String>,
+    in_flight: usize,
+) -> usize {
+    use futures::StreamExt;
+    futures::stream::iter(bodies)
+        .map(|body| async move { request(nats, "cadre.tasks.submit", body).await })
+        .buffer_unordered(in_flight)
+        .fold(0, |failed, r| async move {
+            match r {
+                Ok(_) => failed,
+                Err(e) => {
+                    eprintln!("submit: {e}");
+                    failed + 1
+                }
+            }
+        })
+        .await
+}
+
 /// Polls `cadre.tasks.get` until the task's status satisfies `done`.
 pub async fn wait_task(
     nats: &async_nats::Client,

@@ -9,7 +9,6 @@
 use std::time::{Duration, Instant};
 
 use chaos_tests::{CadreNode, NatsServer, eventually, metric};
-use futures::StreamExt;
 use serde_json::json;
 
 /// An argument no other `sleep` on the machine has, so the cleanup kills only ours.
@@ -52,19 +51,8 @@ async fn main() -> anyhow::Result<()> {
     let mut parked_secs = 0.0;
     while parked < tasks {
         let wave = WAVE_MAX.min(tasks - parked);
-        futures::stream::iter(0..wave)
-            .map(|_| {
-                let client = client.clone();
-                let body = json!({"playbook": "park"}).to_string();
-                async move { chaos_tests::request(&client, "cadre.tasks.submit", body).await }
-            })
-            .buffer_unordered(256)
-            .for_each(|r| async move {
-                if let Err(e) = r {
-                    eprintln!("submit: {e}");
-                }
-            })
-            .await;
+        let bodies = (0..wave).map(|_| json!({"playbook": "park"}).to_string());
+        chaos_tests::submit_many(&client, bodies, 256).await;
         eventually(Duration::from_secs(600), "every step running", || async {
             let m = node.metrics().await.ok()?;
             (metric_labelled(&m, "cadre_steps_in_flight", "shell.run") as usize >= wave)

@@ -7,7 +7,6 @@
 use std::time::{Duration, Instant};
 
 use chaos_tests::{CadreNode, NatsServer, eventually, metric};
-use futures::StreamExt;
 use serde_json::json;
 
 const PLAYBOOK: &str = r#"
@@ -52,19 +51,9 @@ async fn main() -> anyhow::Result<()> {
     let rss_idle = node.rss_kib();
 
     let submitted = Instant::now();
-    futures::stream::iter(0..tasks)
-        .map(|n| {
-            let client = client.clone();
-            let body = json!({"playbook": "hang", "input": {"url": url, "n": n}}).to_string();
-            async move { chaos_tests::request(&client, "cadre.tasks.submit", body).await }
-        })
-        .buffer_unordered(256)
-        .for_each(|r| async move {
-            if let Err(e) = r {
-                eprintln!("submit: {e}");
-            }
-        })
-        .await;
+    let bodies =
+        (0..tasks).map(|n| json!({"playbook": "hang", "input": {"url": url, "n": n}}).to_string());
+    chaos_tests::submit_many(&client, bodies, 256).await;
     eventually(Duration::from_secs(300), "every task running", || async {
         (in_flight(&node).await >= tasks).then_some(())
     })
