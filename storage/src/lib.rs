@@ -4,8 +4,10 @@
 //! The record encoding lives in [`codec`] alone, so changing it is one file.
 //! Synced commits go through a dedicated group-commit writer ([`Store::commit`]): every
 //! pending batch is drained into one `WriteBatch` and synced once, so throughput grows
-//! with the number of tasks in flight while each commit stays durable.
+//! with the number of tasks in flight while each commit stays durable. The same writer
+//! appends the hash-chained audit log ([`chain`]), so its order is the commit order.
 
+pub mod chain;
 pub mod codec;
 mod store;
 

@@ -9,11 +9,14 @@ use rocksdb::{ColumnFamilyDescriptor, DB, IteratorMode, Options, WriteBatch, Wri
 use serde::{Serialize, de::DeserializeOwned};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::chain::{self, ChainReport, Head, Link};
 use crate::codec::{self, CodecError};
 
 /// The schema this binary writes. The store records it in `meta`; a store written by a
 /// newer binary is refused rather than misread.
-pub const SCHEMA_VERSION: u32 = 1;
+/// History: 1 — the spine; 2 — adds the `audit` and `audit_index` families (created
+/// on open, so migrating from 1 is stamping the new version).
+pub const SCHEMA_VERSION: u32 = 2;
 const META_SCHEMA_KEY: &[u8] = b"schema_version";
 /// Upper bound on batches the writer folds into one synced write.
 const GROUP_BATCHES_MAX: usize = 2048;
@@ -34,12 +37,17 @@ pub enum Cf {
     IntakeKeys,
     /// task_id → episode (archived summary of a verified task).
     Episodes,
-    /// store metadata (schema version).
+    /// store metadata (schema version, audit publication cursor).
     Meta,
+    /// big-endian u64 sequence → [`chain::Link`]: the hash-chained audit log. Written
+    /// only by the group-commit writer (see [`Batch::append_audit`]).
+    Audit,
+    /// `<index>/<seq BE>` → `()`: the audit links of one task (or other index key).
+    AuditIndex,
 }
 
 impl Cf {
-    pub const ALL: [Cf; 7] = [
+    pub const ALL: [Cf; 9] = [
         Cf::Tasks,
         Cf::Active,
         Cf::Outbox,
@@ -47,6 +55,8 @@ impl Cf {
         Cf::IntakeKeys,
         Cf::Episodes,
         Cf::Meta,
+        Cf::Audit,
+        Cf::AuditIndex,
     ];
 
     pub fn name(self) -> &'static str {
@@ -58,6 +68,8 @@ impl Cf {
             Cf::IntakeKeys => "intake_keys",
             Cf::Episodes => "episodes",
             Cf::Meta => "meta",
+            Cf::Audit => "audit",
+            Cf::AuditIndex => "audit_index",
         }
     }
 }
@@ -87,6 +99,10 @@ pub enum StoreError {
     WriterThread(std::io::Error),
     #[error("the store's commit writer has stopped")]
     WriterGone,
+    #[error("audit records are appended only by a synced commit (Store::commit)")]
+    AuditOutsideCommit,
+    #[error("the store was opened read-only")]
+    ReadOnly,
     #[error("cannot create the data directory {path}: {source}")]
     DataDir {
         path: PathBuf,
@@ -126,6 +142,8 @@ enum Op {
 #[derive(Debug, Default)]
 pub struct Batch {
     ops: Vec<Op>,
+    /// Audit payloads to chain, each with an optional index key.
+    audit: Vec<(Vec<u8>, Option<Vec<u8>>)>,
 }
 
 impl Batch {
@@ -160,12 +178,28 @@ impl Batch {
         self
     }
 
+    /// Appends `record` to the audit chain when this batch commits, findable under
+    /// `index` (a task id) as well. The writer assigns its sequence and hash, so the
+    /// chain's order is the order of commits.
+    pub fn append_audit<T: Serialize + ?Sized>(
+        &mut self,
+        record: &T,
+        index: Option<&[u8]>,
+    ) -> Result<&mut Self, StoreError> {
+        let payload = codec::to_wire(record).map_err(|source| StoreError::Encode {
+            cf: Cf::Audit.name(),
+            source,
+        })?;
+        self.audit.push((payload, index.map(<[u8]>::to_vec)));
+        Ok(self)
+    }
+
     pub fn is_empty(&self) -> bool {
-        self.ops.is_empty()
+        self.ops.is_empty() && self.audit.is_empty()
     }
 
     pub fn len(&self) -> usize {
-        self.ops.len()
+        self.ops.len() + self.audit.len()
     }
 }
 
@@ -188,6 +222,8 @@ pub struct StoreStats {
     pub unsynced_writes: AtomicU64,
     /// Total time spent in synced writes, microseconds.
     pub sync_micros: AtomicU64,
+    /// Sequence of the last audit link committed.
+    pub audit_seq: AtomicU64,
 }
 
 struct CommitRequest {
@@ -207,6 +243,10 @@ struct Inner {
     writer: Option<mpsc::Sender<CommitRequest>>,
     writer_thread: Option<std::thread::JoinHandle<()>>,
     stats: Arc<StoreStats>,
+    /// The audit chain's head sequence, moved by the writer after each commit.
+    audit_head: tokio::sync::watch::Receiver<u64>,
+    /// Kept for its statistics (write-stall time).
+    db_opts: Options,
 }
 
 impl Drop for Inner {
@@ -239,15 +279,25 @@ impl Store {
             cf_opts.set_write_buffer_size(options.write_buffer_bytes);
             ColumnFamilyDescriptor::new(cf.name(), cf_opts)
         });
+        db_opts.enable_statistics();
         let db = Arc::new(DB::open_cf_descriptors(&db_opts, path, descriptors)?);
         let stats = Arc::new(StoreStats::default());
+        let head = read_audit_head(&db)?;
+        stats.audit_seq.store(head.seq, Ordering::Relaxed);
+        let (head_tx, head_rx) = tokio::sync::watch::channel(head.seq);
         let (tx, rx) = mpsc::channel(GROUP_BATCHES_MAX * 4);
         let writer_thread = {
             let db = db.clone();
             let stats = stats.clone();
+            let writer = GroupWriter {
+                db,
+                stats,
+                head,
+                head_tx,
+            };
             std::thread::Builder::new()
                 .name("cadre-commit".into())
-                .spawn(move || group_commit_writer(db, rx, stats))
+                .spawn(move || writer.run(rx))
                 .map_err(StoreError::WriterThread)?
         };
         let store = Store {
@@ -257,9 +307,41 @@ impl Store {
                 writer: Some(tx),
                 writer_thread: Some(writer_thread),
                 stats,
+                audit_head: head_rx,
+                db_opts,
             }),
         };
         store.check_schema()?;
+        Ok(store)
+    }
+
+    /// Opens the store read-only, without a writer: for tooling (`cadre audit verify
+    /// --data-dir`) that must read a node's store, also while the node runs.
+    pub fn open_read_only(path: &Path) -> Result<Store, StoreError> {
+        let db_opts = Options::default();
+        let names = Cf::ALL.iter().map(|cf| cf.name());
+        let db = Arc::new(DB::open_cf_for_read_only(&db_opts, path, names, false)?);
+        let head = read_audit_head(&db)?;
+        let (_, head_rx) = tokio::sync::watch::channel(head.seq);
+        let store = Store {
+            inner: Arc::new(Inner {
+                db,
+                path: path.to_path_buf(),
+                writer: None,
+                writer_thread: None,
+                stats: Arc::new(StoreStats::default()),
+                audit_head: head_rx,
+                db_opts,
+            }),
+        };
+        if let Some(found) = store.get::<u32>(Cf::Meta, META_SCHEMA_KEY)?
+            && found > SCHEMA_VERSION
+        {
+            return Err(StoreError::TooNew {
+                path: path.to_path_buf(),
+                found,
+            });
+        }
         Ok(store)
     }
 
@@ -270,8 +352,8 @@ impl Store {
                 found,
             }),
             Some(found) if found == SCHEMA_VERSION => Ok(()),
-            // Older or absent: migrate. Version 1 is the first schema, so the only
-            // migration is stamping it.
+            // Older or absent: migrate. 1 → 2 only adds column families, which the open
+            // above created; stamping the version completes it.
             _ => {
                 let mut batch = Batch::new();
                 batch.put(Cf::Meta, META_SCHEMA_KEY, &SCHEMA_VERSION)?;
@@ -320,9 +402,15 @@ impl Store {
     }
 
     fn write_batch(&self, batch: Batch, sync: bool) -> Result<(), StoreError> {
+        if !batch.audit.is_empty() {
+            return Err(StoreError::AuditOutsideCommit);
+        }
+        if self.inner.writer.is_none() {
+            return Err(StoreError::ReadOnly);
+        }
         let db = &self.inner.db;
         let mut wb = WriteBatch::default();
-        apply(db, &mut wb, batch);
+        apply(db, &mut wb, batch.ops);
         let mut opts = WriteOptions::default();
         opts.set_sync(sync);
         db.write_opt(wb, &opts)?;
@@ -430,6 +518,83 @@ impl Store {
             .sum()
     }
 
+    /// Total time writes were stalled or slowed by RocksDB (compaction falling behind).
+    pub fn write_stall_micros(&self) -> u64 {
+        self.inner
+            .db_opts
+            .get_ticker_count(rocksdb::statistics::Ticker::StallMicros)
+    }
+
+    /// Sequence of the last committed audit link.
+    pub fn audit_seq(&self) -> u64 {
+        *self.inner.audit_head.borrow()
+    }
+
+    /// Changes whenever commits append audit links (to wake a publisher).
+    pub fn audit_watch(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.audit_head.clone()
+    }
+
+    /// Up to `limit` audit links with sequence > `after`, in order.
+    pub fn audit_links(&self, after: u64, limit: usize) -> Result<Vec<Link>, StoreError> {
+        let from = chain::key(after.saturating_add(1));
+        Ok(self
+            .scan::<Link>(Cf::Audit, Some(&from), false, limit, limit, |_, _| true)?
+            .rows
+            .into_iter()
+            .map(|(_, link)| link)
+            .collect())
+    }
+
+    /// The last `limit` audit links appended under `index`, oldest first.
+    pub fn audit_links_for(&self, index: &[u8], limit: usize) -> Result<Vec<Link>, StoreError> {
+        let db = &self.inner.db;
+        let mut prefix = index.to_vec();
+        prefix.push(b'/');
+        let mut seqs = Vec::new();
+        let iter = db.iterator_cf(
+            handle(db, Cf::AuditIndex),
+            IteratorMode::From(&prefix, rocksdb::Direction::Forward),
+        );
+        for item in iter {
+            let (key, _) = item?;
+            if !key.starts_with(&prefix) || key.len() != prefix.len() + 8 {
+                break;
+            }
+            let mut seq = [0u8; 8];
+            seq.copy_from_slice(&key[prefix.len()..]);
+            seqs.push(u64::from_be_bytes(seq));
+        }
+        let skip = seqs.len().saturating_sub(limit);
+        let mut links = Vec::with_capacity(seqs.len() - skip);
+        for seq in &seqs[skip..] {
+            if let Some(link) = self.get::<Link>(Cf::Audit, &chain::key(*seq))? {
+                links.push(link);
+            }
+        }
+        Ok(links)
+    }
+
+    /// Walks the whole audit chain and names the first link that does not hold.
+    pub fn verify_audit(&self) -> Result<ChainReport, StoreError> {
+        let db = &self.inner.db;
+        let mut error = None;
+        let links = db
+            .iterator_cf(handle(db, Cf::Audit), IteratorMode::Start)
+            .map_while(|item| match item {
+                Ok((k, v)) => Some((k.into_vec(), v.into_vec())),
+                Err(e) => {
+                    error = Some(e);
+                    None
+                }
+            });
+        let report = chain::verify(links);
+        match error {
+            Some(e) => Err(e.into()),
+            None => Ok(report),
+        }
+    }
+
     /// Raw bytes of a value, for tooling that must see exactly what is stored.
     pub fn get_raw(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         let db = &self.inner.db;
@@ -444,8 +609,8 @@ fn handle(db: &DB, cf: Cf) -> &rocksdb::ColumnFamily {
         .unwrap_or_else(|| panic!("column family {} not opened", cf.name()))
 }
 
-fn apply(db: &DB, wb: &mut WriteBatch, batch: Batch) {
-    for op in batch.ops {
+fn apply(db: &DB, wb: &mut WriteBatch, ops: Vec<Op>) {
+    for op in ops {
         match op {
             Op::Put { cf, key, value } => wb.put_cf(handle(db, cf), key, value),
             Op::Delete { cf, key } => wb.delete_cf(handle(db, cf), key),
@@ -453,35 +618,103 @@ fn apply(db: &DB, wb: &mut WriteBatch, batch: Batch) {
     }
 }
 
-/// Drains every pending commit into one `WriteBatch`, syncs once, then releases all
-/// waiters. One thread, so fsyncs never queue behind each other inside RocksDB.
-fn group_commit_writer(db: Arc<DB>, mut rx: mpsc::Receiver<CommitRequest>, stats: Arc<StoreStats>) {
-    let mut waiters = Vec::with_capacity(GROUP_BATCHES_MAX);
-    while let Some(first) = rx.blocking_recv() {
-        let mut wb = WriteBatch::default();
-        apply(&db, &mut wb, first.batch);
-        waiters.push(first.done);
-        while waiters.len() < GROUP_BATCHES_MAX {
-            match rx.try_recv() {
-                Ok(next) => {
-                    apply(&db, &mut wb, next.batch);
-                    waiters.push(next.done);
+/// The audit head as stored: the last link of the `audit` family.
+fn read_audit_head(db: &DB) -> Result<Head, StoreError> {
+    match db.iterator_cf(handle(db, Cf::Audit), IteratorMode::End).next() {
+        None => Ok(Head::EMPTY),
+        Some(item) => {
+            let (key, value) = item?;
+            let link: Link = codec::decode(&value).map_err(|source| StoreError::Corrupt {
+                cf: Cf::Audit.name(),
+                key: format!("{key:?}"),
+                source,
+            })?;
+            Ok(Head {
+                seq: link.seq,
+                hash: link.hash,
+            })
+        }
+    }
+}
+
+/// The `cadre-commit` thread: drains every pending commit into one `WriteBatch`,
+/// chains their audit records, syncs once, then releases all waiters. One thread, so
+/// fsyncs never queue behind each other inside RocksDB and the audit chain has one
+/// writer.
+struct GroupWriter {
+    db: Arc<DB>,
+    stats: Arc<StoreStats>,
+    head: Head,
+    head_tx: tokio::sync::watch::Sender<u64>,
+}
+
+impl GroupWriter {
+    fn run(mut self, mut rx: mpsc::Receiver<CommitRequest>) {
+        let mut waiters = Vec::with_capacity(GROUP_BATCHES_MAX);
+        while let Some(first) = rx.blocking_recv() {
+            let mut wb = WriteBatch::default();
+            let before = self.head;
+            let mut encode_error = None;
+            let mut add = |me: &mut Self, req: CommitRequest, waiters: &mut Vec<_>| {
+                if let Err(e) = me.stage(&mut wb, req.batch) {
+                    encode_error = Some(e);
                 }
-                Err(_) => break,
+                waiters.push(req.done);
+            };
+            add(&mut self, first, &mut waiters);
+            while waiters.len() < GROUP_BATCHES_MAX {
+                match rx.try_recv() {
+                    Ok(next) => add(&mut self, next, &mut waiters),
+                    Err(_) => break,
+                }
+            }
+            let result = match encode_error {
+                // Cannot happen for a Link (plain bytes), but never write a group
+                // with a hole in its chain.
+                Some(e) => Err(e),
+                None => self.write(wb),
+            };
+            if result.is_err() {
+                self.head = before;
+            } else if self.head.seq != before.seq {
+                self.stats.audit_seq.store(self.head.seq, Ordering::Relaxed);
+                let _ = self.head_tx.send(self.head.seq);
+            }
+            for done in waiters.drain(..) {
+                // A waiter that went away (its task stopped) needs no answer.
+                let _ = done.send(result.clone());
             }
         }
+    }
+
+    fn stage(&mut self, wb: &mut WriteBatch, batch: Batch) -> Result<(), String> {
+        apply(&self.db, wb, batch.ops);
+        for (payload, index) in batch.audit {
+            let link = self.head.append(payload);
+            let value = codec::encode(&link).map_err(|e| e.to_string())?;
+            wb.put_cf(handle(&self.db, Cf::Audit), chain::key(link.seq), value);
+            if let Some(index) = index {
+                let empty = codec::encode(&()).map_err(|e| e.to_string())?;
+                wb.put_cf(
+                    handle(&self.db, Cf::AuditIndex),
+                    chain::index_key(&index, link.seq),
+                    empty,
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn write(&self, wb: WriteBatch) -> Result<(), String> {
         let mut opts = WriteOptions::default();
         opts.set_sync(true);
         let started = Instant::now();
-        let result = db.write_opt(wb, &opts).map_err(|e| e.to_string());
-        stats
+        let result = self.db.write_opt(wb, &opts).map_err(|e| e.to_string());
+        self.stats
             .sync_micros
             .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-        stats.syncs.fetch_add(1, Ordering::Relaxed);
-        for done in waiters.drain(..) {
-            // A waiter that went away (its task stopped) needs no answer.
-            let _ = done.send(result.clone());
-        }
+        self.stats.syncs.fetch_add(1, Ordering::Relaxed);
+        result
     }
 }
 
@@ -552,6 +785,60 @@ mod tests {
             last_two.iter().map(|(_, v)| *v).collect::<Vec<_>>(),
             vec![199, 198]
         );
+    }
+
+    #[tokio::test]
+    async fn audit_links_chain_in_commit_order_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+            let mut joins = Vec::new();
+            for i in 0..50u32 {
+                let store = store.clone();
+                joins.push(tokio::spawn(async move {
+                    let mut batch = Batch::new();
+                    batch.put(Cf::Tasks, format!("t{i}"), &i).unwrap();
+                    let task = format!("t{}", i % 5);
+                    batch.append_audit(&format!("a{i}"), Some(task.as_bytes())).unwrap();
+                    batch.append_audit(&format!("b{i}"), Some(task.as_bytes())).unwrap();
+                    store.commit(batch).await
+                }));
+            }
+            for j in joins {
+                j.await.unwrap().unwrap();
+            }
+            assert_eq!(store.audit_seq(), 100);
+            let mut unsynced = Batch::new();
+            unsynced.append_audit(&"x", None).unwrap();
+            assert!(matches!(
+                store.write_unsynced(unsynced),
+                Err(StoreError::AuditOutsideCommit)
+            ));
+        }
+        let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        assert_eq!(store.audit_seq(), 100, "the head is read back on open");
+        let mut batch = Batch::new();
+        batch.append_audit(&"after reopen", Some(b"t0")).unwrap();
+        store.commit(batch).await.unwrap();
+        let report = store.verify_audit().unwrap();
+        assert_eq!(report.broken, None);
+        assert_eq!(report.head_seq, 101);
+        // One task's links: its two records per commit, adjacent, in order.
+        let t0 = store.audit_links_for(b"t0", 100).unwrap();
+        assert_eq!(t0.len(), 21);
+        let texts: Vec<String> = t0
+            .iter()
+            .map(|l| codec::from_wire::<String>(&l.payload).unwrap())
+            .collect();
+        assert_eq!(texts.last().map(String::as_str), Some("after reopen"));
+        for pair in texts[..20].chunks(2) {
+            assert_eq!(pair[0].replace('a', "b"), pair[1], "{texts:?}");
+        }
+        assert_eq!(store.audit_links(99, 10).unwrap().len(), 2);
+        assert_eq!(store.audit_links_for(b"t0", 3).unwrap().len(), 3);
+        drop(store);
+        let ro = Store::open_read_only(dir.path()).unwrap();
+        assert_eq!(ro.verify_audit().unwrap().head_seq, 101);
     }
 
     #[tokio::test]
