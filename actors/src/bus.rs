@@ -12,6 +12,7 @@ use serde::{Serialize, de::DeserializeOwned};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
+use crate::protocol::subject::FROM_HEADER;
 use crate::protocol::{ErrorCode, ErrorReply};
 
 /// Why a request to another role got no usable answer.
@@ -27,20 +28,33 @@ pub enum HopError {
     Decode(String),
 }
 
+/// A reply and the actor that sent it (its `Cadre-From` header).
+pub struct Replied<T> {
+    pub value: T,
+    pub from: Option<String>,
+}
+
 /// Sends a postcard-encoded request and decodes the postcard reply.
 pub async fn request_wire<Req: Serialize, Rep: DeserializeOwned>(
     client: &Client,
     subject: String,
     req: &Req,
     timeout: Duration,
-) -> Result<Rep, HopError> {
+) -> Result<Replied<Rep>, HopError> {
     let payload = storage::codec::to_wire(req).map_err(|e| HopError::Decode(e.to_string()))?;
     let request = async_nats::Request::new()
         .payload(Bytes::from(payload))
         .timeout(Some(timeout));
     match client.send_request(subject.clone(), request).await {
         Ok(msg) => {
-            storage::codec::from_wire(&msg.payload).map_err(|e| HopError::Decode(e.to_string()))
+            let from = msg
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(FROM_HEADER))
+                .map(|v| v.as_str().to_string());
+            storage::codec::from_wire(&msg.payload)
+                .map(|value| Replied { value, from })
+                .map_err(|e| HopError::Decode(e.to_string()))
         }
         Err(e) => Err(match e.kind() {
             async_nats::client::RequestErrorKind::TimedOut => {
@@ -52,11 +66,26 @@ pub async fn request_wire<Req: Serialize, Rep: DeserializeOwned>(
     }
 }
 
-/// Replies with postcard. A request without a reply subject is dropped: nobody waits.
-pub async fn reply_wire<T: Serialize>(client: &Client, reply: Option<Subject>, value: &T) {
+/// Replies with postcard, naming the replying actor (`from`, e.g. `executor@vps`) in
+/// the `Cadre-From` header. A request without a reply subject is dropped: nobody waits.
+pub async fn reply_wire<T: Serialize>(
+    client: &Client,
+    reply: Option<Subject>,
+    value: &T,
+    from: &str,
+) {
     let Some(reply) = reply else { return };
     match storage::codec::to_wire(value) {
-        Ok(bytes) => publish(client, reply, Bytes::from(bytes)).await,
+        Ok(bytes) => {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(FROM_HEADER, from);
+            if let Err(e) = client
+                .publish_with_headers(reply, headers, Bytes::from(bytes))
+                .await
+            {
+                tracing::warn!(error = %e, "reply not sent");
+            }
+        }
         Err(e) => tracing::error!(error = %e, "cannot encode a reply"),
     }
 }

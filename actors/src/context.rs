@@ -79,6 +79,11 @@ impl NodeContext {
         }))
     }
 
+    /// This node's name for one of its roles: `executor@laptop`.
+    pub fn from(&self, role: &str) -> String {
+        crate::roles::actor_name(role, &self.settings.node_id)
+    }
+
     pub fn now_ms(&self) -> u64 {
         self.clock.now_ms()
     }

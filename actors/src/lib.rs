@@ -4,8 +4,10 @@
 //! - [`model`] and [`machine`]: the task record and its pure state machine.
 //! - [`playbook`], [`template`], [`criteria`], [`tools`]: what plans are made of.
 //! - [`roles`]: Intake, Planner, Executor, Verifier, Archivist, TaskActor and their
-//!   supervisors, the outbox relay.
+//!   supervisors, the outbox relay, the audit log's publisher.
+//! - [`audit`] and [`redact`]: what an audit record holds, with secrets masked.
 
+pub mod audit;
 pub mod bus;
 pub mod clock;
 pub mod context;
@@ -15,6 +17,7 @@ pub mod metrics;
 pub mod model;
 pub mod playbook;
 pub mod protocol;
+pub mod redact;
 pub mod roles;
 pub mod template;
 pub mod tools;

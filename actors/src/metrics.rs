@@ -1,12 +1,21 @@
-//! The series the actors move. Names follow Prometheus conventions: `cadre_` prefix,
-//! `_total` for counters, base units (`_seconds`, `_bytes`).
+//! The series a node exports. Names follow Prometheus conventions: `cadre_` prefix,
+//! `_total` for counters, base units (`_seconds`, `_bytes`, `_usd`).
+//!
+//! They cover the four measures an operator steers by — task latency
+//! (`cadre_task_duration_seconds`), failure rate (`cadre_tasks_finished_total`),
+//! human approvals (`cadre_approvals_*`), cost per execution (`cadre_task_cost_usd`) —
+//! and the node's health. Series whose cause arrives with a later issue (approvals,
+//! cost, budgets, the kill switch) are registered now and stay at zero until then, so
+//! dashboards and alert rules work from the first scrape.
 
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    CounterVec, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter,
+    IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
 
 pub struct Metrics {
     pub registry: Registry,
+    pub node_info: IntGaugeVec,
     pub tasks_submitted_total: IntCounterVec,
     pub tasks_finished_total: IntCounterVec,
     pub task_duration_seconds: HistogramVec,
@@ -15,21 +24,75 @@ pub struct Metrics {
     pub step_failures_total: IntCounterVec,
     pub tasks_in_flight: IntGauge,
     pub steps_in_flight: IntGaugeVec,
+    pub approvals_pending: IntGauge,
+    pub approval_wait_seconds: Histogram,
+    pub approvals_decided_total: IntCounterVec,
     pub actor_restarts_total: IntCounterVec,
+    pub nats_connected: IntGauge,
+    pub nats_reconnects_total: IntCounter,
     pub outbox_backlog: IntGauge,
+    pub effects_outcome_unknown: IntGauge,
     pub effects_outcome_unknown_total: IntCounterVec,
     pub input_rejected_total: IntCounterVec,
     pub commit_seconds: Histogram,
-    /// Set from the store's counters at scrape time.
-    pub store_commits: IntGauge,
-    pub store_fsyncs: IntGauge,
+    pub cost_usd_total: CounterVec,
+    pub task_cost_usd: HistogramVec,
+    pub budget_spent_usd: GaugeVec,
+    pub budget_cap_usd: GaugeVec,
+    pub killswitch_engaged: IntGauge,
+    /// Moved from the store's own counters at scrape time (see [`Metrics::sync_store`]).
+    pub store_commits_total: IntCounter,
+    pub store_fsyncs_total: IntCounter,
+    pub store_write_stall_seconds_total: prometheus::Counter,
     pub store_size_bytes: IntGauge,
+    pub audit_records_total: IntCounter,
+    /// Value of the audit head when this process started counting.
+    audit_base: std::sync::atomic::AtomicU64,
 }
 
+/// Step and commit latencies: 1 ms to 1 min.
 const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.0, 2.0, 5.0, 10.0,
     30.0, 60.0,
 ];
+
+/// Task latencies and approval waits: a task can wait hours for a person, so these
+/// reach a day.
+const LONG_BUCKETS: &[f64] = &[
+    0.004, 0.016, 0.064, 0.256, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0,
+    14_400.0, 43_200.0, 86_400.0,
+];
+
+/// Cost of one task in USD: from a tenth of a cent to 10 dollars.
+const COST_BUCKETS: &[f64] = &[0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0];
+
+/// Why a step attempt was retried or failed (the `reason` label).
+pub mod reason {
+    /// The tool reported a retryable error (5xx, 429, timeout).
+    pub const TOOL_ERROR: &str = "tool_error";
+    /// The tool reported an error another attempt would repeat (4xx, bad params).
+    pub const PERMANENT: &str = "permanent";
+    /// No executor answered.
+    pub const UNANSWERED: &str = "unanswered";
+    /// The outcome did not meet the step's success criteria.
+    pub const VERIFY_FAILED: &str = "verify_failed";
+    /// No verifier answered.
+    pub const VERIFIER_UNANSWERED: &str = "verifier_unanswered";
+    /// An operator aborted the step.
+    pub const ABORTED: &str = "aborted";
+
+    /// The reasons a step is retried or re-sent.
+    pub const RETRIED: &[&str] = &[TOOL_ERROR, UNANSWERED, VERIFY_FAILED];
+    /// The reasons a step fails for good.
+    pub const FAILED: &[&str] = &[
+        TOOL_ERROR,
+        PERMANENT,
+        UNANSWERED,
+        VERIFY_FAILED,
+        VERIFIER_UNANSWERED,
+        ABORTED,
+    ];
+}
 
 impl Metrics {
     /// Counts a request refused with an error reply.
@@ -39,123 +102,276 @@ impl Metrics {
             .inc();
     }
 
+    /// Creates the per-label series a dashboard expects at zero: one per playbook and
+    /// per tool this node knows.
+    pub fn init_labels(&self, node_id: &str, playbooks: &[&str], tools: &[&str]) {
+        self.node_info
+            .with_label_values(&[node_id, env!("CARGO_PKG_VERSION")])
+            .set(1);
+        for pb in playbooks {
+            self.tasks_submitted_total.with_label_values(&[pb]);
+            self.cost_usd_total.with_label_values(&[pb]);
+            self.task_cost_usd.with_label_values(&[pb]);
+            for status in ["succeeded", "failed", "cancelled"] {
+                self.tasks_finished_total.with_label_values(&[pb, status]);
+                self.task_duration_seconds.with_label_values(&[pb, status]);
+            }
+        }
+        for tool in tools {
+            self.steps_in_flight.with_label_values(&[tool]);
+            self.step_duration_seconds.with_label_values(&[tool]);
+            self.effects_outcome_unknown_total.with_label_values(&[tool]);
+            for why in reason::RETRIED {
+                self.step_retries_total.with_label_values(&[tool, why]);
+            }
+            for why in reason::FAILED {
+                self.step_failures_total.with_label_values(&[tool, why]);
+            }
+        }
+        for actor in crate::roles::NODE_ROLES.iter().chain(&["task"]) {
+            self.actor_restarts_total.with_label_values(&[actor]);
+        }
+    }
+
+    /// Brings the counters kept by the store up to date (called before each scrape).
+    pub fn sync_store(&self, store: &storage::Store) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let stats = store.stats();
+        let advance = |c: &IntCounter, to: u64| {
+            let now = c.get();
+            if to > now {
+                c.inc_by(to - now);
+            }
+        };
+        advance(&self.store_commits_total, stats.commits.load(Relaxed));
+        advance(&self.store_fsyncs_total, stats.syncs.load(Relaxed));
+        let base = self.audit_base.load(Relaxed);
+        advance(
+            &self.audit_records_total,
+            store.audit_seq().saturating_sub(base),
+        );
+        let stall = store.write_stall_micros() as f64 / 1e6;
+        let seen = self.store_write_stall_seconds_total.get();
+        if stall > seen {
+            self.store_write_stall_seconds_total.inc_by(stall - seen);
+        }
+        self.store_size_bytes.set(store.size_bytes() as i64);
+    }
+
+    /// Counts audit records from `head` on (the chain's head when the node started).
+    pub fn set_audit_base(&self, head: u64) {
+        self.audit_base
+            .store(head, std::sync::atomic::Ordering::Relaxed);
+    }
+
     pub fn new() -> Result<Metrics, prometheus::Error> {
         let registry = Registry::new();
-        let counter =
-            |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
-                let c = IntCounterVec::new(Opts::new(name, help), labels)?;
-                registry.register(Box::new(c.clone()))?;
-                Ok(c)
-            };
-        let histogram =
-            |name: &str, help: &str, labels: &[&str]| -> Result<HistogramVec, prometheus::Error> {
-                let h = HistogramVec::new(
-                    HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
-                    labels,
-                )?;
-                registry.register(Box::new(h.clone()))?;
-                Ok(h)
-            };
-        let tasks_submitted_total = counter(
-            "cadre_tasks_submitted_total",
-            "Tasks accepted by intake.",
-            &["playbook"],
-        )?;
-        let tasks_finished_total = counter(
-            "cadre_tasks_finished_total",
-            "Tasks that reached a terminal status.",
-            &["playbook", "status"],
-        )?;
-        let task_duration_seconds = histogram(
-            "cadre_task_duration_seconds",
-            "Submit to terminal status.",
-            &["playbook", "status"],
-        )?;
-        let step_duration_seconds = histogram(
-            "cadre_step_duration_seconds",
-            "One attempt of a step, dispatch to executor reply.",
-            &["tool"],
-        )?;
-        let step_retries_total = counter(
-            "cadre_step_retries_total",
-            "Step attempts retried.",
-            &["tool"],
-        )?;
-        let step_failures_total = counter(
-            "cadre_step_failures_total",
-            "Steps failed for good.",
-            &["tool"],
-        )?;
-        let actor_restarts_total = counter(
-            "cadre_actor_restarts_total",
-            "Actors restarted by a supervisor.",
-            &["actor"],
-        )?;
-        let effects_outcome_unknown_total = counter(
-            "cadre_effects_outcome_unknown_total",
-            "Unsafe effects found in `intent` after a crash.",
-            &["tool"],
-        )?;
-        let input_rejected_total = counter(
-            "cadre_input_rejected_total",
-            "Requests refused with an error reply.",
-            &["subject", "code"],
-        )?;
-        let tasks_in_flight = IntGauge::new(
-            "cadre_tasks_in_flight",
-            "Non-terminal tasks with a running TaskActor.",
-        )?;
-        registry.register(Box::new(tasks_in_flight.clone()))?;
-        let steps_in_flight = IntGaugeVec::new(
-            Opts::new("cadre_steps_in_flight", "Steps executing on this node."),
-            &["tool"],
-        )?;
-        registry.register(Box::new(steps_in_flight.clone()))?;
-        let outbox_backlog = IntGauge::new(
-            "cadre_outbox_backlog",
-            "Committed messages not yet published.",
-        )?;
-        registry.register(Box::new(outbox_backlog.clone()))?;
-        let commit_seconds = Histogram::with_opts(
-            HistogramOpts::new("cadre_commit_seconds", "Synced commit of one transition.")
-                .buckets(LATENCY_BUCKETS.to_vec()),
-        )?;
-        registry.register(Box::new(commit_seconds.clone()))?;
-        let gauge = |name: &str, help: &str| -> Result<IntGauge, prometheus::Error> {
-            let g = IntGauge::new(name, help)?;
-            registry.register(Box::new(g.clone()))?;
-            Ok(g)
+        let r = &registry;
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            register(r, IntCounterVec::new(Opts::new(name, help), labels)?)
         };
-        let store_commits = gauge(
-            "cadre_store_synced_commits",
-            "Synced commits requested since start (one per transition).",
-        )?;
-        let store_fsyncs = gauge(
-            "cadre_store_fsyncs",
-            "fsyncs issued by the group-commit writer since start.",
-        )?;
-        let store_size_bytes = gauge(
-            "cadre_store_size_bytes",
-            "Approximate size of the RocksDB SST files.",
-        )?;
+        let histogram = |name: &str, help: &str, labels: &[&str], buckets: &[f64]| {
+            register(
+                r,
+                HistogramVec::new(
+                    HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+                    labels,
+                )?,
+            )
+        };
+        let gauge = |name: &str, help: &str| register(r, IntGauge::new(name, help)?);
         Ok(Metrics {
+            node_info: register(
+                r,
+                IntGaugeVec::new(
+                    Opts::new("cadre_node_info", "This node: always 1, labelled with its id and version."),
+                    &["node_id", "version"],
+                )?,
+            )?,
+            tasks_submitted_total: counter(
+                "cadre_tasks_submitted_total",
+                "Tasks accepted by intake.",
+                &["playbook"],
+            )?,
+            tasks_finished_total: counter(
+                "cadre_tasks_finished_total",
+                "Tasks that reached a terminal status (succeeded, failed, cancelled).",
+                &["playbook", "status"],
+            )?,
+            task_duration_seconds: histogram(
+                "cadre_task_duration_seconds",
+                "Submit to terminal status.",
+                &["playbook", "status"],
+                LONG_BUCKETS,
+            )?,
+            step_duration_seconds: histogram(
+                "cadre_step_duration_seconds",
+                "One attempt of a step, dispatch to executor reply.",
+                &["tool"],
+                LATENCY_BUCKETS,
+            )?,
+            step_retries_total: counter(
+                "cadre_step_retries_total",
+                "Step attempts retried or re-sent, by why.",
+                &["tool", "reason"],
+            )?,
+            step_failures_total: counter(
+                "cadre_step_failures_total",
+                "Steps failed for good, by why.",
+                &["tool", "reason"],
+            )?,
+            tasks_in_flight: gauge(
+                "cadre_tasks_in_flight",
+                "Non-terminal tasks with a running TaskActor.",
+            )?,
+            steps_in_flight: register(
+                r,
+                IntGaugeVec::new(
+                    Opts::new("cadre_steps_in_flight", "Steps executing on this node."),
+                    &["tool"],
+                )?,
+            )?,
+            approvals_pending: gauge(
+                "cadre_approvals_pending",
+                "Steps waiting for a human approval.",
+            )?,
+            approval_wait_seconds: register(
+                r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "cadre_approval_wait_seconds",
+                        "Request to decision of an approval.",
+                    )
+                    .buckets(LONG_BUCKETS.to_vec()),
+                )?,
+            )?,
+            approvals_decided_total: {
+                let c = counter(
+                    "cadre_approvals_decided_total",
+                    "Approvals decided, by decision (approve, deny, expired).",
+                    &["decision"],
+                )?;
+                for d in ["approve", "deny", "expired"] {
+                    c.with_label_values(&[d]);
+                }
+                c
+            },
+            actor_restarts_total: counter(
+                "cadre_actor_restarts_total",
+                "Actors restarted by a supervisor.",
+                &["actor"],
+            )?,
+            nats_connected: gauge(
+                "cadre_nats_connected",
+                "1 while the node's NATS connection is up.",
+            )?,
+            nats_reconnects_total: register(
+                r,
+                IntCounter::new(
+                    "cadre_nats_reconnects_total",
+                    "NATS connections re-established after a loss.",
+                )?,
+            )?,
+            outbox_backlog: gauge(
+                "cadre_outbox_backlog",
+                "Committed messages not yet published.",
+            )?,
+            effects_outcome_unknown: gauge(
+                "cadre_effects_outcome_unknown",
+                "Unsafe effects whose outcome is unknown, waiting for an operator.",
+            )?,
+            effects_outcome_unknown_total: counter(
+                "cadre_effects_outcome_unknown_total",
+                "Unsafe effects found in `intent` after a crash.",
+                &["tool"],
+            )?,
+            input_rejected_total: counter(
+                "cadre_input_rejected_total",
+                "Requests refused with an error reply.",
+                &["subject", "code"],
+            )?,
+            commit_seconds: register(
+                r,
+                Histogram::with_opts(
+                    HistogramOpts::new("cadre_commit_seconds", "Synced commit of one transition.")
+                        .buckets(LATENCY_BUCKETS.to_vec()),
+                )?,
+            )?,
+            cost_usd_total: register(
+                r,
+                CounterVec::new(
+                    Opts::new("cadre_cost_usd_total", "Money spent by steps (LLM tokens, paid APIs)."),
+                    &["playbook"],
+                )?,
+            )?,
+            task_cost_usd: histogram(
+                "cadre_task_cost_usd",
+                "Cost of each verified task; _sum/_count is the cost per verified task.",
+                &["playbook"],
+                COST_BUCKETS,
+            )?,
+            budget_spent_usd: register(r, {
+                let g = GaugeVec::new(
+                    Opts::new("cadre_budget_spent_usd", "Spent against a budget in its period."),
+                    &["scope"],
+                )?;
+                g.with_label_values(&["global"]);
+                g
+            })?,
+            budget_cap_usd: register(r, {
+                let g = GaugeVec::new(
+                    Opts::new("cadre_budget_cap_usd", "A budget's cap in its period (0: no cap)."),
+                    &["scope"],
+                )?;
+                g.with_label_values(&["global"]);
+                g
+            })?,
+            killswitch_engaged: gauge(
+                "cadre_killswitch_engaged",
+                "1 while the kill switch stops all dispatching.",
+            )?,
+            store_commits_total: register(
+                r,
+                IntCounter::new(
+                    "cadre_store_commits_total",
+                    "Synced commits requested (one per state transition).",
+                )?,
+            )?,
+            store_fsyncs_total: register(
+                r,
+                IntCounter::new(
+                    "cadre_store_fsyncs_total",
+                    "fsyncs issued by the group-commit writer (≤ commits).",
+                )?,
+            )?,
+            store_write_stall_seconds_total: register(
+                r,
+                prometheus::Counter::new(
+                    "cadre_store_write_stall_seconds_total",
+                    "Time RocksDB stalled or slowed writes.",
+                )?,
+            )?,
+            store_size_bytes: gauge(
+                "cadre_store_size_bytes",
+                "Approximate size of the RocksDB SST files.",
+            )?,
+            audit_records_total: register(
+                r,
+                IntCounter::new(
+                    "cadre_audit_records_total",
+                    "Audit records appended since the node started.",
+                )?,
+            )?,
+            audit_base: std::sync::atomic::AtomicU64::new(0),
             registry,
-            tasks_submitted_total,
-            tasks_finished_total,
-            task_duration_seconds,
-            step_duration_seconds,
-            step_retries_total,
-            step_failures_total,
-            tasks_in_flight,
-            steps_in_flight,
-            actor_restarts_total,
-            outbox_backlog,
-            effects_outcome_unknown_total,
-            input_rejected_total,
-            commit_seconds,
-            store_commits,
-            store_fsyncs,
-            store_size_bytes,
         })
     }
+}
+
+fn register<C: prometheus::core::Collector + Clone + 'static>(
+    registry: &Registry,
+    collector: C,
+) -> Result<C, prometheus::Error> {
+    registry.register(Box::new(collector.clone()))?;
+    Ok(collector)
 }

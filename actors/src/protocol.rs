@@ -19,6 +19,7 @@ pub mod subject {
     pub const TASKS_LIST: &str = "cadre.tasks.list";
     pub const TASKS_CANCEL: &str = "cadre.tasks.cancel";
     pub const TASKS_RESOLVE: &str = "cadre.tasks.resolve";
+    pub const TASKS_TRACE: &str = "cadre.tasks.trace";
     pub const PLAN: &str = "cadre.plan";
     pub const VERIFY: &str = "cadre.verify";
     pub const ARCHIVE: &str = "cadre.archive";
@@ -40,6 +41,30 @@ pub mod subject {
     pub fn task_events(task_id: &str) -> String {
         format!("cadre.events.task.{task_id}.>")
     }
+
+    /// Where a node publishes its audit records: `cadre.audit.<node_id>`
+    /// (`cadre.audit.*` collects every node's).
+    pub fn audit(node_id: &str) -> String {
+        format!("cadre.audit.{node_id}")
+    }
+
+    /// Every node's audit records (one token after `cadre.audit`, so requests below
+    /// are not matched).
+    pub const AUDIT_ALL: &str = "cadre.audit.*";
+
+    /// Request: read a node's audit records (`AuditReadRequest`).
+    pub fn audit_read(node_id: &str) -> String {
+        format!("cadre.audit.{node_id}.read")
+    }
+
+    /// Request: walk a node's audit chain (`{}` → `AuditVerifyReply`).
+    pub fn audit_verify(node_id: &str) -> String {
+        format!("cadre.audit.{node_id}.verify")
+    }
+
+    /// Header on internal replies naming the responding actor (`executor@laptop`), so
+    /// the task's timeline can say who did what, where.
+    pub const FROM_HEADER: &str = "Cadre-From";
 
     /// Queue groups: one member of each group answers a request.
     pub const QUEUE_INTAKE: &str = "cadre-intake";
@@ -228,6 +253,110 @@ pub struct TaskEvent {
     pub detail: Option<String>,
     pub at_ms: u64,
     pub node_id: String,
+}
+
+/// What an audit record says: who did what, why, with what outcome. Stored as the
+/// payload of a hash-chained link (postcard, so no field is skipped when absent) and
+/// published as JSON inside an [`AuditEntry`]. Params are never stored here: only
+/// their hash, and a redacted copy (`crate::redact`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    pub at_ms: u64,
+    /// The node that committed the record.
+    pub node_id: String,
+    /// Who acted: `<role>@<node>` (`executor@vps`) or `operator`.
+    pub actor: String,
+    /// The person, for operator actions (`by` of a cancel or resolve).
+    pub operator: Option<String>,
+    /// What happened: the task event kind (`step_started`, `cancelled`, …) or
+    /// `step_executed` for an adapter call.
+    pub action: String,
+    pub task_id: Option<String>,
+    pub step_id: Option<String>,
+    pub attempt: Option<u32>,
+    /// Why: the plan the action belongs to, `<playbook>@<version>`.
+    pub plan: Option<String>,
+    pub tool: Option<String>,
+    /// sha256 of the params as sent (the effect ledger's `args_hash`).
+    pub args_hash: Option<String>,
+    /// The params as sent, redacted (JSON text).
+    pub params: Option<String>,
+    /// Pointer to the input context: `tasks/<task_id>#input sha256:<hex>`.
+    pub input_ref: Option<String>,
+    /// `ok`, `failed`, `retry`, `unknown`, `cancelled`, … or the new status.
+    pub outcome: String,
+    /// Redacted free text: the reason, the verdict, the error.
+    pub detail: Option<String>,
+    pub duration_ms: Option<u64>,
+    pub cost_usd: Option<f64>,
+}
+
+/// An audit record with its place in the chain, as published on
+/// `cadre.audit.<node_id>` and answered by `cadre.audit.<node_id>.read` and
+/// `cadre.tasks.trace`. Consumers dedupe on `(record.node_id, seq)`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    pub seq: u64,
+    pub hash: String,
+    pub prev_hash: String,
+    pub record: AuditRecord,
+}
+
+/// `cadre.tasks.trace` reply: the task's timeline, oldest first.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TraceReply {
+    pub task_id: String,
+    pub playbook: String,
+    pub status: TaskStatus,
+    pub created_at_ms: u64,
+    pub entries: Vec<AuditEntry>,
+}
+
+/// `cadre.audit.<node_id>.read` request.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditReadRequest {
+    /// Records with a sequence above this one (0: from the start).
+    #[serde(default)]
+    pub after_seq: Option<u64>,
+    /// The last N records instead (ignored when `after_seq` is given).
+    #[serde(default)]
+    pub last: Option<u64>,
+    /// Page size; default 100, at most [`AUDIT_READ_MAX`].
+    #[serde(default)]
+    pub limit: Option<usize>,
+}
+
+pub const AUDIT_READ_DEFAULT: usize = 100;
+pub const AUDIT_READ_MAX: usize = 1000;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AuditReadReply {
+    pub node_id: String,
+    pub entries: Vec<AuditEntry>,
+    /// The chain's head when read.
+    pub head_seq: u64,
+}
+
+/// `cadre.audit.<node_id>.verify` reply (and `cadre audit verify --json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditVerifyReply {
+    pub node_id: String,
+    /// Records examined.
+    pub records: u64,
+    /// The last record that holds.
+    pub head_seq: u64,
+    pub head_hash: String,
+    pub ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub broken: Option<AuditBreak>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditBreak {
+    /// The first record that does not hold.
+    pub seq: u64,
+    pub reason: String,
 }
 
 /// Published on `cadre.events.intake.rejected` for an enqueued message that was

@@ -392,3 +392,135 @@ pub fn metric(text: &str, name: &str) -> f64 {
 pub fn is_terminal(status: &str) -> bool {
     matches!(status, "succeeded" | "failed" | "cancelled")
 }
+
+/// `GET path` on `addr` over plain HTTP/1.0 (so the server closes the connection and
+/// sends no chunked encoding); returns status and body.
+pub async fn http_get(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await?;
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .context("no HTTP status")?;
+    Ok((status, body.to_string()))
+}
+
+/// A real Prometheus server (Debian's `prometheus`) scraping `targets` every second,
+/// with `rule_files` loaded; killed on drop.
+pub struct Prometheus {
+    child: Option<Child>,
+    pub addr: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    pub fn start(targets: &[(&str, &str)], rule_files: &[PathBuf]) -> anyhow::Result<Prometheus> {
+        let dir = tempfile::tempdir()?;
+        let addr = format!("127.0.0.1:{}", free_port()?);
+        let mut conf = String::from(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: cadre\n    static_configs:\n",
+        );
+        for (target, node) in targets {
+            conf.push_str(&format!(
+                "      - targets: ['{target}']\n        labels: {{node: '{node}', location: 'test'}}\n"
+            ));
+        }
+        if !rule_files.is_empty() {
+            conf.push_str("rule_files:\n");
+            for f in rule_files {
+                conf.push_str(&format!("  - '{}'\n", f.display()));
+            }
+        }
+        let path = dir.path().join("prometheus.yml");
+        std::fs::write(&path, conf)?;
+        let child = Command::new(std::env::var("PROMETHEUS_BIN").unwrap_or_else(|_| "prometheus".into()))
+            .arg(format!("--config.file={}", path.display()))
+            .arg(format!("--storage.tsdb.path={}", dir.path().join("tsdb").display()))
+            .arg(format!("--web.listen-address={addr}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("cannot start prometheus: install Debian's `prometheus` package (ops/scripts/install-deps.sh does)")?;
+        Ok(Prometheus {
+            child: Some(child),
+            addr,
+            _dir: dir,
+        })
+    }
+
+    /// An instant query: the `data.result` array.
+    pub async fn query(&self, promql: &str) -> anyhow::Result<Vec<Value>> {
+        let path = format!("/api/v1/query?query={}", url_encode(promql));
+        let (status, body) = http_get(&self.addr, &path).await?;
+        if status != 200 {
+            bail!("prometheus answered {status} to {promql}: {body}");
+        }
+        let v: Value = serde_json::from_str(&body)?;
+        Ok(v["data"]["result"].as_array().cloned().unwrap_or_default())
+    }
+
+    /// The sum of an instant query's values (None when it has no series).
+    pub async fn value(&self, promql: &str) -> Option<f64> {
+        let result = self.query(promql).await.ok()?;
+        if result.is_empty() {
+            return None;
+        }
+        Some(
+            result
+                .iter()
+                .filter_map(|r| r["value"][1].as_str()?.parse::<f64>().ok())
+                .sum(),
+        )
+    }
+
+    /// `GET` on the HTTP API, parsed.
+    pub async fn api(&self, path: &str) -> anyhow::Result<Value> {
+        let (_, body) = http_get(&self.addr, path).await?;
+        Ok(serde_json::from_str(&body)?)
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn url_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Runs the `cadre` CLI with `args` against `nats_url`; returns exit code, stdout, stderr.
+pub fn cadre_cli(nats_url: &str, args: &[&str]) -> anyhow::Result<(i32, String, String)> {
+    let out = Command::new(cadre_bin()?)
+        .args(args)
+        .env("CADRE_NATS_URL", nats_url)
+        .stdin(Stdio::null())
+        .output()?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+/// The repository's `ops/` directory.
+pub fn ops_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../ops")
+}

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use actors::model::{StepStatus, TaskStatus};
 use actors::protocol::{
-    ErrorReply, ListReply, SubmitReply, TaskEvent, TaskStatusReply, TaskView, subject,
+    AUDIT_READ_MAX, AuditEntry, AuditReadReply, AuditRecord, AuditVerifyReply, ErrorReply,
+    ListReply, SubmitReply, TaskEvent, TaskStatusReply, TaskView, TraceReply, subject,
 };
 use bytes::Bytes;
 use futures::StreamExt;
@@ -319,5 +320,195 @@ pub fn print_task(t: &TaskView) {
     }
     if let Some(r) = &t.result {
         println!("result: {r}");
+    }
+}
+
+impl Client {
+    /// `cadre task trace`: the task's timeline from its audit records.
+    pub async fn trace(&self, task_id: &str) -> Result<TraceReply, CliError> {
+        let reply: TraceReply = self
+            .request(subject::TASKS_TRACE, &serde_json::json!({"task_id": task_id}))
+            .await?;
+        if self.json {
+            print_json(&reply);
+        } else {
+            print_trace(&reply);
+        }
+        Ok(reply)
+    }
+
+    /// `cadre audit verify --node`: the node walks its own chain.
+    pub async fn audit_verify(&self, node_id: &str) -> Result<(), CliError> {
+        let reply: AuditVerifyReply = self
+            .request(&subject::audit_verify(node_id), &serde_json::json!({}))
+            .await?;
+        report_verify(&reply, self.json)
+    }
+
+    /// `cadre audit tail`: the last `last` records of a node, then (with `follow`)
+    /// every new one as it is committed. Subscribes before reading, so nothing falls
+    /// between the two.
+    pub async fn audit_tail(&self, node_id: &str, last: u64, follow: bool) -> Result<(), CliError> {
+        let mut live = if follow {
+            Some(
+                self.nats
+                    .subscribe(subject::audit(node_id))
+                    .await
+                    .map_err(|e| CliError::Unreachable(e.to_string()))?,
+            )
+        } else {
+            None
+        };
+        let page: AuditReadReply = self
+            .request(
+                &subject::audit_read(node_id),
+                &serde_json::json!({"last": last, "limit": AUDIT_READ_MAX}),
+            )
+            .await?;
+        let mut shown = 0;
+        for entry in &page.entries {
+            self.print_entry(entry);
+            shown = entry.seq;
+        }
+        let Some(sub) = live.as_mut() else {
+            return Ok(());
+        };
+        shown = shown.max(page.head_seq);
+        while let Some(msg) = sub.next().await {
+            match serde_json::from_slice::<AuditEntry>(&msg.payload) {
+                Ok(entry) if entry.seq > shown => {
+                    self.print_entry(&entry);
+                    shown = entry.seq;
+                }
+                Ok(_) => {}
+                Err(_) => eprintln!(
+                    "unreadable audit record: {}",
+                    String::from_utf8_lossy(&msg.payload)
+                ),
+            }
+        }
+        Ok(())
+    }
+
+    fn print_entry(&self, entry: &AuditEntry) {
+        if self.json {
+            print_json(&actors::audit::entry_json(entry));
+        } else {
+            let r = &entry.record;
+            let task = r.task_id.as_deref().unwrap_or("-");
+            let step = step_label(r);
+            println!(
+                "#{:<6} {} {:<10} {:<22} {:<16} {task}{} {}{}",
+                entry.seq,
+                clock(r.at_ms),
+                r.node_id,
+                actor_label(r),
+                r.action,
+                if step.is_empty() { String::new() } else { format!(" {step}") },
+                r.outcome,
+                r.detail.as_deref().map(|d| format!(" — {d}")).unwrap_or_default()
+            );
+        }
+    }
+}
+
+/// Prints a chain report; a broken chain is exit 1.
+pub fn report_verify(reply: &AuditVerifyReply, json: bool) -> Result<(), CliError> {
+    if json {
+        print_json(reply);
+    } else if let Some(broken) = &reply.broken {
+        println!(
+            "audit chain of node {}: BROKEN at record {} — {}",
+            reply.node_id, broken.seq, broken.reason
+        );
+        println!(
+            "  records 1..{} hold (last good hash {})",
+            reply.head_seq,
+            short_hash(&reply.head_hash)
+        );
+    } else {
+        println!(
+            "audit chain of node {}: intact, {} records, head #{} {}",
+            reply.node_id,
+            reply.records,
+            reply.head_seq,
+            short_hash(&reply.head_hash)
+        );
+    }
+    match &reply.broken {
+        None => Ok(()),
+        Some(b) => Err(CliError::TaskEnded(format!(
+            "the audit chain is broken at record {}",
+            b.seq
+        ))),
+    }
+}
+
+fn short_hash(h: &str) -> &str {
+    &h[..h.len().min(16)]
+}
+
+fn step_label(r: &AuditRecord) -> String {
+    match (&r.step_id, r.attempt) {
+        (Some(s), Some(a)) => format!("{s}#{a}"),
+        (Some(s), None) => s.clone(),
+        _ => String::new(),
+    }
+}
+
+fn actor_label(r: &AuditRecord) -> String {
+    match &r.operator {
+        Some(who) => format!("operator:{who}"),
+        None => r.actor.clone(),
+    }
+}
+
+/// The task's timeline, one line per transition: when (from submit), how long since
+/// the line before, who on which node, what, on which step, the outcome, and the rest.
+pub fn print_trace(t: &TraceReply) {
+    let end = t.entries.last().map_or(t.created_at_ms, |e| e.record.at_ms);
+    println!(
+        "task {}  playbook {}  {}  {} ms from submit to last record",
+        t.task_id,
+        t.playbook,
+        t.status,
+        end.saturating_sub(t.created_at_ms)
+    );
+    println!(
+        "{:>9} {:>8}  {:<22} {:<20} {:<14} {:<16} details",
+        "at +ms", "Δ ms", "actor", "action", "step", "outcome"
+    );
+    let mut prev = t.created_at_ms;
+    for e in &t.entries {
+        let r = &e.record;
+        let mut details = Vec::new();
+        if let Some(tool) = &r.tool
+            && (r.action == "step_started" || r.action == "step_executed")
+        {
+            details.push(tool.clone());
+        }
+        if let Some(ms) = r.duration_ms {
+            details.push(format!("took {ms} ms"));
+        }
+        if let Some(cost) = r.cost_usd {
+            details.push(format!("cost ${cost:.4}"));
+        }
+        if let Some(h) = &r.args_hash {
+            details.push(format!("args {}", short_hash(h)));
+        }
+        if let Some(d) = &r.detail {
+            details.push(d.clone());
+        }
+        println!(
+            "{:>9} {:>8}  {:<22} {:<20} {:<14} {:<16} {}",
+            r.at_ms.saturating_sub(t.created_at_ms),
+            r.at_ms.saturating_sub(prev),
+            actor_label(r),
+            r.action,
+            step_label(r),
+            r.outcome,
+            details.join(" · ")
+        );
+        prev = r.at_ms;
     }
 }

@@ -1,14 +1,17 @@
-//! The node's HTTP server: `/metrics` (Prometheus text), `/healthz`, `/readyz`.
+//! The node's HTTP server: `/metrics` (Prometheus text), `/healthz` (the process
+//! answers), `/readyz` (NATS connected, store open, every role's actor up).
 
 use std::sync::Arc;
 
 use actors::context::NodeContext;
+use actors::roles;
 use axum::Router;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use prometheus::{Encoder, TextEncoder};
+use storage::Cf;
 
 pub async fn serve(listener: tokio::net::TcpListener, ctx: Arc<NodeContext>) {
     let app = Router::new()
@@ -22,14 +25,7 @@ pub async fn serve(listener: tokio::net::TcpListener, ctx: Arc<NodeContext>) {
 }
 
 async fn metrics(State(ctx): State<Arc<NodeContext>>) -> impl IntoResponse {
-    let stats = ctx.store.stats();
-    let load =
-        |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed) as i64;
-    ctx.metrics.store_commits.set(load(&stats.commits));
-    ctx.metrics.store_fsyncs.set(load(&stats.syncs));
-    ctx.metrics
-        .store_size_bytes
-        .set(ctx.store.size_bytes() as i64);
+    ctx.metrics.sync_store(&ctx.store);
     let mut body = Vec::new();
     let families = ctx.metrics.registry.gather();
     match TextEncoder::new().encode(&families, &mut body) {
@@ -43,12 +39,29 @@ async fn metrics(State(ctx): State<Arc<NodeContext>>) -> impl IntoResponse {
     }
 }
 
+/// Ready means the node can take and carry out work: NATS is connected, the store
+/// answers a read, and every role's actor is registered (none is down or restarting).
+/// The body lists each check, so a failing probe says which.
 async fn ready(State(ctx): State<Arc<NodeContext>>) -> impl IntoResponse {
+    let mut problems = Vec::new();
     match ctx.nats.connection_state() {
-        async_nats::connection::State::Connected => (StatusCode::OK, "ready\n".to_string()),
-        other => (
+        async_nats::connection::State::Connected => {}
+        other => problems.push(format!("nats: {other:?}")),
+    }
+    if let Err(e) = ctx.store.get::<u32>(Cf::Meta, b"schema_version") {
+        problems.push(format!("store: {e}"));
+    }
+    for role in roles::NODE_ROLES {
+        if ractor::registry::where_is(ctx.from(role)).is_none() {
+            problems.push(format!("actor {} is not running", ctx.from(role)));
+        }
+    }
+    if problems.is_empty() {
+        (StatusCode::OK, "ready: nats connected, store open, actors up\n".to_string())
+    } else {
+        (
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("nats: {other:?}\n"),
-        ),
+            format!("not ready:\n{}\n", problems.join("\n")),
+        )
     }
 }

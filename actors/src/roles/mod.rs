@@ -3,6 +3,7 @@
 //! to another role go over NATS with a timeout, never through its code.
 
 pub mod archivist;
+pub mod audit;
 pub mod executor;
 pub mod intake;
 pub mod planner;
@@ -34,3 +35,9 @@ pub const VERIFIER: &str = "verifier";
 pub const ARCHIVIST: &str = "archivist";
 pub const TASK_API: &str = "task-api";
 pub const INTAKE: &str = "intake";
+pub const AUDIT: &str = "audit";
+
+/// Every singleton a node runs: all must be up for the node to be ready.
+pub const NODE_ROLES: &[&str] = &[
+    RELAY, AUDIT, TASKS, PLANNER, EXECUTOR, VERIFIER, ARCHIVIST, INTAKE, TASK_API,
+];

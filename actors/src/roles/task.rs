@@ -6,22 +6,26 @@
 //! to cancel while a step runs. It stops itself when the task ends or parks waiting for
 //! an operator; its checkpoint is all that is needed to start it again.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use tracing::Instrument;
 use serde_json::{Map, Value};
 use storage::{Batch, Cf};
 
-use crate::bus::{self, HopError};
+use crate::audit;
+use crate::bus::{self, HopError, Replied};
 use crate::context::NodeContext;
 use crate::machine::{self, Action, Input, Rejected};
 use crate::model::{DecisionKind, JsonText, StepStatus, Task, TaskStatus};
+use crate::metrics::reason;
 use crate::protocol::{
-    ArchiveReply, ArchiveRequest, ExecReply, ExecRequest, FailureKind, PlanReply, PlanRequest,
-    TaskChecks, VerifyReply, VerifyRequest, subject,
+    ArchiveReply, ArchiveRequest, AuditRecord, ExecReply, ExecRequest, FailureKind, PlanReply,
+    PlanRequest, TaskChecks, TaskEvent, VerifyReply, VerifyRequest, subject,
 };
 use crate::roles::relay::RelayMsg;
 use crate::roles::{RELAY, lookup};
@@ -43,15 +47,30 @@ pub struct TaskState {
     ctx: Arc<NodeContext>,
     task: Task,
     rng: StdRng,
-    /// When each running step was sent, for the step-duration histogram.
-    sent_at: Vec<Option<Instant>>,
+    /// Per step: the attempt in flight, for its duration and its audit record.
+    sent: Vec<Option<Sent>>,
     hold_after_start: bool,
     /// Events of transitions not committed on their own (see `machine::Transition`).
-    held_events: Vec<crate::protocol::TaskEvent>,
+    held_events: Vec<TaskEvent>,
+    /// Their audit records, and `step_executed` records, committed with the next commit.
+    held_audit: Vec<AuditRecord>,
+    /// Steps in `outcome_unknown` as of the last commit (for the node-wide gauge).
+    unknown_committed: i64,
+}
+
+/// An attempt in flight.
+struct Sent {
+    at: Instant,
+    args_hash: String,
 }
 
 pub enum TaskMsg {
     Input(Input),
+    /// Another role's answer, with the actor that sent it (`executor@vps`).
+    Reply {
+        input: Input,
+        from: Option<String>,
+    },
     Cancel {
         reason: String,
         reply: RpcReplyPort<Result<TaskStatus, Rejected>>,
@@ -81,7 +100,8 @@ impl Actor for TaskActor {
             .get(Cf::Tasks, args.task_id.as_bytes())?
             .ok_or_else(|| format!("task {} has no checkpoint", args.task_id))?;
         let seed = args.ctx.settings.seed ^ fxhash(&task.id);
-        let sent_at = vec![None; task.steps.len()];
+        let sent = task.steps.iter().map(|_| None).collect();
+        let unknown_committed = unknown_steps(&task);
         let first = match args.abandon {
             Some(reason) => Input::Abandon { reason },
             None => Input::Start,
@@ -91,9 +111,11 @@ impl Actor for TaskActor {
             ctx: args.ctx,
             task,
             rng: StdRng::seed_from_u64(seed),
-            sent_at,
+            sent,
             hold_after_start: args.hold_after_start,
             held_events: Vec::new(),
+            held_audit: Vec::new(),
+            unknown_committed,
         })
     }
 
@@ -103,55 +125,69 @@ impl Actor for TaskActor {
         msg: TaskMsg,
         state: &mut TaskState,
     ) -> Result<(), ActorProcessingErr> {
-        let mut hold = false;
-        match msg {
-            TaskMsg::Input(input) => {
-                hold = matches!(input, Input::Start) && std::mem::take(&mut state.hold_after_start);
-                // Inputs the state does not allow are programming errors in the
-                // machine's callers; they are only produced by Cancel/Resolve.
-                let _ = state.apply(&myself, input).await?;
+        let span = tracing::info_span!("task", task_id = %state.task.id);
+        async move {
+            let mut hold = false;
+            match msg {
+                TaskMsg::Input(input) => {
+                    hold = matches!(input, Input::Start)
+                        && std::mem::take(&mut state.hold_after_start);
+                    // Inputs the state does not allow are programming errors in the
+                    // machine's callers; they are only produced by Cancel/Resolve.
+                    let _ = state.apply(&myself, input, None).await?;
+                }
+                TaskMsg::Reply { input, from } => {
+                    let _ = state.apply(&myself, input, from).await?;
+                }
+                TaskMsg::Cancel { reason, reply } => {
+                    let result = state.apply(&myself, Input::Cancel { reason }, None).await?;
+                    let _ = reply.send(result.map(|()| state.task.status));
+                }
+                TaskMsg::Resolve {
+                    step,
+                    decision,
+                    by,
+                    note,
+                    reply,
+                } => {
+                    let input = Input::Resolve {
+                        step,
+                        decision,
+                        by,
+                        note,
+                    };
+                    let result = state.apply(&myself, input, None).await?;
+                    let _ = reply.send(result.map(|()| state.task.status));
+                }
             }
-            TaskMsg::Cancel { reason, reply } => {
-                let result = state.apply(&myself, Input::Cancel { reason }).await?;
-                let _ = reply.send(result.map(|()| state.task.status));
+            if !hold && state.should_stop() {
+                myself.stop(Some(state.task.status.to_string()));
             }
-            TaskMsg::Resolve {
-                step,
-                decision,
-                by,
-                note,
-                reply,
-            } => {
-                let result = state
-                    .apply(
-                        &myself,
-                        Input::Resolve {
-                            step,
-                            decision,
-                            by,
-                            note,
-                        },
-                    )
-                    .await?;
-                let _ = reply.send(result.map(|()| state.task.status));
-            }
+            Ok(())
         }
-        if !hold && state.should_stop() {
-            myself.stop(Some(state.task.status.to_string()));
-        }
-        Ok(())
+        .instrument(span)
+        .await
     }
 }
 
 impl TaskState {
     /// One input: transition, commit, then act. A commit error fails the actor, whose
-    /// supervisor restarts it from the last checkpoint.
+    /// supervisor restarts it from the last checkpoint. `from` is the actor whose reply
+    /// this input is; it is named in the audit records the transition produces.
     async fn apply(
         &mut self,
         myself: &ActorRef<TaskMsg>,
         input: Input,
+        from: Option<String>,
     ) -> Result<Result<(), Rejected>, ActorProcessingErr> {
-        self.observe(&input);
+        let executed = self.executed_record(&input, from.as_deref());
+        let why = failure_reason(&input);
+        let (actor, operator) = match &input {
+            Input::Cancel { .. } => ("operator".to_string(), None),
+            Input::Resolve { by, .. } => ("operator".to_string(), Some(by.clone())),
+            Input::Abandon { .. } => (self.ctx.from(crate::roles::TASKS), None),
+            _ => (from.unwrap_or_else(|| self.ctx.from("task")), None),
+        };
         let now = self.ctx.now_ms();
         let jitter: f64 = self.rng.random();
         let transition = match machine::apply(
@@ -164,22 +200,57 @@ impl TaskState {
             Ok(t) => t,
             Err(rejected) => return Ok(Err(rejected)),
         };
+        // Exec requests are built before the commit: their params go into the audit
+        // record of `step_started`, and the same request is sent after the commit.
+        let mut prepared: HashMap<String, Result<ExecRequest, String>> = HashMap::new();
+        for action in &transition.actions {
+            if let Action::Exec { step, attempt } = action
+                && let Some(i) = self.task.step_index(step)
+            {
+                prepared.insert(step.clone(), self.exec_request(i, *attempt));
+            }
+        }
+        self.held_audit.extend(executed);
+        for event in &transition.events {
+            self.count_failure(event, why);
+            // A dispatch is the task actor's own doing, whatever caused the transition.
+            let mut record = if event.kind == "step_started" {
+                audit::of_event(&self.task, event, &self.ctx.from("task"))
+            } else {
+                let mut r = audit::of_event(&self.task, event, &actor);
+                r.operator = operator.clone();
+                r
+            };
+            if event.kind == "step_started"
+                && let Some(Ok(req)) = event.step_id.as_ref().and_then(|s| prepared.get(s))
+            {
+                record.args_hash = Some(audit::args_hash(&req.params));
+                record.params = Some(audit::redacted_params(&req.params));
+            }
+            self.held_audit.push(record);
+        }
         if transition.commit {
             let mut events = std::mem::take(&mut self.held_events);
             events.extend(transition.events);
-            self.commit(&events).await?;
+            let records = std::mem::take(&mut self.held_audit);
+            self.commit(&events, &records).await?;
         } else {
             self.held_events.extend(transition.events);
         }
         for action in transition.actions {
-            self.act(myself, action);
+            let request = match &action {
+                Action::Exec { step, .. } => prepared.remove(step),
+                _ => None,
+            };
+            self.act(myself, action, request);
         }
         Ok(Ok(()))
     }
 
     async fn commit(
         &mut self,
-        events: &[crate::protocol::TaskEvent],
+        events: &[TaskEvent],
+        records: &[AuditRecord],
     ) -> Result<(), ActorProcessingErr> {
         let ctx = &self.ctx;
         let task = &self.task;
@@ -192,6 +263,18 @@ impl TaskState {
         }
         let mut outgoing = Vec::with_capacity(events.len());
         for event in events {
+            // Event details carry tool errors, which may quote a URL or a header.
+            let redacted;
+            let event = match &event.detail {
+                Some(d) if crate::redact::text(d) != *d => {
+                    redacted = TaskEvent {
+                        detail: Some(crate::redact::text(d)),
+                        ..event.clone()
+                    };
+                    &redacted
+                }
+                _ => event,
+            };
             let payload = serde_json::to_vec(event)?;
             outgoing.push(ctx.stage_outbox(
                 &mut batch,
@@ -199,11 +282,19 @@ impl TaskState {
                 payload,
             )?);
         }
+        for record in records {
+            batch.append_audit(record, Some(task.id.as_bytes()))?;
+        }
         let started = Instant::now();
         ctx.store.commit(batch).await?;
         ctx.metrics
             .commit_seconds
             .observe(started.elapsed().as_secs_f64());
+        let unknown = unknown_steps(task);
+        ctx.metrics
+            .effects_outcome_unknown
+            .add(unknown - self.unknown_committed);
+        self.unknown_committed = unknown;
         if let Some(relay) = lookup::<RelayMsg>(RELAY, &ctx.settings.node_id) {
             // If the relay is restarting, it sends these from the outbox when it starts.
             let _ = relay.cast(RelayMsg::Publish(outgoing));
@@ -223,50 +314,102 @@ impl TaskState {
         Ok(())
     }
 
-    /// Metrics that need the input before the machine consumes it.
-    fn observe(&mut self, input: &Input) {
-        if let Input::Executed { step, reply, .. } = input
-            && let Some(i) = self.task.step_index(step)
-        {
-            let tool = self.task.steps[i].spec.tool.as_str();
-            if let Some(sent) = self.sent_at.get_mut(i).and_then(Option::take) {
-                self.ctx
-                    .metrics
-                    .step_duration_seconds
-                    .with_label_values(&[tool])
-                    .observe(sent.elapsed().as_secs_f64());
-            }
-            match reply {
-                ExecReply::Failed {
-                    kind: FailureKind::Retryable,
-                    ..
-                } => {
-                    self.ctx
-                        .metrics
-                        .step_retries_total
-                        .with_label_values(&[tool])
-                        .inc();
-                }
-                ExecReply::Failed {
-                    kind: FailureKind::Permanent,
-                    ..
-                } => {
-                    self.ctx
-                        .metrics
-                        .step_failures_total
-                        .with_label_values(&[tool])
-                        .inc();
-                }
-                _ => {}
-            }
+    /// The `step_executed` record of an executor's reply to the attempt in flight (none
+    /// for a stale or duplicate reply), and the step-duration metric.
+    fn executed_record(&mut self, input: &Input, from: Option<&str>) -> Option<AuditRecord> {
+        let Input::Executed {
+            step,
+            attempt,
+            reply,
+        } = input
+        else {
+            return None;
+        };
+        let i = self.task.step_index(step)?;
+        let s = &self.task.steps[i];
+        if s.status != StepStatus::Running || s.attempts != *attempt {
+            return None;
         }
+        let tool = s.spec.tool.clone();
+        let sent = self.sent.get_mut(i).and_then(Option::take);
+        let elapsed = sent.as_ref().map(|s| s.at.elapsed());
+        if let Some(elapsed) = elapsed {
+            self.ctx
+                .metrics
+                .step_duration_seconds
+                .with_label_values(&[&tool])
+                .observe(elapsed.as_secs_f64());
+        }
+        let now = self.ctx.now_ms();
+        let actor = from.map_or_else(|| self.ctx.from(crate::roles::EXECUTOR), str::to_string);
+        let mut r = audit::for_task(&self.task, &self.ctx.settings.node_id, &actor, now);
+        r.action = "step_executed".into();
+        r.step_id = Some(step.clone());
+        r.attempt = Some(*attempt);
+        r.tool = Some(tool);
+        r.args_hash = sent.map(|s| s.args_hash);
+        let (outcome, detail, duration_us) = match reply {
+            ExecReply::Done {
+                duration_us,
+                replayed,
+                ..
+            } => (
+                "ok",
+                replayed.then(|| "replayed from the effect ledger".to_string()),
+                Some(*duration_us),
+            ),
+            ExecReply::Failed { kind, message, .. } => {
+                let outcome = match kind {
+                    FailureKind::Retryable => "retryable_error",
+                    FailureKind::Permanent => "permanent_error",
+                    FailureKind::OutcomeUnknown => "unknown",
+                };
+                (outcome, Some(crate::redact::text(message)), None)
+            }
+        };
+        r.outcome = outcome.into();
+        r.detail = detail;
+        // An unknown outcome has no duration: the run it describes was another process's.
+        let unknown = matches!(
+            reply,
+            ExecReply::Failed {
+                kind: FailureKind::OutcomeUnknown,
+                ..
+            }
+        );
+        r.duration_ms = duration_us
+            .map(|us| us / 1000)
+            .or(elapsed.filter(|_| !unknown).map(|e| e.as_millis() as u64));
+        Some(r)
+    }
+
+    /// Counts a retry or a final failure of a step, by tool and why.
+    fn count_failure(&self, event: &TaskEvent, why: Option<&'static str>) {
+        let counter = match event.kind.as_str() {
+            "step_retry" | "step_redelivery" => &self.ctx.metrics.step_retries_total,
+            "step_failed" => &self.ctx.metrics.step_failures_total,
+            _ => return,
+        };
+        let tool = event
+            .step_id
+            .as_deref()
+            .and_then(|s| self.task.step(s))
+            .map_or("unknown", |s| s.spec.tool.as_str());
+        counter
+            .with_label_values(&[tool, why.unwrap_or("other")])
+            .inc();
     }
 
     fn should_stop(&self) -> bool {
         self.task.status.is_terminal() || is_parked(&self.task)
     }
 
-    fn act(&mut self, myself: &ActorRef<TaskMsg>, action: Action) {
+    fn act(
+        &mut self,
+        myself: &ActorRef<TaskMsg>,
+        action: Action,
+        prepared: Option<Result<ExecRequest, String>>,
+    ) {
         let ctx = &self.ctx;
         let hop_timeout = ctx.settings.hop_timeout;
         match action {
@@ -297,7 +440,7 @@ impl TaskState {
                 let Some(i) = self.task.step_index(&step) else {
                     return;
                 };
-                let req = match self.exec_request(i, attempt) {
+                let req = match prepared.unwrap_or_else(|| self.exec_request(i, attempt)) {
                     Ok(req) => req,
                     Err(message) => {
                         let reply = ExecReply::Failed {
@@ -313,8 +456,15 @@ impl TaskState {
                         return;
                     }
                 };
-                if let Some(slot) = self.sent_at.get_mut(i) {
-                    *slot = Some(Instant::now());
+                // The plan may have arrived after this actor started.
+                if self.sent.len() < self.task.steps.len() {
+                    self.sent.resize_with(self.task.steps.len(), || None);
+                }
+                if let Some(slot) = self.sent.get_mut(i) {
+                    *slot = Some(Sent {
+                        at: Instant::now(),
+                        args_hash: audit::args_hash(&req.params),
+                    });
                 }
                 let timeout =
                     Duration::from_millis(req.timeout_ms) + ctx.settings.exec_timeout_margin;
@@ -537,8 +687,14 @@ fn hop<Req, Rep>(
 {
     let (ctx, me) = (ctx.clone(), me.clone());
     tokio::spawn(async move {
-        let reply = bus::request_wire::<_, Rep>(&ctx.nats, subject, &req, timeout).await;
-        let _ = me.cast(TaskMsg::Input(to_input(reply)));
+        let (reply, from) = match bus::request_wire::<_, Rep>(&ctx.nats, subject, &req, timeout)
+            .await
+        {
+            Ok(Replied { value, from }) => (Ok(value), from),
+            Err(e) => (Err(e), None),
+        };
+        let input = to_input(reply);
+        let _ = me.cast(TaskMsg::Reply { input, from });
     });
 }
 
@@ -562,6 +718,36 @@ pub fn is_parked(task: &Task) -> bool {
                 StepStatus::Running | StepStatus::Verifying | StepStatus::RetryWait
             )
         })
+}
+
+/// Steps of `task` whose effect's outcome is unknown.
+pub fn unknown_steps(task: &Task) -> i64 {
+    task.steps
+        .iter()
+        .filter(|s| s.status == StepStatus::OutcomeUnknown)
+        .count() as i64
+}
+
+/// Why an input fails or retries a step, for the `reason` label.
+fn failure_reason(input: &Input) -> Option<&'static str> {
+    Some(match input {
+        Input::Executed {
+            reply: ExecReply::Failed { kind, .. },
+            ..
+        } => match kind {
+            FailureKind::Retryable => reason::TOOL_ERROR,
+            FailureKind::Permanent => reason::PERMANENT,
+            FailureKind::OutcomeUnknown => return None,
+        },
+        Input::ExecUnanswered { .. } => reason::UNANSWERED,
+        Input::Verified { verdict, .. } if !verdict.passed => reason::VERIFY_FAILED,
+        Input::VerifyUnavailable { .. } => reason::VERIFIER_UNANSWERED,
+        Input::Resolve {
+            decision: DecisionKind::Abort,
+            ..
+        } => reason::ABORTED,
+        _ => return None,
+    })
 }
 
 fn fxhash(s: &str) -> u64 {

@@ -1,4 +1,4 @@
-//! `cadre.tasks.get|list|cancel|resolve`: reads answer from the store (the committed
+//! `cadre.tasks.get|list|trace|cancel|resolve`: reads answer from the store (the committed
 //! truth); cancel and resolve go to the task's own actor, the only writer of its state.
 
 use std::sync::Arc;
@@ -8,18 +8,21 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use storage::Cf;
 use tokio::task::JoinHandle;
 
+use crate::audit;
 use crate::bus::{self, Inbound};
 use crate::context::NodeContext;
 use crate::model::{JsonText, Task, TaskStatus};
 use crate::protocol::{
     Attention, CancelRequest, ErrorCode, ErrorReply, LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX, ListReply,
-    ListRequest, ResolveRequest, StepView, TaskRef, TaskStatusReply, TaskSummary, TaskView,
-    subject,
+    ListRequest, ResolveRequest, StepView, TaskRef, TaskStatusReply, TaskSummary, TraceReply,
+    TaskView, subject,
 };
 use crate::roles::intake::parse_json;
 use crate::roles::task_supervisor::{ControlError, TaskSupervisorMsg};
 use crate::roles::{TASKS, lookup};
 
+/// Entries a trace answers at most (a task with many retries keeps its latest).
+const TRACE_ENTRIES_MAX: usize = 2000;
 /// Keys a filtered list examines per page at most.
 const LIST_SCAN_MAX: usize = 20_000;
 
@@ -40,6 +43,7 @@ pub enum TaskApiMsg {
     List(Inbound),
     Cancel(Inbound),
     Resolve(Inbound),
+    Trace(Inbound),
 }
 
 impl Actor for TaskApi {
@@ -81,6 +85,12 @@ impl Actor for TaskApi {
                 depth,
                 TaskApiMsg::Resolve,
             ),
+            bus::spawn_pump(
+                nats.queue_subscribe(subject::TASKS_TRACE, q()).await?,
+                myself.clone(),
+                depth,
+                TaskApiMsg::Trace,
+            ),
         ];
         Ok(TaskApiState { ctx, pumps })
     }
@@ -115,6 +125,11 @@ impl Actor for TaskApi {
             TaskApiMsg::Resolve(inbound) => {
                 spawn_control::<ResolveRequest>(ctx, inbound, subject::TASKS_RESOLVE)
             }
+            TaskApiMsg::Trace(inbound) => {
+                let reply = parse_json::<TaskRef>(&inbound.msg.payload, max)
+                    .and_then(|r| trace(ctx, &r.task_id));
+                respond(ctx, subject::TASKS_TRACE, inbound.msg.reply, reply).await;
+            }
         }
         Ok(())
     }
@@ -146,7 +161,7 @@ async fn respond<T: serde::Serialize>(
     }
 }
 
-fn get(ctx: &NodeContext, task_id: &str) -> Result<TaskView, ErrorReply> {
+fn load(ctx: &NodeContext, task_id: &str) -> Result<Task, ErrorReply> {
     if !subject::is_token(task_id) {
         return Err(ErrorReply::new(
             ErrorCode::InvalidRequest,
@@ -154,13 +169,40 @@ fn get(ctx: &NodeContext, task_id: &str) -> Result<TaskView, ErrorReply> {
         ));
     }
     match ctx.store.get::<Task>(Cf::Tasks, task_id.as_bytes()) {
-        Ok(Some(task)) => Ok(view(&task)),
+        Ok(Some(task)) => Ok(task),
         Ok(None) => Err(ErrorReply::new(
             ErrorCode::NotFound,
             format!("no task `{task_id}`"),
         )),
         Err(e) => Err(ErrorReply::new(ErrorCode::Internal, e.to_string())),
     }
+}
+
+fn get(ctx: &NodeContext, task_id: &str) -> Result<TaskView, ErrorReply> {
+    load(ctx, task_id).map(|task| view(&task))
+}
+
+/// The task's timeline: its audit records, oldest first (at most [`TRACE_ENTRIES_MAX`],
+/// the most recent).
+fn trace(ctx: &NodeContext, task_id: &str) -> Result<TraceReply, ErrorReply> {
+    let task = load(ctx, task_id)?;
+    let internal = |e: String| ErrorReply::new(ErrorCode::Internal, e);
+    let links = ctx
+        .store
+        .audit_links_for(task.id.as_bytes(), TRACE_ENTRIES_MAX)
+        .map_err(|e| internal(e.to_string()))?;
+    let entries = links
+        .iter()
+        .map(audit::entry)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| internal(format!("undecodable audit record: {e}; run `cadre audit verify`")))?;
+    Ok(TraceReply {
+        task_id: task.id,
+        playbook: task.playbook,
+        status: task.status,
+        created_at_ms: task.created_at_ms,
+        entries,
+    })
 }
 
 fn list(ctx: &NodeContext, req: &ListRequest) -> Result<ListReply, ErrorReply> {

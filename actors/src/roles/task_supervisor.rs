@@ -334,3 +334,15 @@ impl TaskSupervisorState {
         });
     }
 }
+
+/// Steps of every non-terminal task whose effect's outcome is unknown: the starting
+/// value of `cadre_effects_outcome_unknown` (TaskActors move it from there).
+pub fn outcome_unknown_steps(store: &storage::Store) -> Result<i64, storage::StoreError> {
+    let mut unknown = 0;
+    for key in store.keys(Cf::Active)? {
+        if let Some(task) = store.get::<crate::model::Task>(Cf::Tasks, &key)? {
+            unknown += crate::roles::task::unknown_steps(&task);
+        }
+    }
+    Ok(unknown)
+}

@@ -73,7 +73,7 @@ impl Actor for Verifier {
                     .unwrap_or_else(|e| failed(format!("verifier crashed: {e}"))),
                 Err(e) => failed(format!("undecodable verify request: {e}")),
             };
-            bus::reply_wire(&ctx.nats, msg.reply, &verdict).await;
+            bus::reply_wire(&ctx.nats, msg.reply, &verdict, &ctx.from(super::VERIFIER)).await;
             drop(permit);
         });
         Ok(())

@@ -166,7 +166,7 @@ fn ms(d: Duration) -> f64 {
 async fn store_counters(node: &CadreNode) -> anyhow::Result<(u64, u64)> {
     let metrics = node.metrics().await?;
     Ok((
-        chaos_tests::metric(&metrics, "cadre_store_synced_commits") as u64,
-        chaos_tests::metric(&metrics, "cadre_store_fsyncs") as u64,
+        chaos_tests::metric(&metrics, "cadre_store_commits_total") as u64,
+        chaos_tests::metric(&metrics, "cadre_store_fsyncs_total") as u64,
     ))
 }

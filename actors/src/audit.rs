@@ -1,0 +1,120 @@
+//! Audit records: building them from what a node does, and reading them back.
+//!
+//! The chain itself (sequence, hashes, verification) is `storage::chain`; this module
+//! says what goes in a record. Every record is appended in the same synced batch as
+//! the transition it describes (`storage::Batch::append_audit`), so the audit log and
+//! the state can never disagree.
+
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use storage::chain::Link;
+
+use crate::model::{JsonText, Task};
+use crate::protocol::{AuditEntry, AuditRecord, TaskEvent};
+use crate::redact;
+
+/// sha256 of params as sent: the same `args_hash` the effect ledger records.
+pub fn args_hash(params: &JsonText) -> String {
+    hex::encode(Sha256::digest(params.0.as_bytes()))
+}
+
+/// Params as they may appear in an audit record: redacted, as JSON text.
+pub fn redacted_params(params: &JsonText) -> String {
+    match params.to_value() {
+        Ok(v) => redact::value(&v).to_string(),
+        Err(_) => redact::text(&params.0),
+    }
+}
+
+/// The pointer to a task's input context: where it lives and what it hashed to.
+pub fn input_ref(task: &Task) -> String {
+    let digest = hex::encode(Sha256::digest(task.input.0.as_bytes()));
+    format!("tasks/{}#input sha256:{}", task.id, &digest[..16])
+}
+
+/// `<playbook>@<version>`: the plan an action belongs to.
+pub fn plan_of(task: &Task) -> String {
+    if task.playbook_version.is_empty() {
+        task.playbook.clone()
+    } else {
+        format!("{}@{}", task.playbook, task.playbook_version)
+    }
+}
+
+/// A record for `task` with everything but the action filled in.
+pub fn for_task(task: &Task, node_id: &str, actor: &str, at_ms: u64) -> AuditRecord {
+    AuditRecord {
+        at_ms,
+        node_id: node_id.to_string(),
+        actor: actor.to_string(),
+        operator: None,
+        action: String::new(),
+        task_id: Some(task.id.clone()),
+        step_id: None,
+        attempt: None,
+        plan: Some(plan_of(task)),
+        tool: None,
+        args_hash: None,
+        params: None,
+        input_ref: Some(input_ref(task)),
+        outcome: String::new(),
+        detail: None,
+        duration_ms: None,
+        cost_usd: None,
+    }
+}
+
+/// The record of one committed task event. `actor` is who caused it.
+pub fn of_event(task: &Task, event: &TaskEvent, actor: &str) -> AuditRecord {
+    let mut r = for_task(task, &event.node_id, actor, event.at_ms);
+    r.action = event.kind.clone();
+    r.step_id = event.step_id.clone();
+    r.attempt = event.attempt;
+    r.detail = event.detail.as_deref().map(redact::text);
+    if let Some(step) = event.step_id.as_deref().and_then(|s| task.step(s)) {
+        r.tool = Some(step.spec.tool.clone());
+        if event.kind == "step_succeeded" || event.kind == "step_failed" {
+            r.duration_ms = match (step.started_at_ms, step.finished_at_ms) {
+                (Some(s), Some(f)) => Some(f.saturating_sub(s)),
+                _ => None,
+            };
+        }
+    }
+    r.outcome = outcome_of(&event.kind).to_string();
+    r
+}
+
+/// The outcome word for an event kind.
+fn outcome_of(kind: &str) -> &str {
+    match kind {
+        "step_succeeded" | "succeeded" => "ok",
+        "step_failed" | "failed" => "failed",
+        "step_retry" => "retry",
+        "step_redelivery" => "resend",
+        "step_outcome_unknown" => "unknown",
+        "step_started" => "dispatched",
+        "cancelled" => "cancelled",
+        "step_resolved" => "decided",
+        // Status changes: the new status is the outcome.
+        other => other,
+    }
+}
+
+/// Decodes a stored link into the entry published and answered.
+pub fn entry(link: &Link) -> Result<AuditEntry, storage::CodecError> {
+    Ok(AuditEntry {
+        seq: link.seq,
+        hash: hex::encode(link.hash),
+        prev_hash: hex::encode(link.prev_hash),
+        record: storage::codec::from_wire(&link.payload)?,
+    })
+}
+
+/// An entry as compact JSON: fields that are absent are left out.
+pub fn entry_json(entry: &AuditEntry) -> Value {
+    let mut v = serde_json::to_value(entry).unwrap_or(Value::Null);
+    if let Some(Value::Object(record)) = v.get_mut("record") {
+        record.retain(|_, x| !x.is_null());
+    }
+    v
+}

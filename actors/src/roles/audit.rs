@@ -1,0 +1,246 @@
+//! The audit log's publisher and reader: publishes every committed audit link on
+//! `cadre.audit.<node_id>` for central collection, and answers
+//! `cadre.audit.<node_id>.read` and `.verify`.
+//!
+//! Links are appended by the group-commit writer in the same batch as the transition
+//! they describe; this actor only follows the chain's head. Its cursor (the last
+//! sequence published) is kept in `meta`, unsynced: after a crash it may publish some
+//! links again, never skip one. Consumers dedupe on `(node_id, seq)`.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use storage::{Batch, Cf};
+use tokio::task::JoinHandle;
+
+use crate::audit;
+use crate::bus::{self, Inbound};
+use crate::context::NodeContext;
+use crate::protocol::{
+    AUDIT_READ_DEFAULT, AUDIT_READ_MAX, AuditBreak, AuditReadReply, AuditReadRequest,
+    AuditVerifyReply, ErrorCode, ErrorReply, subject,
+};
+use crate::roles::intake::parse_json;
+
+/// `meta` key of the publication cursor.
+const CURSOR_KEY: &[u8] = b"audit_published_seq";
+/// Links read and published per pass.
+const PAGE: usize = 512;
+
+#[derive(Clone, Copy)]
+pub struct AuditLog;
+
+pub struct AuditArgs {
+    pub ctx: Arc<NodeContext>,
+}
+
+pub struct AuditState {
+    ctx: Arc<NodeContext>,
+    /// The last sequence published.
+    published: u64,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+pub enum AuditMsg {
+    /// The chain's head moved: publish what is new.
+    HeadMoved,
+    Read(Inbound),
+    Verify(Inbound),
+}
+
+impl Actor for AuditLog {
+    type Msg = AuditMsg;
+    type State = AuditState;
+    type Arguments = AuditArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<AuditMsg>,
+        args: AuditArgs,
+    ) -> Result<AuditState, ActorProcessingErr> {
+        let ctx = args.ctx;
+        let node = &ctx.settings.node_id;
+        let depth = ctx.settings.mailbox_depth_max;
+        let published = ctx.store.get::<u64>(Cf::Meta, CURSOR_KEY)?.unwrap_or(0);
+        let mut watch = ctx.store.audit_watch();
+        let me = myself.clone();
+        let watcher = tokio::spawn(async move {
+            while watch.changed().await.is_ok() {
+                if me.cast(AuditMsg::HeadMoved).is_err() {
+                    return;
+                }
+            }
+        });
+        let tasks = vec![
+            watcher,
+            bus::spawn_pump(
+                ctx.nats.subscribe(subject::audit_read(node)).await?,
+                myself.clone(),
+                depth,
+                AuditMsg::Read,
+            ),
+            bus::spawn_pump(
+                ctx.nats.subscribe(subject::audit_verify(node)).await?,
+                myself.clone(),
+                depth,
+                AuditMsg::Verify,
+            ),
+        ];
+        // Whatever was committed while no publisher ran.
+        myself.cast(AuditMsg::HeadMoved)?;
+        Ok(AuditState {
+            ctx,
+            published,
+            tasks,
+        })
+    }
+
+    async fn handle(
+        &self,
+        _: ActorRef<AuditMsg>,
+        msg: AuditMsg,
+        state: &mut AuditState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            AuditMsg::HeadMoved => state.publish_new().await?,
+            AuditMsg::Read(inbound) => {
+                let ctx = &state.ctx;
+                let result = parse_json::<AuditReadRequest>(
+                    non_empty(&inbound.msg.payload),
+                    ctx.settings.payload_bytes_max,
+                )
+                .and_then(|req| read(ctx, &req));
+                let subject = subject::audit_read(&ctx.settings.node_id);
+                reply(ctx, &subject, inbound, result).await;
+            }
+            AuditMsg::Verify(inbound) => {
+                // Walking a long chain takes a while: off the actor and the runtime.
+                let ctx = state.ctx.clone();
+                tokio::spawn(async move {
+                    let store = ctx.store.clone();
+                    let node_id = ctx.settings.node_id.clone();
+                    let result = tokio::task::spawn_blocking(move || verify(&store, node_id))
+                        .await
+                        .map_err(|e| ErrorReply::new(ErrorCode::Internal, e.to_string()))
+                        .and_then(|r| r);
+                    let subject = subject::audit_verify(&ctx.settings.node_id);
+                    reply(&ctx, &subject, inbound, result).await;
+                });
+            }
+        }
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        _: ActorRef<AuditMsg>,
+        state: &mut AuditState,
+    ) -> Result<(), ActorProcessingErr> {
+        for task in &state.tasks {
+            task.abort();
+        }
+        // A clean stop leaves nothing unpublished.
+        state.publish_new().await
+    }
+}
+
+impl AuditState {
+    async fn publish_new(&mut self) -> Result<(), ActorProcessingErr> {
+        let ctx = &self.ctx;
+        let subject = subject::audit(&ctx.settings.node_id);
+        loop {
+            let links = ctx.store.audit_links(self.published, PAGE)?;
+            let Some(last) = links.last().map(|l| l.seq) else {
+                return Ok(());
+            };
+            for link in &links {
+                let payload = match audit::entry(link) {
+                    Ok(entry) => serde_json::to_vec(&audit::entry_json(&entry))?,
+                    // Published anyway, so a collector sees the gap and why;
+                    // `cadre audit verify` names the record.
+                    Err(e) => serde_json::to_vec(&serde_json::json!({
+                        "seq": link.seq,
+                        "error": format!("undecodable audit record: {e}"),
+                    }))?,
+                };
+                ctx.nats.publish(subject.clone(), Bytes::from(payload)).await?;
+            }
+            ctx.nats.flush().await?;
+            self.published = last;
+            let mut batch = Batch::new();
+            batch.put(Cf::Meta, CURSOR_KEY, &last)?;
+            // Unsynced: losing the cursor only republishes links.
+            ctx.store.write_unsynced(batch)?;
+        }
+    }
+}
+
+fn non_empty(payload: &[u8]) -> &[u8] {
+    if payload.is_empty() { b"{}" } else { payload }
+}
+
+fn read(ctx: &NodeContext, req: &AuditReadRequest) -> Result<AuditReadReply, ErrorReply> {
+    let limit = req
+        .limit
+        .unwrap_or(AUDIT_READ_DEFAULT)
+        .clamp(1, AUDIT_READ_MAX);
+    let head = ctx.store.audit_seq();
+    let after = match (req.after_seq, req.last) {
+        (Some(after), _) => after,
+        (None, Some(last)) => head.saturating_sub(last.min(limit as u64)),
+        (None, None) => 0,
+    };
+    let links = ctx
+        .store
+        .audit_links(after, limit)
+        .map_err(|e| ErrorReply::new(ErrorCode::Internal, e.to_string()))?;
+    let entries = links
+        .iter()
+        .map(audit::entry)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| {
+            ErrorReply::new(
+                ErrorCode::Internal,
+                format!("undecodable audit record: {e}; run `cadre audit verify`"),
+            )
+        })?;
+    Ok(AuditReadReply {
+        node_id: ctx.settings.node_id.clone(),
+        entries,
+        head_seq: head,
+    })
+}
+
+/// Walks the chain of `store`; also used by `cadre audit verify --data-dir`.
+pub fn verify(store: &storage::Store, node_id: String) -> Result<AuditVerifyReply, ErrorReply> {
+    let report = store
+        .verify_audit()
+        .map_err(|e| ErrorReply::new(ErrorCode::Internal, e.to_string()))?;
+    Ok(AuditVerifyReply {
+        node_id,
+        records: report.links,
+        head_seq: report.head_seq,
+        head_hash: report.head_hash,
+        ok: report.broken.is_none(),
+        broken: report.broken.map(|b| AuditBreak {
+            seq: b.seq,
+            reason: b.reason,
+        }),
+    })
+}
+
+async fn reply<T: serde::Serialize>(
+    ctx: &NodeContext,
+    subject: &str,
+    inbound: Inbound,
+    result: Result<T, ErrorReply>,
+) {
+    match result {
+        Ok(v) => bus::reply_json(&ctx.nats, inbound.msg.reply, &v).await,
+        Err(e) => {
+            ctx.metrics.rejected(subject, e.error.code);
+            bus::reply_json(&ctx.nats, inbound.msg.reply, &e).await;
+        }
+    }
+}
