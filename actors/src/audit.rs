@@ -5,7 +5,6 @@
 //! the transition it describes (`storage::Batch::append_audit`), so the audit log and
 //! the state can never disagree.
 
-use serde_json::Value;
 use sha2::{Digest, Sha256};
 use storage::chain::Link;
 
@@ -41,32 +40,56 @@ pub fn plan_of(task: &Task) -> String {
     }
 }
 
-/// A record for `task` with everything but the action filled in.
-pub fn for_task(task: &Task, node_id: &str, actor: &str, at_ms: u64) -> AuditRecord {
-    AuditRecord {
-        at_ms,
-        node_id: node_id.to_string(),
-        actor: actor.to_string(),
-        operator: None,
-        action: String::new(),
-        task_id: Some(task.id.clone()),
-        step_id: None,
-        attempt: None,
-        plan: Some(plan_of(task)),
-        tool: None,
-        args_hash: None,
-        params: None,
-        input_ref: Some(input_ref(task)),
-        outcome: String::new(),
-        detail: None,
-        duration_ms: None,
-        cost_usd: None,
+/// What every record of one task repeats, computed once per task actor rather than
+/// once per record (the input pointer hashes the whole input).
+#[derive(Debug, Clone, Default)]
+pub struct TaskFacts {
+    plan: String,
+    input_ref: String,
+}
+
+impl TaskFacts {
+    pub fn of(task: &Task) -> TaskFacts {
+        TaskFacts {
+            plan: plan_of(task),
+            input_ref: input_ref(task),
+        }
+    }
+
+    /// Up to date with `task` (its plan version arrives with the plan).
+    pub fn refresh(&mut self, task: &Task) {
+        if !task.playbook_version.is_empty() && !self.plan.ends_with(&task.playbook_version) {
+            self.plan = plan_of(task);
+        }
+    }
+
+    /// A record for `task` with everything but the action filled in.
+    pub fn record(&self, task: &Task, node_id: &str, actor: &str, at_ms: u64) -> AuditRecord {
+        AuditRecord {
+            at_ms,
+            node_id: node_id.to_string(),
+            actor: actor.to_string(),
+            operator: None,
+            action: String::new(),
+            task_id: Some(task.id.clone()),
+            step_id: None,
+            attempt: None,
+            plan: Some(self.plan.clone()),
+            tool: None,
+            args_hash: None,
+            params: None,
+            input_ref: Some(self.input_ref.clone()),
+            outcome: String::new(),
+            detail: None,
+            duration_ms: None,
+            cost_usd: None,
+        }
     }
 }
 
 /// The record of one committed task event. `actor` is who caused it.
-pub fn of_event(task: &Task, event: &TaskEvent, actor: &str) -> AuditRecord {
-    let mut r = for_task(task, &event.node_id, actor, event.at_ms);
+pub fn of_event(facts: &TaskFacts, task: &Task, event: &TaskEvent, actor: &str) -> AuditRecord {
+    let mut r = facts.record(task, &event.node_id, actor, event.at_ms);
     r.action = event.kind.clone();
     r.step_id = event.step_id.clone();
     r.attempt = event.attempt;
@@ -110,11 +133,3 @@ pub fn entry(link: &Link) -> Result<AuditEntry, storage::CodecError> {
     })
 }
 
-/// An entry as compact JSON: fields that are absent are left out.
-pub fn entry_json(entry: &AuditEntry) -> Value {
-    let mut v = serde_json::to_value(entry).unwrap_or(Value::Null);
-    if let Some(Value::Object(record)) = v.get_mut("record") {
-        record.retain(|_, x| !x.is_null());
-    }
-    v
-}

@@ -257,8 +257,9 @@ pub struct TaskEvent {
 
 /// What an audit record says: who did what, why, with what outcome. Stored as the
 /// payload of a hash-chained link (postcard, so no field is skipped when absent) and
-/// published as JSON inside an [`AuditEntry`]. Params are never stored here: only
-/// their hash, and a redacted copy (`crate::redact`).
+/// published as JSON inside an [`AuditEntry`], where absent fields are left out (see
+/// [`AuditRecordJson`]). Params are never stored here: only their hash, and a redacted
+/// copy (`crate::redact`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AuditRecord {
     pub at_ms: u64,
@@ -267,39 +268,116 @@ pub struct AuditRecord {
     /// Who acted: `<role>@<node>` (`executor@vps`) or `operator`.
     pub actor: String,
     /// The person, for operator actions (`by` of a cancel or resolve).
+    #[serde(default)]
     pub operator: Option<String>,
     /// What happened: the task event kind (`step_started`, `cancelled`, …) or
     /// `step_executed` for an adapter call.
     pub action: String,
+    #[serde(default)]
     pub task_id: Option<String>,
+    #[serde(default)]
     pub step_id: Option<String>,
+    #[serde(default)]
     pub attempt: Option<u32>,
     /// Why: the plan the action belongs to, `<playbook>@<version>`.
+    #[serde(default)]
     pub plan: Option<String>,
+    #[serde(default)]
     pub tool: Option<String>,
     /// sha256 of the params as sent (the effect ledger's `args_hash`).
+    #[serde(default)]
     pub args_hash: Option<String>,
     /// The params as sent, redacted (JSON text).
+    #[serde(default)]
     pub params: Option<String>,
     /// Pointer to the input context: `tasks/<task_id>#input sha256:<hex>`.
+    #[serde(default)]
     pub input_ref: Option<String>,
     /// `ok`, `failed`, `retry`, `unknown`, `cancelled`, … or the new status.
     pub outcome: String,
     /// Redacted free text: the reason, the verdict, the error.
+    #[serde(default)]
     pub detail: Option<String>,
+    #[serde(default)]
     pub duration_ms: Option<u64>,
+    #[serde(default)]
     pub cost_usd: Option<f64>,
 }
 
-/// An audit record with its place in the chain, as published on
-/// `cadre.audit.<node_id>` and answered by `cadre.audit.<node_id>.read` and
-/// `cadre.tasks.trace`. Consumers dedupe on `(record.node_id, seq)`.
+/// An audit record with its place in the chain, as answered by
+/// `cadre.audit.<node_id>.read` and `cadre.tasks.trace`, and published on
+/// `cadre.audit.<node_id>` (in batches: each message is a JSON array of consecutive
+/// entries). Consumers dedupe on `(record.node_id, seq)`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AuditEntry {
     pub seq: u64,
     pub hash: String,
     pub prev_hash: String,
+    #[serde(serialize_with = "record_as_json")]
     pub record: AuditRecord,
+}
+
+fn record_as_json<S: serde::Serializer>(r: &AuditRecord, s: S) -> Result<S::Ok, S::Error> {
+    AuditRecordJson::from(r).serialize(s)
+}
+
+/// An [`AuditRecord`] as JSON: the same fields, absent ones left out. (The record
+/// itself cannot skip fields: postcard is not self-describing.)
+#[derive(Serialize)]
+pub struct AuditRecordJson<'a> {
+    pub at_ms: u64,
+    pub node_id: &'a str,
+    pub actor: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub operator: Option<&'a str>,
+    pub action: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub task_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub step_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub plan: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub args_hash: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub params: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub input_ref: Option<&'a str>,
+    pub outcome: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cost_usd: Option<f64>,
+}
+
+impl<'a> From<&'a AuditRecord> for AuditRecordJson<'a> {
+    fn from(r: &'a AuditRecord) -> Self {
+        AuditRecordJson {
+            at_ms: r.at_ms,
+            node_id: &r.node_id,
+            actor: &r.actor,
+            operator: r.operator.as_deref(),
+            action: &r.action,
+            task_id: r.task_id.as_deref(),
+            step_id: r.step_id.as_deref(),
+            attempt: r.attempt,
+            plan: r.plan.as_deref(),
+            tool: r.tool.as_deref(),
+            args_hash: r.args_hash.as_deref(),
+            params: r.params.as_deref(),
+            input_ref: r.input_ref.as_deref(),
+            outcome: &r.outcome,
+            detail: r.detail.as_deref(),
+            duration_ms: r.duration_ms,
+            cost_usd: r.cost_usd,
+        }
+    }
 }
 
 /// `cadre.tasks.trace` reply: the task's timeline, oldest first.

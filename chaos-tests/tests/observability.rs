@@ -237,7 +237,8 @@ async fn the_audit_chain_verifies_is_published_keeps_secrets_out_and_catches_tam
             .await?
             .ok_or_else(|| anyhow::anyhow!("audit subscription ended"))?;
         assert_eq!(msg.subject.as_str(), "cadre.audit.n1");
-        published.push(serde_json::from_slice::<Value>(&msg.payload)?);
+        // A message is a batch: an array of consecutive entries.
+        published.extend(serde_json::from_slice::<Vec<Value>>(&msg.payload)?);
     }
     for pair in published.windows(2) {
         assert_eq!(pair[1]["seq"], pair[0]["seq"].as_u64().unwrap_or(0) + 1);

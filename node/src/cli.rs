@@ -375,14 +375,18 @@ impl Client {
         };
         shown = shown.max(page.head_seq);
         while let Some(msg) = sub.next().await {
-            match serde_json::from_slice::<AuditEntry>(&msg.payload) {
-                Ok(entry) if entry.seq > shown => {
-                    self.print_entry(&entry);
-                    shown = entry.seq;
+            // Each message is an array of consecutive entries.
+            match serde_json::from_slice::<Vec<AuditEntry>>(&msg.payload) {
+                Ok(entries) => {
+                    for entry in &entries {
+                        if entry.seq > shown {
+                            self.print_entry(entry);
+                            shown = entry.seq;
+                        }
+                    }
                 }
-                Ok(_) => {}
                 Err(_) => eprintln!(
-                    "unreadable audit record: {}",
+                    "unreadable audit message: {}",
                     String::from_utf8_lossy(&msg.payload)
                 ),
             }
@@ -392,7 +396,7 @@ impl Client {
 
     fn print_entry(&self, entry: &AuditEntry) {
         if self.json {
-            print_json(&actors::audit::entry_json(entry));
+            print_json(entry);
         } else {
             let r = &entry.record;
             let task = r.task_id.as_deref().unwrap_or("-");

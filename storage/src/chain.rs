@@ -22,12 +22,16 @@ const DOMAIN: &[u8] = b"cadre-audit-v1";
 pub const ZERO_HASH: [u8; 32] = [0; 32];
 
 /// One link of the chain, as stored.
+/// (Byte fields are encoded as byte strings, one copy, not element by element.)
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Link {
     pub seq: u64,
+    #[serde(with = "serde_bytes")]
     pub prev_hash: [u8; 32],
+    #[serde(with = "serde_bytes")]
     pub hash: [u8; 32],
     /// The caller's record, encoded by the caller.
+    #[serde(with = "serde_bytes")]
     pub payload: Vec<u8>,
 }
 
@@ -80,7 +84,9 @@ pub fn key(seq: u64) -> [u8; 8] {
     seq.to_be_bytes()
 }
 
-/// Key of link `seq` under `index` in the `audit_index` family: `<index>/<seq BE>`.
+/// Key of a run of links under `index` in the `audit_index` family:
+/// `<index>/<first seq BE>`; its value is the run's length. One commit's links for
+/// one index are consecutive, so a commit writes one index key, not one per link.
 pub fn index_key(index: &[u8], seq: u64) -> Vec<u8> {
     let mut k = Vec::with_capacity(index.len() + 9);
     k.extend_from_slice(index);

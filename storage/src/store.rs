@@ -42,7 +42,8 @@ pub enum Cf {
     /// big-endian u64 sequence → [`chain::Link`]: the hash-chained audit log. Written
     /// only by the group-commit writer (see [`Batch::append_audit`]).
     Audit,
-    /// `<index>/<seq BE>` → `()`: the audit links of one task (or other index key).
+    /// `<index>/<first seq BE>` → run length (`u32`): the audit links of one task (or
+    /// other index key), one key per commit.
     AuditIndex,
 }
 
@@ -557,13 +558,19 @@ impl Store {
             IteratorMode::From(&prefix, rocksdb::Direction::Forward),
         );
         for item in iter {
-            let (key, _) = item?;
+            let (key, value) = item?;
             if !key.starts_with(&prefix) || key.len() != prefix.len() + 8 {
                 break;
             }
-            let mut seq = [0u8; 8];
-            seq.copy_from_slice(&key[prefix.len()..]);
-            seqs.push(u64::from_be_bytes(seq));
+            let mut first = [0u8; 8];
+            first.copy_from_slice(&key[prefix.len()..]);
+            let first = u64::from_be_bytes(first);
+            let len: u32 = codec::decode(&value).map_err(|source| StoreError::Corrupt {
+                cf: Cf::AuditIndex.name(),
+                key: String::from_utf8_lossy(&key).into_owned(),
+                source,
+            })?;
+            seqs.extend(first..first + u64::from(len));
         }
         let skip = seqs.len().saturating_sub(limit);
         let mut links = Vec::with_capacity(seqs.len() - skip);
@@ -689,20 +696,32 @@ impl GroupWriter {
 
     fn stage(&mut self, wb: &mut WriteBatch, batch: Batch) -> Result<(), String> {
         apply(&self.db, wb, batch.ops);
+        // Consecutive links with the same index form one run: one index key each.
+        let mut run: Option<(Vec<u8>, u64, u32)> = None;
+        let flush = |wb: &mut WriteBatch, run: Option<(Vec<u8>, u64, u32)>| {
+            if let Some((index, first, len)) = run {
+                let value = codec::encode(&len).map_err(|e| e.to_string())?;
+                wb.put_cf(
+                    handle(&self.db, Cf::AuditIndex),
+                    chain::index_key(&index, first),
+                    value,
+                );
+            }
+            Ok::<(), String>(())
+        };
         for (payload, index) in batch.audit {
             let link = self.head.append(payload);
             let value = codec::encode(&link).map_err(|e| e.to_string())?;
             wb.put_cf(handle(&self.db, Cf::Audit), chain::key(link.seq), value);
-            if let Some(index) = index {
-                let empty = codec::encode(&()).map_err(|e| e.to_string())?;
-                wb.put_cf(
-                    handle(&self.db, Cf::AuditIndex),
-                    chain::index_key(&index, link.seq),
-                    empty,
-                );
-            }
+            run = match (run, index) {
+                (Some((i, first, len)), Some(index)) if i == index => Some((i, first, len + 1)),
+                (previous, index) => {
+                    flush(wb, previous)?;
+                    index.map(|i| (i, link.seq, 1))
+                }
+            };
         }
-        Ok(())
+        flush(wb, run)
     }
 
     fn write(&self, wb: WriteBatch) -> Result<(), String> {

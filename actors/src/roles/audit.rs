@@ -1,5 +1,6 @@
 //! The audit log's publisher and reader: publishes every committed audit link on
-//! `cadre.audit.<node_id>` for central collection, and answers
+//! `cadre.audit.<node_id>` for central collection (as JSON arrays of consecutive
+//! entries), and answers
 //! `cadre.audit.<node_id>.read` and `.verify`.
 //!
 //! Links are appended by the group-commit writer in the same batch as the transition
@@ -25,8 +26,11 @@ use crate::roles::intake::parse_json;
 
 /// `meta` key of the publication cursor.
 const CURSOR_KEY: &[u8] = b"audit_published_seq";
-/// Links read and published per pass.
+/// Links read per pass (and entries per message at most).
 const PAGE: usize = 512;
+/// A message is sent once its batch reaches this size (NATS's default maximum payload
+/// is 1 MiB; an entry is at most a few KiB).
+const BATCH_BYTES_MAX: usize = 256 * 1024;
 
 #[derive(Clone, Copy)]
 pub struct AuditLog;
@@ -146,6 +150,10 @@ impl Actor for AuditLog {
 }
 
 impl AuditState {
+    /// Publishes every link after the cursor. Links go out in batches: each message
+    /// is a JSON array of consecutive entries (at most [`PAGE`] entries or
+    /// [`BATCH_BYTES_MAX`] bytes), which keeps a busy node's audit stream to a few
+    /// messages per commit group instead of one per record.
     async fn publish_new(&mut self) -> Result<(), ActorProcessingErr> {
         let ctx = &self.ctx;
         let subject = subject::audit(&ctx.settings.node_id);
@@ -154,24 +162,37 @@ impl AuditState {
             let Some(last) = links.last().map(|l| l.seq) else {
                 return Ok(());
             };
+            let mut batch = Vec::with_capacity(BATCH_BYTES_MAX);
             for link in &links {
-                let payload = match audit::entry(link) {
-                    Ok(entry) => serde_json::to_vec(&audit::entry_json(&entry))?,
+                batch.push(if batch.is_empty() { b'[' } else { b',' });
+                match audit::entry(link) {
+                    Ok(entry) => serde_json::to_writer(&mut batch, &entry)?,
                     // Published anyway, so a collector sees the gap and why;
                     // `cadre audit verify` names the record.
-                    Err(e) => serde_json::to_vec(&serde_json::json!({
-                        "seq": link.seq,
-                        "error": format!("undecodable audit record: {e}"),
-                    }))?,
-                };
-                ctx.nats.publish(subject.clone(), Bytes::from(payload)).await?;
+                    Err(e) => serde_json::to_writer(
+                        &mut batch,
+                        &serde_json::json!({
+                            "seq": link.seq,
+                            "error": format!("undecodable audit record: {e}"),
+                        }),
+                    )?,
+                }
+                if batch.len() >= BATCH_BYTES_MAX {
+                    batch.push(b']');
+                    let full = std::mem::take(&mut batch);
+                    ctx.nats.publish(subject.clone(), Bytes::from(full)).await?;
+                }
+            }
+            if !batch.is_empty() {
+                batch.push(b']');
+                ctx.nats.publish(subject.clone(), Bytes::from(batch)).await?;
             }
             ctx.nats.flush().await?;
             self.published = last;
-            let mut batch = Batch::new();
-            batch.put(Cf::Meta, CURSOR_KEY, &last)?;
+            let mut cursor = Batch::new();
+            cursor.put(Cf::Meta, CURSOR_KEY, &last)?;
             // Unsynced: losing the cursor only republishes links.
-            ctx.store.write_unsynced(batch)?;
+            ctx.store.write_unsynced(cursor)?;
         }
     }
 }

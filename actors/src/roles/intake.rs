@@ -318,7 +318,8 @@ impl IntakeState {
         if let Some(key) = &key {
             batch.put(Cf::IntakeKeys, key.as_bytes(), &task_id)?;
         }
-        let record = crate::audit::of_event(&task, &event, &self.ctx.from(super::INTAKE));
+        let facts = crate::audit::TaskFacts::of(&task);
+        let record = crate::audit::of_event(&facts, &task, &event, &self.ctx.from(super::INTAKE));
         batch.append_audit(&record, Some(task_id.as_bytes()))?;
         let outgoing = self.ctx.stage_outbox(
             &mut batch,

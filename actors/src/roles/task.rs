@@ -56,6 +56,10 @@ pub struct TaskState {
     held_audit: Vec<AuditRecord>,
     /// Steps in `outcome_unknown` as of the last commit (for the node-wide gauge).
     unknown_committed: i64,
+    /// What each of this task's audit records repeats.
+    facts: audit::TaskFacts,
+    /// `task@<node>`: this actor, as audit records name it.
+    me: String,
 }
 
 /// An attempt in flight.
@@ -102,6 +106,8 @@ impl Actor for TaskActor {
         let seed = args.ctx.settings.seed ^ fxhash(&task.id);
         let sent = task.steps.iter().map(|_| None).collect();
         let unknown_committed = unknown_steps(&task);
+        let facts = audit::TaskFacts::of(&task);
+        let me = args.ctx.from("task");
         let first = match args.abandon {
             Some(reason) => Input::Abandon { reason },
             None => Input::Start,
@@ -116,6 +122,8 @@ impl Actor for TaskActor {
             held_events: Vec::new(),
             held_audit: Vec::new(),
             unknown_committed,
+            facts,
+            me,
         })
     }
 
@@ -186,7 +194,7 @@ impl TaskState {
             Input::Cancel { .. } => ("operator".to_string(), None),
             Input::Resolve { by, .. } => ("operator".to_string(), Some(by.clone())),
             Input::Abandon { .. } => (self.ctx.from(crate::roles::TASKS), None),
-            _ => (from.unwrap_or_else(|| self.ctx.from("task")), None),
+            _ => (from.unwrap_or_else(|| self.me.clone()), None),
         };
         let now = self.ctx.now_ms();
         let jitter: f64 = self.rng.random();
@@ -211,13 +219,14 @@ impl TaskState {
             }
         }
         self.held_audit.extend(executed);
+        self.facts.refresh(&self.task);
         for event in &transition.events {
             self.count_failure(event, why);
             // A dispatch is the task actor's own doing, whatever caused the transition.
             let mut record = if event.kind == "step_started" {
-                audit::of_event(&self.task, event, &self.ctx.from("task"))
+                audit::of_event(&self.facts, &self.task, event, &self.me)
             } else {
-                let mut r = audit::of_event(&self.task, event, &actor);
+                let mut r = audit::of_event(&self.facts, &self.task, event, &actor);
                 r.operator = operator.clone();
                 r
             };
@@ -342,7 +351,9 @@ impl TaskState {
         }
         let now = self.ctx.now_ms();
         let actor = from.map_or_else(|| self.ctx.from(crate::roles::EXECUTOR), str::to_string);
-        let mut r = audit::for_task(&self.task, &self.ctx.settings.node_id, &actor, now);
+        let mut r = self
+            .facts
+            .record(&self.task, &self.ctx.settings.node_id, &actor, now);
         r.action = "step_executed".into();
         r.step_id = Some(step.clone());
         r.attempt = Some(*attempt);
