@@ -52,6 +52,9 @@ pub struct Config {
     pub log_format: String,
     /// A tracing filter: `info`, `cadre=debug,warn`.
     pub log_level: String,
+    /// OTLP/HTTP endpoint (`http://collector:4318`) to export tracing spans to; empty:
+    /// none. Needs a `cadre` built with the `otel` feature.
+    pub otel_endpoint: String,
     /// Seed for jitter and ids; 0 picks one from the clock (logged at start).
     pub seed: u64,
 }
@@ -82,6 +85,7 @@ impl Default for Config {
             shutdown_grace_ms: 10_000,
             log_format: "pretty".into(),
             log_level: "info".into(),
+            otel_endpoint: String::new(),
             seed: 0,
         }
     }
@@ -249,6 +253,20 @@ impl Config {
                 self.log_format
             ));
         }
+        if !self.otel_endpoint.is_empty() {
+            if !cfg!(feature = "otel") {
+                problems.push(
+                    "otel_endpoint is set, but this cadre was built without OpenTelemetry: build it with `cargo build --features node/otel`, or unset the option".into(),
+                );
+            } else if !self.otel_endpoint.starts_with("http://")
+                && !self.otel_endpoint.starts_with("https://")
+            {
+                problems.push(format!(
+                    "otel_endpoint `{}` must be an http:// or https:// URL (OTLP/HTTP)",
+                    self.otel_endpoint
+                ));
+            }
+        }
         if problems.is_empty() {
             Ok(())
         } else {
@@ -355,6 +373,17 @@ mod tests {
         assert!(err.contains("node_id `a.b`"), "{err}");
         assert!(err.contains("`relative` must be an absolute path"), "{err}");
         assert!(err.contains("log_format `xml`"), "{err}");
+        let err = Config::load(
+            None,
+            env(&[("CADRE_OTEL_ENDPOINT", "http://collector:4318")]),
+            &Overrides::default(),
+        );
+        if cfg!(feature = "otel") {
+            assert!(err.is_ok());
+        } else {
+            let err = err.unwrap_err().to_string();
+            assert!(err.contains("built without OpenTelemetry") && err.contains("--features node/otel"), "{err}");
+        }
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("bad.toml");
         std::fs::write(&file, "nod_id = 1\n").unwrap();

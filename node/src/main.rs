@@ -445,7 +445,7 @@ async fn node_run(args: NodeRunArgs) -> i32 {
             }
         }
     }
-    init_tracing(&config);
+    let _tracing = init_tracing(&config);
     let shutdown = async {
         let mut term =
             match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -467,15 +467,103 @@ async fn node_run(args: NodeRunArgs) -> i32 {
     }
 }
 
-fn init_tracing(config: &Config) {
+/// Logs to stderr, pretty or JSON; with the `otel` feature and `otel_endpoint` set, spans
+/// (task_id, step_id, tool, attempt) are also exported over OTLP/HTTP.
+#[cfg(not(feature = "otel"))]
+type Tracing = TracingGuard;
+#[cfg(feature = "otel")]
+type Tracing = Option<otel::Flush>;
+
+fn init_tracing(config: &Config) -> Tracing {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if config.log_format == "json" {
-        builder.json().init();
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = if config.log_format == "json" {
+        fmt.json().boxed()
     } else {
-        builder.init();
+        fmt.boxed()
+    };
+    let registry = tracing_subscriber::registry().with(filter).with(fmt);
+    #[cfg(feature = "otel")]
+    {
+        let (layer, provider) = otel::layer(config).unzip();
+        registry.with(layer).init();
+        provider
+    }
+    #[cfg(not(feature = "otel"))]
+    {
+        registry.init();
+        TracingGuard
+    }
+}
+
+/// Held until the node has stopped; with OpenTelemetry, dropping it flushes the spans
+/// still batched.
+#[cfg(not(feature = "otel"))]
+struct TracingGuard;
+
+use tracing_subscriber::Layer as _;
+
+#[cfg(feature = "otel")]
+mod otel {
+    use opentelemetry::trace::TracerProvider as _;
+    use opentelemetry_otlp::WithExportConfig as _;
+
+    /// The OpenTelemetry layer, or none when no endpoint is configured. Spans are batched
+    /// and sent by the SDK's own thread; a collector that is down costs dropped spans,
+    /// never a blocked actor.
+    /// Flushes and stops the exporter when dropped.
+    pub struct Flush(opentelemetry_sdk::trace::SdkTracerProvider);
+
+    impl Drop for Flush {
+        fn drop(&mut self) {
+            if let Err(e) = self.0.shutdown() {
+                eprintln!("cadre: flushing OpenTelemetry spans: {e}");
+            }
+        }
+    }
+
+    pub fn layer<S>(
+        config: &node::config::Config,
+    ) -> Option<(impl tracing_subscriber::Layer<S>, Flush)>
+    where
+        S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    {
+        if config.otel_endpoint.is_empty() {
+            return None;
+        }
+        // The exporter's HTTP client uses rustls and needs the process's crypto
+        // provider, which is otherwise installed later, with the tools.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let endpoint = format!("{}/v1/traces", config.otel_endpoint.trim_end_matches('/'));
+        let exporter = match opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_endpoint(endpoint)
+            .build()
+        {
+            Ok(e) => e,
+            Err(e) => {
+                eprintln!("cadre: OpenTelemetry export disabled: {e}");
+                return None;
+            }
+        };
+        let resource = opentelemetry_sdk::Resource::builder()
+            .with_service_name("cadre")
+            .with_attribute(opentelemetry::KeyValue::new(
+                "service.instance.id",
+                config.node_id.clone(),
+            ))
+            .build();
+        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+            .with_batch_exporter(exporter)
+            .with_resource(resource)
+            .build();
+        let tracer = provider.tracer("cadre");
+        Some((
+            tracing_opentelemetry::layer().with_tracer(tracer),
+            Flush(provider),
+        ))
     }
 }
