@@ -132,4 +132,3 @@ pub fn entry(link: &Link) -> Result<AuditEntry, storage::CodecError> {
         record: storage::codec::from_wire(&link.payload)?,
     })
 }
-

@@ -9,8 +9,8 @@
 //! dashboards and alert rules work from the first scrape.
 
 use prometheus::{
-    CounterVec, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter,
-    IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    CounterVec, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry,
 };
 
 pub struct Metrics {
@@ -120,7 +120,8 @@ impl Metrics {
         for tool in tools {
             self.steps_in_flight.with_label_values(&[tool]);
             self.step_duration_seconds.with_label_values(&[tool]);
-            self.effects_outcome_unknown_total.with_label_values(&[tool]);
+            self.effects_outcome_unknown_total
+                .with_label_values(&[tool]);
             for why in reason::RETRIED {
                 self.step_retries_total.with_label_values(&[tool, why]);
             }
@@ -184,7 +185,10 @@ impl Metrics {
             node_info: register(
                 r,
                 IntGaugeVec::new(
-                    Opts::new("cadre_node_info", "This node: always 1, labelled with its id and version."),
+                    Opts::new(
+                        "cadre_node_info",
+                        "This node: always 1, labelled with its id and version.",
+                    ),
                     &["node_id", "version"],
                 )?,
             )?,
@@ -300,7 +304,10 @@ impl Metrics {
             cost_usd_total: register(
                 r,
                 CounterVec::new(
-                    Opts::new("cadre_cost_usd_total", "Money spent by steps (LLM tokens, paid APIs)."),
+                    Opts::new(
+                        "cadre_cost_usd_total",
+                        "Money spent by steps (LLM tokens, paid APIs).",
+                    ),
                     &["playbook"],
                 )?,
             )?,
@@ -312,7 +319,10 @@ impl Metrics {
             )?,
             budget_spent_usd: register(r, {
                 let g = GaugeVec::new(
-                    Opts::new("cadre_budget_spent_usd", "Spent against a budget in its period."),
+                    Opts::new(
+                        "cadre_budget_spent_usd",
+                        "Spent against a budget in its period.",
+                    ),
                     &["scope"],
                 )?;
                 g.with_label_values(&["global"]);
@@ -320,7 +330,10 @@ impl Metrics {
             })?,
             budget_cap_usd: register(r, {
                 let g = GaugeVec::new(
-                    Opts::new("cadre_budget_cap_usd", "A budget's cap in its period (0: no cap)."),
+                    Opts::new(
+                        "cadre_budget_cap_usd",
+                        "A budget's cap in its period (0: no cap).",
+                    ),
                     &["scope"],
                 )?;
                 g.with_label_values(&["global"]);

@@ -241,9 +241,15 @@ mod tests {
                 "POST https://bob:hunter2@crm.test/x?token=abc&page=2 failed",
                 "POST https://bob:[redacted]@crm.test/x?token=[redacted]&page=2 failed",
             ),
-            ("Authorization: Bearer eyJhbGci.x.y", "Authorization: [redacted]"),
+            (
+                "Authorization: Bearer eyJhbGci.x.y",
+                "Authorization: [redacted]",
+            ),
             ("got bearer abc123 back", "got bearer [redacted] back"),
-            (r#"{"api_key":"zzz","n":1}"#, r#"{"api_key":"[redacted]","n":1}"#),
+            (
+                r#"{"api_key":"zzz","n":1}"#,
+                r#"{"api_key":"[redacted]","n":1}"#,
+            ),
             ("password = hunter2; ok", "password = [redacted]; ok"),
             ("no secrets here: 12:30", "no secrets here: 12:30"),
             ("session_id=77 user=bob", "session_id=[redacted] user=bob"),

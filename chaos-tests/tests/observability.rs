@@ -6,18 +6,39 @@ use std::path::Path;
 use std::time::Duration;
 
 use chaos_tests::{
-    CadreNode, HttpSink, NatsServer, Prometheus, cadre_cli, eventually, ops_dir, request,
-    wait_task,
+    CadreNode, HttpSink, NatsServer, Prometheus, cadre_cli, eventually, ops_dir, request, wait_task,
 };
 use futures::StreamExt;
 use serde_json::{Value, json};
 
 const WITHIN: Duration = Duration::from_secs(30);
 
-fn write(dir: &Path, name: &str, text: &str) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir)?;
-    std::fs::write(dir.join(format!("{name}.toml")), text)?;
-    Ok(())
+/// A real nats-server, a client, an HTTP sink, a temp dir with one playbook in it.
+struct World {
+    nats: NatsServer,
+    client: async_nats::Client,
+    sink: HttpSink,
+    dir: tempfile::TempDir,
+    /// The playbooks directory, for `CADRE_PLAYBOOKS_DIR`.
+    playbooks: String,
+}
+
+async fn world(playbook: &str, text: &str) -> anyhow::Result<World> {
+    let nats = NatsServer::start()?;
+    let client = nats.client().await?;
+    let sink = HttpSink::start().await?;
+    let dir = tempfile::tempdir()?;
+    let playbooks = dir.path().join("playbooks");
+    std::fs::create_dir_all(&playbooks)?;
+    std::fs::write(playbooks.join(format!("{playbook}.toml")), text)?;
+    let playbooks = playbooks.display().to_string();
+    Ok(World {
+        nats,
+        client,
+        sink,
+        dir,
+        playbooks,
+    })
 }
 
 const CRM_ONLY: &str = r#"
@@ -70,13 +91,13 @@ const SERIES: &[&str] = &[
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_prometheus_sees_every_series_move_and_loads_the_alert_rules() -> anyhow::Result<()>
 {
-    let nats = NatsServer::start()?;
-    let client = nats.client().await?;
-    let sink = HttpSink::start().await?;
-    let dir = tempfile::tempdir()?;
-    let playbooks = dir.path().join("playbooks");
-    write(&playbooks, "crm-only", CRM_ONLY)?;
-    let pb = playbooks.display().to_string();
+    let World {
+        nats,
+        client,
+        sink,
+        dir,
+        playbooks: pb,
+    } = world("crm-only", CRM_ONLY).await?;
     let mut node = CadreNode::start(
         "n1",
         &dir.path().join("data"),
@@ -103,7 +124,10 @@ async fn a_real_prometheus_sees_every_series_move_and_loads_the_alert_rules() ->
         .map(|a| a.iter().filter_map(Value::as_str).collect())
         .unwrap_or_default();
     let missing: Vec<&&str> = SERIES.iter().filter(|s| !names.contains(s)).collect();
-    assert!(missing.is_empty(), "series missing in Prometheus: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "series missing in Prometheus: {missing:?}"
+    );
     assert_eq!(
         prom.value("cadre_nats_connected").await,
         Some(1.0),
@@ -112,23 +136,49 @@ async fn a_real_prometheus_sees_every_series_move_and_loads_the_alert_rules() ->
 
     // A task that retries once, then one that fails for good.
     sink.fail_next(&[503]);
-    let ok = submit(&client, json!({"playbook": "crm-only", "input": {"url": sink.url, "name": "A"}})).await?;
+    let ok = submit(
+        &client,
+        json!({"playbook": "crm-only", "input": {"url": sink.url, "name": "A"}}),
+    )
+    .await?;
     let t = wait_task(&client, &ok, WITHIN, chaos_tests::is_terminal).await?;
     assert_eq!(t["status"], "succeeded", "{t:#}");
     sink.fail_next(&[400]);
-    let bad = submit(&client, json!({"playbook": "crm-only", "input": {"url": sink.url, "name": "B"}})).await?;
+    let bad = submit(
+        &client,
+        json!({"playbook": "crm-only", "input": {"url": sink.url, "name": "B"}}),
+    )
+    .await?;
     let t = wait_task(&client, &bad, WITHIN, chaos_tests::is_terminal).await?;
     assert_eq!(t["status"], "failed", "{t:#}");
 
     // The series move as the tasks ran, as Prometheus scraped them.
     let moved = [
         ("cadre_tasks_submitted_total{playbook=\"crm-only\"}", 2.0),
-        ("cadre_tasks_finished_total{playbook=\"crm-only\",status=\"succeeded\"}", 1.0),
-        ("cadre_tasks_finished_total{playbook=\"crm-only\",status=\"failed\"}", 1.0),
-        ("cadre_task_duration_seconds_count{playbook=\"crm-only\"}", 2.0),
-        ("cadre_step_duration_seconds_count{tool=\"http.request\"}", 3.0),
-        ("cadre_step_retries_total{tool=\"http.request\",reason=\"tool_error\"}", 1.0),
-        ("cadre_step_failures_total{tool=\"http.request\",reason=\"permanent\"}", 1.0),
+        (
+            "cadre_tasks_finished_total{playbook=\"crm-only\",status=\"succeeded\"}",
+            1.0,
+        ),
+        (
+            "cadre_tasks_finished_total{playbook=\"crm-only\",status=\"failed\"}",
+            1.0,
+        ),
+        (
+            "cadre_task_duration_seconds_count{playbook=\"crm-only\"}",
+            2.0,
+        ),
+        (
+            "cadre_step_duration_seconds_count{tool=\"http.request\"}",
+            3.0,
+        ),
+        (
+            "cadre_step_retries_total{tool=\"http.request\",reason=\"tool_error\"}",
+            1.0,
+        ),
+        (
+            "cadre_step_failures_total{tool=\"http.request\",reason=\"permanent\"}",
+            1.0,
+        ),
         // accepted … succeeded: at least 8 records per task.
         ("cadre_audit_records_total", 16.0),
         ("cadre_store_commits_total", 8.0),
@@ -195,13 +245,13 @@ const API_KEY: &str = "key-SECRET-4410";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_audit_chain_verifies_is_published_keeps_secrets_out_and_catches_tampering()
 -> anyhow::Result<()> {
-    let nats = NatsServer::start()?;
-    let client = nats.client().await?;
-    let sink = HttpSink::start().await?;
-    let dir = tempfile::tempdir()?;
-    let playbooks = dir.path().join("playbooks");
-    write(&playbooks, "secret-crm", SECRET_CRM)?;
-    let pb = playbooks.display().to_string();
+    let World {
+        nats,
+        client,
+        sink,
+        dir,
+        playbooks: pb,
+    } = world("secret-crm", SECRET_CRM).await?;
     let data = dir.path().join("data");
     let mut node = CadreNode::start(
         "n1",
@@ -242,7 +292,10 @@ async fn the_audit_chain_verifies_is_published_keeps_secrets_out_and_catches_tam
     }
     for pair in published.windows(2) {
         assert_eq!(pair[1]["seq"], pair[0]["seq"].as_u64().unwrap_or(0) + 1);
-        assert_eq!(pair[1]["prev_hash"], pair[0]["hash"], "published links chain");
+        assert_eq!(
+            pair[1]["prev_hash"], pair[0]["hash"],
+            "published links chain"
+        );
     }
     let executed: Vec<&Value> = published
         .iter()
@@ -253,13 +306,21 @@ async fn the_audit_chain_verifies_is_published_keeps_secrets_out_and_catches_tam
     assert_eq!(r["actor"], "executor@n1");
     assert_eq!(r["tool"], "http.request");
     assert_eq!(r["args_hash"].as_str().map(str::len), Some(64));
-    assert!(r["input_ref"].as_str().unwrap_or("").starts_with(&format!("tasks/{task_id}#input sha256:")));
+    assert!(
+        r["input_ref"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with(&format!("tasks/{task_id}#input sha256:"))
+    );
     let started = published
         .iter()
         .find(|e| e["record"]["action"] == "step_started")
         .map(|e| e["record"]["params"].as_str().unwrap_or("").to_string())
         .unwrap_or_default();
-    assert!(started.contains("[redacted]") && started.contains("Acme"), "{started}");
+    assert!(
+        started.contains("[redacted]") && started.contains("Acme"),
+        "{started}"
+    );
 
     // The trace and the tail read the same records.
     let (code, trace, err) = cadre_cli(&nats.url, &["task", "trace", &task_id, "--json"])?;
@@ -267,18 +328,26 @@ async fn the_audit_chain_verifies_is_published_keeps_secrets_out_and_catches_tam
     let trace: Value = serde_json::from_str(&trace)?;
     let kinds: Vec<&str> = trace["entries"]
         .as_array()
-        .map(|a| a.iter().filter_map(|e| e["record"]["action"].as_str()).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|e| e["record"]["action"].as_str())
+                .collect()
+        })
         .unwrap_or_default();
     assert_eq!(kinds.first(), Some(&"accepted"));
     assert_eq!(kinds.last(), Some(&"succeeded"));
     let (code, tail, err) = cadre_cli(&nats.url, &["audit", "tail", "--node", "n1", "-n", "500"])?;
     assert_eq!(code, 0, "{err}");
-    assert!(tail.contains(&task_id) && tail.contains("step_executed"), "{tail}");
+    assert!(
+        tail.contains(&task_id) && tail.contains("step_executed"),
+        "{tail}"
+    );
 
     // Secrets reached the sink, and nothing else: not the audit log, not the events,
     // not the trace, not the node's debug logs.
     let mut seen_events = Vec::new();
-    while let Ok(Some(msg)) = tokio::time::timeout(Duration::from_millis(200), events.next()).await {
+    while let Ok(Some(msg)) = tokio::time::timeout(Duration::from_millis(200), events.next()).await
+    {
         seen_events.push(String::from_utf8_lossy(&msg.payload).into_owned());
     }
     assert!(!seen_events.is_empty());
@@ -313,7 +382,10 @@ async fn the_audit_chain_verifies_is_published_keeps_secrets_out_and_catches_tam
     })?;
     let (code, out, _) = verify()?;
     assert_eq!(code, 1, "{out}");
-    assert!(out.contains("BROKEN at record 4") && out.contains("altered"), "{out}");
+    assert!(
+        out.contains("BROKEN at record 4") && out.contains("altered"),
+        "{out}"
+    );
     tamper(&store, 4, |_| Ok(original.clone()))?;
     tamper(&store, 6, |raw| {
         let mut raw = raw.to_vec();
@@ -323,7 +395,10 @@ async fn the_audit_chain_verifies_is_published_keeps_secrets_out_and_catches_tam
     })?;
     let (code, out, _) = verify()?;
     assert_eq!(code, 1, "{out}");
-    assert!(out.contains("BROKEN at record 6") && out.contains("cannot be read"), "{out}");
+    assert!(
+        out.contains("BROKEN at record 6") && out.contains("cannot be read"),
+        "{out}"
+    );
 
     // A node on a tampered store still starts, serves, and reports the break.
     node = CadreNode::start("n1", &data, &nats.url, &[("CADRE_PLAYBOOKS_DIR", &pb)])?;
@@ -383,16 +458,16 @@ verify = { file_exists = true }
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_trace_of_a_task_that_retried_waited_for_an_operator_and_succeeded_reads_clearly()
 -> anyhow::Result<()> {
-    let nats = NatsServer::start()?;
-    let client = nats.client().await?;
-    let sink = HttpSink::start().await?;
-    let dir = tempfile::tempdir()?;
+    let World {
+        nats,
+        client,
+        sink,
+        dir,
+        playbooks: pb,
+    } = world("ops-run", OPS_RUN).await?;
     let files = dir.path().join("files");
     std::fs::create_dir_all(&files)?;
     let files = files.canonicalize()?.display().to_string();
-    let playbooks = dir.path().join("playbooks");
-    write(&playbooks, "ops-run", OPS_RUN)?;
-    let pb = playbooks.display().to_string();
     let env = [
         ("CADRE_PLAYBOOKS_DIR", pb.as_str()),
         ("CADRE_FILE_ROOTS", files.as_str()),
@@ -419,8 +494,17 @@ async fn the_trace_of_a_task_that_retried_waited_for_an_operator_and_succeeded_r
     let (code, out, err) = cadre_cli(
         &nats.url,
         &[
-            "task", "resolve", &task_id, "--step", "deploy", "--decision", "mark_done", "--by",
-            "alice", "--note", "checked the host: deployed",
+            "task",
+            "resolve",
+            &task_id,
+            "--step",
+            "deploy",
+            "--decision",
+            "mark_done",
+            "--by",
+            "alice",
+            "--note",
+            "checked the host: deployed",
         ],
     )?;
     assert_eq!(code, 0, "{out}{err}");
@@ -431,7 +515,10 @@ async fn the_trace_of_a_task_that_retried_waited_for_an_operator_and_succeeded_r
     assert_eq!(code, 0, "{err}");
     println!("{trace}");
     let lines: Vec<&str> = trace.lines().collect();
-    assert!(lines[0].contains(&task_id) && lines[0].contains("succeeded"), "{trace}");
+    assert!(
+        lines[0].contains(&task_id) && lines[0].contains("succeeded"),
+        "{trace}"
+    );
     // In order: the retry, the executor's answers, the crash's unknown outcome, the
     // operator's decision with who and why, the rest, success.
     let order = [
@@ -453,7 +540,11 @@ async fn the_trace_of_a_task_that_retried_waited_for_an_operator_and_succeeded_r
             .ok_or_else(|| anyhow::anyhow!("no `{actor} {action}` after line {at}:\n{trace}"))?;
         at += found + 1;
     }
-    let retry = lines.iter().find(|l| l.contains("step_retry")).copied().unwrap_or("");
+    let retry = lines
+        .iter()
+        .find(|l| l.contains("step_retry"))
+        .copied()
+        .unwrap_or("");
     assert!(retry.contains("crm#1") && retry.contains("503"), "{retry}");
     let resolved = lines
         .iter()
@@ -461,7 +552,8 @@ async fn the_trace_of_a_task_that_retried_waited_for_an_operator_and_succeeded_r
         .copied()
         .unwrap_or("");
     assert!(
-        resolved.contains("deploy#1") && resolved.contains("marked done by alice: checked the host"),
+        resolved.contains("deploy#1")
+            && resolved.contains("marked done by alice: checked the host"),
         "{resolved}"
     );
     let executed = lines
@@ -469,6 +561,9 @@ async fn the_trace_of_a_task_that_retried_waited_for_an_operator_and_succeeded_r
         .find(|l| l.contains("step_executed") && l.contains("note#1"))
         .copied()
         .unwrap_or("");
-    assert!(executed.contains("file.write") && executed.contains("took"), "{executed}");
+    assert!(
+        executed.contains("file.write") && executed.contains("took"),
+        "{executed}"
+    );
     Ok(())
 }

@@ -327,7 +327,10 @@ impl Client {
     /// `cadre task trace`: the task's timeline from its audit records.
     pub async fn trace(&self, task_id: &str) -> Result<TraceReply, CliError> {
         let reply: TraceReply = self
-            .request(subject::TASKS_TRACE, &serde_json::json!({"task_id": task_id}))
+            .request(
+                subject::TASKS_TRACE,
+                &serde_json::json!({"task_id": task_id}),
+            )
             .await?;
         if self.json {
             print_json(&reply);
@@ -408,9 +411,16 @@ impl Client {
                 r.node_id,
                 actor_label(r),
                 r.action,
-                if step.is_empty() { String::new() } else { format!(" {step}") },
+                if step.is_empty() {
+                    String::new()
+                } else {
+                    format!(" {step}")
+                },
                 r.outcome,
-                r.detail.as_deref().map(|d| format!(" — {d}")).unwrap_or_default()
+                r.detail
+                    .as_deref()
+                    .map(|d| format!(" — {d}"))
+                    .unwrap_or_default()
             );
         }
     }

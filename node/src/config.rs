@@ -382,7 +382,10 @@ mod tests {
             assert!(err.is_ok());
         } else {
             let err = err.unwrap_err().to_string();
-            assert!(err.contains("built without OpenTelemetry") && err.contains("--features node/otel"), "{err}");
+            assert!(
+                err.contains("built without OpenTelemetry") && err.contains("--features node/otel"),
+                "{err}"
+            );
         }
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("bad.toml");

@@ -57,7 +57,10 @@ async fn ready(State(ctx): State<Arc<NodeContext>>) -> impl IntoResponse {
         }
     }
     if problems.is_empty() {
-        (StatusCode::OK, "ready: nats connected, store open, actors up\n".to_string())
+        (
+            StatusCode::OK,
+            "ready: nats connected, store open, actors up\n".to_string(),
+        )
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,

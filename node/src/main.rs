@@ -210,10 +210,11 @@ fn main() {
             Command::Setup(opts) => client_main(opts, |c| async move { setup(&c).await }).await,
             Command::Audit(AuditArgs {
                 opts,
-                command: AuditCommand::Verify {
-                    data_dir: Some(dir),
-                    node,
-                },
+                command:
+                    AuditCommand::Verify {
+                        data_dir: Some(dir),
+                        node,
+                    },
             }) => audit_verify_offline(&dir, node, opts.json),
             Command::Audit(AuditArgs { opts, command }) => {
                 client_main(opts, |c| async move {

@@ -93,7 +93,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     metrics.set_audit_base(store.audit_seq());
     metrics
         .effects_outcome_unknown
-        .set(actors::roles::task_supervisor::outcome_unknown_steps(&store)?);
+        .set(actors::roles::task_supervisor::outcome_unknown_steps(
+            &store,
+        )?);
 
     // Bound before any actor starts, so a taken port fails the start cleanly.
     let listener = tokio::net::TcpListener::bind(&config.metrics_addr)

@@ -135,32 +135,58 @@ pub fn verify(links: impl Iterator<Item = (Vec<u8>, Vec<u8>)>) -> ChainReport {
                 reason,
             })
         };
-        let key_seq = (k.len() == 8).then(|| u64::from_be_bytes(k[..8].try_into().unwrap_or_default()));
+        let key_seq =
+            (k.len() == 8).then(|| u64::from_be_bytes(k[..8].try_into().unwrap_or_default()));
         if key_seq != Some(expected) {
-            let found = key_seq.map_or_else(|| format!("a malformed key {k:?}"), |s| format!("record {s}"));
-            return report(head, examined, broken(format!("record {expected} is missing: found {found} next")));
+            let found = key_seq.map_or_else(
+                || format!("a malformed key {k:?}"),
+                |s| format!("record {s}"),
+            );
+            return report(
+                head,
+                examined,
+                broken(format!("record {expected} is missing: found {found} next")),
+            );
         }
         let link: Link = match codec::decode(&raw) {
             Ok(l) => l,
-            Err(e) => return report(head, examined, broken(format!("record {expected} cannot be read: {e}"))),
+            Err(e) => {
+                return report(
+                    head,
+                    examined,
+                    broken(format!("record {expected} cannot be read: {e}")),
+                );
+            }
         };
         if link.seq != expected {
-            return report(head, examined, broken(format!("record {expected} says it is record {}", link.seq)));
+            return report(
+                head,
+                examined,
+                broken(format!("record {expected} says it is record {}", link.seq)),
+            );
         }
         if link.prev_hash != head.hash {
-            return report(head, examined, broken(format!(
-                "record {expected} does not point at record {}: prev_hash {} ≠ {}",
-                head.seq,
-                hex::encode(link.prev_hash),
-                hex::encode(head.hash)
-            )));
+            return report(
+                head,
+                examined,
+                broken(format!(
+                    "record {expected} does not point at record {}: prev_hash {} ≠ {}",
+                    head.seq,
+                    hex::encode(link.prev_hash),
+                    hex::encode(head.hash)
+                )),
+            );
         }
         if link.expected_hash() != link.hash {
-            return report(head, examined, broken(format!(
-                "record {expected} was altered: its content hashes to {}, it carries {}",
-                hex::encode(link.expected_hash()),
-                hex::encode(link.hash)
-            )));
+            return report(
+                head,
+                examined,
+                broken(format!(
+                    "record {expected} was altered: its content hashes to {}, it carries {}",
+                    hex::encode(link.expected_hash()),
+                    hex::encode(link.hash)
+                )),
+            );
         }
         head = Head {
             seq: link.seq,

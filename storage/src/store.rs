@@ -627,7 +627,10 @@ fn apply(db: &DB, wb: &mut WriteBatch, ops: Vec<Op>) {
 
 /// The audit head as stored: the last link of the `audit` family.
 fn read_audit_head(db: &DB) -> Result<Head, StoreError> {
-    match db.iterator_cf(handle(db, Cf::Audit), IteratorMode::End).next() {
+    match db
+        .iterator_cf(handle(db, Cf::Audit), IteratorMode::End)
+        .next()
+    {
         None => Ok(Head::EMPTY),
         Some(item) => {
             let (key, value) = item?;
@@ -818,8 +821,12 @@ mod tests {
                     let mut batch = Batch::new();
                     batch.put(Cf::Tasks, format!("t{i}"), &i).unwrap();
                     let task = format!("t{}", i % 5);
-                    batch.append_audit(&format!("a{i}"), Some(task.as_bytes())).unwrap();
-                    batch.append_audit(&format!("b{i}"), Some(task.as_bytes())).unwrap();
+                    batch
+                        .append_audit(&format!("a{i}"), Some(task.as_bytes()))
+                        .unwrap();
+                    batch
+                        .append_audit(&format!("b{i}"), Some(task.as_bytes()))
+                        .unwrap();
                     store.commit(batch).await
                 }));
             }

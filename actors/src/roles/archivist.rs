@@ -68,7 +68,13 @@ impl Actor for Archivist {
                 message: format!("undecodable archive request: {e}"),
             },
         };
-        bus::reply_wire(&state.ctx.nats, inbound.msg.reply, &reply, &state.ctx.from(super::ARCHIVIST)).await;
+        bus::reply_wire(
+            &state.ctx.nats,
+            inbound.msg.reply,
+            &reply,
+            &state.ctx.from(super::ARCHIVIST),
+        )
+        .await;
         Ok(())
     }
 

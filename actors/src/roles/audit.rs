@@ -185,7 +185,9 @@ impl AuditState {
             }
             if !batch.is_empty() {
                 batch.push(b']');
-                ctx.nats.publish(subject.clone(), Bytes::from(batch)).await?;
+                ctx.nats
+                    .publish(subject.clone(), Bytes::from(batch))
+                    .await?;
             }
             ctx.nats.flush().await?;
             self.published = last;

@@ -18,10 +18,10 @@ use futures::future::{BoxFuture, Shared};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use tracing::Instrument;
 use storage::{Batch, Cf};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
+use tracing::Instrument;
 
 use crate::bus::{self, Inbound};
 use crate::context::NodeContext;
@@ -157,7 +157,9 @@ impl ExecutorState {
                     FailureKind::Permanent,
                     format!("undecodable exec request: {e}"),
                 );
-                tokio::spawn(async move { bus::reply_wire(&ctx.nats, msg.reply, &reply, &ctx.from(super::EXECUTOR)).await });
+                tokio::spawn(async move {
+                    bus::reply_wire(&ctx.nats, msg.reply, &reply, &ctx.from(super::EXECUTOR)).await
+                });
                 return;
             }
         };
@@ -166,7 +168,9 @@ impl ExecutorState {
                 FailureKind::Permanent,
                 format!("this node has no tool `{}`", req.tool),
             );
-            tokio::spawn(async move { bus::reply_wire(&ctx.nats, msg.reply, &reply, &ctx.from(super::EXECUTOR)).await });
+            tokio::spawn(async move {
+                bus::reply_wire(&ctx.nats, msg.reply, &reply, &ctx.from(super::EXECUTOR)).await
+            });
             return;
         };
         let running = self.running.clone();

@@ -70,7 +70,13 @@ impl Actor for Planner {
                 message: format!("undecodable plan request: {e}"),
             },
         };
-        bus::reply_wire(&state.ctx.nats, inbound.msg.reply, &reply, &state.ctx.from(super::PLANNER)).await;
+        bus::reply_wire(
+            &state.ctx.nats,
+            inbound.msg.reply,
+            &reply,
+            &state.ctx.from(super::PLANNER),
+        )
+        .await;
         Ok(())
     }
 

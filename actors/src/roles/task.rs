@@ -13,16 +13,16 @@ use std::time::{Duration, Instant};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use tracing::Instrument;
 use serde_json::{Map, Value};
 use storage::{Batch, Cf};
+use tracing::Instrument;
 
 use crate::audit;
 use crate::bus::{self, HopError, Replied};
 use crate::context::NodeContext;
 use crate::machine::{self, Action, Input, Rejected};
-use crate::model::{DecisionKind, JsonText, StepStatus, Task, TaskStatus};
 use crate::metrics::reason;
+use crate::model::{DecisionKind, JsonText, StepStatus, Task, TaskStatus};
 use crate::protocol::{
     ArchiveReply, ArchiveRequest, AuditRecord, ExecReply, ExecRequest, FailureKind, PlanReply,
     PlanRequest, TaskChecks, TaskEvent, VerifyReply, VerifyRequest, subject,
@@ -698,12 +698,11 @@ fn hop<Req, Rep>(
 {
     let (ctx, me) = (ctx.clone(), me.clone());
     tokio::spawn(async move {
-        let (reply, from) = match bus::request_wire::<_, Rep>(&ctx.nats, subject, &req, timeout)
-            .await
-        {
-            Ok(Replied { value, from }) => (Ok(value), from),
-            Err(e) => (Err(e), None),
-        };
+        let (reply, from) =
+            match bus::request_wire::<_, Rep>(&ctx.nats, subject, &req, timeout).await {
+                Ok(Replied { value, from }) => (Ok(value), from),
+                Err(e) => (Err(e), None),
+            };
         let input = to_input(reply);
         let _ = me.cast(TaskMsg::Reply { input, from });
     });

@@ -14,8 +14,8 @@ use crate::context::NodeContext;
 use crate::model::{JsonText, Task, TaskStatus};
 use crate::protocol::{
     Attention, CancelRequest, ErrorCode, ErrorReply, LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX, ListReply,
-    ListRequest, ResolveRequest, StepView, TaskRef, TaskStatusReply, TaskSummary, TraceReply,
-    TaskView, subject,
+    ListRequest, ResolveRequest, StepView, TaskRef, TaskStatusReply, TaskSummary, TaskView,
+    TraceReply, subject,
 };
 use crate::roles::intake::parse_json;
 use crate::roles::task_supervisor::{ControlError, TaskSupervisorMsg};
@@ -195,7 +195,11 @@ fn trace(ctx: &NodeContext, task_id: &str) -> Result<TraceReply, ErrorReply> {
         .iter()
         .map(audit::entry)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| internal(format!("undecodable audit record: {e}; run `cadre audit verify`")))?;
+        .map_err(|e| {
+            internal(format!(
+                "undecodable audit record: {e}; run `cadre audit verify`"
+            ))
+        })?;
     Ok(TraceReply {
         task_id: task.id,
         playbook: task.playbook,
