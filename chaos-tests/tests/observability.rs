@@ -190,6 +190,10 @@ async fn a_real_prometheus_sees_every_series_move_and_loads_the_alert_rules() ->
         .await?;
     }
     assert_eq!(prom.value("cadre_tasks_in_flight").await, Some(0.0));
+    eventually(WITHIN, "the outbox drained", || async {
+        (prom.value("cadre_outbox_backlog").await == Some(0.0)).then_some(())
+    })
+    .await?;
     assert_eq!(prom.value("cadre_effects_outcome_unknown").await, Some(0.0));
 
     // The shipped alert rules load into a real Prometheus and evaluate without error.

@@ -497,6 +497,21 @@ impl Store {
         Ok(out)
     }
 
+    /// Keys in a column family, counting at most `max` (for small families such as the
+    /// outbox, whose size is a health signal).
+    pub fn count_keys(&self, cf: Cf, max: usize) -> Result<usize, StoreError> {
+        let db = &self.inner.db;
+        let mut n = 0;
+        for item in db
+            .iterator_cf(handle(db, cf), IteratorMode::Start)
+            .take(max)
+        {
+            item?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
     /// The last key of a column family, if any.
     pub fn last_key(&self, cf: Cf) -> Result<Option<Vec<u8>>, StoreError> {
         let db = &self.inner.db;

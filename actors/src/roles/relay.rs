@@ -93,11 +93,6 @@ async fn publish(
             .await?;
         state.unflushed.push(seq);
     }
-    state
-        .ctx
-        .metrics
-        .outbox_backlog
-        .set(state.unflushed.len() as i64);
     if !state.flush_queued && !state.unflushed.is_empty() {
         state.flush_queued = true;
         myself.cast(RelayMsg::Flush)?;
@@ -155,6 +150,5 @@ async fn flush(state: &mut RelayState) -> Result<(), ActorProcessingErr> {
     }
     // Unsynced: losing a delete only means a duplicate publish after power loss.
     state.ctx.store.write_unsynced(batch)?;
-    state.ctx.metrics.outbox_backlog.set(0);
     Ok(())
 }
