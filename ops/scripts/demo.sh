@@ -36,3 +36,17 @@ echo "== requests the CRM / platform saw (with Idempotency-Key) =="
 cat "$work/sink.log"
 echo "== tasks =="
 "$CADRE" task list
+echo
+echo "== timeline of the onboarding task (its audit records) =="
+"$CADRE" task trace "$("$CADRE" task list --playbook client-onboarding --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["tasks"][0]["task_id"])')"
+echo
+echo "== the node's audit chain =="
+"$CADRE" audit verify --node laptop
+echo "== a few series from /metrics =="
+python3 - "$metrics_port" <<'PY'
+import sys, urllib.request
+text = urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics").read().decode()
+for line in text.splitlines():
+    if line.startswith(("cadre_tasks_finished_total", "cadre_audit_records_total", "cadre_nats_connected")) and not line.endswith(" 0"):
+        print(line)
+PY
