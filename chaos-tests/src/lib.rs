@@ -96,6 +96,20 @@ impl NatsServer {
     pub async fn client(&self) -> anyhow::Result<async_nats::Client> {
         Ok(async_nats::connect(&self.url).await?)
     }
+
+    /// Kills the server (clients see the connection drop).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port with the same JetStream store.
+    pub fn respawn(&mut self) -> anyhow::Result<()> {
+        self.kill();
+        self.spawn()
+    }
 }
 
 impl Drop for NatsServer {

@@ -571,3 +571,143 @@ async fn the_trace_of_a_task_that_retried_waited_for_an_operator_and_succeeded_r
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_nats_shows_in_readiness_and_metrics_and_audit_tail_follows_live()
+-> anyhow::Result<()> {
+    let World {
+        mut nats,
+        client,
+        sink,
+        dir,
+        playbooks: pb,
+    } = world("crm-only", CRM_ONLY).await?;
+    let mut node = CadreNode::start(
+        "n1",
+        &dir.path().join("data"),
+        &nats.url,
+        &[("CADRE_PLAYBOOKS_DIR", &pb)],
+    )?;
+    node.wait_ready(&client).await?;
+    let addr = node.metrics_addr().unwrap_or_default().to_string();
+    let series = |text: &str, name: &str| chaos_tests::metric(text, name);
+    let m = node.metrics().await?;
+    assert_eq!(series(&m, "cadre_nats_connected"), 1.0);
+    assert_eq!(series(&m, "cadre_nats_reconnects_total"), 0.0);
+    let (status, body) = chaos_tests::http_get(&addr, "/readyz").await?;
+    assert_eq!(status, 200, "{body}");
+
+    // The broker goes away: not ready, and the gauge says why.
+    nats.kill();
+    let body = eventually(WITHIN, "readyz 503", || async {
+        let (status, body) = chaos_tests::http_get(&addr, "/readyz").await.ok()?;
+        (status == 503).then_some(body)
+    })
+    .await?;
+    assert!(body.contains("nats"), "{body}");
+    assert_eq!(series(&node.metrics().await?, "cadre_nats_connected"), 0.0);
+
+    // It comes back: ready again, one reconnect counted.
+    nats.respawn()?;
+    eventually(WITHIN, "reconnected", || async {
+        let m = node.metrics().await.ok()?;
+        (series(&m, "cadre_nats_connected") == 1.0
+            && series(&m, "cadre_nats_reconnects_total") >= 1.0)
+            .then_some(())
+    })
+    .await?;
+    let client = nats.client().await?;
+    eventually(WITHIN, "readyz 200", || async {
+        let (status, _) = chaos_tests::http_get(&addr, "/readyz").await.ok()?;
+        (status == 200).then_some(())
+    })
+    .await?;
+    node.wait_ready(&client).await?;
+
+    // `cadre audit tail -f` prints records as they are committed.
+    let mut tail = std::process::Command::new(chaos_tests::cadre_bin()?)
+        .args(["audit", "tail", "--node", "n1", "-n", "0", "--follow"])
+        .env("CADRE_NATS_URL", &nats.url)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let stdout = tail
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+    let (lines_tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if lines_tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    // The follower's subscription starts at some point of its own: keep submitting
+    // until it prints a task's `accepted`, then that task must show whole, live.
+    let mut seen: Vec<String> = Vec::new();
+    let mut followed_task: Option<String> = None;
+    let followed = tokio::time::timeout(WITHIN, async {
+        loop {
+            if followed_task.is_none() {
+                let body =
+                    json!({"playbook": "crm-only", "input": {"url": sink.url, "name": "Tail"}});
+                submit(&client, body).await?;
+            }
+            match tokio::time::timeout(Duration::from_secs(2), lines.recv()).await {
+                Ok(Some(line)) => {
+                    let words: Vec<&str> = line.split_whitespace().collect();
+                    if followed_task.is_none() && words.contains(&"accepted") {
+                        followed_task = words.iter().find(|w| w.len() == 26).map(|w| w.to_string());
+                    }
+                    let done = followed_task
+                        .as_deref()
+                        .is_some_and(|t| words.contains(&t) && words.contains(&"succeeded"));
+                    seen.push(line);
+                    if done {
+                        return anyhow::Ok(());
+                    }
+                }
+                Ok(None) => anyhow::bail!("audit tail exited"),
+                Err(_) => {}
+            }
+        }
+    })
+    .await;
+    let _ = tail.kill();
+    let _ = tail.wait();
+    followed.map_err(|_| anyhow::anyhow!("audit tail -f printed: {seen:#?}"))??;
+    let task = followed_task.unwrap_or_default();
+    let of_task: Vec<&String> = seen.iter().filter(|l| l.contains(&task)).collect();
+    println!(
+        "audit tail -f, task {task}:\n{}",
+        of_task
+            .iter()
+            .map(|l| l.as_str())
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    for action in [
+        "accepted",
+        "step_started",
+        "step_executed",
+        "step_succeeded",
+        "succeeded",
+    ] {
+        assert!(
+            of_task
+                .iter()
+                .any(|l| l.split_whitespace().any(|w| w == action)),
+            "no {action} for {task}: {of_task:#?}"
+        );
+    }
+    assert!(
+        of_task.iter().any(|l| l.contains("executor@n1")),
+        "{of_task:#?}"
+    );
+    Ok(())
+}
