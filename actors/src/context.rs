@@ -11,6 +11,7 @@ use crate::clock::Clock;
 use crate::machine::Limits;
 use crate::metrics::Metrics;
 use crate::playbook::StepDefaults;
+use crate::roles::task::TaskMsg;
 use crate::tools::ToolConfig;
 
 /// Settings the roles need, already validated by the node's config.
@@ -52,6 +53,10 @@ pub struct NodeContext {
     draining: AtomicBool,
     /// Identifies this process incarnation in effect-ledger records.
     pub boot_id: u64,
+    /// The kill switch as this node last applied it (from the `CADRE_CONTROL` bucket).
+    killswitch: tokio::sync::watch::Sender<bool>,
+    /// Tasks holding a step back because the kill switch is engaged; released together.
+    paused: std::sync::Mutex<std::collections::HashMap<String, ractor::ActorRef<TaskMsg>>>,
 }
 
 impl NodeContext {
@@ -76,6 +81,8 @@ impl NodeContext {
             outbox_seq: AtomicU64::new(last),
             draining: AtomicBool::new(false),
             boot_id,
+            killswitch: tokio::sync::watch::Sender::new(false),
+            paused: std::sync::Mutex::new(std::collections::HashMap::new()),
         }))
     }
 
@@ -109,6 +116,57 @@ impl NodeContext {
 
     pub fn start_draining(&self) {
         self.draining.store(true, Ordering::SeqCst);
+    }
+
+    pub fn killswitch_engaged(&self) -> bool {
+        *self.killswitch.borrow()
+    }
+
+    /// Follows the kill switch (an executor aborts running calls when it engages).
+    pub fn killswitch_watch(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.killswitch.subscribe()
+    }
+
+    /// If the kill switch is engaged, records `task` as holding a step back and returns
+    /// true; the caller must not dispatch. Checked under the same lock [`Self::
+    /// set_killswitch`] releases under, so no task is left paused by a release racing
+    /// its dispatch.
+    pub fn pause_if_engaged(&self, task_id: &str, task: &ractor::ActorRef<TaskMsg>) -> bool {
+        if !self.killswitch_engaged() {
+            return false;
+        }
+        let Ok(mut paused) = self.paused.lock() else {
+            return true;
+        };
+        if !self.killswitch_engaged() {
+            return false;
+        }
+        paused.insert(task_id.to_string(), task.clone());
+        true
+    }
+
+    /// Applies the kill switch; on release, every paused task gets `Released`.
+    pub fn set_killswitch(&self, engaged: bool) {
+        let released = {
+            let Ok(mut paused) = self.paused.lock() else {
+                return;
+            };
+            self.killswitch.send_replace(engaged);
+            self.metrics.killswitch_engaged.set(i64::from(engaged));
+            if engaged {
+                Vec::new()
+            } else {
+                paused.drain().map(|(_, task)| task).collect()
+            }
+        };
+        for task in released {
+            let _ = task.cast(TaskMsg::Released);
+        }
+    }
+
+    /// Tasks holding a step back.
+    pub fn paused_tasks(&self) -> usize {
+        self.paused.lock().map(|p| p.len()).unwrap_or(0)
     }
 }
 

@@ -20,6 +20,12 @@ pub mod subject {
     pub const TASKS_CANCEL: &str = "cadre.tasks.cancel";
     pub const TASKS_RESOLVE: &str = "cadre.tasks.resolve";
     pub const TASKS_TRACE: &str = "cadre.tasks.trace";
+    /// Request: engage, release or read the kill switch (`KillSwitchRequest`).
+    pub const CONTROL_KILLSWITCH: &str = "cadre.control.killswitch";
+    pub const QUEUE_CONTROL: &str = "cadre-control";
+    /// JetStream KV bucket of cluster-wide control state, and the kill switch's key.
+    pub const CONTROL_BUCKET: &str = "CADRE_CONTROL";
+    pub const KILLSWITCH_KEY: &str = "killswitch";
     pub const PLAN: &str = "cadre.plan";
     pub const VERIFY: &str = "cadre.verify";
     pub const ARCHIVE: &str = "cadre.archive";
@@ -435,6 +441,39 @@ pub struct AuditBreak {
     /// The first record that does not hold.
     pub seq: u64,
     pub reason: String,
+}
+
+/// `cadre.control.killswitch` request. Without `engaged` it only reads the state.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KillSwitchRequest {
+    #[serde(default)]
+    pub engaged: Option<bool>,
+    /// Who decided (recorded in the audit log).
+    #[serde(default)]
+    pub by: Option<String>,
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// The kill switch as stored in the `CADRE_CONTROL` bucket (key `killswitch`) and
+/// answered on `cadre.control.killswitch`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct KillSwitchState {
+    pub engaged: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// When it was last set (0: never).
+    #[serde(default)]
+    pub at_ms: u64,
+    /// The node that set it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<String>,
+    /// The bucket's revision of this state (0: never set).
+    #[serde(default)]
+    pub revision: u64,
 }
 
 /// Published on `cadre.events.intake.rejected` for an enqueued message that was

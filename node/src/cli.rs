@@ -9,7 +9,8 @@ use std::time::Duration;
 use actors::model::{StepStatus, TaskStatus};
 use actors::protocol::{
     AUDIT_READ_MAX, AuditEntry, AuditReadReply, AuditRecord, AuditVerifyReply, ErrorReply,
-    ListReply, SubmitReply, TaskEvent, TaskStatusReply, TaskView, TraceReply, subject,
+    KillSwitchState, ListReply, SubmitReply, TaskEvent, TaskStatusReply, TaskView, TraceReply,
+    subject,
 };
 use bytes::Bytes;
 use futures::StreamExt;
@@ -324,6 +325,43 @@ pub fn print_task(t: &TaskView) {
 }
 
 impl Client {
+    /// `cadre killswitch on|off|status`.
+    pub async fn killswitch(
+        &self,
+        engaged: Option<bool>,
+        by: Option<String>,
+        reason: Option<String>,
+    ) -> Result<(), CliError> {
+        let req = serde_json::json!({"engaged": engaged, "by": by, "reason": reason});
+        let ks: KillSwitchState = self.request(subject::CONTROL_KILLSWITCH, &req).await?;
+        if self.json {
+            print_json(&ks);
+        } else {
+            let state = if ks.engaged {
+                "ENGAGED: no node dispatches any step"
+            } else {
+                "off: nodes dispatch"
+            };
+            let who = ks
+                .by
+                .as_deref()
+                .map(|b| format!(" by {b}"))
+                .unwrap_or_default();
+            let why = ks
+                .reason
+                .as_deref()
+                .map(|r| format!(" — {r}"))
+                .unwrap_or_default();
+            let when = if ks.at_ms > 0 {
+                format!(" (since {} UTC, revision {})", clock(ks.at_ms), ks.revision)
+            } else {
+                String::new()
+            };
+            println!("kill switch {state}{who}{why}{when}");
+        }
+        Ok(())
+    }
+
     /// `cadre task trace`: the task's timeline from its audit records.
     pub async fn trace(&self, task_id: &str) -> Result<TraceReply, CliError> {
         let reply: TraceReply = self

@@ -33,6 +33,8 @@ enum Command {
     Playbook(PlaybookCommand),
     /// Read and check a node's hash-chained audit log.
     Audit(AuditArgs),
+    /// Stop (`on`) or resume (`off`) all dispatching on every node; `status` reads it.
+    Killswitch(KillSwitchArgs),
     /// Declare Cadre's JetStream streams on a NATS system, so tasks enqueued before any
     /// node starts are kept.
     Setup(ClientOpts),
@@ -96,6 +98,26 @@ struct TaskArgs {
     opts: ClientOpts,
     #[command(subcommand)]
     command: TaskCommand,
+}
+
+#[derive(Args)]
+struct KillSwitchArgs {
+    #[command(flatten)]
+    opts: ClientOpts,
+    #[arg(value_enum)]
+    action: KillSwitchAction,
+    /// Who decides (recorded in the audit log).
+    #[arg(long, env = "USER")]
+    by: Option<String>,
+    #[arg(long)]
+    reason: Option<String>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum KillSwitchAction {
+    On,
+    Off,
+    Status,
 }
 
 #[derive(Args)]
@@ -208,6 +230,23 @@ fn main() {
             Command::Node(NodeCommand::Run(args)) => node_run(args).await,
             Command::Playbook(PlaybookCommand::Check { dir }) => playbook_check(&dir),
             Command::Setup(opts) => client_main(opts, |c| async move { setup(&c).await }).await,
+            Command::Killswitch(KillSwitchArgs {
+                opts,
+                action,
+                by,
+                reason,
+            }) => {
+                let engaged = match action {
+                    KillSwitchAction::On => Some(true),
+                    KillSwitchAction::Off => Some(false),
+                    KillSwitchAction::Status => None,
+                };
+                client_main(
+                    opts,
+                    |c| async move { c.killswitch(engaged, by, reason).await },
+                )
+                .await
+            }
             Command::Audit(AuditArgs {
                 opts,
                 command:

@@ -14,6 +14,7 @@ use actors::playbook::{Catalog, StepDefaults};
 use actors::roles::archivist::{Archivist, ArchivistArgs};
 use actors::roles::audit::{AuditArgs, AuditLog};
 use actors::roles::executor::{EffectsInFlight, Executor, ExecutorArgs, ExecutorMsg};
+use actors::roles::governor::{Governor, GovernorArgs};
 use actors::roles::intake::{Intake, IntakeArgs};
 use actors::roles::planner::{Planner, PlannerArgs};
 use actors::roles::relay::{Relay, RelayArgs};
@@ -207,6 +208,11 @@ fn child_specs(
         spec(roles::AUDIT, node, AuditLog, {
             let ctx = c.clone();
             move || AuditArgs { ctx: ctx.clone() }
+        }),
+        // Before the task supervisor: the kill switch is applied before any task resumes.
+        spec(roles::GOVERNOR, node, Governor, {
+            let ctx = c.clone();
+            move || GovernorArgs { ctx: ctx.clone() }
         }),
         spec(roles::TASKS, node, TaskSupervisor, {
             let ctx = c.clone();

@@ -285,6 +285,14 @@ async fn run(
     let Ok(_slot) = slots.acquire().await else {
         return failed(FailureKind::Retryable, "executor is stopping".into());
     };
+    let mut killswitch = ctx.killswitch_watch();
+    if *killswitch.borrow() {
+        // Nothing was started: another attempt after the release is safe for any class.
+        return failed(
+            FailureKind::Retryable,
+            "not started: the kill switch is engaged".into(),
+        );
+    }
     let params = match req.params.to_value() {
         Ok(v) => v,
         Err(e) => return failed(FailureKind::Permanent, format!("params are not JSON: {e}")),
@@ -311,8 +319,36 @@ async fn run(
         idempotency_key: req.idempotency_key.clone(),
         timeout: Duration::from_millis(req.timeout_ms),
     };
-    let result = tool.run(call).await;
+    // The kill switch aborts the call: dropping the tool's future cancels an HTTP
+    // request and kills a child process (`kill_on_drop`).
+    let result = tokio::select! {
+        result = tool.run(call) => Some(result),
+        _ = killswitch.wait_for(|engaged| *engaged) => None,
+    };
     gauge.dec();
+    let Some(result) = result else {
+        let reply = match info.class {
+            // It ran for a while and was killed: what it did is not known.
+            IdempotencyClass::Unsafe => failed(
+                FailureKind::OutcomeUnknown,
+                format!(
+                    "`{}` was aborted by the kill switch while running; what it did before is unknown: resolve with retry, mark_done or abort",
+                    req.tool
+                ),
+            ),
+            // Safe to run again after the release (same idempotency key).
+            _ => failed(
+                FailureKind::Retryable,
+                "aborted by the kill switch while running".into(),
+            ),
+        };
+        effect.outcome = Some(reply.clone());
+        effect.finished_at_ms = Some(ctx.now_ms());
+        if let Err(e) = record(&ctx, &ledger_key, &effect).await {
+            tracing::error!(ledger_key, error = %e, "cannot record an aborted effect");
+        }
+        return reply;
+    };
     let duration_us = started.elapsed().as_micros() as u64;
     let reply = match result {
         Ok(output) => ExecReply::Done {

@@ -5,6 +5,7 @@
 pub mod archivist;
 pub mod audit;
 pub mod executor;
+pub mod governor;
 pub mod intake;
 pub mod planner;
 pub mod relay;
@@ -36,8 +37,9 @@ pub const ARCHIVIST: &str = "archivist";
 pub const TASK_API: &str = "task-api";
 pub const INTAKE: &str = "intake";
 pub const AUDIT: &str = "audit";
+pub const GOVERNOR: &str = "governor";
 
 /// Every singleton a node runs: all must be up for the node to be ready.
 pub const NODE_ROLES: &[&str] = &[
-    RELAY, AUDIT, TASKS, PLANNER, EXECUTOR, VERIFIER, ARCHIVIST, INTAKE, TASK_API,
+    RELAY, AUDIT, GOVERNOR, TASKS, PLANNER, EXECUTOR, VERIFIER, ARCHIVIST, INTAKE, TASK_API,
 ];

@@ -75,6 +75,8 @@ pub enum TaskMsg {
         input: Input,
         from: Option<String>,
     },
+    /// The kill switch was released: send the steps held back while it was engaged.
+    Released,
     Cancel {
         reason: String,
         reply: RpcReplyPort<Result<TaskStatus, Rejected>>,
@@ -147,6 +149,7 @@ impl Actor for TaskActor {
                 TaskMsg::Reply { input, from } => {
                     let _ = state.apply(&myself, input, from).await?;
                 }
+                TaskMsg::Released => state.send_held(&myself),
                 TaskMsg::Cancel { reason, reply } => {
                     let result = state.apply(&myself, Input::Cancel { reason }, None).await?;
                     let _ = reply.send(result.map(|()| state.task.status));
@@ -448,6 +451,10 @@ impl TaskState {
                 if ctx.is_draining() {
                     return;
                 }
+                // Kill switch: the same, until `Released` (or a restart) sends it.
+                if ctx.pause_if_engaged(&self.task.id, myself) {
+                    return;
+                }
                 let Some(i) = self.task.step_index(&step) else {
                     return;
                 };
@@ -601,6 +608,24 @@ impl TaskState {
                 at_ms,
             } => deliver_at(ctx, myself, at_ms, Input::VerifyDue { step, attempt }),
             Action::HopAt { at_ms } => deliver_at(ctx, myself, at_ms, Input::HopDue),
+        }
+    }
+
+    /// After the kill switch is released: dispatch every running step that was held
+    /// back (running, and not sent). Nothing changes state, so nothing is committed.
+    fn send_held(&mut self, myself: &ActorRef<TaskMsg>) {
+        let held: Vec<(String, u32)> = self
+            .task
+            .steps
+            .iter()
+            .enumerate()
+            .filter(|(i, s)| {
+                s.status == StepStatus::Running && self.sent.get(*i).is_none_or(Option::is_none)
+            })
+            .map(|(_, s)| (s.spec.id.clone(), s.attempts))
+            .collect();
+        for (step, attempt) in held {
+            self.act(myself, Action::Exec { step, attempt }, None);
         }
     }
 
