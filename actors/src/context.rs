@@ -86,6 +86,23 @@ impl NodeContext {
         }))
     }
 
+    /// Answers a public request with `result` as JSON; an error is also counted in
+    /// `cadre_input_rejected_total` under `subject`.
+    pub async fn respond<T: Serialize>(
+        &self,
+        subject: &str,
+        reply: Option<async_nats::Subject>,
+        result: Result<T, crate::protocol::ErrorReply>,
+    ) {
+        match result {
+            Ok(value) => crate::bus::reply_json(&self.nats, reply, &value).await,
+            Err(e) => {
+                self.metrics.rejected(subject, e.error.code);
+                crate::bus::reply_json(&self.nats, reply, &e).await;
+            }
+        }
+    }
+
     /// This node's name for one of its roles: `executor@laptop`.
     pub fn from(&self, role: &str) -> String {
         crate::roles::actor_name(role, &self.settings.node_id)

@@ -116,7 +116,7 @@ impl Actor for AuditLog {
                 )
                 .and_then(|req| read(ctx, &req));
                 let subject = subject::audit_read(&ctx.settings.node_id);
-                reply(ctx, &subject, inbound, result).await;
+                ctx.respond(&subject, inbound.msg.reply, result).await;
             }
             AuditMsg::Verify(inbound) => {
                 // Walking a long chain takes a while: off the actor and the runtime.
@@ -129,7 +129,7 @@ impl Actor for AuditLog {
                         .map_err(|e| ErrorReply::new(ErrorCode::Internal, e.to_string()))
                         .and_then(|r| r);
                     let subject = subject::audit_verify(&ctx.settings.node_id);
-                    reply(&ctx, &subject, inbound, result).await;
+                    ctx.respond(&subject, inbound.msg.reply, result).await;
                 });
             }
         }
@@ -251,19 +251,4 @@ pub fn verify(store: &storage::Store, node_id: String) -> Result<AuditVerifyRepl
             reason: b.reason,
         }),
     })
-}
-
-async fn reply<T: serde::Serialize>(
-    ctx: &NodeContext,
-    subject: &str,
-    inbound: Inbound,
-    result: Result<T, ErrorReply>,
-) {
-    match result {
-        Ok(v) => bus::reply_json(&ctx.nats, inbound.msg.reply, &v).await,
-        Err(e) => {
-            ctx.metrics.rejected(subject, e.error.code);
-            bus::reply_json(&ctx.nats, inbound.msg.reply, &e).await;
-        }
-    }
 }

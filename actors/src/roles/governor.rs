@@ -101,15 +101,10 @@ impl Actor for Governor {
             GovernorMsg::Observed(ks) => apply(&state.ctx, &ks),
             GovernorMsg::Request(inbound) => {
                 let result = state.killswitch(&inbound).await;
-                let ctx = &state.ctx;
-                match result {
-                    Ok(ks) => bus::reply_json(&ctx.nats, inbound.msg.reply, &ks).await,
-                    Err(e) => {
-                        ctx.metrics
-                            .rejected(subject::CONTROL_KILLSWITCH, e.error.code);
-                        bus::reply_json(&ctx.nats, inbound.msg.reply, &e).await;
-                    }
-                }
+                state
+                    .ctx
+                    .respond(subject::CONTROL_KILLSWITCH, inbound.msg.reply, result)
+                    .await;
             }
         }
         Ok(())

@@ -3,7 +3,6 @@
 
 use std::sync::Arc;
 
-use async_nats::Subject;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use storage::Cf;
 use tokio::task::JoinHandle;
@@ -107,7 +106,8 @@ impl Actor for TaskApi {
             TaskApiMsg::Get(inbound) => {
                 let reply = parse_json::<TaskRef>(&inbound.msg.payload, max)
                     .and_then(|r| get(ctx, &r.task_id));
-                respond(ctx, subject::TASKS_GET, inbound.msg.reply, reply).await;
+                ctx.respond(subject::TASKS_GET, inbound.msg.reply, reply)
+                    .await;
             }
             TaskApiMsg::List(inbound) => {
                 // An empty payload means "no filter", like `{}`.
@@ -117,7 +117,8 @@ impl Actor for TaskApi {
                     &inbound.msg.payload
                 };
                 let reply = parse_json::<ListRequest>(payload, max).and_then(|r| list(ctx, &r));
-                respond(ctx, subject::TASKS_LIST, inbound.msg.reply, reply).await;
+                ctx.respond(subject::TASKS_LIST, inbound.msg.reply, reply)
+                    .await;
             }
             TaskApiMsg::Cancel(inbound) => {
                 spawn_control::<CancelRequest>(ctx, inbound, subject::TASKS_CANCEL)
@@ -128,7 +129,8 @@ impl Actor for TaskApi {
             TaskApiMsg::Trace(inbound) => {
                 let reply = parse_json::<TaskRef>(&inbound.msg.payload, max)
                     .and_then(|r| trace(ctx, &r.task_id));
-                respond(ctx, subject::TASKS_TRACE, inbound.msg.reply, reply).await;
+                ctx.respond(subject::TASKS_TRACE, inbound.msg.reply, reply)
+                    .await;
             }
         }
         Ok(())
@@ -143,21 +145,6 @@ impl Actor for TaskApi {
             pump.abort();
         }
         Ok(())
-    }
-}
-
-async fn respond<T: serde::Serialize>(
-    ctx: &NodeContext,
-    subject: &str,
-    reply: Option<Subject>,
-    result: Result<T, ErrorReply>,
-) {
-    match result {
-        Ok(value) => bus::reply_json(&ctx.nats, reply, &value).await,
-        Err(e) => {
-            ctx.metrics.rejected(subject, e.error.code);
-            bus::reply_json(&ctx.nats, reply, &e).await;
-        }
     }
 }
 
@@ -318,7 +305,7 @@ fn spawn_control<R: ControlRequest>(
             Ok(request) => control(&ctx, request).await,
             Err(e) => Err(e),
         };
-        respond(&ctx, subject, msg.reply, reply).await;
+        ctx.respond(subject, msg.reply, reply).await;
         drop(permit);
     });
 }
