@@ -49,10 +49,23 @@ pub struct NatsServer {
     pub port: u16,
     pub url: String,
     dir: tempfile::TempDir,
+    /// A config file included by the server's config (users), and the environment the
+    /// server is started with (the passwords it refers to).
+    include: Option<PathBuf>,
+    env: Vec<(String, String)>,
 }
 
 impl NatsServer {
     pub fn start() -> anyhow::Result<NatsServer> {
+        NatsServer::start_including(None, &[])
+    }
+
+    /// A server whose config also includes `include` (e.g. the shipped
+    /// `ops/nats/cadre-users.conf`), started with `env`.
+    pub fn start_including(
+        include: Option<&Path>,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<NatsServer> {
         let dir = tempfile::tempdir()?;
         let port = free_port()?;
         let mut server = NatsServer {
@@ -60,22 +73,49 @@ impl NatsServer {
             port,
             url: format!("nats://127.0.0.1:{port}"),
             dir,
+            include: include.map(Path::to_path_buf),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         server.spawn()?;
         Ok(server)
     }
 
+    /// A client connected as `user`.
+    pub async fn client_as(
+        &self,
+        user: &str,
+        password: &str,
+    ) -> anyhow::Result<async_nats::Client> {
+        Ok(
+            async_nats::ConnectOptions::with_user_and_password(user.into(), password.into())
+                .connect(&self.url)
+                .await?,
+        )
+    }
+
+    /// The URL with a user's credentials: `nats://user:password@127.0.0.1:port`.
+    pub fn url_as(&self, user: &str, password: &str) -> String {
+        format!("nats://{user}:{password}@127.0.0.1:{}", self.port)
+    }
+
     fn spawn(&mut self) -> anyhow::Result<()> {
         let conf = self.dir.path().join("nats.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "listen: 127.0.0.1:{}\nmax_payload: 4194304\njetstream {{\n  store_dir: \"{}\"\n  sync_interval: always\n}}\n",
-                self.port,
-                self.dir.path().join("js").display()
-            ),
-        )?;
+        let mut text = format!(
+            "listen: 127.0.0.1:{}\nmax_payload: 4194304\njetstream {{\n  store_dir: \"{}\"\n  sync_interval: always\n}}\n",
+            self.port,
+            self.dir.path().join("js").display()
+        );
+        if let Some(include) = &self.include {
+            // `include` is resolved next to the including file.
+            std::fs::copy(include, self.dir.path().join("included.conf"))?;
+            text.push_str("include included.conf\n");
+        }
+        std::fs::write(&conf, text)?;
         let child = Command::new(nats_server_bin())
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .arg("-c")
             .arg(&conf)
             .stdout(Stdio::null())

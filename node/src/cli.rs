@@ -51,12 +51,18 @@ pub struct Client {
 
 impl Client {
     pub async fn connect(url: &str, timeout: Duration, json: bool) -> Result<Client, CliError> {
-        let nats = async_nats::ConnectOptions::new()
+        let (options, bare_url) = crate::nats_url::options(url);
+        let nats = options
             .name("cadre-cli")
             .connection_timeout(timeout)
-            .connect(url)
+            .connect(bare_url)
             .await
-            .map_err(|e| CliError::Unreachable(format!("cannot connect to NATS at {url}: {e}")))?;
+            .map_err(|e| {
+                CliError::Unreachable(format!(
+                    "cannot connect to NATS at {}: {e}",
+                    crate::nats_url::display(url)
+                ))
+            })?;
         Ok(Client {
             nats,
             timeout,

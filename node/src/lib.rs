@@ -5,6 +5,7 @@ pub mod cli;
 pub mod config;
 pub mod http;
 pub mod local_nats;
+pub mod nats_url;
 pub mod run;
 
 pub use config::Config;

@@ -474,7 +474,12 @@ async fn node_run(args: NodeRunArgs) -> i32 {
         }
     };
     if args.dump_config {
-        match toml::to_string(&config) {
+        // The URL may carry a password: never print it.
+        let shown = Config {
+            nats_url: node::nats_url::display(&config.nats_url),
+            ..config.clone()
+        };
+        match toml::to_string(&shown) {
             Ok(text) => {
                 print!("{text}");
                 return 0;

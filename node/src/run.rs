@@ -126,7 +126,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     };
     let http_task = tokio::spawn(http::serve(listener, ctx.clone()));
     let trim_task = tokio::spawn(return_freed_memory());
-    tracing::info!(node_id = %config.node_id, nats = %url, resumed = ?resumed, playbooks = catalog.len(), "node ready");
+    tracing::info!(node_id = %config.node_id, nats = %crate::nats_url::display(&url), resumed = ?resumed, playbooks = catalog.len(), "node ready");
 
     let outcome = tokio::select! {
         () = shutdown => Ok(()),
@@ -360,7 +360,8 @@ async fn connect_nats(
     let m = metrics.clone();
     let was_connected = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let first_connect = was_connected.clone();
-    let client = async_nats::ConnectOptions::new()
+    let (options, bare_url) = crate::nats_url::options(url);
+    let client = options
         .name(format!("cadre-{}", config.node_id))
         .retry_on_initial_connect()
         .max_reconnects(None)
@@ -383,9 +384,14 @@ async fn connect_nats(
                 tracing::info!(%event, "nats");
             }
         })
-        .connect(url)
+        .connect(bare_url)
         .await
-        .with_context(|| format!("cannot connect to NATS at {url}"))?;
+        .with_context(|| {
+            format!(
+                "cannot connect to NATS at {}",
+                crate::nats_url::display(url)
+            )
+        })?;
     // The first connect may complete before the callback is installed on the
     // connection handler: take the state as it is now.
     if client.connection_state() == async_nats::connection::State::Connected {
