@@ -26,8 +26,12 @@ pub struct Settings {
     pub limits: Limits,
     pub step_defaults: StepDefaults,
     pub tools: ToolConfig,
-    /// Steps one tool may run at once on this node.
+    /// Steps one tool may run at once on this node…
     pub exec_concurrency_max: usize,
+    /// …or fewer, for these tools.
+    pub tool_concurrency_max: std::collections::HashMap<String, usize>,
+    /// Token buckets per tool and per target host.
+    pub rate_limits: Vec<crate::rate::RateLimit>,
     /// Messages a role holds (mailbox + in hand) before its pump stops reading.
     pub mailbox_depth_max: usize,
     /// Restarts of one TaskActor within `restart_window` before its task fails.
@@ -55,6 +59,8 @@ pub struct NodeContext {
     pub boot_id: u64,
     /// The kill switch as this node last applied it (from the `CADRE_CONTROL` bucket).
     killswitch: tokio::sync::watch::Sender<bool>,
+    /// The node's rate-limit buckets.
+    pub rate: crate::rate::RateLimiter,
     /// Tasks holding a step back because the kill switch is engaged; released together.
     paused: std::sync::Mutex<std::collections::HashMap<String, ractor::ActorRef<TaskMsg>>>,
 }
@@ -72,6 +78,13 @@ impl NodeContext {
             .map(|k| outbox_seq_of(&k))
             .unwrap_or(0);
         let boot_id = clock.now_ms() ^ (u64::from(std::process::id()) << 44);
+        let rate = crate::rate::RateLimiter::new(&settings.rate_limits, clock.now_ms());
+        for limit in &settings.rate_limits {
+            metrics
+                .rate_limit_per_second
+                .with_label_values(&[&limit.key])
+                .set(limit.per_second());
+        }
         Ok(Arc::new(NodeContext {
             settings,
             nats,
@@ -82,6 +95,7 @@ impl NodeContext {
             draining: AtomicBool::new(false),
             boot_id,
             killswitch: tokio::sync::watch::Sender::new(false),
+            rate,
             paused: std::sync::Mutex::new(std::collections::HashMap::new()),
         }))
     }

@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod model;
 pub mod playbook;
 pub mod protocol;
+pub mod rate;
 pub mod redact;
 pub mod roles;
 pub mod template;

@@ -46,6 +46,10 @@ pub struct Metrics {
     pub store_write_stall_seconds_total: prometheus::Counter,
     pub store_size_bytes: IntGauge,
     pub audit_records_total: IntCounter,
+    pub tool_concurrency_max: IntGaugeVec,
+    pub rate_limit_per_second: GaugeVec,
+    pub rate_limited_total: IntCounterVec,
+    pub rate_limit_wait_seconds_total: CounterVec,
     /// Value of the audit head when this process started counting.
     audit_base: std::sync::atomic::AtomicU64,
 }
@@ -381,6 +385,41 @@ impl Metrics {
                 IntCounter::new(
                     "cadre_audit_records_total",
                     "Audit records appended since the node started.",
+                )?,
+            )?,
+            tool_concurrency_max: register(
+                r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "cadre_tool_concurrency_max",
+                        "Steps one tool may run at once on this node.",
+                    ),
+                    &["tool"],
+                )?,
+            )?,
+            rate_limit_per_second: register(
+                r,
+                GaugeVec::new(
+                    Opts::new(
+                        "cadre_rate_limit_per_second",
+                        "Configured rate limits (`tool:<name>`, `host:<name>`).",
+                    ),
+                    &["limit"],
+                )?,
+            )?,
+            rate_limited_total: counter(
+                "cadre_rate_limited_total",
+                "Steps that had to wait for a rate limit.",
+                &["limit"],
+            )?,
+            rate_limit_wait_seconds_total: register(
+                r,
+                CounterVec::new(
+                    Opts::new(
+                        "cadre_rate_limit_wait_seconds_total",
+                        "Time steps waited for a rate limit.",
+                    ),
+                    &["limit"],
                 )?,
             )?,
             audit_base: std::sync::atomic::AtomicU64::new(0),

@@ -15,6 +15,8 @@ pub struct Recorded {
     pub path: String,
     pub idempotency_key: Option<String>,
     pub body: Value,
+    /// When the request arrived.
+    pub at: std::time::Instant,
 }
 
 #[derive(Default)]
@@ -86,6 +88,7 @@ async fn handle(
         path: path.clone(),
         idempotency_key: key.clone(),
         body: body.clone(),
+        at: std::time::Instant::now(),
     });
     if !inner.fail_next.is_empty() {
         let status = inner.fail_next.remove(0);

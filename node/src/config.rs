@@ -40,6 +40,11 @@ pub struct Config {
     pub retry_delay_ms_max: u64,
     /// Steps one tool may run at once on this node.
     pub exec_concurrency_max: usize,
+    /// Per-tool caps below `exec_concurrency_max`: `shell.run=2` (env: comma-separated).
+    pub tool_concurrency_max: Vec<String>,
+    /// Token-bucket rate limits per tool or target host: `http.request=10/s`,
+    /// `host:api.example.com=30/m` (env: comma-separated).
+    pub rate_limits: Vec<String>,
     /// Messages one role holds before it stops reading from NATS.
     pub mailbox_depth_max: usize,
     /// Captured stdout/stderr/HTTP body per step.
@@ -79,6 +84,8 @@ impl Default for Config {
             retry_delay_ms_base: 200,
             retry_delay_ms_max: 10_000,
             exec_concurrency_max: 256,
+            tool_concurrency_max: Vec::new(),
+            rate_limits: Vec::new(),
             mailbox_depth_max: 4_096,
             output_bytes_max: 64 << 10,
             task_restarts_max: 5,
@@ -253,6 +260,21 @@ impl Config {
                 self.log_format
             ));
         }
+        for text in &self.rate_limits {
+            match actors::rate::RateLimit::parse(text) {
+                Ok(limit) => {
+                    if let Some(tool) = limit.key.strip_prefix("tool:")
+                        && actors::tools::info(tool).is_none()
+                    {
+                        problems.push(format!("rate limit `{text}`: {}", unknown_tool(tool)));
+                    }
+                }
+                Err(e) => problems.push(e),
+            }
+        }
+        if let Err(e) = self.tool_concurrency() {
+            problems.push(e);
+        }
         if !self.otel_endpoint.is_empty() {
             if !cfg!(feature = "otel") {
                 problems.push(
@@ -273,6 +295,39 @@ impl Config {
             Err(ConfigError::Invalid(problems))
         }
     }
+}
+
+impl Config {
+    /// `tool_concurrency_max` as a map, checked.
+    pub fn tool_concurrency(&self) -> Result<std::collections::HashMap<String, usize>, String> {
+        let mut caps = std::collections::HashMap::new();
+        for text in &self.tool_concurrency_max {
+            let shape = || {
+                format!(
+                    "tool_concurrency_max entry `{text}` must look like `shell.run=2` (at least 1)"
+                )
+            };
+            let (tool, n) = text.split_once('=').ok_or_else(shape)?;
+            let n: usize = n.trim().parse().map_err(|_| shape())?;
+            if n == 0 {
+                return Err(shape());
+            }
+            let tool = tool.trim();
+            if actors::tools::info(tool).is_none() {
+                return Err(format!(
+                    "tool_concurrency_max entry `{text}`: {}",
+                    unknown_tool(tool)
+                ));
+            }
+            caps.insert(tool.to_string(), n.min(self.exec_concurrency_max));
+        }
+        Ok(caps)
+    }
+}
+
+fn unknown_tool(name: &str) -> String {
+    let known: Vec<&str> = actors::tools::CATALOG.iter().map(|t| t.name).collect();
+    format!("no tool `{name}` (known: {})", known.join(", "))
 }
 
 /// Parses an environment value as the type the option has.
@@ -373,6 +428,27 @@ mod tests {
         assert!(err.contains("node_id `a.b`"), "{err}");
         assert!(err.contains("`relative` must be an absolute path"), "{err}");
         assert!(err.contains("log_format `xml`"), "{err}");
+        let err = Config::load(
+            None,
+            env(&[
+                (
+                    "CADRE_RATE_LIMITS",
+                    "http.request=10/s, host:api.example.com=30/x",
+                ),
+                ("CADRE_TOOL_CONCURRENCY_MAX", "mail.send=2"),
+            ]),
+            &Overrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("`host:api.example.com=30/x` must look like"),
+            "{err}"
+        );
+        assert!(
+            err.contains("no tool `mail.send` (known: file.write"),
+            "{err}"
+        );
         let err = Config::load(
             None,
             env(&[("CADRE_OTEL_ENDPOINT", "http://collector:4318")]),

@@ -184,6 +184,13 @@ fn settings(config: &Config, seed: u64, step_defaults: StepDefaults) -> Settings
             output_bytes_max: config.output_bytes_max,
         },
         exec_concurrency_max: config.exec_concurrency_max,
+        // Validated with the config.
+        tool_concurrency_max: config.tool_concurrency().unwrap_or_default(),
+        rate_limits: config
+            .rate_limits
+            .iter()
+            .filter_map(|t| actors::rate::RateLimit::parse(t).ok())
+            .collect(),
         mailbox_depth_max: config.mailbox_depth_max,
         task_restarts_max: config.task_restarts_max,
         restart_window: Duration::from_secs(60),

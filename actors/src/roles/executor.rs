@@ -102,13 +102,17 @@ impl Actor for Executor {
                 ctx.settings.mailbox_depth_max,
                 ExecutorMsg::Request,
             ));
-            tools.insert(
-                name,
-                (
-                    tool,
-                    Arc::new(Semaphore::new(ctx.settings.exec_concurrency_max)),
-                ),
-            );
+            let slots = ctx
+                .settings
+                .tool_concurrency_max
+                .get(name)
+                .copied()
+                .unwrap_or(ctx.settings.exec_concurrency_max);
+            ctx.metrics
+                .tool_concurrency_max
+                .with_label_values(&[name])
+                .set(slots as i64);
+            tools.insert(name, (tool, Arc::new(Semaphore::new(slots))));
         }
         Ok(ExecutorState {
             ctx,
@@ -282,6 +286,10 @@ async fn run(
     ledger_key: String,
 ) -> ExecReply {
     let info = tool.info();
+    // Rate limits first: nothing is recorded or held while a step waits for a token.
+    if let Err(reply) = wait_for_rate(&ctx, info.name, &req).await {
+        return reply;
+    }
     let Ok(_slot) = slots.acquire().await else {
         return failed(FailureKind::Retryable, "executor is stopping".into());
     };
@@ -375,6 +383,49 @@ async fn run(
         tracing::error!(ledger_key, error = %e, "cannot record outcome");
     }
     reply
+}
+
+/// Waits until the tool's and the target host's buckets both have a token, within the
+/// step's timeout; past it the attempt fails as retryable (nothing ran).
+async fn wait_for_rate(ctx: &NodeContext, tool: &str, req: &ExecRequest) -> Result<(), ExecReply> {
+    if ctx.rate.is_empty() {
+        return Ok(());
+    }
+    let mut keys = vec![format!("tool:{tool}")];
+    if let Some(host) = req
+        .params
+        .to_value()
+        .ok()
+        .and_then(|p| crate::rate::target_host(&p))
+    {
+        keys.push(format!("host:{host}"));
+    }
+    let deadline = Instant::now() + Duration::from_millis(req.timeout_ms);
+    let mut counted = false;
+    loop {
+        let Err((limit, wait_ms)) = ctx.rate.try_take(&keys, ctx.now_ms()) else {
+            return Ok(());
+        };
+        if !counted {
+            ctx.metrics
+                .rate_limited_total
+                .with_label_values(&[&limit])
+                .inc();
+            counted = true;
+        }
+        let wait = Duration::from_millis(wait_ms);
+        if Instant::now() + wait > deadline {
+            return Err(failed(
+                FailureKind::Retryable,
+                format!("rate limit `{limit}` leaves no room within the step's timeout"),
+            ));
+        }
+        tokio::time::sleep(wait).await;
+        ctx.metrics
+            .rate_limit_wait_seconds_total
+            .with_label_values(&[&limit])
+            .inc_by(wait.as_secs_f64());
+    }
 }
 
 /// `unsafe`: synced, since a lost intent would let a crash re-run it blindly. `keyed`:

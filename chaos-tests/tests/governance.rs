@@ -1,5 +1,6 @@
-//! The kill switch, end to end against a real nats-server (its state in a JetStream KV
-//! bucket), the real `cadre` binary, a real HTTP sink and real child processes.
+//! Governance, end to end against a real nats-server, the real `cadre` binary, a real
+//! HTTP sink and real child processes: the kill switch (its state in a JetStream KV
+//! bucket) and rate limits.
 
 use std::time::{Duration, Instant};
 
@@ -77,11 +78,16 @@ async fn world() -> anyhow::Result<World> {
 
 impl World {
     fn node(&self, id: &str) -> anyhow::Result<CadreNode> {
-        let env: Vec<(&str, &str)> = self
+        self.node_with(id, &[])
+    }
+
+    fn node_with(&self, id: &str, extra: &[(&str, &str)]) -> anyhow::Result<CadreNode> {
+        let mut env: Vec<(&str, &str)> = self
             .env
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
+        env.extend_from_slice(extra);
         CadreNode::start(id, &self.dir.path().join(id), &self.nats.url, &env)
     }
 
@@ -339,4 +345,93 @@ fn sleeping() -> bool {
             })
         })
         .unwrap_or(false)
+}
+
+const CRM_ONLY: &str = r#"
+name = "crm-only"
+[[steps]]
+id = "crm"
+tool = "http.request"
+params = { method = "POST", url = "{{input.url}}/clients", json = { name = "{{input.name}}" } }
+verify = { status_in = [201] }
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_per_tool_and_per_host_space_the_calls_and_show_in_metrics()
+-> anyhow::Result<()> {
+    let w = world().await?;
+    std::fs::write(w.dir.path().join("playbooks/crm-only.toml"), CRM_ONLY)?;
+    // The host's limit is the tighter one for these calls: 4/s with a burst of 4.
+    let mut node = w.node_with(
+        "n1",
+        &[
+            ("CADRE_RATE_LIMITS", "http.request=50/s,host:127.0.0.1=4/s"),
+            ("CADRE_TOOL_CONCURRENCY_MAX", "shell.run=2"),
+        ],
+    )?;
+    node.wait_ready(&w.client).await?;
+    let started = Instant::now();
+    let ids = futures::future::try_join_all((0..12).map(|n| {
+        let body =
+            json!({"playbook": "crm-only", "input": {"url": w.sink.url, "name": format!("r{n}")}});
+        request(&w.client, "cadre.tasks.submit", body.to_string())
+    }))
+    .await?;
+    for r in &ids {
+        let id = r["task_id"].as_str().unwrap_or_default();
+        let t = wait_task(&w.client, id, WITHIN, chaos_tests::is_terminal).await?;
+        assert_eq!(t["status"], "succeeded", "{t:#}");
+    }
+    // 12 calls at 4/s after a burst of 4: the last no sooner than 2 s after the first,
+    // and no window of length T holds more than burst + rate·T calls.
+    let mut at: Vec<Instant> = w.sink.requests().iter().map(|r| r.at).collect();
+    at.sort();
+    assert_eq!(at.len(), 12);
+    let span = at[11].duration_since(at[0]);
+    println!(
+        "12 calls limited to 4/s took {span:?} (first to last), {:?} in all",
+        started.elapsed()
+    );
+    assert!(span >= Duration::from_millis(1900), "{span:?}");
+    for (i, t) in at.iter().enumerate() {
+        for (j, u) in at.iter().enumerate().skip(i) {
+            let window = u.duration_since(*t).as_secs_f64();
+            let allowed = 4.0 + 4.0 * window + 1.0; // +1: one call of slack for timing
+            assert!(
+                (j - i + 1) as f64 <= allowed,
+                "{} calls in {window:.3} s (calls {i}..={j})",
+                j - i + 1
+            );
+        }
+    }
+    let m = node.metrics().await?;
+    let series = |name: &str| {
+        m.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().last())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    assert!(
+        series("cadre_rate_limited_total{limit=\"host:127.0.0.1\"}") >= 7.0,
+        "{m}"
+    );
+    assert_eq!(
+        series("cadre_rate_limited_total{limit=\"tool:http.request\"}"),
+        0.0
+    );
+    assert_eq!(
+        series("cadre_rate_limit_per_second{limit=\"host:127.0.0.1\"}"),
+        4.0
+    );
+    assert!(series("cadre_rate_limit_wait_seconds_total{limit=\"host:127.0.0.1\"}") > 1.0);
+    assert_eq!(
+        series("cadre_tool_concurrency_max{tool=\"shell.run\"}"),
+        2.0
+    );
+    assert_eq!(
+        series("cadre_tool_concurrency_max{tool=\"http.request\"}"),
+        256.0
+    );
+    Ok(())
 }
