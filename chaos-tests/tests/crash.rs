@@ -193,6 +193,39 @@ verify = { file_exists = true }
             "seed {seed}: unsafe step of {id} ran {:?} times",
             unsafe_runs.get(id)
         );
+        // Its timeline survived every kill: from intake to success, in order.
+        let trace: Value = request(
+            &client,
+            "cadre.tasks.trace",
+            json!({"task_id": id}).to_string(),
+        )
+        .await?;
+        let actions: Vec<&str> = trace["entries"]
+            .as_array()
+            .map(|e| {
+                e.iter()
+                    .filter_map(|e| e["record"]["action"].as_str())
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert_eq!(
+            actions.first(),
+            Some(&"accepted"),
+            "seed {seed}: {id}: {actions:?}"
+        );
+        assert_eq!(
+            actions.last(),
+            Some(&"succeeded"),
+            "seed {seed}: {id}: {actions:?}"
+        );
+        let seqs: Vec<u64> = trace["entries"]
+            .as_array()
+            .map(|e| e.iter().filter_map(|e| e["seq"].as_u64()).collect())
+            .unwrap_or_default();
+        assert!(
+            seqs.windows(2).all(|w| w[0] < w[1]),
+            "seed {seed}: {id}: {seqs:?}"
+        );
         let name = task["input"]["name"].as_str().unwrap_or_default();
         for f in ["a.txt", "b.txt"] {
             let text = std::fs::read_to_string(files.join(name).join(f))?;
@@ -204,6 +237,10 @@ verify = { file_exists = true }
         }
     }
     assert_eq!(names.len(), TASKS);
+    // The audit chain holds across every SIGKILL: the writer resumes from the last link
+    // committed, and nothing committed is lost or rewritten.
+    let verify: Value = request(&client, "cadre.audit.crash.verify", "{}").await?;
+    assert_eq!(verify["ok"], true, "seed {seed}: {verify:#}");
     let resolved = tasks.len();
     println!(
         "seed {seed}: {KILLS} kills, {resolved} tasks succeeded, {} CRM requests for {TASKS} keys",
