@@ -280,7 +280,9 @@ impl Store {
             cf_opts.set_write_buffer_size(options.write_buffer_bytes);
             ColumnFamilyDescriptor::new(cf.name(), cf_opts)
         });
+        // Tickers only (write-stall time): histograms and timers cost on every write.
         db_opts.enable_statistics();
+        db_opts.set_statistics_level(rocksdb::statistics::StatsLevel::ExceptHistogramOrTimers);
         let db = Arc::new(DB::open_cf_descriptors(&db_opts, path, descriptors)?);
         let stats = Arc::new(StoreStats::default());
         let head = read_audit_head(&db)?;
@@ -536,6 +538,10 @@ impl Store {
 
     /// Total time writes were stalled or slowed by RocksDB (compaction falling behind).
     pub fn write_stall_micros(&self) -> u64 {
+        // A read-only store has no statistics (and writes nothing to stall).
+        if self.inner.writer.is_none() {
+            return 0;
+        }
         self.inner
             .db_opts
             .get_ticker_count(rocksdb::statistics::Ticker::StallMicros)
@@ -880,6 +886,7 @@ mod tests {
         drop(store);
         let ro = Store::open_read_only(dir.path()).unwrap();
         assert_eq!(ro.verify_audit().unwrap().head_seq, 101);
+        assert_eq!(ro.write_stall_micros(), 0);
     }
 
     #[tokio::test]
