@@ -223,8 +223,6 @@ pub struct StoreStats {
     pub unsynced_writes: AtomicU64,
     /// Total time spent in synced writes, microseconds.
     pub sync_micros: AtomicU64,
-    /// Sequence of the last audit link committed.
-    pub audit_seq: AtomicU64,
 }
 
 struct CommitRequest {
@@ -286,7 +284,6 @@ impl Store {
         let db = Arc::new(DB::open_cf_descriptors(&db_opts, path, descriptors)?);
         let stats = Arc::new(StoreStats::default());
         let head = read_audit_head(&db)?;
-        stats.audit_seq.store(head.seq, Ordering::Relaxed);
         let (head_tx, head_rx) = tokio::sync::watch::channel(head.seq);
         let (tx, rx) = mpsc::channel(GROUP_BATCHES_MAX * 4);
         let writer_thread = {
@@ -681,37 +678,34 @@ struct GroupWriter {
 
 impl GroupWriter {
     fn run(mut self, mut rx: mpsc::Receiver<CommitRequest>) {
-        let mut waiters = Vec::with_capacity(GROUP_BATCHES_MAX);
+        let mut group = Vec::with_capacity(GROUP_BATCHES_MAX);
         while let Some(first) = rx.blocking_recv() {
-            let mut wb = WriteBatch::default();
-            let before = self.head;
-            let mut encode_error = None;
-            let mut add = |me: &mut Self, req: CommitRequest, waiters: &mut Vec<_>| {
-                if let Err(e) = me.stage(&mut wb, req.batch) {
-                    encode_error = Some(e);
-                }
-                waiters.push(req.done);
-            };
-            add(&mut self, first, &mut waiters);
-            while waiters.len() < GROUP_BATCHES_MAX {
+            group.push(first);
+            while group.len() < GROUP_BATCHES_MAX {
                 match rx.try_recv() {
-                    Ok(next) => add(&mut self, next, &mut waiters),
+                    Ok(next) => group.push(next),
                     Err(_) => break,
                 }
             }
-            let result = match encode_error {
-                // Cannot happen for a Link (plain bytes), but never write a group
-                // with a hole in its chain.
-                Some(e) => Err(e),
-                None => self.write(wb),
-            };
+            let before = self.head;
+            let mut wb = WriteBatch::default();
+            let mut waiters = Vec::with_capacity(group.len());
+            let mut staged = Ok(());
+            for req in group.drain(..) {
+                if staged.is_ok() {
+                    staged = self.stage(&mut wb, req.batch);
+                }
+                waiters.push(req.done);
+            }
+            // A link that cannot be encoded fails the whole group: never write a chain
+            // with a hole in it.
+            let result = staged.and_then(|()| self.write(wb));
             if result.is_err() {
                 self.head = before;
             } else if self.head.seq != before.seq {
-                self.stats.audit_seq.store(self.head.seq, Ordering::Relaxed);
                 let _ = self.head_tx.send(self.head.seq);
             }
-            for done in waiters.drain(..) {
+            for done in waiters {
                 // A waiter that went away (its task stopped) needs no answer.
                 let _ = done.send(result.clone());
             }
