@@ -11,6 +11,7 @@ use crate::clock::Clock;
 use crate::machine::Limits;
 use crate::metrics::Metrics;
 use crate::playbook::StepDefaults;
+use crate::policy::Policies;
 use crate::roles::task::TaskMsg;
 use crate::tools::ToolConfig;
 
@@ -38,6 +39,11 @@ pub struct Settings {
     pub task_restarts_max: u32,
     pub restart_window: Duration,
     pub seed: u64,
+    /// Estimated cost of one call, per tool, in millionths of a US dollar.
+    pub tool_costs: std::collections::HashMap<String, u64>,
+    /// Watched for policy changes; `None`: the built-in policies, never reloaded.
+    pub policies_dir: Option<std::path::PathBuf>,
+    pub policy_reload: Duration,
 }
 
 /// A message waiting in the outbox: the relay publishes it, then deletes it.
@@ -63,6 +69,8 @@ pub struct NodeContext {
     pub rate: crate::rate::RateLimiter,
     /// Tasks holding a step back because the kill switch is engaged; released together.
     paused: std::sync::Mutex<std::collections::HashMap<String, ractor::ActorRef<TaskMsg>>>,
+    /// The policies in force; replaced whole by a hot reload.
+    policies: std::sync::RwLock<Arc<Policies>>,
 }
 
 impl NodeContext {
@@ -72,6 +80,7 @@ impl NodeContext {
         store: Store,
         clock: Arc<dyn Clock>,
         metrics: Arc<Metrics>,
+        policies: Policies,
     ) -> Result<Arc<NodeContext>, StoreError> {
         let last = store
             .last_key(Cf::Outbox)?
@@ -97,6 +106,7 @@ impl NodeContext {
             killswitch: tokio::sync::watch::Sender::new(false),
             rate,
             paused: std::sync::Mutex::new(std::collections::HashMap::new()),
+            policies: std::sync::RwLock::new(Arc::new(policies)),
         }))
     }
 
@@ -195,9 +205,21 @@ impl NodeContext {
         }
     }
 
-    /// Tasks holding a step back.
-    pub fn paused_tasks(&self) -> usize {
-        self.paused.lock().map(|p| p.len()).unwrap_or(0)
+    /// The policies in force now.
+    pub fn policies(&self) -> Arc<Policies> {
+        match self.policies.read() {
+            Ok(p) => p.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Puts `policies` in force for every decision from now on.
+    pub fn set_policies(&self, policies: Policies) {
+        let policies = Arc::new(policies);
+        match self.policies.write() {
+            Ok(mut p) => *p = policies,
+            Err(poisoned) => *poisoned.into_inner() = policies,
+        }
     }
 }
 

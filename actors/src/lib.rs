@@ -6,16 +6,21 @@
 //! - [`roles`]: Intake, Planner, Executor, Verifier, Archivist, TaskActor and their
 //!   supervisors, the outbox relay, the audit log's publisher.
 //! - [`audit`] and [`redact`]: what an audit record holds, with secrets masked.
+//! - [`policy`] and [`governance`]: the Cedar policies and the gate every dispatch
+//!   passes (allow, deny, approval; cost).
 
 pub mod audit;
 pub mod bus;
 pub mod clock;
 pub mod context;
 pub mod criteria;
+pub mod governance;
 pub mod machine;
 pub mod metrics;
+pub mod migrate;
 pub mod model;
 pub mod playbook;
+pub mod policy;
 pub mod protocol;
 pub mod rate;
 pub mod redact;

@@ -4,7 +4,11 @@
 //! commits the new task and its events in one synced batch, and only then performs the
 //! actions. Keeping it pure makes every transition unit-testable and replayable.
 
-use crate::model::{DecisionKind, JsonText, Step, StepStatus, Task, TaskStatus};
+use crate::model::{
+    Approval, ApprovalDecision, ApprovalState, DecisionKind, JsonText, Step, StepStatus, Task,
+    TaskStatus,
+};
+use crate::policy::Ruling;
 use crate::protocol::{ArchiveReply, ExecReply, FailureKind, PlanReply, TaskEvent, Verdict};
 
 /// Bounds and timings the machine needs; times are injected, never read from a clock.
@@ -16,6 +20,45 @@ pub struct Limits {
     pub redeliveries_max: u32,
     /// Retries of a plan/verify/archive hop before the task fails.
     pub hop_retries_max: u32,
+    /// How long an approval request waits for a person.
+    pub approval_ttl_ms: u64,
+    /// What an approval nobody decided in time becomes.
+    pub approval_default: ApprovalDecision,
+}
+
+/// The Governor's answer for one step about to be dispatched: the policies' ruling
+/// and what it was about, so that an approval can be bound to exactly that.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Gated {
+    pub ruling: Ruling,
+    /// Why (for deny and require_approval), naming the policies' version.
+    pub reason: String,
+    pub policy_version: String,
+    /// sha256 of the params that would be sent.
+    pub args_hash: String,
+    /// Estimated cost of the attempt, in millionths of a US dollar.
+    pub cost_micros: u64,
+}
+
+/// Consulted by the machine before every dispatch (`crate::governance::Governor`). It
+/// reads the task as it stands, with the outputs of the steps this one depends on.
+pub trait Gate {
+    fn check(&self, task: &Task, step: usize, now_ms: u64) -> Gated;
+}
+
+/// A gate that lets everything through (machine tests of the spine).
+pub struct AllowAll;
+
+impl Gate for AllowAll {
+    fn check(&self, _: &Task, _: usize, _: u64) -> Gated {
+        Gated {
+            ruling: Ruling::Allow,
+            reason: String::new(),
+            policy_version: "none".into(),
+            args_hash: String::new(),
+            cost_micros: 0,
+        }
+    }
 }
 
 impl Default for Limits {
@@ -25,6 +68,8 @@ impl Default for Limits {
             retry_delay_ms_max: 10_000,
             redeliveries_max: 8,
             hop_retries_max: 5,
+            approval_ttl_ms: 24 * 3_600_000,
+            approval_default: ApprovalDecision::Deny,
         }
     }
 }
@@ -88,6 +133,18 @@ pub enum Input {
         /// The operator's note, kept in the event that records the decision.
         note: Option<String>,
     },
+    /// An operator's decision on an approval request.
+    Decide {
+        approval_id: String,
+        decision: ApprovalDecision,
+        by: String,
+        note: Option<String>,
+    },
+    /// An approval request's expiry is due.
+    ApprovalDue {
+        step: String,
+        approval_id: String,
+    },
 }
 
 /// What the actor must do after committing.
@@ -120,6 +177,12 @@ pub enum Action {
     HopAt {
         at_ms: u64,
     },
+    /// Deliver `Input::ApprovalDue { step, approval_id }` at `at_ms`.
+    ApprovalAt {
+        step: String,
+        approval_id: String,
+        at_ms: u64,
+    },
 }
 
 /// The result of one input.
@@ -143,22 +206,26 @@ struct Cx<'a> {
     now_ms: u64,
     jitter: f64,
     limits: &'a Limits,
+    gate: &'a dyn Gate,
     out: Transition,
 }
 
-/// Applies `input` to `task`. `jitter` in `[0, 1)` comes from the actor's seeded RNG.
+/// Applies `input` to `task`. `jitter` in `[0, 1)` comes from the actor's seeded RNG;
+/// `gate` is asked before every dispatch.
 pub fn apply(
     task: &mut Task,
     input: Input,
     now_ms: u64,
     jitter: f64,
     limits: &Limits,
+    gate: &dyn Gate,
 ) -> Result<Transition, Rejected> {
     let mut cx = Cx {
         task,
         now_ms,
         jitter,
         limits,
+        gate,
         out: Transition::default(),
     };
     cx.input(input)?;
@@ -184,7 +251,14 @@ impl Cx<'_> {
                 by,
                 note,
             } => return self.resolve(&step, decision, &by, note.as_deref()),
+            Input::Decide {
+                approval_id,
+                decision,
+                by,
+                note,
+            } => return self.decide(&approval_id, decision, &by, note),
             _ if self.task.status.is_terminal() => {}
+            Input::ApprovalDue { step, approval_id } => self.approval_due(&step, &approval_id),
             Input::Planned(reply) => self.planned(reply),
             Input::PlanUnavailable(error) => self.hop_failed(TaskStatus::Planning, error),
             Input::Executed {
@@ -237,7 +311,9 @@ impl Cx<'_> {
                 self.out.actions.push(Action::RequestPlan);
             }
             TaskStatus::Planning => self.out.actions.push(Action::RequestPlan),
-            TaskStatus::Running | TaskStatus::AwaitingOperator => self.resume_steps(),
+            TaskStatus::Running | TaskStatus::AwaitingOperator | TaskStatus::AwaitingApproval => {
+                self.resume_steps()
+            }
             TaskStatus::Verifying => self.out.actions.push(Action::VerifyTask),
             TaskStatus::Archiving => self.out.actions.push(Action::Archive),
             TaskStatus::Succeeded | TaskStatus::Failed | TaskStatus::Cancelled => {}
@@ -267,6 +343,17 @@ impl Cx<'_> {
                         at_ms,
                     });
                 }
+                StepStatus::AwaitingApproval => {
+                    if let Some(a) = &step.approval
+                        && a.state == ApprovalState::Pending
+                    {
+                        self.out.actions.push(Action::ApprovalAt {
+                            step: id,
+                            approval_id: a.id.clone(),
+                            at_ms: a.expires_at_ms,
+                        });
+                    }
+                }
                 _ => {}
             }
         }
@@ -284,8 +371,10 @@ impl Cx<'_> {
                 steps,
                 checks,
                 playbook_version,
+                persona,
             } => {
                 self.task.steps = steps.into_iter().map(Step::new).collect();
+                self.task.persona = persona;
                 self.task.checks = checks;
                 self.task.playbook_version = playbook_version;
                 self.task.hop_retries = 0;
@@ -402,7 +491,26 @@ impl Cx<'_> {
         }
     }
 
+    /// Dispatches attempt `attempt` of step `i` if the Governor allows it: its ruling,
+    /// or an approval of exactly this action, is committed with `step_started`.
     fn begin_attempt(&mut self, i: usize, attempt: u32) {
+        let gated = self.gate.check(self.task, i, self.now_ms);
+        let granted = self.task.steps[i]
+            .approval
+            .as_ref()
+            .filter(|a| granted(a) && a.args_hash == gated.args_hash)
+            .filter(|a| a.policy_version == gated.policy_version);
+        let detail = match (gated.ruling, granted) {
+            (Ruling::Deny, _) => return self.deny(i, attempt, &gated.reason),
+            (Ruling::RequireApproval, None) => return self.request_approval(i, attempt, &gated),
+            (Ruling::RequireApproval, Some(a)) => format!(
+                "approved by {} ({}); policies {}",
+                a.decided_by.as_deref().unwrap_or("operator"),
+                a.id,
+                gated.policy_version
+            ),
+            (Ruling::Allow, _) => format!("allowed by policies {}", gated.policy_version),
+        };
         let now = self.now_ms;
         let step = &mut self.task.steps[i];
         step.status = StepStatus::Running;
@@ -410,9 +518,206 @@ impl Cx<'_> {
         step.redeliveries = 0;
         step.retry_at_ms = None;
         step.started_at_ms.get_or_insert(now);
+        step.cost_micros += gated.cost_micros;
         let id = step.spec.id.clone();
-        self.event("step_started", Some(&id), Some(attempt), None);
+        self.event("step_started", Some(&id), Some(attempt), Some(detail));
         self.out.actions.push(Action::Exec { step: id, attempt });
+    }
+
+    /// The policies forbid the step: it fails without running, and so does the task.
+    fn deny(&mut self, i: usize, attempt: u32, reason: &str) {
+        let step = &mut self.task.steps[i];
+        step.status = StepStatus::Failed;
+        step.finished_at_ms = Some(self.now_ms);
+        step.error = Some(format!("denied: {reason}"));
+        let id = step.spec.id.clone();
+        self.event(
+            "step_denied",
+            Some(&id),
+            Some(attempt),
+            Some(reason.to_string()),
+        );
+        self.fail(format!("step `{id}` denied: {reason}"));
+    }
+
+    /// The policies want a person to look first: the step waits, bound to exactly the
+    /// action that was checked. An earlier approval that no longer matches is void.
+    fn request_approval(&mut self, i: usize, attempt: u32, gated: &Gated) {
+        self.task.approvals_requested += 1;
+        let approval_id = format!("{}-a{}", self.task.id, self.task.approvals_requested);
+        let step_id = self.task.steps[i].spec.id.clone();
+        if let Some(old) = self.task.steps[i].approval.as_mut()
+            && granted(old)
+        {
+            let why = if old.policy_version != gated.policy_version {
+                format!(
+                    "policies changed from {} to {}",
+                    old.policy_version, gated.policy_version
+                )
+            } else {
+                "the params changed".to_string()
+            };
+            old.state = ApprovalState::Void;
+            let detail = format!("{} is void: {why}", old.id);
+            self.event("approval_void", Some(&step_id), Some(attempt), Some(detail));
+        }
+        let step = &mut self.task.steps[i];
+        step.status = StepStatus::AwaitingApproval;
+        step.approval = Some(Approval {
+            id: approval_id.clone(),
+            attempt,
+            args_hash: gated.args_hash.clone(),
+            policy_version: gated.policy_version.clone(),
+            reason: gated.reason.clone(),
+            cost_micros: gated.cost_micros,
+            requested_at_ms: self.now_ms,
+            expires_at_ms: self.now_ms.saturating_add(self.limits.approval_ttl_ms),
+            state: ApprovalState::Pending,
+            decided_by: None,
+            note: None,
+            decided_at_ms: None,
+        });
+        let at_ms = self.now_ms.saturating_add(self.limits.approval_ttl_ms);
+        self.event(
+            "approval_requested",
+            Some(&step_id),
+            Some(attempt),
+            Some(format!("{approval_id}: {}", gated.reason)),
+        );
+        if self.task.status == TaskStatus::Running {
+            self.set_status(
+                TaskStatus::AwaitingApproval,
+                Some(format!("step `{step_id}` needs approval {approval_id}")),
+            );
+        }
+        self.out.actions.push(Action::ApprovalAt {
+            step: step_id,
+            approval_id,
+            at_ms,
+        });
+    }
+
+    fn decide(
+        &mut self,
+        approval_id: &str,
+        decision: ApprovalDecision,
+        by: &str,
+        note: Option<String>,
+    ) -> Result<(), Rejected> {
+        let Some(i) = self.task.step_of_approval(approval_id) else {
+            return Err(Rejected(format!("task has no approval `{approval_id}`")));
+        };
+        let step = &mut self.task.steps[i];
+        let Some(approval) = step.approval.as_mut() else {
+            return Err(Rejected(format!("task has no approval `{approval_id}`")));
+        };
+        if approval.state != ApprovalState::Pending {
+            return Err(Rejected(format!(
+                "approval `{approval_id}` is already {}",
+                approval.state.as_str()
+            )));
+        }
+        let by = if by.is_empty() { "operator" } else { by };
+        let note = note.filter(|n| !n.is_empty());
+        approval.decided_by = Some(by.to_string());
+        approval.decided_at_ms = Some(self.now_ms);
+        approval.note = note.clone();
+        let attempt = approval.attempt;
+        let step_id = step.spec.id.clone();
+        let note = note.map(|n| format!(": {n}")).unwrap_or_default();
+        match decision {
+            ApprovalDecision::Deny => {
+                approval.state = ApprovalState::Denied;
+                step.status = StepStatus::Failed;
+                step.finished_at_ms = Some(self.now_ms);
+                step.error = Some(format!("approval {approval_id} denied by {by}"));
+                self.event(
+                    "approval_denied",
+                    Some(&step_id),
+                    Some(attempt),
+                    Some(format!("{approval_id} denied by {by}{note}")),
+                );
+                self.fail(format!("step `{step_id}` denied by {by}"));
+            }
+            ApprovalDecision::Approve => {
+                approval.state = ApprovalState::Approved;
+                step.status = StepStatus::Pending;
+                self.event(
+                    "approval_granted",
+                    Some(&step_id),
+                    Some(attempt),
+                    Some(format!("{approval_id} approved by {by}{note}")),
+                );
+                self.proceed(i, attempt);
+            }
+        }
+        Ok(())
+    }
+
+    /// An approval request's time is up: the configured default decides.
+    fn approval_due(&mut self, step_id: &str, approval_id: &str) {
+        let Some(i) = self.task.step_index(step_id) else {
+            return;
+        };
+        let now = self.now_ms;
+        let default = self.limits.approval_default;
+        let step = &mut self.task.steps[i];
+        let Some(approval) = step.approval.as_mut() else {
+            return;
+        };
+        if approval.id != approval_id || approval.state != ApprovalState::Pending {
+            return;
+        }
+        if now < approval.expires_at_ms {
+            // Early (a timer armed before a clock step): wait the rest.
+            self.out.actions.push(Action::ApprovalAt {
+                step: step_id.to_string(),
+                approval_id: approval_id.to_string(),
+                at_ms: approval.expires_at_ms,
+            });
+            return;
+        }
+        approval.state = ApprovalState::Expired;
+        approval.decided_at_ms = Some(now);
+        approval.decided_by = Some("expiry".into());
+        let attempt = approval.attempt;
+        match default {
+            ApprovalDecision::Deny => {
+                step.status = StepStatus::Failed;
+                step.finished_at_ms = Some(now);
+                step.error = Some(format!("approval {approval_id} expired (default: deny)"));
+                self.event(
+                    "approval_expired",
+                    Some(step_id),
+                    Some(attempt),
+                    Some(format!("{approval_id} expired; default: deny")),
+                );
+                self.fail(format!(
+                    "step `{step_id}`: approval {approval_id} expired undecided"
+                ));
+            }
+            ApprovalDecision::Approve => {
+                step.status = StepStatus::Pending;
+                self.event(
+                    "approval_expired",
+                    Some(step_id),
+                    Some(attempt),
+                    Some(format!("{approval_id} expired; default: approve")),
+                );
+                self.proceed(i, attempt);
+            }
+        }
+    }
+
+    /// After an approval: the task runs again unless something else still waits, the
+    /// step is dispatched (the Governor checks the action is still the approved one),
+    /// and so is whatever became ready meanwhile.
+    fn proceed(&mut self, i: usize, attempt: u32) {
+        self.refresh_attention();
+        self.begin_attempt(i, attempt);
+        if self.task.status == TaskStatus::Running {
+            self.dispatch_ready();
+        }
     }
 
     /// The step index if `attempt` is the step's current attempt in `status`.
@@ -711,12 +1016,18 @@ impl Cx<'_> {
             if !step.status.is_done() {
                 step.status = StepStatus::Skipped;
                 step.retry_at_ms = None;
+                // A pending approval dies with its task.
+                if let Some(a) = step.approval.as_mut()
+                    && a.state == ApprovalState::Pending
+                {
+                    a.state = ApprovalState::Void;
+                }
             }
         }
     }
 
     /// After a decision: the task keeps waiting while another step's outcome is unknown
-    /// (and says which), else it runs again.
+    /// (and says which) or another step awaits approval, else it runs again.
     fn refresh_attention(&mut self) {
         self.task.attention = self
             .task
@@ -729,8 +1040,26 @@ impl Cx<'_> {
                     s.error.clone().unwrap_or_else(|| "outcome unknown".into()),
                 )
             });
-        if self.task.status == TaskStatus::AwaitingOperator && self.task.attention.is_none() {
-            self.set_status(TaskStatus::Running, None);
+        if !matches!(
+            self.task.status,
+            TaskStatus::AwaitingOperator | TaskStatus::AwaitingApproval
+        ) {
+            return;
+        }
+        let next = if self.task.attention.is_some() {
+            TaskStatus::AwaitingOperator
+        } else if self
+            .task
+            .steps
+            .iter()
+            .any(|s| s.status == StepStatus::AwaitingApproval)
+        {
+            TaskStatus::AwaitingApproval
+        } else {
+            TaskStatus::Running
+        };
+        if next != self.task.status {
+            self.set_status(next, None);
         }
     }
 
@@ -770,6 +1099,11 @@ impl Cx<'_> {
         let capped = exp.min(self.limits.retry_delay_ms_max) as f64;
         (capped * (0.5 + self.jitter.clamp(0.0, 1.0) / 2.0)) as u64
     }
+}
+
+/// An approval that lets its step run: approved, or expired with approve as default.
+fn granted(a: &Approval) -> bool {
+    matches!(a.state, ApprovalState::Approved | ApprovalState::Expired)
 }
 
 #[cfg(test)]

@@ -27,6 +27,8 @@ pub struct Metrics {
     pub approvals_pending: IntGauge,
     pub approval_wait_seconds: Histogram,
     pub approvals_decided_total: IntCounterVec,
+    pub policy_decisions_total: IntCounterVec,
+    pub policy_reloads_total: IntCounterVec,
     pub actor_restarts_total: IntCounterVec,
     pub nats_connected: IntGauge,
     pub nats_reconnects_total: IntCounter,
@@ -267,7 +269,29 @@ impl Metrics {
                     "Approvals decided, by decision (approve, deny, expired).",
                     &["decision"],
                 )?;
-                for d in ["approve", "deny", "expired"] {
+                for d in ["approve", "deny", "expired", "void"] {
+                    c.with_label_values(&[d]);
+                }
+                c
+            },
+            policy_decisions_total: {
+                let c = counter(
+                    "cadre_policy_decisions_total",
+                    "Dispatch decisions of the policies, by ruling (allow, deny, require_approval).",
+                    &["ruling"],
+                )?;
+                for d in ["allow", "deny", "require_approval"] {
+                    c.with_label_values(&[d]);
+                }
+                c
+            },
+            policy_reloads_total: {
+                let c = counter(
+                    "cadre_policy_reloads_total",
+                    "Hot reloads of the policies directory, by result (ok, invalid: the old policies stay).",
+                    &["result"],
+                )?;
+                for d in ["ok", "invalid"] {
                     c.with_label_values(&[d]);
                 }
                 c

@@ -48,6 +48,9 @@ pub enum TaskStatus {
     Succeeded,
     Failed,
     Cancelled,
+    /// A step waits for an operator's approval (`cadre.approvals.decide`). Appended last:
+    /// postcard stores a variant's index, so earlier records keep their meaning.
+    AwaitingApproval,
 }
 
 impl TaskStatus {
@@ -69,6 +72,7 @@ impl TaskStatus {
             TaskStatus::Succeeded => "succeeded",
             TaskStatus::Failed => "failed",
             TaskStatus::Cancelled => "cancelled",
+            TaskStatus::AwaitingApproval => "awaiting_approval",
         }
     }
 
@@ -81,7 +85,7 @@ impl TaskStatus {
         match self {
             TaskStatus::Accepted => 0,
             TaskStatus::Planning => 1,
-            TaskStatus::Running | TaskStatus::AwaitingOperator => 2,
+            TaskStatus::Running | TaskStatus::AwaitingOperator | TaskStatus::AwaitingApproval => 2,
             TaskStatus::Verifying => 3,
             TaskStatus::Archiving => 4,
             TaskStatus::Succeeded | TaskStatus::Failed | TaskStatus::Cancelled => 5,
@@ -111,6 +115,8 @@ pub enum StepStatus {
     OutcomeUnknown,
     /// Never run: the task ended first.
     Skipped,
+    /// The policies require an operator's approval before it is dispatched.
+    AwaitingApproval,
 }
 
 impl StepStatus {
@@ -125,6 +131,7 @@ impl StepStatus {
             StepStatus::Failed => "failed",
             StepStatus::OutcomeUnknown => "outcome_unknown",
             StepStatus::Skipped => "skipped",
+            StepStatus::AwaitingApproval => "awaiting_approval",
         }
     }
 
@@ -200,6 +207,61 @@ pub struct JsonPathEquals {
     pub value: JsonText,
 }
 
+/// An operator's approval of one step, bound to the exact action: the hash of the
+/// params that will be sent and the version of the policies that asked for it. If
+/// either differs when the step is dispatched, the approval is void.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Approval {
+    /// `<task_id>-a<n>`: names the task, so a decision finds its node and actor.
+    pub id: String,
+    /// The attempt it was requested for.
+    pub attempt: u32,
+    pub args_hash: String,
+    pub policy_version: String,
+    /// Why the policies (or a budget) asked for it.
+    pub reason: String,
+    /// The step's estimated cost, in millionths of a US dollar.
+    pub cost_micros: u64,
+    pub requested_at_ms: u64,
+    pub expires_at_ms: u64,
+    pub state: ApprovalState,
+    pub decided_by: Option<String>,
+    pub note: Option<String>,
+    pub decided_at_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ApprovalState {
+    Pending,
+    Approved,
+    Denied,
+    /// Nobody decided in time; the configured default was applied.
+    Expired,
+    /// The action changed (params, plan or policies) or the task ended first.
+    Void,
+}
+
+impl ApprovalState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApprovalState::Pending => "pending",
+            ApprovalState::Approved => "approved",
+            ApprovalState::Denied => "denied",
+            ApprovalState::Expired => "expired",
+            ApprovalState::Void => "void",
+        }
+    }
+}
+
+/// What an operator decides on an approval request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ApprovalDecision {
+    Approve,
+    Deny,
+}
+
 /// One step of a plan, with its templates over `input.*` already rendered.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StepSpec {
@@ -235,6 +297,10 @@ pub struct Step {
     pub retry_at_ms: Option<u64>,
     /// The attempt a `RetryWait` will dispatch.
     pub next_attempt: u32,
+    /// The step's latest approval request, if the policies asked for one.
+    pub approval: Option<Approval>,
+    /// Cost charged for its dispatched attempts, in millionths of a US dollar.
+    pub cost_micros: u64,
 }
 
 impl Step {
@@ -251,6 +317,8 @@ impl Step {
             finished_at_ms: None,
             retry_at_ms: None,
             next_attempt: 0,
+            approval: None,
+            cost_micros: 0,
         }
     }
 }
@@ -277,6 +345,10 @@ pub struct Task {
     pub event_seq: u64,
     /// Retries of the current plan/verify/archive hop.
     pub hop_retries: u32,
+    /// Who the playbook runs as, for the policies (`Persona::"..."`).
+    pub persona: String,
+    /// Approvals requested so far: numbers the next approval id.
+    pub approvals_requested: u32,
 }
 
 impl Task {
@@ -305,6 +377,8 @@ impl Task {
             attention: None,
             event_seq: 0,
             hop_retries: 0,
+            persona: String::new(),
+            approvals_requested: 0,
         }
     }
 
@@ -321,6 +395,24 @@ impl Task {
     pub fn step_key(&self, step_id: &str) -> String {
         format!("{}.{}", self.id, step_id)
     }
+
+    /// Cost charged so far, over all steps.
+    pub fn cost_micros(&self) -> u64 {
+        self.steps.iter().map(|s| s.cost_micros).sum()
+    }
+
+    /// The step whose pending or latest approval is `approval_id`.
+    pub fn step_of_approval(&self, approval_id: &str) -> Option<usize> {
+        self.steps
+            .iter()
+            .position(|s| s.approval.as_ref().is_some_and(|a| a.id == approval_id))
+    }
+}
+
+/// The task an approval id names (`<task_id>-a<n>`).
+pub fn task_of_approval(approval_id: &str) -> Option<&str> {
+    let (task, n) = approval_id.rsplit_once("-a")?;
+    (!task.is_empty() && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())).then_some(task)
 }
 
 /// An episode: the archived summary of a verified task.

@@ -30,6 +30,9 @@ struct PlaybookFile {
     description: String,
     #[serde(default)]
     version: Option<String>,
+    /// Who the playbook acts as, for the policies (`Persona::"..."`).
+    #[serde(default)]
+    persona: Option<String>,
     #[serde(default)]
     steps: Vec<StepFile>,
     #[serde(default)]
@@ -97,6 +100,8 @@ pub struct Playbook {
     pub description: String,
     /// Declared version plus a content hash: `1@3f2a9c01`.
     pub version: String,
+    /// Who it acts as, for the policies; `operator` unless the playbook says.
+    pub persona: String,
     pub path: PathBuf,
     steps: Vec<PlannedStep>,
     checks: Vec<(String, Value)>,
@@ -155,6 +160,12 @@ impl Playbook {
             return Err(err(format!(
                 "has {} steps; a playbook has 1 to {STEPS_MAX} steps",
                 raw.steps.len()
+            )));
+        }
+        let persona = raw.persona.clone().unwrap_or_else(|| "operator".into());
+        if !subject::is_token(&persona) {
+            return Err(err(format!(
+                "persona `{persona}` must be letters, digits, `-` or `_`"
             )));
         }
         let ids: Vec<&str> = raw.steps.iter().map(|s| s.id.as_str()).collect();
@@ -240,6 +251,7 @@ impl Playbook {
             name: raw.name,
             description: raw.description,
             version: format!("{}@{hash}", raw.version.unwrap_or_else(|| "0".into())),
+            persona,
             path: file.to_path_buf(),
             steps,
             checks,

@@ -9,7 +9,10 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::model::{Criteria, DecisionKind, JsonText, StepSpec, StepStatus, TaskStatus};
+use crate::model::{
+    ApprovalDecision, ApprovalState, Criteria, DecisionKind, JsonText, StepSpec, StepStatus,
+    TaskStatus,
+};
 
 /// Subject names. Functions where the subject carries an identifier.
 pub mod subject {
@@ -20,6 +23,14 @@ pub mod subject {
     pub const TASKS_CANCEL: &str = "cadre.tasks.cancel";
     pub const TASKS_RESOLVE: &str = "cadre.tasks.resolve";
     pub const TASKS_TRACE: &str = "cadre.tasks.trace";
+    /// Request: an operator decides an approval (`DecideRequest` → `DecideReply`).
+    pub const APPROVALS_DECIDE: &str = "cadre.approvals.decide";
+    /// Request: approvals of this node's active tasks (`ApprovalListRequest`).
+    pub const APPROVALS_LIST: &str = "cadre.approvals.list";
+    /// Request: one approval (`ApprovalRef` → `ApprovalView`).
+    pub const APPROVALS_GET: &str = "cadre.approvals.get";
+    /// Every approval request and decision.
+    pub const APPROVALS_EVENTS: &str = "cadre.approvals.>";
     /// Request: engage, release or read the kill switch (`KillSwitchRequest`).
     pub const CONTROL_KILLSWITCH: &str = "cadre.control.killswitch";
     pub const QUEUE_CONTROL: &str = "cadre-control";
@@ -46,6 +57,16 @@ pub mod subject {
     /// Every event of one task.
     pub fn task_events(task_id: &str) -> String {
         format!("cadre.events.task.{task_id}.>")
+    }
+
+    /// Event: a step waits for an approval (`ApprovalView`, state `pending`).
+    pub fn approval_requested(approval_id: &str) -> String {
+        format!("cadre.approvals.requested.{approval_id}")
+    }
+
+    /// Event: an approval was decided, expired or voided (`ApprovalView`).
+    pub fn approval_decided(approval_id: &str) -> String {
+        format!("cadre.approvals.decided.{approval_id}")
     }
 
     /// Where a node publishes its audit records: `cadre.audit.<node_id>`
@@ -186,6 +207,79 @@ pub struct ResolveRequest {
     pub note: Option<String>,
 }
 
+/// `cadre.approvals.decide`: an operator's decision on an approval request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecideRequest {
+    pub approval_id: String,
+    pub decision: ApprovalDecision,
+    /// Who decides; recorded in the audit log.
+    pub by: String,
+    #[serde(default)]
+    pub note: Option<String>,
+}
+
+/// Reply to `cadre.approvals.decide`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DecideReply {
+    pub approval_id: String,
+    pub task_id: String,
+    /// The approval after the decision: `approved`, `denied`, or `void` when the action
+    /// changed since it was requested (then `next_approval_id` is the new request).
+    pub state: ApprovalState,
+    pub task_status: TaskStatus,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub next_approval_id: Option<String>,
+}
+
+/// `cadre.approvals.get`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalRef {
+    pub approval_id: String,
+}
+
+/// `cadre.approvals.list`: `{}` lists pending approvals.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalListRequest {
+    /// `pending` (the default) or `all` (every approval of the node's active tasks).
+    #[serde(default)]
+    pub state: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApprovalListReply {
+    pub approvals: Vec<ApprovalView>,
+}
+
+/// An approval request: what will be done, why it needs a person, what it costs, and
+/// what became of it. Params are redacted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ApprovalView {
+    pub approval_id: String,
+    pub task_id: String,
+    pub playbook: String,
+    pub step_id: String,
+    pub attempt: u32,
+    pub tool: String,
+    pub params: Value,
+    pub args_hash: String,
+    pub policy_version: String,
+    pub reason: String,
+    pub cost_usd: f64,
+    pub requested_at_ms: u64,
+    pub expires_at_ms: u64,
+    pub state: ApprovalState,
+    pub node_id: String,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub decided_by: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub note: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub decided_at_ms: Option<u64>,
+}
+
 /// Reply to cancel and resolve.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TaskStatusReply {
@@ -213,6 +307,8 @@ pub struct TaskView {
     /// Present while the task waits for an operator: which step and why.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub attention: Option<Attention>,
+    /// Cost charged so far, over all steps.
+    pub cost_usd: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -241,6 +337,10 @@ pub struct StepView {
     pub started_at_ms: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub finished_at_ms: Option<u64>,
+    /// Cost charged for its dispatched attempts.
+    pub cost_usd: f64,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub approval: Option<ApprovalView>,
 }
 
 /// Published on `cadre.events.task.<task_id>.<kind>` for every committed transition.
@@ -565,6 +665,8 @@ pub enum PlanReply {
         steps: Vec<StepSpec>,
         checks: Vec<TaskCheck>,
         playbook_version: String,
+        /// Who the plan acts as, for the policies.
+        persona: String,
     },
     Rejected {
         code: ErrorCode,

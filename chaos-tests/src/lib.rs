@@ -204,6 +204,10 @@ pub struct CadreNode {
 
 impl CadreNode {
     /// Starts a node against `nats_url` with `env` overrides (`CADRE_*`).
+    ///
+    /// Unless `env` sets `CADRE_POLICIES_DIR`, the node runs with a policy that permits
+    /// everything: tests of the spine are not about governance (the shipped defaults
+    /// hold `shell.run` for approval). Set it to "" for the built-in defaults.
     pub fn start(
         node_id: &str,
         data_dir: &Path,
@@ -217,6 +221,7 @@ impl CadreNode {
             ("CADRE_NATS_URL".into(), nats_url.into()),
             ("CADRE_METRICS_ADDR".into(), metrics),
             ("CADRE_LOG_LEVEL".into(), "warn".into()),
+            ("CADRE_POLICIES_DIR".into(), open_policies(data_dir)?),
         ];
         for (k, v) in env {
             all.retain(|(key, _)| key != k);
@@ -327,6 +332,25 @@ impl CadreNode {
         self.spawn()
     }
 
+    /// Waits (bounded) for the process to exit on its own; its exit code.
+    pub async fn exit_code(&mut self, within: Duration) -> anyhow::Result<Option<i32>> {
+        let deadline = Instant::now() + within;
+        let child = self.child.as_mut().context("not running")?;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                self.child = None;
+                return Ok(status.code());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "cadre still runs after {within:?}; log:\n{}",
+                    self.log_tail()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// SIGTERM, then the exit code (bounded wait).
     pub fn terminate(&mut self, within: Duration) -> anyhow::Result<Option<i32>> {
         let Some(mut child) = self.child.take() else {
@@ -364,6 +388,17 @@ impl Drop for CadreNode {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// A policies directory beside `data_dir` whose one policy permits everything.
+fn open_policies(data_dir: &Path) -> anyhow::Result<String> {
+    let dir = data_dir.with_extension("open-policies");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(
+        dir.join("open.cedar"),
+        "// Test harness: governance is not under test here.\npermit (principal, action, resource);\n",
+    )?;
+    Ok(dir.display().to_string())
 }
 
 /// Sends a JSON request and returns the JSON reply.

@@ -1,12 +1,15 @@
 //! Governance, end to end against a real nats-server, the real `cadre` binary, a real
-//! HTTP sink and real child processes: the kill switch (its state in a JetStream KV
-//! bucket) and rate limits.
+//! HTTP sink and real child processes: Cedar policies (allow, deny, approval), approvals
+//! (decided, denied, expired, void, across a restart), policy hot reload, the kill
+//! switch (its state in a JetStream KV bucket) and rate limits.
 
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use chaos_tests::{
     CadreNode, HttpSink, NatsServer, cadre_cli, eventually, metric, request, wait_task,
 };
+use futures::StreamExt;
 use serde_json::{Value, json};
 
 const WITHIN: Duration = Duration::from_secs(30);
@@ -35,6 +38,26 @@ params = { program = "sleep", args = ["37.25"] }
 verify = { exit_code = 0 }
 "#;
 
+/// A shell step the default policies hold for approval; its marker file shows it ran.
+const DEPLOY: &str = r#"
+name = "deploy"
+[[steps]]
+id = "ship"
+tool = "shell.run"
+params = { program = "touch", args = ["{{input.root}}/shipped-{{task.id}}"] }
+verify = { exit_code = 0 }
+"#;
+
+/// A write outside the file roots: the default policies deny it.
+const OUTSIDE: &str = r#"
+name = "outside"
+[[steps]]
+id = "escape"
+tool = "file.write"
+params = { path = "{{input.path}}", content = "should never be written" }
+verify = { file_exists = true }
+"#;
+
 struct World {
     nats: NatsServer,
     client: async_nats::Client,
@@ -53,6 +76,8 @@ async fn world() -> anyhow::Result<World> {
     std::fs::create_dir_all(&playbooks)?;
     std::fs::write(playbooks.join("two-steps.toml"), TWO_STEPS)?;
     std::fs::write(playbooks.join("long-shell.toml"), LONG_SHELL)?;
+    std::fs::write(playbooks.join("deploy.toml"), DEPLOY)?;
+    std::fs::write(playbooks.join("outside.toml"), OUTSIDE)?;
     let files = dir.path().join("files");
     std::fs::create_dir_all(&files)?;
     let files = files.canonicalize()?.display().to_string();
@@ -62,7 +87,7 @@ async fn world() -> anyhow::Result<World> {
             playbooks.display().to_string(),
         ),
         ("CADRE_FILE_ROOTS".into(), files.clone()),
-        ("CADRE_SHELL_ALLOW".into(), "sleep".into()),
+        ("CADRE_SHELL_ALLOW".into(), "sleep,touch".into()),
         ("CADRE_RETRY_DELAY_MS_BASE".into(), "20".into()),
         ("CADRE_RETRY_DELAY_MS_MAX".into(), "100".into()),
     ];
@@ -96,6 +121,334 @@ impl World {
         anyhow::ensure!(code == 0, "cadre {args:?} exited {code}: {out}{err}");
         Ok(out)
     }
+}
+
+impl World {
+    async fn submit(&self, playbook: &str, input: Value) -> anyhow::Result<String> {
+        let body = json!({"playbook": playbook, "input": input});
+        let reply = request(&self.client, "cadre.tasks.submit", body.to_string()).await?;
+        reply["task_id"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| anyhow::anyhow!("no task id: {reply}"))
+    }
+
+    async fn deploy(&self) -> anyhow::Result<String> {
+        self.submit("deploy", json!({"root": self.files})).await
+    }
+
+    fn shipped(&self, task_id: &str) -> bool {
+        std::path::Path::new(&self.files)
+            .join(format!("shipped-{task_id}"))
+            .exists()
+    }
+
+    /// Waits for the task to wait for an approval; returns the approval as its view shows it.
+    async fn pending_approval(&self, task_id: &str) -> anyhow::Result<Value> {
+        let task = wait_task(&self.client, task_id, WITHIN, |s| {
+            s == "awaiting_approval" || chaos_tests::is_terminal(s)
+        })
+        .await?;
+        anyhow::ensure!(task["status"] == "awaiting_approval", "{task:#}");
+        Ok(task["steps"][0]["approval"].clone())
+    }
+
+    async fn decide(&self, approval_id: &str, decision: &str, by: &str) -> anyhow::Result<Value> {
+        let body = json!({"approval_id": approval_id, "decision": decision, "by": by});
+        request(&self.client, "cadre.approvals.decide", body.to_string()).await
+    }
+
+    async fn end(&self, task_id: &str) -> anyhow::Result<Value> {
+        wait_task(&self.client, task_id, WITHIN, chaos_tests::is_terminal).await
+    }
+}
+
+async fn metric_of(node: &CadreNode, series: &str) -> anyhow::Result<f64> {
+    let text = node
+        .metrics()
+        .await
+        .with_context(|| format!("/metrics; log:\n{}", node.log_tail()))?;
+    Ok(metric(&text, series))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policies_allow_deny_or_hold_each_step_and_the_operator_decides_even_across_a_restart()
+-> anyhow::Result<()> {
+    let w = world().await?;
+    // The built-in defaults; shell.run costs a quarter.
+    let mut node = w.node_with(
+        "n1",
+        &[
+            ("CADRE_POLICIES_DIR", ""),
+            ("CADRE_TOOL_COSTS", "shell.run=0.25"),
+        ],
+    )?;
+    node.wait_ready(&w.client).await?;
+    let mut requested = w.client.subscribe("cadre.approvals.requested.>").await?;
+
+    // Allow: a POST to a loopback host and a write inside the roots run unattended.
+    let input = json!({"url": w.sink.url, "name": "acme", "root": w.files});
+    let allowed = w.submit("two-steps", input).await?;
+    let task = w.end(&allowed).await?;
+    assert_eq!(task["status"], "succeeded", "{task:#}");
+    let trace = w.cli(&["task", "trace", &allowed])?;
+    assert!(trace.contains("allowed by policies"), "{trace}");
+
+    // Deny: a write outside the roots fails without running.
+    let escape = w.dir.path().join("escaped.txt");
+    let denied = w
+        .submit("outside", json!({"path": escape.display().to_string()}))
+        .await?;
+    let task = w.end(&denied).await?;
+    assert_eq!(task["status"], "failed", "{task:#}");
+    assert!(
+        task["failure"]
+            .as_str()
+            .is_some_and(|f| f.contains("denied: file.write outside the configured file roots")),
+        "{task:#}"
+    );
+    assert!(!escape.exists(), "a denied write happened");
+
+    // Approval: the shell step waits; the request says what, why and what it costs.
+    let first = w.deploy().await?;
+    let approval = w.pending_approval(&first).await?;
+    let id = approval["approval_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert_eq!(approval["state"], "pending");
+    let event = tokio::time::timeout(WITHIN, requested.next())
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no approval event"))?;
+    assert_eq!(
+        event.subject.as_str(),
+        format!("cadre.approvals.requested.{id}")
+    );
+    let event: Value = serde_json::from_slice(&event.payload)?;
+    assert_eq!(
+        event["reason"]
+            .as_str()
+            .map(|r| r.starts_with("shell.run needs an operator's approval")),
+        Some(true),
+        "{event:#}"
+    );
+    assert_eq!(event["tool"], "shell.run");
+    assert_eq!(event["params"]["program"], "touch");
+    assert_eq!(event["cost_usd"], 0.25);
+    assert_eq!(event["args_hash"].as_str().map(str::len), Some(64));
+    assert!(!w.shipped(&first), "ran before approval");
+    assert_eq!(metric_of(&node, "cadre_approvals_pending").await?, 1.0);
+    let list = w.cli(&["approvals", "list"])?;
+    assert!(list.contains(&id), "{list}");
+
+    let out = w.cli(&[
+        "approvals",
+        "approve",
+        &id,
+        "--by",
+        "ann",
+        "--note",
+        "ship it",
+    ])?;
+    assert!(out.contains("approved"), "{out}");
+    let task = w.end(&first).await?;
+    assert_eq!(task["status"], "succeeded", "{task:#}");
+    assert!(w.shipped(&first));
+    assert_eq!(task["steps"][0]["approval"]["decided_by"], "ann");
+    assert_eq!(task["cost_usd"], 0.25);
+    let trace = w.cli(&["task", "trace", &first])?;
+    assert!(
+        trace.contains("approval_granted") && trace.contains("ann"),
+        "{trace}"
+    );
+    // Decided once.
+    let again = w.decide(&id, "deny", "bob").await?;
+    assert_eq!(again["error"]["code"], "conflict", "{again}");
+
+    // Denied by the operator: the step never runs.
+    let second = w.deploy().await?;
+    let id2 = w.pending_approval(&second).await?["approval_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let reply = w.decide(&id2, "deny", "bob").await?;
+    assert_eq!(reply["state"], "denied", "{reply}");
+    let task = w.end(&second).await?;
+    assert_eq!(task["status"], "failed");
+    assert_eq!(task["failure"], "step `ship` denied by bob");
+    assert!(!w.shipped(&second));
+
+    // Restart while awaiting approval: the request survives kill -9.
+    let third = w.deploy().await?;
+    let id3 = w.pending_approval(&third).await?["approval_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    node.kill9();
+    node.restart()?;
+    node.wait_ready(&w.client).await?;
+    let list = request(&w.client, "cadre.approvals.list", "{}").await?;
+    let ids: Vec<&str> = list["approvals"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|x| x["approval_id"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(ids, [id3.as_str()], "{list}");
+    assert!(!w.shipped(&third));
+    let reply = w.decide(&id3, "approve", "ann").await?;
+    assert_eq!(reply["state"], "approved", "{reply}");
+    assert_eq!(w.end(&third).await?["status"], "succeeded");
+    assert!(w.shipped(&third));
+
+    // Bad input: a clear error, and the node keeps serving.
+    for (body, code) in [
+        (
+            json!({"approval_id": "nope", "decision": "approve", "by": "x"}),
+            "invalid_request",
+        ),
+        (
+            json!({"approval_id": "01ABC-a1", "decision": "approve", "by": "x"}),
+            "not_found",
+        ),
+        (
+            json!({"approval_id": id3, "decision": "maybe", "by": "x"}),
+            "invalid_request",
+        ),
+        (
+            json!({"approval_id": id3, "decision": "approve", "by": " "}),
+            "invalid_request",
+        ),
+    ] {
+        let reply = request(&w.client, "cadre.approvals.decide", body.to_string()).await?;
+        assert_eq!(reply["error"]["code"], code, "{body} -> {reply}");
+    }
+    assert_eq!(metric_of(&node, "cadre_approvals_pending").await?, 0.0);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn approvals_expire_are_void_when_the_policies_change_and_a_bad_reload_keeps_the_old_ones()
+-> anyhow::Result<()> {
+    let w = world().await?;
+    let policies = w.dir.path().join("policies");
+    std::fs::create_dir_all(&policies)?;
+    let default =
+        std::fs::read_to_string(chaos_tests::ops_dir().join("../policies/default.cedar"))?;
+    std::fs::write(policies.join("default.cedar"), &default)?;
+    let dir = policies.display().to_string();
+    let mut node = w.node_with(
+        "n1",
+        &[
+            ("CADRE_POLICIES_DIR", &dir),
+            ("CADRE_POLICY_RELOAD_MS", "100"),
+            ("CADRE_APPROVAL_TTL_MS", "4000"),
+        ],
+    )?;
+    node.wait_ready(&w.client).await?;
+
+    // Expiry: nobody decides; the default (deny) fails the task, the step never runs.
+    let expiring = w.deploy().await?;
+    let approval = w.pending_approval(&expiring).await?;
+    let version = approval["policy_version"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let task = w.end(&expiring).await?;
+    assert_eq!(task["status"], "failed", "{task:#}");
+    assert!(
+        task["failure"]
+            .as_str()
+            .is_some_and(|f| f.contains("expired")),
+        "{task:#}"
+    );
+    assert_eq!(task["steps"][0]["approval"]["state"], "expired");
+    assert!(!w.shipped(&expiring));
+
+    // Void on change: the policies change while a request waits; approving it then is
+    // void, and the step asks again under the new version.
+    let changed = w.deploy().await?;
+    let id = w.pending_approval(&changed).await?["approval_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    std::fs::write(
+        policies.join("default.cedar"),
+        format!(
+            "{default}
+// Reviewed by ann.
+"
+        ),
+    )?;
+    eventually(WITHIN, "the policies reloaded", || async {
+        let m = node.metrics().await.ok()?;
+        m.contains(r#"cadre_policy_reloads_total{result="ok"} 1"#)
+            .then_some(())
+    })
+    .await?;
+    let reply = w.decide(&id, "approve", "ann").await?;
+    assert_eq!(reply["state"], "void", "{reply}");
+    let next = reply["next_approval_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(!next.is_empty() && next != id, "{reply}");
+    assert!(!w.shipped(&changed), "a void approval ran the step");
+    let view = request(
+        &w.client,
+        "cadre.approvals.get",
+        json!({ "approval_id": next }).to_string(),
+    )
+    .await?;
+    let new_version = view["policy_version"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert_ne!(new_version, version, "{view}");
+    let (code, out, err) = cadre_cli(&w.nats.url, &["approvals", "approve", &id, "--by", "ann"])?;
+    assert_eq!(code, 1, "deciding a void approval again: {out}{err}");
+    let reply = w.decide(&next, "approve", "ann").await?;
+    assert_eq!(reply["state"], "approved", "{reply}");
+    assert_eq!(w.end(&changed).await?["status"], "succeeded");
+    assert!(w.shipped(&changed));
+
+    // A bad edit is refused: the policies in force stay, and `policy check` points at it.
+    std::fs::write(
+        policies.join("zz-broken.cedar"),
+        "permit (principal, action, resource);
+forbid (principal action, resource);
+",
+    )?;
+    eventually(WITHIN, "the bad reload refused", || async {
+        let m = node.metrics().await.ok()?;
+        m.contains(r#"cadre_policy_reloads_total{result="invalid"} 1"#)
+            .then_some(())
+    })
+    .await?;
+    let after = w.deploy().await?;
+    let approval = w.pending_approval(&after).await?;
+    assert_eq!(
+        approval["policy_version"],
+        new_version.as_str(),
+        "{approval}"
+    );
+    let (code, _, err) = cadre_cli(&w.nats.url, &["policy", "check", &dir])?;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("zz-broken.cedar:2:"), "{err}");
+    let tail = w.cli(&["audit", "tail", "--node", "n1", "-n", "200"])?;
+    assert!(
+        tail.contains("policies_reloaded") && tail.contains("policies_rejected"),
+        "{tail}"
+    );
+
+    // A node does not start on invalid policies.
+    let mut refused = w.node_with("n2", &[("CADRE_POLICIES_DIR", &dir)])?;
+    let code = refused.exit_code(WITHIN).await?;
+    assert_eq!(code, Some(1), "{}", refused.log_tail());
+    let log = refused.log_tail();
+    assert!(
+        log.contains("invalid policies") && log.contains("zz-broken.cedar:2:"),
+        "{log}"
+    );
+    Ok(())
 }
 
 async fn engaged_metric(node: &CadreNode) -> f64 {

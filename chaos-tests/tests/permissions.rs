@@ -18,6 +18,16 @@ params = { path = "{{input.root}}/{{task.id}}.txt", content = "hello" }
 verify = { file_exists = true }
 "#;
 
+/// A shell step the built-in policies hold for an operator's approval.
+const DEPLOY: &str = r#"
+name = "deploy"
+[[steps]]
+id = "ship"
+tool = "shell.run"
+params = { program = "touch", args = ["{{input.root}}/shipped-{{task.id}}"] }
+verify = { exit_code = 0 }
+"#;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_injector_hands_work_in_but_cannot_decide_stop_or_call_an_executor() -> anyhow::Result<()>
 {
@@ -39,6 +49,7 @@ async fn an_injector_hands_work_in_but_cannot_decide_stop_or_call_an_executor() 
     let playbooks = dir.path().join("playbooks");
     std::fs::create_dir_all(&playbooks)?;
     std::fs::write(playbooks.join("note.toml"), NOTE)?;
+    std::fs::write(playbooks.join("deploy.toml"), DEPLOY)?;
     let files = dir.path().join("files");
     std::fs::create_dir_all(&files)?;
     let files = files.canonicalize()?.display().to_string();
@@ -51,6 +62,9 @@ async fn an_injector_hands_work_in_but_cannot_decide_stop_or_call_an_executor() 
             ("CADRE_PLAYBOOKS_DIR", &pb),
             ("CADRE_FILE_ROOTS", &files),
             ("CADRE_LOG_LEVEL", "info"),
+            ("CADRE_SHELL_ALLOW", "touch"),
+            // The built-in policies: shell.run needs an approval.
+            ("CADRE_POLICIES_DIR", ""),
         ],
     )?;
     let operator = nats.client_as("operator", operator_pw).await?;
@@ -68,9 +82,32 @@ async fn an_injector_hands_work_in_but_cannot_decide_stop_or_call_an_executor() 
     let task = wait_task(&injector, &task_id, WITHIN, chaos_tests::is_terminal).await?;
     assert_eq!(task["status"], "succeeded", "{task:#}");
 
+    // A step waits for an approval the injector would like to give itself.
+    let reply = request(
+        &injector,
+        "cadre.tasks.submit",
+        json!({"playbook": "deploy", "input": {"root": files}}).to_string(),
+    )
+    .await?;
+    let deploy_id = reply["task_id"].as_str().unwrap_or_default().to_string();
+    let waiting = wait_task(&injector, &deploy_id, WITHIN, |s| {
+        s == "awaiting_approval" || chaos_tests::is_terminal(s)
+    })
+    .await?;
+    assert_eq!(waiting["status"], "awaiting_approval", "{waiting:#}");
+    let approval_id = waiting["steps"][0]["approval"]["approval_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+
     // It cannot decide or stop anything, nor call an executor directly: the server
     // refuses the publish, so no node ever sees the request.
     let refused = [
+        (
+            "cadre.approvals.decide",
+            json!({"approval_id": approval_id, "decision": "approve", "by": "mallory"}),
+        ),
+        ("cadre.approvals.list", json!({})),
         (
             "cadre.control.killswitch",
             json!({"engaged": true, "by": "mallory"}),
@@ -103,6 +140,31 @@ async fn an_injector_hands_work_in_but_cannot_decide_stop_or_call_an_executor() 
     let url = nats.url_as("injector", injector_pw);
     let (code, out, err) = cadre_cli(&url, &["killswitch", "on", "--timeout-ms", "500"])?;
     assert_ne!(code, 0, "{out}{err}");
+    let (code, out, err) = cadre_cli(
+        &url,
+        &[
+            "approvals",
+            "approve",
+            &approval_id,
+            "--by",
+            "mallory",
+            "--timeout-ms",
+            "500",
+        ],
+    )?;
+    assert_ne!(code, 0, "{out}{err}");
+    let still = request(
+        &injector,
+        "cadre.tasks.get",
+        json!({ "task_id": deploy_id }).to_string(),
+    )
+    .await?;
+    assert_eq!(still["status"], "awaiting_approval", "{still:#}");
+    assert!(
+        !std::path::Path::new(&files)
+            .join(format!("shipped-{deploy_id}"))
+            .exists()
+    );
 
     // The operator can, and the audit log shows only the operator's decision.
     let url = nats.url_as("operator", operator_pw);
@@ -112,6 +174,13 @@ async fn an_injector_hands_work_in_but_cannot_decide_stop_or_call_an_executor() 
         out.contains("off"),
         "the injector's attempt changed nothing: {out}"
     );
+    let (code, out, err) = cadre_cli(
+        &url,
+        &["approvals", "approve", &approval_id, "--by", "olga"],
+    )?;
+    assert_eq!(code, 0, "{out}{err}");
+    let shipped = wait_task(&operator, &deploy_id, WITHIN, chaos_tests::is_terminal).await?;
+    assert_eq!(shipped["status"], "succeeded", "{shipped:#}");
     let (code, out, err) = cadre_cli(&url, &["killswitch", "on", "--by", "olga"])?;
     assert_eq!(code, 0, "{out}{err}");
     let (code, out, err) = cadre_cli(&url, &["killswitch", "off", "--by", "olga"])?;

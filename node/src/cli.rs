@@ -6,11 +6,11 @@
 
 use std::time::Duration;
 
-use actors::model::{StepStatus, TaskStatus};
+use actors::model::{ApprovalDecision, ApprovalState, StepStatus, TaskStatus};
 use actors::protocol::{
-    AUDIT_READ_MAX, AuditEntry, AuditReadReply, AuditRecord, AuditVerifyReply, ErrorReply,
-    KillSwitchState, ListReply, SubmitReply, TaskEvent, TaskStatusReply, TaskView, TraceReply,
-    subject,
+    AUDIT_READ_MAX, ApprovalListReply, ApprovalView, AuditEntry, AuditReadReply, AuditRecord,
+    AuditVerifyReply, DecideReply, ErrorReply, KillSwitchState, ListReply, SubmitReply, TaskEvent,
+    TaskStatusReply, TaskView, TraceReply, subject,
 };
 use bytes::Bytes;
 use futures::StreamExt;
@@ -26,14 +26,16 @@ pub enum CliError {
     Reply(ErrorReply),
     #[error("{0}")]
     Unreachable(String),
+    /// The command ran, but what it reports is a failure: the watched task failed or
+    /// was cancelled, the audit chain is broken, an approval was void.
     #[error("{0}")]
-    TaskEnded(String),
+    Unsuccessful(String),
 }
 
 impl CliError {
     pub fn exit_code(&self) -> i32 {
         match self {
-            CliError::Reply(_) | CliError::TaskEnded(_) => 1,
+            CliError::Reply(_) | CliError::Unsuccessful(_) => 1,
             CliError::Usage(_) => 2,
             CliError::Unreachable(_) => 3,
         }
@@ -224,10 +226,10 @@ impl Client {
         }
         match task.status {
             TaskStatus::Succeeded => Ok(task),
-            TaskStatus::AwaitingOperator => Err(CliError::TaskEnded(format!(
+            TaskStatus::AwaitingOperator => Err(CliError::Unsuccessful(format!(
                 "task {task_id} is waiting for an operator: cadre task resolve {task_id} --step <id> --decision retry|mark_done|abort"
             ))),
-            other => Err(CliError::TaskEnded(format!(
+            other => Err(CliError::Unsuccessful(format!(
                 "task {task_id} {other}: {}",
                 task.failure.clone().unwrap_or_default()
             ))),
@@ -283,11 +285,12 @@ pub fn print_task(t: &TaskView) {
         t.task_id, t.playbook, t.node_id
     );
     println!(
-        "status {}  created {}  updated {}  ({} ms)",
+        "status {}  created {}  updated {}  ({} ms)  cost ${:.4}",
         t.status,
         clock(t.created_at_ms),
         clock(t.updated_at_ms),
-        t.updated_at_ms.saturating_sub(t.created_at_ms)
+        t.updated_at_ms.saturating_sub(t.created_at_ms),
+        t.cost_usd
     );
     for s in &t.steps {
         let took = match (s.started_at_ms, s.finished_at_ms) {
@@ -312,6 +315,19 @@ pub fn print_task(t: &TaskView) {
             for r in &v.reasons {
                 println!("      {r}");
             }
+        }
+        if let Some(a) = &s.approval {
+            let by = a
+                .decided_by
+                .as_deref()
+                .map(|b| format!(" by {b}"))
+                .unwrap_or_default();
+            println!(
+                "      approval {} {}{by}: {}",
+                a.approval_id,
+                a.state.as_str(),
+                a.reason
+            );
         }
         if let Some(e) = &s.error
             && s.status != StepStatus::Succeeded
@@ -364,6 +380,116 @@ impl Client {
                 String::new()
             };
             println!("kill switch {state}{who}{why}{when}");
+        }
+        Ok(())
+    }
+
+    /// `cadre approvals list`: pending approvals, oldest first (`all`: every approval
+    /// of the node's active tasks).
+    pub async fn approvals_list(&self, all: bool) -> Result<(), CliError> {
+        let req = serde_json::json!({"state": if all { "all" } else { "pending" }});
+        let reply: ApprovalListReply = self.request(subject::APPROVALS_LIST, &req).await?;
+        if self.json {
+            print_json(&reply);
+            return Ok(());
+        }
+        if reply.approvals.is_empty() {
+            println!(
+                "no approvals {}",
+                if all { "on active tasks" } else { "pending" }
+            );
+        }
+        for a in &reply.approvals {
+            println!(
+                "{}  {:<8}  {}/{}  {}  ${:.4}  expires {} UTC  — {}",
+                a.approval_id,
+                a.state.as_str(),
+                a.playbook,
+                a.step_id,
+                a.tool,
+                a.cost_usd,
+                clock(a.expires_at_ms),
+                a.reason
+            );
+        }
+        Ok(())
+    }
+
+    /// `cadre approvals show`.
+    pub async fn approval_show(&self, approval_id: &str) -> Result<(), CliError> {
+        let req = serde_json::json!({ "approval_id": approval_id });
+        let a: ApprovalView = self.request(subject::APPROVALS_GET, &req).await?;
+        if self.json {
+            print_json(&a);
+            return Ok(());
+        }
+        println!("approval {}  {}", a.approval_id, a.state.as_str());
+        println!(
+            "  task      {} ({}) on {}",
+            a.task_id, a.playbook, a.node_id
+        );
+        println!(
+            "  step      {} attempt {}: {}",
+            a.step_id, a.attempt, a.tool
+        );
+        println!("  params    {}", a.params);
+        println!("  why       {}", a.reason);
+        println!("  cost      ${:.6}", a.cost_usd);
+        println!(
+            "  bound to  args sha256:{}  policies {}",
+            a.args_hash, a.policy_version
+        );
+        println!(
+            "  requested {} UTC, expires {} UTC",
+            clock(a.requested_at_ms),
+            clock(a.expires_at_ms)
+        );
+        if let Some(by) = &a.decided_by {
+            let note = a
+                .note
+                .as_deref()
+                .map(|n| format!(": {n}"))
+                .unwrap_or_default();
+            println!("  decided   by {by}{note}");
+        }
+        Ok(())
+    }
+
+    /// `cadre approvals approve|deny`. Exit 1 if the approval turned out void (the action
+    /// changed since it was requested: a new request replaces it).
+    pub async fn decide(
+        &self,
+        approval_id: &str,
+        decision: ApprovalDecision,
+        by: Option<String>,
+        note: Option<String>,
+    ) -> Result<(), CliError> {
+        let by = by
+            .filter(|b| !b.trim().is_empty())
+            .ok_or_else(|| CliError::Usage("say who decides: --by NAME (or set USER)".into()))?;
+        let req = serde_json::json!({
+            "approval_id": approval_id, "decision": decision, "by": by, "note": note,
+        });
+        let reply: DecideReply = self.request(subject::APPROVALS_DECIDE, &req).await?;
+        if self.json {
+            print_json(&reply);
+        } else {
+            println!(
+                "approval {} {}; task {} is {}",
+                reply.approval_id,
+                reply.state.as_str(),
+                reply.task_id,
+                reply.task_status
+            );
+        }
+        if reply.state == ApprovalState::Void {
+            let next = reply
+                .next_approval_id
+                .map(|n| format!("; the step asks again as {n}"))
+                .unwrap_or_default();
+            return Err(CliError::Unsuccessful(format!(
+                "approval {approval_id} is void: the action changed since it was requested{next}"
+            )));
         }
         Ok(())
     }
@@ -495,7 +621,7 @@ pub fn report_verify(reply: &AuditVerifyReply, json: bool) -> Result<(), CliErro
     }
     match &reply.broken {
         None => Ok(()),
-        Some(b) => Err(CliError::TaskEnded(format!(
+        Some(b) => Err(CliError::Unsuccessful(format!(
             "the audit chain is broken at record {}",
             b.seq
         ))),

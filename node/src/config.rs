@@ -45,6 +45,19 @@ pub struct Config {
     /// Token-bucket rate limits per tool or target host: `http.request=10/s`,
     /// `host:api.example.com=30/m` (env: comma-separated).
     pub rate_limits: Vec<String>,
+    /// Directory of Cedar policy files (`*.cedar`); empty: the built-in defaults
+    /// (`policies/default.cedar`). Re-read when a file changes; an invalid change is
+    /// refused and the policies in force stay.
+    pub policies_dir: PathBuf,
+    /// How often the policies directory is checked for changes.
+    pub policy_reload_ms: u64,
+    /// How long an approval request waits for a decision.
+    pub approval_ttl_ms: u64,
+    /// What an approval nobody decided in time becomes: `deny` or `approve`.
+    pub approval_default: String,
+    /// Estimated cost of one call, per tool, in US dollars: `http.request=0.002`
+    /// (env: comma-separated). Recorded with every step; seen by the policies.
+    pub tool_costs: Vec<String>,
     /// Messages one role holds before it stops reading from NATS.
     pub mailbox_depth_max: usize,
     /// Captured stdout/stderr/HTTP body per step.
@@ -86,6 +99,11 @@ impl Default for Config {
             exec_concurrency_max: 256,
             tool_concurrency_max: Vec::new(),
             rate_limits: Vec::new(),
+            policies_dir: PathBuf::new(),
+            policy_reload_ms: 2_000,
+            approval_ttl_ms: 86_400_000,
+            approval_default: "deny".into(),
+            tool_costs: Vec::new(),
             mailbox_depth_max: 4_096,
             output_bytes_max: 64 << 10,
             task_restarts_max: 5,
@@ -275,6 +293,29 @@ impl Config {
         if let Err(e) = self.tool_concurrency() {
             problems.push(e);
         }
+        if let Err(e) = self.tool_costs() {
+            problems.push(e);
+        }
+        if !matches!(self.approval_default.as_str(), "deny" | "approve") {
+            problems.push(format!(
+                "approval_default `{}` must be `deny` or `approve`",
+                self.approval_default
+            ));
+        }
+        for (name, value) in [
+            ("approval_ttl_ms", self.approval_ttl_ms),
+            ("policy_reload_ms", self.policy_reload_ms),
+        ] {
+            if value == 0 {
+                problems.push(format!("{name} must be greater than 0"));
+            }
+        }
+        if !self.policies_dir.as_os_str().is_empty() && !self.policies_dir.is_dir() {
+            problems.push(format!(
+                "policies_dir `{}` must be an existing directory (CADRE_POLICIES_DIR), or empty for the built-in policies",
+                self.policies_dir.display()
+            ));
+        }
         if !self.otel_endpoint.is_empty() {
             if !cfg!(feature = "otel") {
                 problems.push(
@@ -322,6 +363,42 @@ impl Config {
             caps.insert(tool.to_string(), n.min(self.exec_concurrency_max));
         }
         Ok(caps)
+    }
+}
+
+impl Config {
+    /// `tool_costs` as millionths of a dollar per call, checked.
+    pub fn tool_costs(&self) -> Result<std::collections::HashMap<String, u64>, String> {
+        let mut costs = std::collections::HashMap::new();
+        for text in &self.tool_costs {
+            let shape = || {
+                format!(
+                    "tool_costs entry `{text}` must look like `http.request=0.002` (US dollars per call)"
+                )
+            };
+            let (tool, usd) = text.split_once('=').ok_or_else(shape)?;
+            let usd: f64 = usd.trim().parse().map_err(|_| shape())?;
+            if !usd.is_finite() || usd < 0.0 {
+                return Err(shape());
+            }
+            let tool = tool.trim();
+            if actors::tools::info(tool).is_none() {
+                return Err(format!("tool_costs entry `{text}`: {}", unknown_tool(tool)));
+            }
+            costs.insert(tool.to_string(), (usd * 1_000_000.0).round() as u64);
+        }
+        Ok(costs)
+    }
+
+    /// The policies this configuration names: the directory's, or the built-in ones.
+    pub fn load_policies(
+        &self,
+    ) -> Result<actors::policy::Policies, Vec<actors::policy::PolicyError>> {
+        if self.policies_dir.as_os_str().is_empty() {
+            Ok(actors::policy::Policies::builtin())
+        } else {
+            actors::policy::Policies::load_dir(&self.policies_dir)
+        }
     }
 }
 

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use actors::model::ApprovalDecision;
 use actors::playbook::{Catalog, StepDefaults};
 use actors::protocol::subject;
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -35,6 +36,11 @@ enum Command {
     Audit(AuditArgs),
     /// Stop (`on`) or resume (`off`) all dispatching on every node; `status` reads it.
     Killswitch(KillSwitchArgs),
+    /// Validate Cedar policy files.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// List, show and decide the approval requests of steps the policies hold back.
+    Approvals(ApprovalsArgs),
     /// Declare Cadre's JetStream streams on a NATS system, so tasks enqueued before any
     /// node starts are kept.
     Setup(ClientOpts),
@@ -73,6 +79,53 @@ enum PlaybookCommand {
     Check {
         #[arg(default_value = "playbooks")]
         dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Load every `*.cedar` file of a directory (or the built-in policies) and report
+    /// every problem with its file, line and column; exit 2 if any.
+    Check {
+        /// The policies directory; unset: `CADRE_POLICIES_DIR`, else the built-in ones.
+        #[arg(env = "CADRE_POLICIES_DIR")]
+        dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Args)]
+struct ApprovalsArgs {
+    #[command(flatten)]
+    opts: ClientOpts,
+    #[command(subcommand)]
+    command: ApprovalsCommand,
+}
+
+#[derive(Subcommand)]
+enum ApprovalsCommand {
+    /// Approvals waiting for a decision (`--all`: every approval of active tasks).
+    List {
+        #[arg(long)]
+        all: bool,
+    },
+    /// One approval: what will be done, why it needs a person, its cost and state.
+    Show { approval_id: String },
+    /// Let the step run, exactly as requested.
+    Approve {
+        approval_id: String,
+        /// Who decides (recorded in the audit log).
+        #[arg(long, env = "USER")]
+        by: Option<String>,
+        #[arg(long)]
+        note: Option<String>,
+    },
+    /// Refuse: the step fails without running, and so does its task.
+    Deny {
+        approval_id: String,
+        #[arg(long, env = "USER")]
+        by: Option<String>,
+        #[arg(long)]
+        note: Option<String>,
     },
 }
 
@@ -229,6 +282,34 @@ fn main() {
         match cli.command {
             Command::Node(NodeCommand::Run(args)) => node_run(args).await,
             Command::Playbook(PlaybookCommand::Check { dir }) => playbook_check(&dir),
+            Command::Policy(PolicyCommand::Check { dir }) => policy_check(dir.as_deref()),
+            Command::Approvals(ApprovalsArgs { opts, command }) => {
+                client_main(opts, |c| async move {
+                    match command {
+                        ApprovalsCommand::List { all } => c.approvals_list(all).await,
+                        ApprovalsCommand::Show { approval_id } => {
+                            c.approval_show(&approval_id).await
+                        }
+                        ApprovalsCommand::Approve {
+                            approval_id,
+                            by,
+                            note,
+                        } => {
+                            c.decide(&approval_id, ApprovalDecision::Approve, by, note)
+                                .await
+                        }
+                        ApprovalsCommand::Deny {
+                            approval_id,
+                            by,
+                            note,
+                        } => {
+                            c.decide(&approval_id, ApprovalDecision::Deny, by, note)
+                                .await
+                        }
+                    }
+                })
+                .await
+            }
             Command::Setup(opts) => client_main(opts, |c| async move { setup(&c).await }).await,
             Command::Killswitch(KillSwitchArgs {
                 opts,
@@ -399,7 +480,7 @@ async fn setup(c: &Client) -> Result<(), CliError> {
 /// `cadre audit verify --data-dir`: opens the node's store read-only and walks the
 /// chain. Exit 0 intact, 1 broken, 2 no readable store there.
 fn audit_verify_offline(data_dir: &std::path::Path, node: String, json: bool) -> i32 {
-    let path = data_dir.join("store");
+    let path = node::run::store_path(data_dir);
     if !path.join("CURRENT").exists() {
         eprintln!(
             "cadre: no store in {} (give the node's data_dir)",
@@ -447,6 +528,30 @@ fn playbook_check(dir: &std::path::Path) -> i32 {
                     );
                 }
             }
+            0
+        }
+        Err(errors) => {
+            for e in errors {
+                eprintln!("error: {e}");
+            }
+            2
+        }
+    }
+}
+
+fn policy_check(dir: Option<&std::path::Path>) -> i32 {
+    let loaded = match dir {
+        Some(dir) if !dir.as_os_str().is_empty() => actors::policy::Policies::load_dir(dir),
+        _ => Ok(actors::policy::Policies::builtin()),
+    };
+    match loaded {
+        Ok(p) => {
+            println!(
+                "ok  {} policies  version {}  {}",
+                p.len(),
+                p.version(),
+                p.files().join(", ")
+            );
             0
         }
         Err(errors) => {

@@ -10,6 +10,7 @@ use actors::clock::{Clock, SystemClock};
 use actors::context::{NodeContext, Settings};
 use actors::machine::Limits;
 use actors::metrics::Metrics;
+use actors::model::ApprovalDecision;
 use actors::playbook::{Catalog, StepDefaults};
 use actors::roles::archivist::{Archivist, ArchivistArgs};
 use actors::roles::audit::{AuditArgs, AuditLog};
@@ -56,8 +57,25 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     if catalog.is_empty() {
         tracing::warn!(dir = %config.playbooks_dir.display(), "no playbooks found");
     }
-    let store = Store::open(&config.data_dir.join("store"), &StoreOptions::default())
+    let policies = config.load_policies().map_err(|errors| {
+        let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        anyhow::anyhow!(
+            "invalid policies (check them with `cadre policy check`):\n  - {}",
+            lines.join("\n  - ")
+        )
+    })?;
+    tracing::info!(version = policies.version(), files = ?policies.files(), "policies loaded");
+    let store = Store::open(&store_path(&config.data_dir), &StoreOptions::default())
         .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?;
+    let migrated = actors::migrate::run(&store)
+        .await
+        .context("cannot migrate the store's task records")?;
+    if migrated > 0 {
+        tracing::info!(
+            tasks = migrated,
+            "task records migrated to the current layout"
+        );
+    }
 
     let local_nats = if config.nats_url.is_empty() {
         Some(
@@ -86,17 +104,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         store.clone(),
         Arc::new(SystemClock),
         metrics.clone(),
+        policies,
     )?;
     let tool_set = tools::build(&ctx.settings.tools)?;
     let catalog = Arc::new(catalog);
     let tool_names: Vec<&str> = tool_set.iter().map(|t| t.info().name).collect();
     metrics.init_labels(&config.node_id, &catalog.names(), &tool_names);
     metrics.set_audit_base(store.audit_seq());
-    metrics
-        .effects_outcome_unknown
-        .set(actors::roles::task_supervisor::outcome_unknown_steps(
-            &store,
-        )?);
+    let (unknown, pending) = actors::roles::task_supervisor::waiting_on_people(&store)?;
+    metrics.effects_outcome_unknown.set(unknown);
+    metrics.approvals_pending.set(pending);
 
     // Bound before any actor starts, so a taken port fails the start cleanly.
     let listener = tokio::net::TcpListener::bind(&config.metrics_addr)
@@ -174,6 +191,12 @@ fn settings(config: &Config, seed: u64, step_defaults: StepDefaults) -> Settings
         limits: Limits {
             retry_delay_ms_base: config.retry_delay_ms_base,
             retry_delay_ms_max: config.retry_delay_ms_max,
+            approval_ttl_ms: config.approval_ttl_ms,
+            approval_default: if config.approval_default == "approve" {
+                ApprovalDecision::Approve
+            } else {
+                ApprovalDecision::Deny
+            },
             ..Limits::default()
         },
         step_defaults,
@@ -195,7 +218,17 @@ fn settings(config: &Config, seed: u64, step_defaults: StepDefaults) -> Settings
         task_restarts_max: config.task_restarts_max,
         restart_window: Duration::from_secs(60),
         seed,
+        // Validated with the config.
+        tool_costs: config.tool_costs().unwrap_or_default(),
+        policies_dir: (!config.policies_dir.as_os_str().is_empty())
+            .then(|| config.policies_dir.clone()),
+        policy_reload: Duration::from_millis(config.policy_reload_ms),
     }
+}
+
+/// Where a node keeps its RocksDB store, under its data dir.
+pub fn store_path(data_dir: &std::path::Path) -> std::path::PathBuf {
+    data_dir.join("store")
 }
 
 /// The node's actors, in start order: the relay before anything commits, the task

@@ -37,11 +37,13 @@ fn limits() -> Limits {
         retry_delay_ms_max: 1_000,
         redeliveries_max: 2,
         hop_retries_max: 2,
+        approval_ttl_ms: 60_000,
+        approval_default: ApprovalDecision::Deny,
     }
 }
 
 fn go(t: &mut Task, input: Input) -> Transition {
-    apply(t, input, 2_000, 0.0, &limits()).expect("accepted input")
+    apply(t, input, 2_000, 0.0, &limits(), &AllowAll).expect("accepted input")
 }
 
 fn planned(t: &mut Task, steps: Vec<StepSpec>) -> Transition {
@@ -52,6 +54,7 @@ fn planned(t: &mut Task, steps: Vec<StepSpec>) -> Transition {
             steps,
             checks: vec![],
             playbook_version: "1@x".into(),
+            persona: "operator".into(),
         }),
     )
 }
@@ -457,6 +460,7 @@ fn outcome_unknown_parks_until_an_operator_decides() {
         0,
         0.0,
         &limits(),
+        &AllowAll,
     );
     assert!(err.is_err(), "b is not waiting for a decision");
 }
@@ -522,7 +526,8 @@ fn cancel_skips_the_rest_and_is_refused_once_terminal() {
             },
             0,
             0.0,
-            &limits()
+            &limits(),
+            &AllowAll
         )
         .unwrap_err(),
         Rejected("task is already cancelled".into())
@@ -577,6 +582,7 @@ fn task_level_check_failure_fails_the_task() {
             steps: vec![spec("a", &[])],
             checks,
             playbook_version: "1".into(),
+            persona: "operator".into(),
         }),
     );
     go(
@@ -727,6 +733,7 @@ fn a_decision_keeps_the_operator_note_and_attention_moves_to_the_next_unknown_st
         0,
         0.0,
         &limits(),
+        &AllowAll,
     )
     .unwrap_err();
     assert_eq!(
@@ -788,5 +795,327 @@ fn the_last_steps_verify_can_carry_the_task_verdict_into_one_commit() {
     assert_eq!(
         t.failure.as_deref(),
         Some("task verification failed: FAILED: crm: $.body.name")
+    );
+}
+
+/// A gate whose ruling per step and policy version the test sets as it goes.
+struct Rules {
+    rulings: std::cell::RefCell<std::collections::HashMap<String, Ruling>>,
+    version: std::cell::RefCell<String>,
+}
+
+impl Rules {
+    fn new(rulings: &[(&str, Ruling)]) -> Rules {
+        Rules {
+            rulings: std::cell::RefCell::new(
+                rulings.iter().map(|(s, r)| (s.to_string(), *r)).collect(),
+            ),
+            version: std::cell::RefCell::new("v1".into()),
+        }
+    }
+}
+
+impl Gate for Rules {
+    fn check(&self, task: &Task, step: usize, _: u64) -> Gated {
+        let id = &task.steps[step].spec.id;
+        let ruling = self
+            .rulings
+            .borrow()
+            .get(id)
+            .copied()
+            .unwrap_or(Ruling::Allow);
+        Gated {
+            ruling,
+            reason: format!("rule for {id}"),
+            policy_version: self.version.borrow().clone(),
+            args_hash: format!("hash-of-{}", task.steps[step].spec.params.0),
+            cost_micros: 1_500,
+        }
+    }
+}
+
+fn gated(t: &mut Task, input: Input, now_ms: u64, gate: &Rules) -> Transition {
+    apply(t, input, now_ms, 0.0, &limits(), gate).expect("accepted input")
+}
+
+fn decide(t: &mut Task, id: &str, decision: ApprovalDecision, gate: &Rules) -> Transition {
+    gated(
+        t,
+        Input::Decide {
+            approval_id: id.into(),
+            decision,
+            by: "ann".into(),
+            note: Some("looked at it".into()),
+        },
+        5_000,
+        gate,
+    )
+}
+
+fn planned_with(t: &mut Task, steps: Vec<StepSpec>, gate: &Rules) -> Transition {
+    gated(t, Input::Start, 2_000, gate);
+    gated(
+        t,
+        Input::Planned(PlanReply::Planned {
+            steps,
+            checks: vec![],
+            playbook_version: "1@x".into(),
+            persona: "operator".into(),
+        }),
+        2_000,
+        gate,
+    )
+}
+
+#[test]
+fn an_allowed_step_records_the_policy_version_and_its_cost() {
+    let gate = Rules::new(&[]);
+    let mut t = task();
+    let tr = planned_with(&mut t, vec![spec("a", &[])], &gate);
+    assert_eq!(tr.actions, vec![exec("a", 1)]);
+    let started = &tr.events[1];
+    assert_eq!(started.kind, "step_started");
+    assert_eq!(started.detail.as_deref(), Some("allowed by policies v1"));
+    assert_eq!(t.steps[0].cost_micros, 1_500);
+}
+
+#[test]
+fn a_denied_step_fails_its_task_without_being_sent() {
+    let gate = Rules::new(&[("b", Ruling::Deny)]);
+    let mut t = task();
+    let tr = planned_with(&mut t, vec![spec("a", &[]), spec("b", &[])], &gate);
+    assert_eq!(tr.actions, vec![exec("a", 1)], "b is never dispatched");
+    assert_eq!(t.status, TaskStatus::Failed);
+    assert_eq!(kinds(&tr)[..3], ["running", "step_started", "step_denied"]);
+    assert_eq!(t.steps[1].status, StepStatus::Failed);
+    assert_eq!(t.failure.as_deref(), Some("step `b` denied: rule for b"));
+    assert_eq!(t.steps[1].cost_micros, 0, "nothing ran, nothing charged");
+}
+
+#[test]
+fn approval_holds_the_step_until_approved_then_dispatches_it() {
+    let gate = Rules::new(&[("a", Ruling::RequireApproval)]);
+    let mut t = task();
+    let tr = planned_with(&mut t, vec![spec("a", &[])], &gate);
+    assert_eq!(t.status, TaskStatus::AwaitingApproval);
+    assert_eq!(t.steps[0].status, StepStatus::AwaitingApproval);
+    assert_eq!(
+        kinds(&tr),
+        ["running", "approval_requested", "awaiting_approval"]
+    );
+    let a = t.steps[0].approval.clone().expect("an approval");
+    assert_eq!(a.id, "t1-a1");
+    assert_eq!(
+        (a.args_hash.as_str(), a.policy_version.as_str()),
+        ("hash-of-{}", "v1")
+    );
+    assert_eq!(a.expires_at_ms, 2_000 + 60_000);
+    assert_eq!(
+        tr.actions,
+        vec![Action::ApprovalAt {
+            step: "a".into(),
+            approval_id: "t1-a1".into(),
+            at_ms: 62_000
+        }]
+    );
+
+    let tr = decide(&mut t, "t1-a1", ApprovalDecision::Approve, &gate);
+    assert_eq!(kinds(&tr), ["approval_granted", "running", "step_started"]);
+    assert_eq!(
+        tr.events[2].detail.as_deref(),
+        Some("approved by ann (t1-a1); policies v1")
+    );
+    assert_eq!(tr.actions, vec![exec("a", 1)]);
+    assert_eq!(t.status, TaskStatus::Running);
+    let a = t.steps[0].approval.as_ref().expect("kept");
+    assert_eq!(a.state, ApprovalState::Approved);
+    assert_eq!(a.note.as_deref(), Some("looked at it"));
+
+    // Decided once: a second decision is refused, and the expiry timer does nothing.
+    let again = apply(
+        &mut t.clone(),
+        Input::Decide {
+            approval_id: "t1-a1".into(),
+            decision: ApprovalDecision::Deny,
+            by: "bob".into(),
+            note: None,
+        },
+        6_000,
+        0.0,
+        &limits(),
+        &gate,
+    );
+    assert_eq!(
+        again.err(),
+        Some(Rejected("approval `t1-a1` is already approved".into()))
+    );
+    let tr = gated(
+        &mut t,
+        Input::ApprovalDue {
+            step: "a".into(),
+            approval_id: "t1-a1".into(),
+        },
+        70_000,
+        &gate,
+    );
+    assert!(!tr.commit && tr.actions.is_empty());
+}
+
+#[test]
+fn an_operator_denial_fails_the_step_and_the_task() {
+    let gate = Rules::new(&[("a", Ruling::RequireApproval)]);
+    let mut t = task();
+    planned_with(&mut t, vec![spec("a", &[])], &gate);
+    let tr = decide(&mut t, "t1-a1", ApprovalDecision::Deny, &gate);
+    assert_eq!(kinds(&tr), ["approval_denied", "failed"]);
+    assert!(tr.actions.is_empty());
+    assert_eq!(t.status, TaskStatus::Failed);
+    assert_eq!(t.failure.as_deref(), Some("step `a` denied by ann"));
+    assert_eq!(
+        t.steps[0].approval.as_ref().map(|a| a.state),
+        Some(ApprovalState::Denied)
+    );
+}
+
+#[test]
+fn an_undecided_approval_expires_into_the_configured_default() {
+    let gate = Rules::new(&[("a", Ruling::RequireApproval)]);
+    let due = Input::ApprovalDue {
+        step: "a".into(),
+        approval_id: "t1-a1".into(),
+    };
+    let mut t = task();
+    planned_with(&mut t, vec![spec("a", &[])], &gate);
+    // Early (a timer armed before the clock moved): it waits the rest.
+    let tr = gated(&mut t, due.clone(), 30_000, &gate);
+    assert!(!tr.commit);
+    assert_eq!(
+        tr.actions,
+        vec![Action::ApprovalAt {
+            step: "a".into(),
+            approval_id: "t1-a1".into(),
+            at_ms: 62_000
+        }]
+    );
+    let tr = gated(&mut t, due.clone(), 62_000, &gate);
+    assert_eq!(kinds(&tr), ["approval_expired", "failed"]);
+    assert_eq!(t.status, TaskStatus::Failed);
+
+    // With `approve` as the default, the step runs.
+    let mut approving = limits();
+    approving.approval_default = ApprovalDecision::Approve;
+    let mut t = task();
+    planned_with(&mut t, vec![spec("a", &[])], &gate);
+    let tr = apply(&mut t, due, 62_000, 0.0, &approving, &gate).expect("accepted");
+    assert_eq!(kinds(&tr), ["approval_expired", "running", "step_started"]);
+    assert_eq!(tr.actions, vec![exec("a", 1)]);
+}
+
+#[test]
+fn an_approval_is_void_when_the_policies_change_before_it_is_used() {
+    let gate = Rules::new(&[("a", Ruling::RequireApproval)]);
+    let mut t = task();
+    planned_with(&mut t, vec![spec("a", &[])], &gate);
+    *gate.version.borrow_mut() = "v2".into();
+    let tr = decide(&mut t, "t1-a1", ApprovalDecision::Approve, &gate);
+    assert_eq!(
+        kinds(&tr),
+        [
+            "approval_granted",
+            "running",
+            "approval_void",
+            "approval_requested",
+            "awaiting_approval"
+        ]
+    );
+    assert_eq!(
+        tr.events[2].detail.as_deref(),
+        Some("t1-a1 is void: policies changed from v1 to v2")
+    );
+    assert!(tr.actions.iter().all(|a| !matches!(a, Action::Exec { .. })));
+    let a = t.steps[0].approval.as_ref().expect("a new request");
+    assert_eq!((a.id.as_str(), a.state), ("t1-a2", ApprovalState::Pending));
+    assert_eq!(a.policy_version, "v2");
+
+    // Approved under the policies now in force, it runs.
+    let tr = decide(&mut t, "t1-a2", ApprovalDecision::Approve, &gate);
+    assert_eq!(tr.actions, vec![exec("a", 1)]);
+}
+
+#[test]
+fn an_approval_covers_retries_of_the_same_action() {
+    let gate = Rules::new(&[("a", Ruling::RequireApproval)]);
+    let mut t = task();
+    planned_with(&mut t, vec![spec("a", &[])], &gate);
+    decide(&mut t, "t1-a1", ApprovalDecision::Approve, &gate);
+    gated(
+        &mut t,
+        Input::Executed {
+            step: "a".into(),
+            attempt: 1,
+            reply: ExecReply::Failed {
+                kind: FailureKind::Retryable,
+                message: "503".into(),
+                output: None,
+            },
+        },
+        6_000,
+        &gate,
+    );
+    let tr = gated(
+        &mut t,
+        Input::RetryDue {
+            step: "a".into(),
+            attempt: 2,
+        },
+        7_000,
+        &gate,
+    );
+    assert_eq!(tr.actions, vec![exec("a", 2)], "same args, same policies");
+    assert_eq!(t.steps[0].cost_micros, 3_000, "each attempt is charged");
+}
+
+#[test]
+fn cancelling_voids_a_pending_approval_and_a_restart_rearms_its_expiry() {
+    let gate = Rules::new(&[("a", Ruling::RequireApproval)]);
+    let mut t = task();
+    planned_with(&mut t, vec![spec("a", &[])], &gate);
+    let tr = gated(&mut t.clone(), Input::Start, 9_000, &gate);
+    assert_eq!(
+        tr.actions,
+        vec![Action::ApprovalAt {
+            step: "a".into(),
+            approval_id: "t1-a1".into(),
+            at_ms: 62_000
+        }]
+    );
+    gated(
+        &mut t,
+        Input::Cancel {
+            reason: "not needed".into(),
+        },
+        9_000,
+        &gate,
+    );
+    assert_eq!(
+        t.steps[0].approval.as_ref().map(|a| a.state),
+        Some(ApprovalState::Void)
+    );
+    let late = apply(
+        &mut t,
+        Input::Decide {
+            approval_id: "t1-a1".into(),
+            decision: ApprovalDecision::Approve,
+            by: "ann".into(),
+            note: None,
+        },
+        10_000,
+        0.0,
+        &limits(),
+        &gate,
+    );
+    assert_eq!(
+        late.err(),
+        Some(Rejected("approval `t1-a1` is already void".into()))
     );
 }

@@ -1,5 +1,12 @@
-//! Governor: the node's governance. For now, the kill switch (`cadre.control.killswitch`);
-//! policies, approvals and budgets join it with the rest of the governance issue.
+//! Governor: the node's governance actor: the kill switch (`cadre.control.killswitch`)
+//! and the hot reload of the policies directory. (The per-step gate itself runs inside
+//! each TaskActor's transition: `crate::governance`.)
+//!
+//! Policies: the directory is checked every `policy_reload` for a change of its
+//! `*.cedar` files (name, size, mtime). A change that validates is put in force for
+//! every decision after it and audited (`policies_reloaded`, with the new version); one
+//! that does not is refused, logged with every error's line, audited
+//! (`policies_rejected`) and counted, and the policies in force stay.
 //!
 //! The kill switch is cluster-wide state: it lives in the JetStream KV bucket
 //! `CADRE_CONTROL` (file storage), so it survives restarts and a node that starts later
@@ -36,12 +43,16 @@ pub struct GovernorState {
     ctx: Arc<NodeContext>,
     bucket: kv::Store,
     tasks: Vec<JoinHandle<()>>,
+    /// What the policies directory looked like when last read.
+    policy_files: Option<Vec<(String, u64, std::time::SystemTime)>>,
 }
 
 pub enum GovernorMsg {
     Request(Inbound),
     /// The bucket's kill switch changed (or was read at start).
     Observed(KillSwitchState),
+    /// Time to look at the policies directory.
+    PolicyTick,
 }
 
 impl Actor for Governor {
@@ -80,14 +91,32 @@ impl Actor for Governor {
             .await?;
         let pump = bus::spawn_pump(
             sub,
-            myself,
+            myself.clone(),
             ctx.settings.mailbox_depth_max,
             GovernorMsg::Request,
         );
+        let mut tasks = vec![watcher, pump];
+        if ctx.settings.policies_dir.is_some() {
+            let me = myself.clone();
+            let every = ctx.settings.policy_reload;
+            tasks.push(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    if me.cast(GovernorMsg::PolicyTick).is_err() {
+                        return;
+                    }
+                }
+            }));
+        }
         Ok(GovernorState {
             ctx,
             bucket,
-            tasks: vec![watcher, pump],
+            tasks,
+            // Read at the first tick: a change made while the node started is not
+            // missed (an unchanged directory gives the version in force: no reload).
+            policy_files: None,
         })
     }
 
@@ -99,6 +128,7 @@ impl Actor for Governor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             GovernorMsg::Observed(ks) => apply(&state.ctx, &ks),
+            GovernorMsg::PolicyTick => state.reload_policies().await?,
             GovernorMsg::Request(inbound) => {
                 let result = state.killswitch(&inbound).await;
                 state
@@ -123,6 +153,54 @@ impl Actor for Governor {
 }
 
 impl GovernorState {
+    /// Re-reads the policies directory if its files changed.
+    async fn reload_policies(&mut self) -> Result<(), ActorProcessingErr> {
+        let Some(dir) = self.ctx.settings.policies_dir.clone() else {
+            return Ok(());
+        };
+        let files = policy_files(&dir);
+        if self.policy_files.as_ref() == Some(&files) {
+            return Ok(());
+        }
+        self.policy_files = Some(files);
+        let ctx = &self.ctx;
+        let before = ctx.policies().version().to_string();
+        let (action, outcome, detail) = match crate::policy::Policies::load_dir(&dir) {
+            Ok(policies) => {
+                let version = policies.version().to_string();
+                if version == before {
+                    return Ok(());
+                }
+                tracing::info!(from = %before, to = %version, policies = policies.len(), "policies reloaded");
+                ctx.set_policies(policies);
+                ctx.metrics
+                    .policy_reloads_total
+                    .with_label_values(&["ok"])
+                    .inc();
+                ("policies_reloaded", "ok", format!("{before} -> {version}"))
+            }
+            Err(errors) => {
+                let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
+                tracing::error!(
+                    in_force = %before,
+                    "invalid policies, not loaded (the policies in force stay):\n  - {}",
+                    lines.join("\n  - ")
+                );
+                ctx.metrics
+                    .policy_reloads_total
+                    .with_label_values(&["invalid"])
+                    .inc();
+                ("policies_rejected", "invalid", lines.join("; "))
+            }
+        };
+        let mut record = blank_record(ctx, action, outcome);
+        record.detail = Some(detail);
+        let mut batch = Batch::new();
+        batch.append_audit(&record, None)?;
+        ctx.store.commit(batch).await?;
+        Ok(())
+    }
+
     /// Reads, or sets and records, the kill switch.
     async fn killswitch(&mut self, inbound: &Inbound) -> Result<KillSwitchState, ErrorReply> {
         let ctx = &self.ctx;
@@ -178,17 +256,30 @@ fn apply(ctx: &NodeContext, ks: &KillSwitchState) {
 }
 
 fn record(ctx: &NodeContext, ks: &KillSwitchState) -> AuditRecord {
-    AuditRecord {
-        at_ms: ks.at_ms,
-        node_id: ctx.settings.node_id.clone(),
-        actor: "operator".into(),
-        operator: ks.by.clone(),
-        action: if ks.engaged {
+    let mut r = blank_record(
+        ctx,
+        if ks.engaged {
             "killswitch_on"
         } else {
             "killswitch_off"
-        }
-        .into(),
+        },
+        if ks.engaged { "engaged" } else { "released" },
+    );
+    r.at_ms = ks.at_ms;
+    r.actor = "operator".into();
+    r.operator = ks.by.clone();
+    r.detail = ks.reason.as_deref().map(crate::redact::text);
+    r
+}
+
+/// The governor's record of a node-wide action.
+fn blank_record(ctx: &NodeContext, action: &str, outcome: &str) -> AuditRecord {
+    AuditRecord {
+        at_ms: ctx.now_ms(),
+        node_id: ctx.settings.node_id.clone(),
+        actor: ctx.from(crate::roles::GOVERNOR),
+        operator: None,
+        action: action.into(),
         task_id: None,
         step_id: None,
         attempt: None,
@@ -197,11 +288,32 @@ fn record(ctx: &NodeContext, ks: &KillSwitchState) -> AuditRecord {
         args_hash: None,
         params: None,
         input_ref: None,
-        outcome: if ks.engaged { "engaged" } else { "released" }.into(),
-        detail: ks.reason.as_deref().map(crate::redact::text),
+        outcome: outcome.into(),
+        detail: None,
         duration_ms: None,
         cost_usd: None,
     }
+}
+
+/// Name, size and modification time of each `*.cedar` file in `dir`, sorted.
+fn policy_files(dir: &std::path::Path) -> Vec<(String, u64, std::time::SystemTime)> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .filter(|e| e.path().extension().is_some_and(|x| x == "cedar"))
+        .filter_map(|e| {
+            let m = e.metadata().ok()?;
+            let modified = m.modified().ok()?;
+            Some((
+                e.file_name().to_string_lossy().into_owned(),
+                m.len(),
+                modified,
+            ))
+        })
+        .collect();
+    files.sort();
+    files
 }
 
 /// The stored state; an absent or unreadable value is "released" (an unreadable one is

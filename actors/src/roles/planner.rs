@@ -115,6 +115,7 @@ pub fn plan(catalog: &Catalog, req: &PlanRequest) -> PlanReply {
             steps,
             checks,
             playbook_version: playbook.version.clone(),
+            persona: playbook.persona.clone(),
         },
         Err(e) => PlanReply::Rejected {
             code: ErrorCode::InvalidInput,

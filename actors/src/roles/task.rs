@@ -13,23 +13,24 @@ use std::time::{Duration, Instant};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use serde_json::{Map, Value};
 use storage::{Batch, Cf};
 use tracing::Instrument;
 
 use crate::audit;
 use crate::bus::{self, HopError, Replied};
 use crate::context::NodeContext;
+use crate::governance::{Governor, step_params};
 use crate::machine::{self, Action, Input, Rejected};
 use crate::metrics::reason;
-use crate::model::{DecisionKind, JsonText, StepStatus, Task, TaskStatus};
+use crate::model::{
+    ApprovalDecision, ApprovalState, DecisionKind, JsonText, StepStatus, Task, TaskStatus,
+};
 use crate::protocol::{
     ArchiveReply, ArchiveRequest, AuditRecord, ExecReply, ExecRequest, FailureKind, PlanReply,
     PlanRequest, TaskChecks, TaskEvent, VerifyReply, VerifyRequest, subject,
 };
 use crate::roles::relay::RelayMsg;
 use crate::roles::{RELAY, lookup};
-use crate::template;
 
 pub struct TaskActor;
 
@@ -56,6 +57,8 @@ pub struct TaskState {
     held_audit: Vec<AuditRecord>,
     /// Steps in `outcome_unknown` as of the last commit (for the node-wide gauge).
     unknown_committed: i64,
+    /// Approvals pending as of the last commit (for the node-wide gauge).
+    pending_committed: i64,
     /// What each of this task's audit records repeats.
     facts: audit::TaskFacts,
     /// `task@<node>`: this actor, as audit records name it.
@@ -88,6 +91,13 @@ pub enum TaskMsg {
         note: Option<String>,
         reply: RpcReplyPort<Result<TaskStatus, Rejected>>,
     },
+    Decide {
+        approval_id: String,
+        decision: ApprovalDecision,
+        by: String,
+        note: Option<String>,
+        reply: RpcReplyPort<Result<TaskStatus, Rejected>>,
+    },
 }
 
 impl Actor for TaskActor {
@@ -108,6 +118,7 @@ impl Actor for TaskActor {
         let seed = args.ctx.settings.seed ^ fxhash(&task.id);
         let sent = task.steps.iter().map(|_| None).collect();
         let unknown_committed = unknown_steps(&task);
+        let pending_committed = pending_approvals(&task);
         let facts = audit::TaskFacts::of(&task);
         let me = args.ctx.from("task");
         let first = match args.abandon {
@@ -124,6 +135,7 @@ impl Actor for TaskActor {
             held_events: Vec::new(),
             held_audit: Vec::new(),
             unknown_committed,
+            pending_committed,
             facts,
             me,
         })
@@ -170,6 +182,22 @@ impl Actor for TaskActor {
                     let result = state.apply(&myself, input, None).await?;
                     let _ = reply.send(result.map(|()| state.task.status));
                 }
+                TaskMsg::Decide {
+                    approval_id,
+                    decision,
+                    by,
+                    note,
+                    reply,
+                } => {
+                    let input = Input::Decide {
+                        approval_id,
+                        decision,
+                        by,
+                        note,
+                    };
+                    let result = state.apply(&myself, input, None).await?;
+                    let _ = reply.send(result.map(|()| state.task.status));
+                }
             }
             if !hold && state.should_stop() {
                 myself.stop(Some(state.task.status.to_string()));
@@ -195,30 +223,37 @@ impl TaskState {
         let why = failure_reason(&input);
         let (actor, operator) = match &input {
             Input::Cancel { .. } => ("operator".to_string(), None),
-            Input::Resolve { by, .. } => ("operator".to_string(), Some(by.clone())),
+            Input::Resolve { by, .. } | Input::Decide { by, .. } => {
+                ("operator".to_string(), Some(by.clone()))
+            }
             Input::Abandon { .. } => (self.ctx.from(crate::roles::TASKS), None),
             _ => (from.unwrap_or_else(|| self.me.clone()), None),
         };
         let now = self.ctx.now_ms();
         let jitter: f64 = self.rng.random();
+        let gate = Governor { ctx: &self.ctx };
         let transition = match machine::apply(
             &mut self.task,
             input,
             now,
             jitter,
             &self.ctx.settings.limits,
+            &gate,
         ) {
             Ok(t) => t,
             Err(rejected) => return Ok(Err(rejected)),
         };
         // Exec requests are built before the commit: their params go into the audit
         // record of `step_started`, and the same request is sent after the commit.
-        let mut prepared: HashMap<String, Result<ExecRequest, String>> = HashMap::new();
+        let mut prepared: HashMap<String, Result<Prepared, String>> = HashMap::new();
         for action in &transition.actions {
             if let Action::Exec { step, attempt } = action
                 && let Some(i) = self.task.step_index(step)
             {
-                prepared.insert(step.clone(), self.exec_request(i, *attempt));
+                prepared.insert(
+                    step.clone(),
+                    self.exec_request(i, *attempt).map(Prepared::of),
+                );
             }
         }
         self.held_audit.extend(executed);
@@ -234,10 +269,10 @@ impl TaskState {
                 r
             };
             if event.kind == "step_started"
-                && let Some(Ok(req)) = event.step_id.as_ref().and_then(|s| prepared.get(s))
+                && let Some(Ok(p)) = event.step_id.as_ref().and_then(|s| prepared.get(s))
             {
-                record.args_hash = Some(audit::args_hash(&req.params));
-                record.params = Some(audit::redacted_params(&req.params));
+                record.args_hash = Some(p.args_hash.clone());
+                record.params = Some(audit::redacted_params(&p.request.params));
             }
             self.held_audit.push(record);
         }
@@ -267,6 +302,7 @@ impl TaskState {
         let ctx = &self.ctx;
         let task = &self.task;
         let mut batch = Batch::new();
+        let mut approvals = Vec::new();
         batch.put(Cf::Tasks, task.id.as_bytes(), task)?;
         if task.status.is_terminal() {
             batch.delete(Cf::Active, task.id.as_bytes());
@@ -293,6 +329,12 @@ impl TaskState {
                 subject::task_event(&task.id, &event.kind),
                 payload,
             )?);
+            if let Some(out) = approval_event(task, event) {
+                approvals.push(out);
+            }
+        }
+        for (subject, payload) in approvals {
+            outgoing.push(ctx.stage_outbox(&mut batch, subject, payload)?);
         }
         for record in records {
             batch.append_audit(record, Some(task.id.as_bytes()))?;
@@ -307,6 +349,14 @@ impl TaskState {
             .effects_outcome_unknown
             .add(unknown - self.unknown_committed);
         self.unknown_committed = unknown;
+        let pending = pending_approvals(task);
+        ctx.metrics
+            .approvals_pending
+            .add(pending - self.pending_committed);
+        self.pending_committed = pending;
+        for event in events {
+            count_approval(ctx, task, event);
+        }
         if let Some(relay) = lookup::<RelayMsg>(RELAY, &ctx.settings.node_id) {
             // If the relay is restarting, it sends these from the outbox when it starts.
             let _ = relay.cast(RelayMsg::Publish(outgoing));
@@ -422,7 +472,7 @@ impl TaskState {
         &mut self,
         myself: &ActorRef<TaskMsg>,
         action: Action,
-        prepared: Option<Result<ExecRequest, String>>,
+        prepared: Option<Result<Prepared, String>>,
     ) {
         let ctx = &self.ctx;
         let hop_timeout = ctx.settings.hop_timeout;
@@ -458,8 +508,13 @@ impl TaskState {
                 let Some(i) = self.task.step_index(&step) else {
                     return;
                 };
-                let req = match prepared.unwrap_or_else(|| self.exec_request(i, attempt)) {
-                    Ok(req) => req,
+                let prepared =
+                    prepared.unwrap_or_else(|| self.exec_request(i, attempt).map(Prepared::of));
+                let Prepared {
+                    request: req,
+                    args_hash,
+                } = match prepared {
+                    Ok(p) => p,
                     Err(message) => {
                         let reply = ExecReply::Failed {
                             kind: FailureKind::Permanent,
@@ -481,7 +536,7 @@ impl TaskState {
                 if let Some(slot) = self.sent.get_mut(i) {
                     *slot = Some(Sent {
                         at: Instant::now(),
-                        args_hash: audit::args_hash(&req.params),
+                        args_hash,
                     });
                 }
                 let timeout =
@@ -608,6 +663,11 @@ impl TaskState {
                 at_ms,
             } => deliver_at(ctx, myself, at_ms, Input::VerifyDue { step, attempt }),
             Action::HopAt { at_ms } => deliver_at(ctx, myself, at_ms, Input::HopDue),
+            Action::ApprovalAt {
+                step,
+                approval_id,
+                at_ms,
+            } => deliver_at(ctx, myself, at_ms, Input::ApprovalDue { step, approval_id }),
         }
     }
 
@@ -633,58 +693,16 @@ impl TaskState {
     /// outputs of the steps it depends on.
     fn exec_request(&self, i: usize, attempt: u32) -> Result<ExecRequest, String> {
         let spec = &self.task.steps[i].spec;
-        let params = match &spec.params_template {
-            None => spec.params.clone(),
-            Some(template) => self
-                .render_at_dispatch(template)
-                .map_err(|e| format!("params of step `{}`: {e}", spec.id))?,
-        };
         Ok(ExecRequest {
             task_id: self.task.id.clone(),
             step_id: spec.id.clone(),
             attempt,
             tool: spec.tool.clone(),
-            params,
+            params: step_params(&self.task, i)?,
             idempotency_key: self.task.step_key(&spec.id),
             fencing_token: 0,
             timeout_ms: spec.timeout_ms,
         })
-    }
-
-    /// Renders a step's own template with input, task and the outputs of succeeded
-    /// steps, in one pass.
-    fn render_at_dispatch(&self, template: &JsonText) -> Result<JsonText, String> {
-        let template = template
-            .to_value()
-            .map_err(|e| format!("stored template unreadable: {e}"))?;
-        let input = self
-            .task
-            .input
-            .to_value()
-            .map_err(|e| format!("stored input unreadable: {e}"))?;
-        let mut steps = Map::new();
-        for s in self
-            .task
-            .steps
-            .iter()
-            .filter(|s| s.status == StepStatus::Succeeded)
-        {
-            let output = s
-                .output
-                .as_ref()
-                .map(JsonText::to_value_lossy)
-                .unwrap_or(Value::Null);
-            steps.insert(s.spec.id.clone(), serde_json::json!({ "output": output }));
-        }
-        let task = serde_json::json!({ "id": self.task.id, "playbook": self.task.playbook });
-        let scope: &[(&str, &Value)] = &[
-            ("input", &input),
-            ("task", &task),
-            ("steps", &Value::Object(steps)),
-        ];
-        template::render(&template, scope)
-            .map(|v| JsonText::from_value(&v))
-            .map_err(|e| e.to_string())
     }
 
     fn task_checks(&self) -> TaskChecks {
@@ -743,16 +761,101 @@ fn deliver_at(ctx: &NodeContext, me: &ActorRef<TaskMsg>, at_ms: u64, input: Inpu
     });
 }
 
-/// Parked: waiting for an operator with nothing in flight. Its actor can stop; the
-/// task costs only its checkpoint until a decision arrives.
+/// Parked: waiting for an operator with nothing in flight and no timer. Its actor can
+/// stop; the task costs only its checkpoint until a decision arrives. (A step awaiting
+/// approval keeps the actor: its expiry is a timer.)
 pub fn is_parked(task: &Task) -> bool {
     task.status == TaskStatus::AwaitingOperator
         && !task.steps.iter().any(|s| {
             matches!(
                 s.status,
-                StepStatus::Running | StepStatus::Verifying | StepStatus::RetryWait
+                StepStatus::Running
+                    | StepStatus::Verifying
+                    | StepStatus::RetryWait
+                    | StepStatus::AwaitingApproval
             )
         })
+}
+
+/// An exec request and the hash of its params (the audit record's and the ledger's).
+struct Prepared {
+    request: ExecRequest,
+    args_hash: String,
+}
+
+impl Prepared {
+    fn of(request: ExecRequest) -> Prepared {
+        let args_hash = audit::args_hash(&request.params);
+        Prepared { request, args_hash }
+    }
+}
+
+/// Approvals of `task` waiting for a decision.
+pub fn pending_approvals(task: &Task) -> i64 {
+    task.steps
+        .iter()
+        .filter(|s| {
+            s.approval
+                .as_ref()
+                .is_some_and(|a| a.state == ApprovalState::Pending)
+        })
+        .count() as i64
+}
+
+/// The `cadre.approvals.*` message an approval event publishes, with the approval as
+/// it stands after the transition.
+fn approval_event(task: &Task, event: &TaskEvent) -> Option<(String, Vec<u8>)> {
+    let requested = match event.kind.as_str() {
+        "approval_requested" => true,
+        "approval_granted" | "approval_denied" | "approval_expired" => false,
+        // A void approval is not the step's current one: find it by the detail's id.
+        "approval_void" => false,
+        _ => return None,
+    };
+    let step = task.step(event.step_id.as_deref()?)?;
+    let approval = step.approval.as_ref()?;
+    let mut view = crate::roles::task_api::approval_view(task, step, approval);
+    if event.kind == "approval_void" {
+        let id = event.detail.as_deref()?.split(' ').next()?.to_string();
+        view.approval_id = id;
+        view.state = ApprovalState::Void;
+    }
+    let subject = if requested {
+        subject::approval_requested(&view.approval_id)
+    } else {
+        subject::approval_decided(&view.approval_id)
+    };
+    serde_json::to_vec(&view).ok().map(|p| (subject, p))
+}
+
+/// Counts a decided approval and how long it waited.
+fn count_approval(ctx: &NodeContext, task: &Task, event: &TaskEvent) {
+    let decision = match event.kind.as_str() {
+        "approval_granted" => "approve",
+        "approval_denied" => "deny",
+        "approval_expired" => "expired",
+        "approval_void" => "void",
+        _ => return,
+    };
+    ctx.metrics
+        .approvals_decided_total
+        .with_label_values(&[decision])
+        .inc();
+    if let Some(a) = event
+        .step_id
+        .as_deref()
+        .and_then(|s| task.step(s))
+        .and_then(|s| s.approval.as_ref())
+        .filter(|_| decision != "void")
+    {
+        let waited = a
+            .decided_at_ms
+            .unwrap_or(event.at_ms)
+            .saturating_sub(a.requested_at_ms);
+        ctx.metrics
+            .approval_wait_seconds
+            .observe(waited as f64 / 1000.0);
+    }
 }
 
 /// Steps of `task` whose effect's outcome is unknown.

@@ -1,5 +1,6 @@
-//! `cadre.tasks.get|list|trace|cancel|resolve`: reads answer from the store (the committed
-//! truth); cancel and resolve go to the task's own actor, the only writer of its state.
+//! `cadre.tasks.get|list|trace|cancel|resolve` and `cadre.approvals.decide|list|get`:
+//! reads answer from the store (the committed truth); cancel, resolve and decide go to
+//! the task's own actor, the only writer of its state.
 
 use std::sync::Arc;
 
@@ -10,11 +11,12 @@ use tokio::task::JoinHandle;
 use crate::audit;
 use crate::bus::{self, Inbound};
 use crate::context::NodeContext;
-use crate::model::{JsonText, Task, TaskStatus};
+use crate::model::{Approval, ApprovalState, JsonText, Step, Task, TaskStatus, task_of_approval};
 use crate::protocol::{
-    Attention, CancelRequest, ErrorCode, ErrorReply, LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX, ListReply,
-    ListRequest, ResolveRequest, StepView, TaskRef, TaskStatusReply, TaskSummary, TaskView,
-    TraceReply, subject,
+    ApprovalListReply, ApprovalListRequest, ApprovalRef, ApprovalView, Attention, CancelRequest,
+    DecideReply, DecideRequest, ErrorCode, ErrorReply, LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX,
+    ListReply, ListRequest, ResolveRequest, StepView, TaskRef, TaskStatusReply, TaskSummary,
+    TaskView, TraceReply, subject,
 };
 use crate::roles::intake::parse_json;
 use crate::roles::task_supervisor::{ControlError, TaskSupervisorMsg};
@@ -43,6 +45,9 @@ pub enum TaskApiMsg {
     Cancel(Inbound),
     Resolve(Inbound),
     Trace(Inbound),
+    Decide(Inbound),
+    ApprovalsList(Inbound),
+    ApprovalsGet(Inbound),
 }
 
 impl Actor for TaskApi {
@@ -90,6 +95,24 @@ impl Actor for TaskApi {
                 depth,
                 TaskApiMsg::Trace,
             ),
+            bus::spawn_pump(
+                nats.queue_subscribe(subject::APPROVALS_DECIDE, q()).await?,
+                myself.clone(),
+                depth,
+                TaskApiMsg::Decide,
+            ),
+            bus::spawn_pump(
+                nats.queue_subscribe(subject::APPROVALS_LIST, q()).await?,
+                myself.clone(),
+                depth,
+                TaskApiMsg::ApprovalsList,
+            ),
+            bus::spawn_pump(
+                nats.queue_subscribe(subject::APPROVALS_GET, q()).await?,
+                myself.clone(),
+                depth,
+                TaskApiMsg::ApprovalsGet,
+            ),
         ];
         Ok(TaskApiState { ctx, pumps })
     }
@@ -130,6 +153,36 @@ impl Actor for TaskApi {
                 let reply = parse_json::<TaskRef>(&inbound.msg.payload, max)
                     .and_then(|r| trace(ctx, &r.task_id));
                 ctx.respond(subject::TASKS_TRACE, inbound.msg.reply, reply)
+                    .await;
+            }
+            TaskApiMsg::Decide(inbound) => {
+                let ctx = ctx.clone();
+                tokio::spawn(async move {
+                    let Inbound { msg, permit } = inbound;
+                    let reply = match parse_json::<DecideRequest>(&msg.payload, max) {
+                        Ok(request) => decide(&ctx, request).await,
+                        Err(e) => Err(e),
+                    };
+                    ctx.respond(subject::APPROVALS_DECIDE, msg.reply, reply)
+                        .await;
+                    drop(permit);
+                });
+            }
+            TaskApiMsg::ApprovalsList(inbound) => {
+                let payload: &[u8] = if inbound.msg.payload.is_empty() {
+                    b"{}"
+                } else {
+                    &inbound.msg.payload
+                };
+                let reply = parse_json::<ApprovalListRequest>(payload, max)
+                    .and_then(|r| list_approvals(ctx, &r));
+                ctx.respond(subject::APPROVALS_LIST, inbound.msg.reply, reply)
+                    .await;
+            }
+            TaskApiMsg::ApprovalsGet(inbound) => {
+                let reply = parse_json::<ApprovalRef>(&inbound.msg.payload, max)
+                    .and_then(|r| get_approval(ctx, &r.approval_id));
+                ctx.respond(subject::APPROVALS_GET, inbound.msg.reply, reply)
                     .await;
             }
         }
@@ -292,6 +345,144 @@ impl ControlRequest for ResolveRequest {
     }
 }
 
+impl ControlRequest for DecideRequest {
+    fn task_id(&self) -> &str {
+        task_of_approval(&self.approval_id).unwrap_or("")
+    }
+    fn into_msg(
+        self,
+        reply: ractor::RpcReplyPort<Result<TaskStatus, ControlError>>,
+    ) -> TaskSupervisorMsg {
+        TaskSupervisorMsg::Decide {
+            task_id: self.task_id().to_string(),
+            approval_id: self.approval_id,
+            decision: self.decision,
+            by: self.by,
+            note: self.note,
+            reply,
+        }
+    }
+}
+
+/// An operator's decision: to the task's actor, then the approval as it now stands.
+async fn decide(ctx: &NodeContext, request: DecideRequest) -> Result<DecideReply, ErrorReply> {
+    let approval_id = request.approval_id.clone();
+    let Some(task_id) = task_of_approval(&approval_id).map(str::to_string) else {
+        return Err(ErrorReply::new(
+            ErrorCode::InvalidRequest,
+            format!("`{approval_id}` is not an approval id (`<task_id>-a<n>`)"),
+        ));
+    };
+    if request.by.trim().is_empty() {
+        return Err(ErrorReply::new(
+            ErrorCode::InvalidRequest,
+            "`by` must name who decides",
+        ));
+    }
+    let status = control(ctx, request).await?.status;
+    let task = load(ctx, &task_id)?;
+    // A void approval is replaced, in the same transition, by the step's new request:
+    // the newest pending one.
+    let (state, next_approval_id) = match task.step_of_approval(&approval_id) {
+        Some(i) => (
+            task.steps[i]
+                .approval
+                .as_ref()
+                .map_or(ApprovalState::Void, |a| a.state),
+            None,
+        ),
+        None => (
+            ApprovalState::Void,
+            task.steps
+                .iter()
+                .filter_map(|s| s.approval.as_ref())
+                .filter(|a| a.state == ApprovalState::Pending)
+                .max_by_key(|a| a.requested_at_ms)
+                .map(|a| a.id.clone()),
+        ),
+    };
+    Ok(DecideReply {
+        approval_id,
+        task_id,
+        state,
+        task_status: status,
+        next_approval_id,
+    })
+}
+
+fn list_approvals(
+    ctx: &NodeContext,
+    req: &ApprovalListRequest,
+) -> Result<ApprovalListReply, ErrorReply> {
+    let all = match req.state.as_deref() {
+        None | Some("pending") => false,
+        Some("all") => true,
+        Some(other) => {
+            return Err(ErrorReply::new(
+                ErrorCode::InvalidRequest,
+                format!("state must be `pending` or `all`, not `{other}`"),
+            ));
+        }
+    };
+    let internal = |e: storage::StoreError| ErrorReply::new(ErrorCode::Internal, e.to_string());
+    let mut approvals = Vec::new();
+    for key in ctx.store.keys(Cf::Active).map_err(internal)? {
+        let Some(task) = ctx.store.get::<Task>(Cf::Tasks, &key).map_err(internal)? else {
+            continue;
+        };
+        for step in &task.steps {
+            if let Some(a) = &step.approval
+                && (all || a.state == ApprovalState::Pending)
+            {
+                approvals.push(approval_view(&task, step, a));
+            }
+        }
+    }
+    approvals.sort_by_key(|a| a.requested_at_ms);
+    Ok(ApprovalListReply { approvals })
+}
+
+fn get_approval(ctx: &NodeContext, approval_id: &str) -> Result<ApprovalView, ErrorReply> {
+    let not_found = || ErrorReply::new(ErrorCode::NotFound, format!("no approval `{approval_id}`"));
+    let task_id = task_of_approval(approval_id).ok_or_else(not_found)?;
+    let task = load(ctx, task_id)?;
+    let i = task.step_of_approval(approval_id).ok_or_else(not_found)?;
+    let step = &task.steps[i];
+    let a = step.approval.as_ref().ok_or_else(not_found)?;
+    Ok(approval_view(&task, step, a))
+}
+
+/// An approval as the operator sees it: the step's params (redacted), why, what it costs.
+pub fn approval_view(task: &Task, step: &Step, a: &Approval) -> ApprovalView {
+    let params = crate::governance::step_params(task, task.step_index(&step.spec.id).unwrap_or(0))
+        .unwrap_or_else(|_| step.spec.params.clone());
+    ApprovalView {
+        approval_id: a.id.clone(),
+        task_id: task.id.clone(),
+        playbook: task.playbook.clone(),
+        step_id: step.spec.id.clone(),
+        attempt: a.attempt,
+        tool: step.spec.tool.clone(),
+        params: crate::redact::value(&params.to_value_lossy()),
+        args_hash: a.args_hash.clone(),
+        policy_version: a.policy_version.clone(),
+        reason: a.reason.clone(),
+        cost_usd: usd(a.cost_micros),
+        requested_at_ms: a.requested_at_ms,
+        expires_at_ms: a.expires_at_ms,
+        state: a.state,
+        node_id: task.node_id.clone(),
+        decided_by: a.decided_by.clone(),
+        note: a.note.clone(),
+        decided_at_ms: a.decided_at_ms,
+    }
+}
+
+/// Millionths of a dollar as dollars.
+pub fn usd(micros: u64) -> f64 {
+    micros as f64 / 1_000_000.0
+}
+
 /// Handles a control request off the actor's mailbox: the answer waits on the task's actor.
 fn spawn_control<R: ControlRequest>(
     ctx: &Arc<NodeContext>,
@@ -375,6 +566,8 @@ pub fn view(task: &Task) -> TaskView {
                 verdict: s.verdict.clone(),
                 started_at_ms: s.started_at_ms,
                 finished_at_ms: s.finished_at_ms,
+                cost_usd: usd(s.cost_micros),
+                approval: s.approval.as_ref().map(|a| approval_view(task, s, a)),
             })
             .collect(),
         result: task
@@ -387,5 +580,6 @@ pub fn view(task: &Task) -> TaskView {
             step_id: step_id.clone(),
             reason: reason.clone(),
         }),
+        cost_usd: usd(task.cost_micros()),
     }
 }

@@ -11,7 +11,7 @@ use storage::Cf;
 
 use crate::context::NodeContext;
 use crate::machine::Rejected;
-use crate::model::{DecisionKind, Task, TaskStatus};
+use crate::model::{ApprovalDecision, DecisionKind, Task, TaskStatus};
 use crate::roles::supervisor::RestartPolicy;
 use crate::roles::task::{TaskActor, TaskArgs, TaskMsg};
 
@@ -63,6 +63,14 @@ pub enum TaskSupervisorMsg {
         task_id: String,
         step: String,
         decision: DecisionKind,
+        by: String,
+        note: Option<String>,
+        reply: ControlReply,
+    },
+    Decide {
+        task_id: String,
+        approval_id: String,
+        decision: ApprovalDecision,
         by: String,
         note: Option<String>,
         reply: ControlReply,
@@ -144,6 +152,24 @@ impl Actor for TaskSupervisor {
                 state
                     .control(&myself, &task_id, reply, move |port| TaskMsg::Resolve {
                         step,
+                        decision,
+                        by,
+                        note,
+                        reply: port,
+                    })
+                    .await;
+            }
+            TaskSupervisorMsg::Decide {
+                task_id,
+                approval_id,
+                decision,
+                by,
+                note,
+                reply,
+            } => {
+                state
+                    .control(&myself, &task_id, reply, move |port| TaskMsg::Decide {
+                        approval_id,
                         decision,
                         by,
                         note,
@@ -335,14 +361,16 @@ impl TaskSupervisorState {
     }
 }
 
-/// Steps of every non-terminal task whose effect's outcome is unknown: the starting
-/// value of `cadre_effects_outcome_unknown` (TaskActors move it from there).
-pub fn outcome_unknown_steps(store: &storage::Store) -> Result<i64, storage::StoreError> {
-    let mut unknown = 0;
+/// Over the node's active tasks: steps whose outcome is unknown, and approvals pending.
+/// The gauges of both start from these at boot; each TaskActor then moves them by what
+/// its commits change.
+pub fn waiting_on_people(store: &storage::Store) -> Result<(i64, i64), storage::StoreError> {
+    let (mut unknown, mut pending) = (0, 0);
     for key in store.keys(Cf::Active)? {
         if let Some(task) = store.get::<crate::model::Task>(Cf::Tasks, &key)? {
             unknown += crate::roles::task::unknown_steps(&task);
+            pending += crate::roles::task::pending_approvals(&task);
         }
     }
-    Ok(unknown)
+    Ok((unknown, pending))
 }

@@ -1,0 +1,241 @@
+//! Migrations of the records `actors` stores (tasks), run once when a node opens its store.
+//!
+//! postcard is not self-describing: a record decodes only as the exact layout that wrote
+//! it. So a layout change keeps the old layout here, frozen, and rewrites every record
+//! once. Enum variants appended at the end need no migration (postcard stores the index).
+//! `storage` versions its own layout (column families, the audit chain) separately.
+
+use serde::{Deserialize, Serialize};
+use storage::{Batch, Cf, Store, StoreError};
+
+use crate::model::{JsonText, Step, StepSpec, StepStatus, Task, TaskStatus};
+use crate::protocol::{TaskCheck, Verdict};
+
+/// Layout of the records in `Cf::Tasks`: 2 added approvals, cost and persona.
+pub const RECORDS_VERSION: u32 = 2;
+const META_RECORDS_KEY: &[u8] = b"records_version";
+/// Records rewritten per synced batch.
+const BATCH_RECORDS: usize = 256;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error(
+        "the store's task records have layout {found}, newer than this binary's {RECORDS_VERSION}: run a newer cadre"
+    )]
+    TooNew { found: u32 },
+    #[error("task record `{key}` cannot be read as layout {version}: {source}")]
+    Record {
+        key: String,
+        version: u32,
+        source: StoreError,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Brings every task record to [`RECORDS_VERSION`]; returns how many were rewritten.
+pub async fn run(store: &Store) -> Result<usize, MigrateError> {
+    // Unstamped: a store from before records were versioned, or a new one.
+    let found = store.get::<u32>(Cf::Meta, META_RECORDS_KEY)?.unwrap_or(1);
+    if found > RECORDS_VERSION {
+        return Err(MigrateError::TooNew { found });
+    }
+    let mut rewritten = 0;
+    if found < 2 {
+        let keys = store.keys(Cf::Tasks)?;
+        for chunk in keys.chunks(BATCH_RECORDS) {
+            let mut batch = Batch::new();
+            for key in chunk {
+                let old: Option<TaskV1> =
+                    store
+                        .get(Cf::Tasks, key)
+                        .map_err(|source| MigrateError::Record {
+                            key: String::from_utf8_lossy(key).into_owned(),
+                            version: 1,
+                            source,
+                        })?;
+                if let Some(old) = old {
+                    batch.put(Cf::Tasks, key.clone(), &old.into_current())?;
+                    rewritten += 1;
+                }
+            }
+            store.commit(batch).await?;
+        }
+    }
+    if found != RECORDS_VERSION {
+        let mut batch = Batch::new();
+        batch.put(Cf::Meta, META_RECORDS_KEY, &RECORDS_VERSION)?;
+        store.commit(batch).await?;
+    }
+    Ok(rewritten)
+}
+
+/// `Step` as layout 1 stored it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StepV1 {
+    spec: StepSpec,
+    status: StepStatus,
+    attempts: u32,
+    redeliveries: u32,
+    output: Option<JsonText>,
+    error: Option<String>,
+    verdict: Option<Verdict>,
+    started_at_ms: Option<u64>,
+    finished_at_ms: Option<u64>,
+    retry_at_ms: Option<u64>,
+    next_attempt: u32,
+}
+
+/// `Task` as layout 1 stored it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct TaskV1 {
+    id: String,
+    playbook: String,
+    playbook_version: String,
+    input: JsonText,
+    idempotency_key: Option<String>,
+    node_id: String,
+    status: TaskStatus,
+    created_at_ms: u64,
+    updated_at_ms: u64,
+    steps: Vec<StepV1>,
+    checks: Vec<TaskCheck>,
+    task_verdict: Option<Verdict>,
+    failure: Option<String>,
+    attention: Option<(String, String)>,
+    event_seq: u64,
+    hop_retries: u32,
+}
+
+impl TaskV1 {
+    fn into_current(self) -> Task {
+        Task {
+            id: self.id,
+            playbook: self.playbook,
+            playbook_version: self.playbook_version,
+            input: self.input,
+            idempotency_key: self.idempotency_key,
+            node_id: self.node_id,
+            status: self.status,
+            created_at_ms: self.created_at_ms,
+            updated_at_ms: self.updated_at_ms,
+            steps: self
+                .steps
+                .into_iter()
+                .map(|s| Step {
+                    spec: s.spec,
+                    status: s.status,
+                    attempts: s.attempts,
+                    redeliveries: s.redeliveries,
+                    output: s.output,
+                    error: s.error,
+                    verdict: s.verdict,
+                    started_at_ms: s.started_at_ms,
+                    finished_at_ms: s.finished_at_ms,
+                    retry_at_ms: s.retry_at_ms,
+                    next_attempt: s.next_attempt,
+                    approval: None,
+                    cost_micros: 0,
+                })
+                .collect(),
+            checks: self.checks,
+            task_verdict: self.task_verdict,
+            failure: self.failure,
+            attention: self.attention,
+            event_seq: self.event_seq,
+            hop_retries: self.hop_retries,
+            // Tasks planned before personas existed ran as the operator.
+            persona: String::new(),
+            approvals_requested: 0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Criteria;
+
+    fn v1(id: &str) -> TaskV1 {
+        TaskV1 {
+            id: id.into(),
+            playbook: "pb".into(),
+            playbook_version: "1@abc".into(),
+            input: JsonText("{}".into()),
+            idempotency_key: Some("k".into()),
+            node_id: "n1".into(),
+            status: TaskStatus::Running,
+            created_at_ms: 1,
+            updated_at_ms: 2,
+            steps: vec![StepV1 {
+                spec: StepSpec {
+                    id: "s1".into(),
+                    tool: "file.write".into(),
+                    params: JsonText("{}".into()),
+                    params_template: None,
+                    verify: Criteria::default(),
+                    depends_on: vec![],
+                    max_attempts: 3,
+                    timeout_ms: 1000,
+                },
+                status: StepStatus::Succeeded,
+                attempts: 2,
+                redeliveries: 0,
+                output: Some(JsonText("{\"ok\":true}".into())),
+                error: None,
+                verdict: None,
+                started_at_ms: Some(1),
+                finished_at_ms: Some(2),
+                retry_at_ms: None,
+                next_attempt: 2,
+            }],
+            checks: vec![],
+            task_verdict: None,
+            failure: None,
+            attention: None,
+            event_seq: 7,
+            hop_retries: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn layout_1_tasks_are_rewritten_once_and_keep_their_state() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let store = Store::open(dir.path(), &Default::default()).unwrap_or_else(|e| panic!("{e}"));
+        let mut batch = Batch::new();
+        for id in ["T1", "T2"] {
+            batch
+                .put(Cf::Tasks, id.as_bytes(), &v1(id))
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        store.commit(batch).await.unwrap_or_else(|e| panic!("{e}"));
+        // Layout 1 does not decode as the current layout: the migration is needed.
+        assert!(store.get::<Task>(Cf::Tasks, b"T1").is_err());
+
+        assert_eq!(run(&store).await.unwrap_or_else(|e| panic!("{e}")), 2);
+        let task: Task = store
+            .get(Cf::Tasks, b"T1")
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|| panic!("T1 gone"));
+        assert_eq!((task.event_seq, task.status), (7, TaskStatus::Running));
+        assert_eq!(task.steps[0].attempts, 2);
+        assert_eq!(task.steps[0].approval, None);
+        // Stamped: a second open rewrites nothing.
+        assert_eq!(run(&store).await.unwrap_or_else(|e| panic!("{e}")), 0);
+    }
+
+    #[tokio::test]
+    async fn a_newer_layout_is_refused() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let store = Store::open(dir.path(), &Default::default()).unwrap_or_else(|e| panic!("{e}"));
+        let mut batch = Batch::new();
+        batch
+            .put(Cf::Meta, META_RECORDS_KEY, &(RECORDS_VERSION + 1))
+            .unwrap_or_else(|e| panic!("{e}"));
+        store.commit(batch).await.unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(
+            run(&store).await,
+            Err(MigrateError::TooNew { .. })
+        ));
+    }
+}

@@ -1,0 +1,436 @@
+//! Governance policies: Cedar decides, for each step about to be dispatched, `allow`,
+//! `deny` or `require_approval`.
+//!
+//! Cedar has two effects (permit, forbid), so the three-way decision is two questions:
+//! may the step `run` at all (no: deny), and may it `run_unattended` (no: it needs an
+//! approval). Policies are validated against `policy/schema.cedarschema`, which gives
+//! every attribute a type and always sets it: a typo is an error at load time, never a
+//! rule that silently does not match. An error while evaluating denies (fail closed):
+//! Cedar skips a policy that errors, and a skipped `forbid` must not become an allow.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::str::FromStr;
+
+use cedar_policy::{
+    Authorizer, Context, Decision as CedarDecision, Entities, EntityId, EntityTypeName, EntityUid,
+    PolicyId, PolicySet, Request, Schema, ValidationMode, Validator,
+};
+use miette::Diagnostic;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+/// The types of what policies can see.
+pub const SCHEMA: &str = include_str!("policy/schema.cedarschema");
+/// The policies a node runs with when no policies directory is configured.
+pub const DEFAULT_POLICIES: &str = include_str!("../../policies/default.cedar");
+/// Name of the built-in policies, in errors and versions.
+pub const BUILTIN_NAME: &str = "builtin:default.cedar";
+/// Largest policy file read.
+const FILE_BYTES_MAX: u64 = 256 << 10;
+
+/// A policy file that cannot be used, pointing at the line.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{file}:{line}:{column}: {message}")]
+pub struct PolicyError {
+    pub file: String,
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+impl PolicyError {
+    fn whole_file(file: &str, message: impl Into<String>) -> PolicyError {
+        PolicyError {
+            file: file.to_string(),
+            line: 1,
+            column: 1,
+            message: message.into(),
+        }
+    }
+}
+
+/// What the policies decided for one step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Ruling {
+    Allow,
+    Deny,
+    RequireApproval,
+}
+
+impl Ruling {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Ruling::Allow => "allow",
+            Ruling::Deny => "deny",
+            Ruling::RequireApproval => "require_approval",
+        }
+    }
+}
+
+/// A decision and why, with the version of the policies that made it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub ruling: Ruling,
+    /// The `@reason` (or id) of each policy that caused a deny or an approval.
+    pub reasons: Vec<String>,
+    pub policy_version: String,
+}
+
+impl Decision {
+    pub fn reason_text(&self) -> String {
+        if self.reasons.is_empty() {
+            format!("policies {}", self.policy_version)
+        } else {
+            format!(
+                "{} (policies {})",
+                self.reasons.join("; "),
+                self.policy_version
+            )
+        }
+    }
+}
+
+/// Everything a policy can see about a step (see the schema).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StepFacts {
+    pub persona: String,
+    pub task_id: String,
+    pub step_id: String,
+    pub playbook: String,
+    pub tool: String,
+    pub node: String,
+    pub method: String,
+    pub host: String,
+    pub path: String,
+    pub within_roots: bool,
+    pub program: String,
+    pub command: String,
+    pub recipient: String,
+    pub cost_micros: u64,
+    pub now_ms: u64,
+}
+
+impl StepFacts {
+    fn context(&self) -> Value {
+        let secs = self.now_ms / 1000;
+        let days = secs / 86_400;
+        // 1970-01-01 was a Thursday (4); ISO weekday: Monday 1 … Sunday 7.
+        let weekday = (days + 3) % 7 + 1;
+        json!({
+            "task_id": self.task_id,
+            "step_id": self.step_id,
+            "playbook": self.playbook,
+            "tool": self.tool,
+            "node": self.node,
+            "method": self.method,
+            "host": self.host,
+            "path": self.path,
+            "within_roots": self.within_roots,
+            "program": self.program,
+            "command": self.command,
+            "recipient": self.recipient,
+            "cost_micros": i64::try_from(self.cost_micros).unwrap_or(i64::MAX),
+            "hour": (secs % 86_400 / 3600) as i64,
+            "minute": (secs % 3600 / 60) as i64,
+            "weekday": weekday as i64,
+        })
+    }
+}
+
+/// A loaded, validated set of policy files.
+pub struct Policies {
+    set: PolicySet,
+    schema: Schema,
+    version: String,
+    files: Vec<String>,
+    /// What each policy says when it causes a deny or an approval.
+    reasons: HashMap<PolicyId, String>,
+}
+
+impl std::fmt::Debug for Policies {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Policies")
+            .field("version", &self.version)
+            .field("files", &self.files)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Policies {
+    /// The built-in defaults (`policies/default.cedar`).
+    pub fn builtin() -> Policies {
+        Policies::from_sources(&[(BUILTIN_NAME.to_string(), DEFAULT_POLICIES.to_string())])
+            .unwrap_or_else(|e| panic!("the built-in policies are invalid: {e:?}"))
+    }
+
+    /// Every `*.cedar` file of `dir`, in name order.
+    pub fn load_dir(dir: &Path) -> Result<Policies, Vec<PolicyError>> {
+        let shown = dir.display().to_string();
+        let entries = std::fs::read_dir(dir)
+            .map_err(|e| vec![PolicyError::whole_file(&shown, format!("cannot read: {e}"))])?;
+        let mut paths: Vec<_> = entries
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "cedar"))
+            .collect();
+        paths.sort();
+        if paths.is_empty() {
+            return Err(vec![PolicyError::whole_file(
+                &shown,
+                "no *.cedar files: a policies directory must hold at least one policy",
+            )]);
+        }
+        let mut sources = Vec::with_capacity(paths.len());
+        let mut errors = Vec::new();
+        for path in paths {
+            let name = path.display().to_string();
+            match std::fs::metadata(&path) {
+                Ok(m) if m.len() > FILE_BYTES_MAX => {
+                    errors.push(PolicyError::whole_file(
+                        &name,
+                        format!("larger than {FILE_BYTES_MAX} bytes"),
+                    ));
+                    continue;
+                }
+                Err(e) => {
+                    errors.push(PolicyError::whole_file(&name, format!("cannot read: {e}")));
+                    continue;
+                }
+                Ok(_) => {}
+            }
+            match std::fs::read_to_string(&path) {
+                Ok(text) => sources.push((name, text)),
+                Err(e) => errors.push(PolicyError::whole_file(&name, format!("cannot read: {e}"))),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        Policies::from_sources(&sources)
+    }
+
+    /// Parses and validates `(file name, text)` pairs as one policy set.
+    pub fn from_sources(sources: &[(String, String)]) -> Result<Policies, Vec<PolicyError>> {
+        let schema = Schema::from_str(SCHEMA)
+            .unwrap_or_else(|e| panic!("the built-in policy schema is invalid: {e:?}"));
+        let validator = Validator::new(schema.clone());
+        let mut set = PolicySet::new();
+        let mut reasons = HashMap::new();
+        let mut errors = Vec::new();
+        let mut hasher = Sha256::new();
+        let mut ids: HashMap<String, String> = HashMap::new();
+        for (file, text) in sources {
+            hasher.update((file.len() as u64).to_le_bytes());
+            hasher.update(file.as_bytes());
+            hasher.update((text.len() as u64).to_le_bytes());
+            hasher.update(text.as_bytes());
+            let parsed = match PolicySet::from_str(text) {
+                Ok(p) => p,
+                Err(e) => {
+                    errors.extend(located(file, text, &e));
+                    continue;
+                }
+            };
+            let result = validator.validate(&parsed, ValidationMode::Strict);
+            for e in result.validation_errors() {
+                for e in located(file, text, e) {
+                    // The same mistake is reported once per action it applies to.
+                    if !errors.iter().any(|o: &PolicyError| {
+                        (o.line, o.column) == (e.line, e.column) && o.file == e.file
+                    }) {
+                        errors.push(e);
+                    }
+                }
+            }
+            for policy in parsed.policies() {
+                // Ids name policies in decisions: `@id` if given, else file and position
+                // (the parser numbers a file's policies `policy0`, `policy1`, …).
+                let id = match policy.annotation("id") {
+                    Some(id) => id.to_string(),
+                    None => {
+                        let n = policy
+                            .id()
+                            .to_string()
+                            .trim_start_matches("policy")
+                            .parse::<usize>()
+                            .map_or(0, |n| n + 1);
+                        format!("{}#{n}", base_name(file))
+                    }
+                };
+                let line = text
+                    .find(&format!("@id(\"{id}\")"))
+                    .map_or(1, |offset| line_col(text, offset).0);
+                if let Some(other) = ids.insert(id.clone(), format!("{file}:{line}")) {
+                    errors.push(PolicyError {
+                        file: file.clone(),
+                        line,
+                        column: 1,
+                        message: format!("policy id `{id}` is also used at {other}"),
+                    });
+                    continue;
+                }
+                let pid = PolicyId::new(&id);
+                let reason = policy.annotation("reason").unwrap_or(&id).to_string();
+                reasons.insert(pid.clone(), reason);
+                if let Err(e) = set.add(policy.new_id(pid)) {
+                    errors.push(PolicyError {
+                        file: file.clone(),
+                        line,
+                        column: 1,
+                        message: e.to_string(),
+                    });
+                }
+            }
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        let digest = hex::encode(hasher.finalize());
+        Ok(Policies {
+            set,
+            schema,
+            version: digest[..12].to_string(),
+            files: sources.iter().map(|(f, _)| f.clone()).collect(),
+            reasons,
+        })
+    }
+
+    /// Content hash of the files and their names: recorded with every decision.
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    pub fn files(&self) -> &[String] {
+        &self.files
+    }
+
+    pub fn len(&self) -> usize {
+        self.set.policies().count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Decides for one step.
+    pub fn decide(&self, facts: &StepFacts) -> Decision {
+        let decision = |ruling, reasons| Decision {
+            ruling,
+            reasons,
+            policy_version: self.version.clone(),
+        };
+        let run = match self.ask("run", facts) {
+            Ok(r) => r,
+            Err(e) => return decision(Ruling::Deny, vec![e]),
+        };
+        if let Some(reasons) = run {
+            return decision(Ruling::Deny, reasons);
+        }
+        match self.ask("run_unattended", facts) {
+            Ok(None) => decision(Ruling::Allow, Vec::new()),
+            Ok(Some(reasons)) => decision(Ruling::RequireApproval, reasons),
+            Err(e) => decision(Ruling::Deny, vec![e]),
+        }
+    }
+
+    /// `Ok(None)` if permitted; `Ok(Some(reasons))` if not; `Err` if evaluation failed.
+    fn ask(&self, action: &str, facts: &StepFacts) -> Result<Option<Vec<String>>, String> {
+        let uid = |ty: &str, id: &str| -> Result<EntityUid, String> {
+            let ty = EntityTypeName::from_str(ty).map_err(|e| e.to_string())?;
+            Ok(EntityUid::from_type_name_and_id(ty, EntityId::new(id)))
+        };
+        let persona = if facts.persona.is_empty() {
+            "operator"
+        } else {
+            facts.persona.as_str()
+        };
+        let principal = uid("Persona", persona)?;
+        let action = uid("Action", action)?;
+        let resource = uid("Step", &format!("{}/{}", facts.task_id, facts.step_id))?;
+        let context = Context::from_json_value(facts.context(), Some((&self.schema, &action)))
+            .map_err(|e| format!("policy context: {e}"))?;
+        let request = Request::new(principal, action, resource, context, Some(&self.schema))
+            .map_err(|e| format!("policy request: {e}"))?;
+        let response = Authorizer::new().is_authorized(&request, &self.set, &Entities::empty());
+        let errors: Vec<String> = response
+            .diagnostics()
+            .errors()
+            .map(|e| format!("policy evaluation failed (denied): {e}"))
+            .collect();
+        if !errors.is_empty() {
+            return Err(errors.join("; "));
+        }
+        if response.decision() == CedarDecision::Allow {
+            return Ok(None);
+        }
+        let reasons: Vec<String> = response
+            .diagnostics()
+            .reason()
+            .map(|id| {
+                self.reasons
+                    .get(id)
+                    .cloned()
+                    .unwrap_or_else(|| id.to_string())
+            })
+            .collect();
+        Ok(Some(if reasons.is_empty() {
+            vec!["no policy permits it".to_string()]
+        } else {
+            reasons
+        }))
+    }
+}
+
+/// Errors of a Cedar diagnostic, each at the line and column its first label points at.
+fn located<D: Diagnostic>(file: &str, text: &str, diagnostic: &D) -> Vec<PolicyError> {
+    let mut out = Vec::new();
+    let related: Vec<&dyn Diagnostic> = diagnostic
+        .related()
+        .map(|r| r.collect())
+        .unwrap_or_default();
+    let parts: Vec<&dyn Diagnostic> = if related.is_empty() {
+        vec![diagnostic as &dyn Diagnostic]
+    } else {
+        related
+    };
+    for part in parts {
+        let offset = part
+            .labels()
+            .and_then(|mut l| l.next())
+            .map(|l| l.offset())
+            .unwrap_or(0);
+        let (line, column) = line_col(text, offset);
+        let mut message = part.to_string();
+        if let Some(help) = part.help() {
+            message.push_str(&format!(" (help: {help})"));
+        }
+        out.push(PolicyError {
+            file: file.to_string(),
+            line,
+            column,
+            message,
+        });
+    }
+    out
+}
+
+/// 1-based line and column of byte `offset` in `text`.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+fn base_name(file: &str) -> &str {
+    Path::new(file)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or(file)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,176 @@
+use super::*;
+
+fn facts(tool: &str) -> StepFacts {
+    StepFacts {
+        persona: "operator".into(),
+        task_id: "T1".into(),
+        step_id: "s1".into(),
+        playbook: "pb".into(),
+        tool: tool.into(),
+        node: "laptop".into(),
+        // 2026-11-24 (a Tuesday) 14:05 UTC.
+        now_ms: 1_795_529_100_000,
+        ..StepFacts::default()
+    }
+}
+
+fn http(method: &str, host: &str) -> StepFacts {
+    StepFacts {
+        method: method.into(),
+        host: host.into(),
+        path: "/clients".into(),
+        ..facts("http.request")
+    }
+}
+
+fn one(text: &str) -> Result<Policies, Vec<PolicyError>> {
+    Policies::from_sources(&[("test.cedar".into(), text.into())])
+}
+
+#[test]
+fn the_defaults_gate_shell_writes_and_non_get_http() {
+    let p = Policies::builtin();
+    assert_eq!(
+        p.decide(&http("GET", "api.example.com")).ruling,
+        Ruling::Allow
+    );
+    assert_eq!(p.decide(&http("POST", "127.0.0.1")).ruling, Ruling::Allow);
+    let post = p.decide(&http("POST", "api.example.com"));
+    assert_eq!(post.ruling, Ruling::RequireApproval);
+    assert_eq!(
+        post.reasons,
+        ["HTTP method other than GET to a host not on the allow list"]
+    );
+    assert_eq!(post.policy_version, p.version());
+    let shell = p.decide(&StepFacts {
+        program: "echo".into(),
+        ..facts("shell.run")
+    });
+    assert_eq!(shell.ruling, Ruling::RequireApproval);
+    assert_eq!(shell.reasons, ["shell.run needs an operator's approval"]);
+    let inside = StepFacts {
+        path: "/srv/clients/a.md".into(),
+        within_roots: true,
+        ..facts("file.write")
+    };
+    assert_eq!(p.decide(&inside).ruling, Ruling::Allow);
+    let outside = p.decide(&StepFacts {
+        within_roots: false,
+        ..inside
+    });
+    assert_eq!(outside.ruling, Ruling::Deny);
+    assert_eq!(
+        outside.reasons,
+        ["file.write outside the configured file roots"]
+    );
+}
+
+#[test]
+fn nothing_runs_without_a_permit() {
+    let p = one(r#"forbid (principal, action, resource) when { context.tool == "x" };"#)
+        .unwrap_or_else(|e| panic!("{e:?}"));
+    let d = p.decide(&facts("file.write"));
+    assert_eq!(d.ruling, Ruling::Deny);
+    assert_eq!(d.reasons, ["no policy permits it"]);
+}
+
+#[test]
+fn time_of_day_cost_and_persona_are_inputs() {
+    let p = one(r#"
+        permit (principal, action, resource);
+        @id("night") @reason("no deploys at night")
+        forbid (principal, action, resource) when { context.hour < 7 };
+        @id("pricey")
+        forbid (principal, action == Action::"run_unattended", resource)
+        when { context.cost_micros > 50000 };
+        @id("intern")
+        forbid (principal == Persona::"intern", action == Action::"run_unattended", resource);
+        "#)
+    .unwrap_or_else(|e| panic!("{e:?}"));
+    let day = facts("http.request");
+    assert_eq!(p.decide(&day).ruling, Ruling::Allow);
+    let night = StepFacts {
+        // 03:00 UTC the same day.
+        now_ms: day.now_ms - 11 * 3_600_000 - 5 * 60_000,
+        ..day.clone()
+    };
+    let d = p.decide(&night);
+    assert_eq!(
+        (d.ruling, d.reasons),
+        (Ruling::Deny, vec!["no deploys at night".into()])
+    );
+    let pricey = StepFacts {
+        cost_micros: 60_000,
+        ..day.clone()
+    };
+    let d = p.decide(&pricey);
+    assert_eq!(
+        (d.ruling, d.reasons),
+        (Ruling::RequireApproval, vec!["pricey".into()])
+    );
+    let intern = StepFacts {
+        persona: "intern".into(),
+        ..day
+    };
+    assert_eq!(p.decide(&intern).ruling, Ruling::RequireApproval);
+}
+
+#[test]
+fn errors_point_at_the_line() {
+    let text = "permit (principal, action, resource);\n\nforbid (principal, action, resource)\nwhen { context.tol == \"x\" };\n";
+    let errors = one(text).expect_err("typo in an attribute");
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!((errors[0].file.as_str(), errors[0].line), ("test.cedar", 4));
+    assert!(errors[0].message.contains("tol"), "{}", errors[0]);
+
+    let errors = one("permit (principal, action, resource);\nforbid (principal action, resource);")
+        .expect_err("syntax error");
+    assert_eq!(errors[0].line, 2, "{errors:?}");
+    assert!(
+        errors[0].to_string().starts_with("test.cedar:2:"),
+        "{}",
+        errors[0]
+    );
+}
+
+#[test]
+fn ids_are_unique_across_files() {
+    let a = (
+        "a.cedar".to_string(),
+        "@id(\"x\") permit (principal, action, resource);".to_string(),
+    );
+    let b = (
+        "b.cedar".to_string(),
+        "\n@id(\"x\") permit (principal, action, resource);".to_string(),
+    );
+    let errors = Policies::from_sources(&[a, b]).expect_err("duplicate id");
+    assert_eq!(
+        (errors[0].file.as_str(), errors[0].line),
+        ("b.cedar", 2),
+        "{errors:?}"
+    );
+    assert!(errors[0].message.contains("a.cedar:1"), "{}", errors[0]);
+}
+
+#[test]
+fn the_version_follows_the_content() {
+    let a = one("permit (principal, action, resource);").unwrap_or_else(|e| panic!("{e:?}"));
+    let b = one("permit (principal, action, resource); ").unwrap_or_else(|e| panic!("{e:?}"));
+    let a2 = one("permit (principal, action, resource);").unwrap_or_else(|e| panic!("{e:?}"));
+    assert_eq!(a.version(), a2.version());
+    assert_ne!(a.version(), b.version());
+    assert_eq!(a.version().len(), 12);
+}
+
+#[test]
+fn a_directory_loads_in_name_order_and_needs_a_policy() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let errors = Policies::load_dir(dir.path()).expect_err("empty dir");
+    assert!(errors[0].message.contains("no *.cedar files"), "{errors:?}");
+    std::fs::write(dir.path().join("10-base.cedar"), DEFAULT_POLICIES)
+        .unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(dir.path().join("README.md"), "not a policy").unwrap_or_else(|e| panic!("{e}"));
+    let p = Policies::load_dir(dir.path()).unwrap_or_else(|e| panic!("{e:?}"));
+    assert_eq!(p.files().len(), 1);
+    assert_eq!(p.len(), 4);
+}
