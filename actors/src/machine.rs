@@ -241,7 +241,12 @@ impl Cx<'_> {
             Input::Start => self.start(),
             Input::Cancel { reason } => return self.cancel(reason),
             Input::Abandon { reason } => {
-                if !self.task.status.is_terminal() {
+                if self.task.ends_as.is_some() && !self.task.status.is_terminal() {
+                    // Its actor kept crashing while undoing: stop undoing.
+                    self.note_failure(format!("compensation abandoned: {reason}"));
+                    self.skip_unfinished();
+                    self.finish_compensation();
+                } else if !self.task.status.is_terminal() {
                     self.fail(reason);
                 }
             }
@@ -311,9 +316,10 @@ impl Cx<'_> {
                 self.out.actions.push(Action::RequestPlan);
             }
             TaskStatus::Planning => self.out.actions.push(Action::RequestPlan),
-            TaskStatus::Running | TaskStatus::AwaitingOperator | TaskStatus::AwaitingApproval => {
-                self.resume_steps()
-            }
+            TaskStatus::Running
+            | TaskStatus::AwaitingOperator
+            | TaskStatus::AwaitingApproval
+            | TaskStatus::Compensating => self.resume_steps(),
             TaskStatus::Verifying => self.out.actions.push(Action::VerifyTask),
             TaskStatus::Archiving => self.out.actions.push(Action::Archive),
             TaskStatus::Succeeded | TaskStatus::Failed | TaskStatus::Cancelled => {}
@@ -357,7 +363,7 @@ impl Cx<'_> {
                 _ => {}
             }
         }
-        if self.task.status == TaskStatus::Running {
+        if self.is_dispatching() {
             self.dispatch_ready();
         }
     }
@@ -392,11 +398,112 @@ impl Cx<'_> {
         if self.task.status.is_terminal() {
             return Err(Rejected(format!("task is already {}", self.task.status)));
         }
+        if self.task.ends_as.is_some() {
+            return Err(Rejected(
+                "task is compensating: its undo steps run to the end (the kill switch stops them)"
+                    .into(),
+            ));
+        }
         self.skip_unfinished();
         self.task.failure = Some(format!("cancelled: {reason}"));
         self.task.attention = None;
-        self.set_status(TaskStatus::Cancelled, Some(reason));
+        if !self.begin_compensation(TaskStatus::Cancelled, &reason) {
+            self.set_status(TaskStatus::Cancelled, Some(reason));
+        }
         Ok(())
+    }
+
+    // --- compensation (saga) --------------------------------------------------------
+
+    /// Undo steps for the done steps that declared one, newest first. False if there
+    /// is nothing to undo (the task ends at once).
+    fn begin_compensation(&mut self, ends_as: TaskStatus, why: &str) -> bool {
+        let mut done: Vec<(u64, usize)> = self
+            .task
+            .steps
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.status == StepStatus::Succeeded && s.spec.compensate.is_some())
+            .map(|(i, s)| (s.finished_at_ms.unwrap_or(0), i))
+            .collect();
+        if done.is_empty() {
+            return false;
+        }
+        // Newest first; steps that finished in the same millisecond, later in the plan first.
+        done.sort_by(|a, b| b.cmp(a));
+        let undo: Vec<Step> = done
+            .iter()
+            .filter_map(|&(_, i)| self.task.steps[i].spec.compensate.as_deref().cloned())
+            .map(Step::new)
+            .collect();
+        let names: Vec<String> = undo
+            .iter()
+            .filter_map(|s| s.spec.compensates.clone())
+            .collect();
+        self.task.steps.extend(undo);
+        self.task.ends_as = Some(ends_as);
+        self.set_status(
+            TaskStatus::Compensating,
+            Some(format!("{why}; undoing {}", names.join(", "))),
+        );
+        self.dispatch_ready();
+        true
+    }
+
+    /// An undo step gave up (failed, denied, aborted): say so and go on with the others.
+    fn compensation_failed(&mut self, reason: String) {
+        self.note_failure(format!("compensation failed: {reason}"));
+        self.task.attention = None;
+        self.refresh_attention();
+        self.continue_compensation();
+    }
+
+    fn continue_compensation(&mut self) {
+        let all_done = self
+            .task
+            .steps
+            .iter()
+            .filter(|s| s.spec.compensates.is_some())
+            .all(|s| s.status.is_done());
+        if all_done {
+            self.finish_compensation();
+        } else if self.is_dispatching() {
+            self.dispatch_ready();
+        }
+    }
+
+    fn finish_compensation(&mut self) {
+        let ends_as = self.task.ends_as.unwrap_or(TaskStatus::Failed);
+        let undone = self
+            .task
+            .steps
+            .iter()
+            .filter(|s| s.spec.compensates.is_some())
+            .filter(|s| s.status == StepStatus::Succeeded)
+            .count();
+        let total = self
+            .task
+            .steps
+            .iter()
+            .filter(|s| s.spec.compensates.is_some())
+            .count();
+        self.task.attention = None;
+        self.set_status(ends_as, Some(format!("{undone} of {total} steps undone")));
+    }
+
+    fn note_failure(&mut self, more: String) {
+        self.task.failure = Some(match self.task.failure.take() {
+            Some(f) => format!("{f}; {more}"),
+            None => more,
+        });
+    }
+
+    /// Running, or compensating: steps may be dispatched.
+    fn is_dispatching(&self) -> bool {
+        matches!(
+            self.task.status,
+            TaskStatus::Running | TaskStatus::Compensating
+        )
     }
 
     fn resolve(
@@ -432,9 +539,10 @@ impl Cx<'_> {
                     Some(self.task.steps[i].attempts),
                     Some(format!("aborted by {by}{note}")),
                 );
-                self.fail(format!(
-                    "step `{step_id}` aborted by {by} (outcome unknown)"
-                ));
+                self.step_gave_up(
+                    i,
+                    format!("step `{step_id}` aborted by {by} (outcome unknown)"),
+                );
             }
             DecisionKind::Retry => {
                 let attempt = self.task.steps[i].attempts + 1;
@@ -473,12 +581,31 @@ impl Cx<'_> {
 
     // --- steps ---------------------------------------------------------------------
 
-    /// Starts every pending step whose dependencies have succeeded.
+    /// Starts every pending step whose dependencies have succeeded; while compensating,
+    /// the next undo step once the one before it is done (one at a time, in order).
     fn dispatch_ready(&mut self) {
+        if self.task.ends_as.is_some() {
+            let undo = |s: &Step| s.spec.compensates.is_some();
+            let busy = self
+                .task
+                .steps
+                .iter()
+                .any(|s| undo(s) && !s.status.is_done() && s.status != StepStatus::Pending);
+            let next = self
+                .task
+                .steps
+                .iter()
+                .position(|s| undo(s) && s.status == StepStatus::Pending);
+            if let (false, Some(i)) = (busy, next) {
+                self.begin_attempt(i, 1);
+            }
+            return;
+        }
         let ready: Vec<usize> = (0..self.task.steps.len())
             .filter(|&i| {
                 let step = &self.task.steps[i];
                 step.status == StepStatus::Pending
+                    && step.spec.compensates.is_none()
                     && step.spec.depends_on.iter().all(|d| {
                         self.task
                             .step(d)
@@ -537,7 +664,7 @@ impl Cx<'_> {
             Some(attempt),
             Some(reason.to_string()),
         );
-        self.fail(format!("step `{id}` denied: {reason}"));
+        self.step_gave_up(i, format!("step `{id}` denied: {reason}"));
     }
 
     /// The policies want a person to look first: the step waits, bound to exactly the
@@ -584,7 +711,7 @@ impl Cx<'_> {
             Some(attempt),
             Some(format!("{approval_id}: {}", gated.reason)),
         );
-        if self.task.status == TaskStatus::Running {
+        if self.is_dispatching() {
             self.set_status(
                 TaskStatus::AwaitingApproval,
                 Some(format!("step `{step_id}` needs approval {approval_id}")),
@@ -637,7 +764,7 @@ impl Cx<'_> {
                     Some(attempt),
                     Some(format!("{approval_id} denied by {by}{note}")),
                 );
-                self.fail(format!("step `{step_id}` denied by {by}"));
+                self.step_gave_up(i, format!("step `{step_id}` denied by {by}"));
             }
             ApprovalDecision::Approve => {
                 approval.state = ApprovalState::Approved;
@@ -692,9 +819,10 @@ impl Cx<'_> {
                     Some(attempt),
                     Some(format!("{approval_id} expired; default: deny")),
                 );
-                self.fail(format!(
-                    "step `{step_id}`: approval {approval_id} expired undecided"
-                ));
+                self.step_gave_up(
+                    i,
+                    format!("step `{step_id}`: approval {approval_id} expired undecided"),
+                );
             }
             ApprovalDecision::Approve => {
                 step.status = StepStatus::Pending;
@@ -717,6 +845,16 @@ impl Cx<'_> {
         self.begin_attempt(i, attempt);
         if self.task.status == TaskStatus::Running {
             self.dispatch_ready();
+        }
+    }
+
+    /// A step gave up for good: the task fails, or, for an undo step, the compensation
+    /// notes it and goes on.
+    fn step_gave_up(&mut self, i: usize, reason: String) {
+        if self.task.steps[i].spec.compensates.is_some() {
+            self.compensation_failed(reason);
+        } else {
+            self.fail(reason);
         }
     }
 
@@ -760,7 +898,7 @@ impl Cx<'_> {
                     Some(attempt),
                     Some(message.clone()),
                 );
-                if self.task.status == TaskStatus::Running {
+                if self.is_dispatching() {
                     self.set_status(
                         TaskStatus::AwaitingOperator,
                         Some(format!("step `{step_id}`: {message}")),
@@ -900,7 +1038,7 @@ impl Cx<'_> {
         } else {
             format!("{attempt} attempts")
         };
-        self.fail(format!("step `{id}` failed after {tries}: {message}"));
+        self.step_gave_up(i, format!("step `{id}` failed after {tries}: {message}"));
     }
 
     fn retry_due(&mut self, step_id: &str, attempt: u32) {
@@ -930,6 +1068,10 @@ impl Cx<'_> {
     /// With the task's verdict already in hand (it came with the last step's), the task
     /// goes through `verifying` within the same commit.
     fn advance(&mut self, task_verdict: Option<Verdict>) {
+        if self.task.ends_as.is_some() {
+            self.continue_compensation();
+            return;
+        }
         if self
             .task
             .steps
@@ -1004,11 +1146,14 @@ impl Cx<'_> {
 
     // --- helpers -------------------------------------------------------------------
 
+    /// The task fails: what has not run is skipped and the done steps are undone.
     fn fail(&mut self, reason: String) {
         self.skip_unfinished();
         self.task.attention = None;
         self.task.failure = Some(reason.clone());
-        self.set_status(TaskStatus::Failed, Some(reason));
+        if !self.begin_compensation(TaskStatus::Failed, &reason) {
+            self.set_status(TaskStatus::Failed, Some(reason));
+        }
     }
 
     fn skip_unfinished(&mut self) {
@@ -1055,6 +1200,8 @@ impl Cx<'_> {
             .any(|s| s.status == StepStatus::AwaitingApproval)
         {
             TaskStatus::AwaitingApproval
+        } else if self.task.ends_as.is_some() {
+            TaskStatus::Compensating
         } else {
             TaskStatus::Running
         };

@@ -8,10 +8,11 @@
 use serde::{Deserialize, Serialize};
 use storage::{Batch, Cf, Store, StoreError};
 
-use crate::model::{JsonText, Step, StepSpec, StepStatus, Task, TaskStatus};
+use crate::model::{Criteria, JsonText, Step, StepSpec, StepStatus, Task, TaskStatus};
 use crate::protocol::{TaskCheck, Verdict};
 
-/// Layout of the records in `Cf::Tasks`: 2 added approvals, cost and persona.
+/// Layout of the records in `Cf::Tasks`: 2 added approvals, cost, persona and
+/// compensation.
 pub const RECORDS_VERSION: u32 = 2;
 const META_RECORDS_KEY: &[u8] = b"records_version";
 /// Records rewritten per synced batch.
@@ -70,10 +71,23 @@ pub async fn run(store: &Store) -> Result<usize, MigrateError> {
     Ok(rewritten)
 }
 
+/// `StepSpec` as layout 1 stored it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StepSpecV1 {
+    id: String,
+    tool: String,
+    params: JsonText,
+    params_template: Option<JsonText>,
+    verify: Criteria,
+    depends_on: Vec<String>,
+    max_attempts: u32,
+    timeout_ms: u64,
+}
+
 /// `Step` as layout 1 stored it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct StepV1 {
-    spec: StepSpec,
+    spec: StepSpecV1,
     status: StepStatus,
     attempts: u32,
     redeliveries: u32,
@@ -123,7 +137,18 @@ impl TaskV1 {
                 .steps
                 .into_iter()
                 .map(|s| Step {
-                    spec: s.spec,
+                    spec: StepSpec {
+                        id: s.spec.id,
+                        tool: s.spec.tool,
+                        params: s.spec.params,
+                        params_template: s.spec.params_template,
+                        verify: s.spec.verify,
+                        depends_on: s.spec.depends_on,
+                        max_attempts: s.spec.max_attempts,
+                        timeout_ms: s.spec.timeout_ms,
+                        compensate: None,
+                        compensates: None,
+                    },
                     status: s.status,
                     attempts: s.attempts,
                     redeliveries: s.redeliveries,
@@ -146,6 +171,7 @@ impl TaskV1 {
             hop_retries: self.hop_retries,
             // Tasks planned before personas existed ran as the operator.
             persona: String::new(),
+            ends_as: None,
             approvals_requested: 0,
         }
     }
@@ -154,7 +180,6 @@ impl TaskV1 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Criteria;
 
     fn v1(id: &str) -> TaskV1 {
         TaskV1 {
@@ -168,7 +193,7 @@ mod tests {
             created_at_ms: 1,
             updated_at_ms: 2,
             steps: vec![StepV1 {
-                spec: StepSpec {
+                spec: StepSpecV1 {
                     id: "s1".into(),
                     tool: "file.write".into(),
                     params: JsonText("{}".into()),

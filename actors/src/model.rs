@@ -51,6 +51,9 @@ pub enum TaskStatus {
     /// A step waits for an operator's approval (`cadre.approvals.decide`). Appended last:
     /// postcard stores a variant's index, so earlier records keep their meaning.
     AwaitingApproval,
+    /// Cancelled or failed: the `compensate` actions of the done steps run, newest first;
+    /// then the task ends as `Task::ends_as`.
+    Compensating,
 }
 
 impl TaskStatus {
@@ -73,6 +76,7 @@ impl TaskStatus {
             TaskStatus::Failed => "failed",
             TaskStatus::Cancelled => "cancelled",
             TaskStatus::AwaitingApproval => "awaiting_approval",
+            TaskStatus::Compensating => "compensating",
         }
     }
 
@@ -85,7 +89,10 @@ impl TaskStatus {
         match self {
             TaskStatus::Accepted => 0,
             TaskStatus::Planning => 1,
-            TaskStatus::Running | TaskStatus::AwaitingOperator | TaskStatus::AwaitingApproval => 2,
+            TaskStatus::Running
+            | TaskStatus::AwaitingOperator
+            | TaskStatus::AwaitingApproval
+            | TaskStatus::Compensating => 2,
             TaskStatus::Verifying => 3,
             TaskStatus::Archiving => 4,
             TaskStatus::Succeeded | TaskStatus::Failed | TaskStatus::Cancelled => 5,
@@ -278,6 +285,19 @@ pub struct StepSpec {
     pub depends_on: Vec<String>,
     pub max_attempts: u32,
     pub timeout_ms: u64,
+    /// What undoes this step once it succeeded (`<id>.undo`), run if the task is
+    /// cancelled or fails later.
+    pub compensate: Option<Box<StepSpec>>,
+    /// On an undo step: the step it undoes.
+    pub compensates: Option<String>,
+}
+
+impl StepSpec {
+    /// The id of the step that undoes step `id`. The dot keeps it apart from every
+    /// playbook step id (those are subject tokens).
+    pub fn undo_id(id: &str) -> String {
+        format!("{id}.undo")
+    }
 }
 
 /// A step's checkpointed state.
@@ -347,6 +367,8 @@ pub struct Task {
     pub hop_retries: u32,
     /// Who the playbook runs as, for the policies (`Persona::"..."`).
     pub persona: String,
+    /// While compensating, and after: how the task ends (`cancelled` or `failed`).
+    pub ends_as: Option<TaskStatus>,
     /// Approvals requested so far: numbers the next approval id.
     pub approvals_requested: u32,
 }
@@ -378,6 +400,7 @@ impl Task {
             event_seq: 0,
             hop_retries: 0,
             persona: String::new(),
+            ends_as: None,
             approvals_requested: 0,
         }
     }

@@ -54,6 +54,25 @@ struct StepFile {
     max_attempts: Option<u32>,
     #[serde(default)]
     timeout_ms: Option<u64>,
+    #[serde(default)]
+    compensate: Option<CompensateFile>,
+}
+
+/// What undoes a step (a saga's compensation): run, newest first, when the task is
+/// cancelled or fails after the step succeeded.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CompensateFile {
+    tool: String,
+    #[serde(default = "empty_table")]
+    params: toml::Value,
+    /// Optional: without criteria, a compensation that ran without a tool error passed.
+    #[serde(default)]
+    verify: Option<CriteriaFile>,
+    #[serde(default)]
+    max_attempts: Option<u32>,
+    #[serde(default)]
+    timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -118,6 +137,8 @@ struct PlannedStep {
     depends_on: Vec<String>,
     max_attempts: u32,
     timeout_ms: u64,
+    /// Its compensation, as a step of its own (`<id>.undo`, no dependencies).
+    compensate: Option<Box<PlannedStep>>,
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -211,16 +232,40 @@ impl Playbook {
             }
             check_criteria_references(&verify).map_err(at)?;
             let reads_steps = param_refs.iter().any(|r| r.starts_with("steps."));
-            let max_attempts = s.max_attempts.unwrap_or(defaults.max_attempts);
-            if !(1..=20).contains(&max_attempts) {
-                return Err(at(format!("max_attempts {max_attempts} must be 1 to 20")));
-            }
-            let timeout_ms = s.timeout_ms.unwrap_or(defaults.timeout_ms);
-            if !(1..=TIMEOUT_MS_MAX).contains(&timeout_ms) {
-                return Err(at(format!(
-                    "timeout_ms {timeout_ms} must be 1 to {TIMEOUT_MS_MAX}"
-                )));
-            }
+            let (max_attempts, timeout_ms) =
+                bounds(s.max_attempts, s.timeout_ms, defaults).map_err(at)?;
+            let compensate = match &s.compensate {
+                None => None,
+                Some(c) => {
+                    let at = |problem: String| at(format!("compensate: {problem}"));
+                    let info = tools::info(&c.tool)
+                        .ok_or_else(|| at(format!("unknown tool `{}`", c.tool)))?;
+                    let params = toml_to_json(&c.params);
+                    tools::check_params(info, &params).map_err(at)?;
+                    // It may read the step it undoes, and what that step read.
+                    let mut readable = s.depends_on.clone();
+                    readable.push(s.id.clone());
+                    let refs = template::references(&params).map_err(|e| at(e.to_string()))?;
+                    for r in &refs {
+                        check_reference(r, &readable).map_err(at)?;
+                    }
+                    let verify = c.verify.as_ref().map(criteria_json).unwrap_or(json!({}));
+                    check_criteria_references(&verify).map_err(at)?;
+                    let (max_attempts, timeout_ms) =
+                        bounds(c.max_attempts, c.timeout_ms, defaults).map_err(at)?;
+                    Some(Box::new(PlannedStep {
+                        id: StepSpec::undo_id(&s.id),
+                        tool: c.tool.clone(),
+                        reads_steps: refs.iter().any(|r| r.starts_with("steps.")),
+                        params,
+                        verify,
+                        depends_on: Vec::new(),
+                        max_attempts,
+                        timeout_ms,
+                        compensate: None,
+                    }))
+                }
+            };
             steps.push(PlannedStep {
                 id: s.id.clone(),
                 tool: s.tool.clone(),
@@ -230,6 +275,7 @@ impl Playbook {
                 depends_on: s.depends_on.clone(),
                 max_attempts,
                 timeout_ms,
+                compensate,
             });
         }
         check_acyclic(&steps).map_err(err)?;
@@ -274,25 +320,11 @@ impl Playbook {
         }
         let task = json!({"id": task_id, "playbook": self.name});
         let scope: &[(&str, &Value)] = &[("input", input), ("task", &task)];
-        let mut specs = Vec::with_capacity(self.steps.len());
-        for s in &self.steps {
-            let tpl = |source| InputError::Template {
-                step: s.id.clone(),
-                source,
-            };
-            let params = template::render(&s.params, scope).map_err(tpl)?;
-            let verify = criteria_from_json(&template::render(&s.verify, scope).map_err(tpl)?);
-            specs.push(StepSpec {
-                id: s.id.clone(),
-                tool: s.tool.clone(),
-                params: JsonText::from_value(&params),
-                params_template: s.reads_steps.then(|| JsonText::from_value(&s.params)),
-                verify,
-                depends_on: s.depends_on.clone(),
-                max_attempts: s.max_attempts,
-                timeout_ms: s.timeout_ms,
-            });
-        }
+        let specs = self
+            .steps
+            .iter()
+            .map(|s| s.spec(scope))
+            .collect::<Result<Vec<_>, _>>()?;
         let mut checks = Vec::with_capacity(self.checks.len());
         for (step, verify) in &self.checks {
             let rendered =
@@ -307,6 +339,58 @@ impl Playbook {
         }
         Ok((specs, checks))
     }
+}
+
+impl PlannedStep {
+    /// The step with templates over `input.*` and `task.*` rendered (`steps.*` stay
+    /// for dispatch time).
+    fn spec(&self, scope: &[(&str, &Value)]) -> Result<StepSpec, InputError> {
+        let tpl = |source| InputError::Template {
+            step: self.id.clone(),
+            source,
+        };
+        let params = template::render(&self.params, scope).map_err(tpl)?;
+        let verify = criteria_from_json(&template::render(&self.verify, scope).map_err(tpl)?);
+        let compensate = match &self.compensate {
+            Some(c) => {
+                let mut undo = c.spec(scope)?;
+                undo.compensates = Some(self.id.clone());
+                Some(Box::new(undo))
+            }
+            None => None,
+        };
+        Ok(StepSpec {
+            id: self.id.clone(),
+            tool: self.tool.clone(),
+            params: JsonText::from_value(&params),
+            params_template: self.reads_steps.then(|| JsonText::from_value(&self.params)),
+            verify,
+            depends_on: self.depends_on.clone(),
+            max_attempts: self.max_attempts,
+            timeout_ms: self.timeout_ms,
+            compensate,
+            compensates: None,
+        })
+    }
+}
+
+/// A step's (or compensation's) attempts and timeout, defaulted and checked.
+fn bounds(
+    max_attempts: Option<u32>,
+    timeout_ms: Option<u64>,
+    defaults: &StepDefaults,
+) -> Result<(u32, u64), String> {
+    let max_attempts = max_attempts.unwrap_or(defaults.max_attempts);
+    if !(1..=20).contains(&max_attempts) {
+        return Err(format!("max_attempts {max_attempts} must be 1 to 20"));
+    }
+    let timeout_ms = timeout_ms.unwrap_or(defaults.timeout_ms);
+    if !(1..=TIMEOUT_MS_MAX).contains(&timeout_ms) {
+        return Err(format!(
+            "timeout_ms {timeout_ms} must be 1 to {TIMEOUT_MS_MAX}"
+        ));
+    }
+    Ok((max_attempts, timeout_ms))
 }
 
 fn check_reference(path: &str, depends_on: &[String]) -> Result<(), String> {

@@ -58,6 +58,30 @@ params = { path = "{{input.path}}", content = "should never be written" }
 verify = { file_exists = true }
 "#;
 
+/// Two HTTP calls that can be undone, then a shell step that needs an approval.
+const SAGA: &str = r#"
+name = "saga"
+[[steps]]
+id = "first"
+tool = "http.request"
+params = { method = "POST", url = "{{input.url}}/first" }
+verify = { status_in = [201] }
+compensate = { tool = "http.request", params = { method = "POST", url = "{{input.url}}/undo/first/{{steps.first.output.body.id}}" } }
+[[steps]]
+id = "second"
+tool = "http.request"
+depends_on = ["first"]
+params = { method = "POST", url = "{{input.url}}/second" }
+verify = { status_in = [201] }
+compensate = { tool = "http.request", params = { method = "POST", url = "{{input.url}}/undo/second" }, verify = { status_in = [201] } }
+[[steps]]
+id = "ship"
+tool = "shell.run"
+depends_on = ["second"]
+params = { program = "touch", args = ["{{input.root}}/shipped-{{task.id}}"] }
+verify = { exit_code = 0 }
+"#;
+
 struct World {
     nats: NatsServer,
     client: async_nats::Client,
@@ -78,6 +102,7 @@ async fn world() -> anyhow::Result<World> {
     std::fs::write(playbooks.join("long-shell.toml"), LONG_SHELL)?;
     std::fs::write(playbooks.join("deploy.toml"), DEPLOY)?;
     std::fs::write(playbooks.join("outside.toml"), OUTSIDE)?;
+    std::fs::write(playbooks.join("saga.toml"), SAGA)?;
     let files = dir.path().join("files");
     std::fs::create_dir_all(&files)?;
     let files = files.canonicalize()?.display().to_string();
@@ -150,7 +175,16 @@ impl World {
         })
         .await?;
         anyhow::ensure!(task["status"] == "awaiting_approval", "{task:#}");
-        Ok(task["steps"][0]["approval"].clone())
+        task["steps"]
+            .as_array()
+            .and_then(|steps| {
+                steps
+                    .iter()
+                    .map(|s| &s["approval"])
+                    .find(|a| a["state"] == "pending")
+            })
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!("no pending approval: {task:#}"))
     }
 
     async fn decide(&self, approval_id: &str, decision: &str, by: &str) -> anyhow::Result<Value> {
@@ -447,6 +481,73 @@ forbid (principal action, resource);
     assert!(
         log.contains("invalid policies") && log.contains("zz-broken.cedar:2:"),
         "{log}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_and_failure_undo_the_done_steps_newest_first() -> anyhow::Result<()> {
+    let w = world().await?;
+    let mut node = w.node_with("n1", &[("CADRE_POLICIES_DIR", "")])?;
+    node.wait_ready(&w.client).await?;
+    let input = || json!({"url": w.sink.url, "root": w.files});
+    // The undo requests the sink saw for a task's steps, in arrival order.
+    let paths = |from: usize| -> Vec<String> {
+        w.sink.requests()[from..]
+            .iter()
+            .map(|r| r.path.clone())
+            .collect()
+    };
+
+    // Cancel while the last step waits for approval: the two done steps are undone,
+    // the newer first; the first undo reads the id the CRM gave the first step.
+    let seen = w.sink.requests().len();
+    let cancelled = w.submit("saga", input()).await?;
+    w.pending_approval(&cancelled).await?;
+    let out = w.cli(&["task", "cancel", &cancelled, "--reason", "client left"])?;
+    assert!(
+        out.contains("compensating") || out.contains("cancelled"),
+        "{out}"
+    );
+    let task = w.end(&cancelled).await?;
+    assert_eq!(task["status"], "cancelled", "{task:#}");
+    let p = paths(seen);
+    assert_eq!(p.len(), 4, "{p:?}");
+    assert_eq!(&p[..2], ["first", "second"]);
+    assert_eq!(p[2], "undo/second");
+    assert!(p[3].starts_with("undo/first/crm-"), "{p:?}");
+    let ids: Vec<&str> = task["steps"]
+        .as_array()
+        .map(|s| s.iter().filter_map(|s| s["id"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(
+        ids,
+        ["first", "second", "ship", "second.undo", "first.undo"]
+    );
+    assert!(!w.shipped(&cancelled));
+    let trace = w.cli(&["task", "trace", &cancelled])?;
+    assert!(
+        trace.contains("compensating") && trace.contains("2 of 2 steps undone"),
+        "{trace}"
+    );
+
+    // A failed task compensates the same way: the operator denies the last step.
+    let seen = w.sink.requests().len();
+    let failed = w.submit("saga", input()).await?;
+    let id = w.pending_approval(&failed).await?["approval_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let reply = w.decide(&id, "deny", "ann").await?;
+    assert_eq!(reply["state"], "denied", "{reply}");
+    let task = w.end(&failed).await?;
+    assert_eq!(task["status"], "failed", "{task:#}");
+    assert_eq!(task["failure"], "step `ship` denied by ann");
+    let p = paths(seen);
+    assert_eq!(p.get(2).map(String::as_str), Some("undo/second"), "{p:?}");
+    assert!(
+        p.get(3).is_some_and(|x| x.starts_with("undo/first/")),
+        "{p:?}"
     );
     Ok(())
 }

@@ -17,6 +17,8 @@ fn spec(id: &str, deps: &[&str]) -> StepSpec {
         depends_on: deps.iter().map(|d| d.to_string()).collect(),
         max_attempts: 3,
         timeout_ms: 1000,
+        compensate: None,
+        compensates: None,
     }
 }
 
@@ -1118,4 +1120,168 @@ fn cancelling_voids_a_pending_approval_and_a_restart_rearms_its_expiry() {
         late.err(),
         Some(Rejected("approval `t1-a1` is already void".into()))
     );
+}
+
+fn with_undo(mut s: StepSpec) -> StepSpec {
+    let mut undo = spec(&StepSpec::undo_id(&s.id), &[]);
+    undo.compensates = Some(s.id.clone());
+    undo.max_attempts = 1;
+    s.compensate = Some(Box::new(undo));
+    s
+}
+
+/// Runs `step`'s current attempt to a verdict at `now_ms`.
+fn succeed(t: &mut Task, step: &str, now_ms: u64, gate: &Rules) -> Transition {
+    let attempt = t.step(step).map_or(0, |s| s.attempts);
+    let executed = Input::Executed {
+        step: step.into(),
+        attempt,
+        reply: done(r#"{"status":200}"#),
+    };
+    gated(t, executed, now_ms, gate);
+    let verified = Input::Verified {
+        step: step.into(),
+        attempt,
+        verdict: pass(),
+        task_verdict: None,
+    };
+    gated(t, verified, now_ms, gate)
+}
+
+#[test]
+fn cancel_undoes_the_done_steps_newest_first_then_ends_cancelled() {
+    let gate = Rules::new(&[("c", Ruling::RequireApproval)]);
+    let mut t = task();
+    planned_with(
+        &mut t,
+        vec![
+            with_undo(spec("a", &[])),
+            with_undo(spec("b", &["a"])),
+            spec("c", &["b"]),
+        ],
+        &gate,
+    );
+    succeed(&mut t, "a", 3_000, &gate);
+    succeed(&mut t, "b", 4_000, &gate);
+    assert_eq!(t.status, TaskStatus::AwaitingApproval, "c waits");
+
+    let tr = gated(
+        &mut t,
+        Input::Cancel {
+            reason: "client left".into(),
+        },
+        5_000,
+        &gate,
+    );
+    assert_eq!(kinds(&tr), ["compensating", "step_started"]);
+    assert_eq!(
+        tr.events[0].detail.as_deref(),
+        Some("client left; undoing b, a")
+    );
+    assert_eq!(
+        tr.actions,
+        vec![exec("b.undo", 1)],
+        "one at a time, newest first"
+    );
+    assert_eq!(t.step("c").map(|s| s.status), Some(StepStatus::Skipped));
+    assert_eq!(
+        t.step("c")
+            .and_then(|s| s.approval.as_ref())
+            .map(|a| a.state),
+        Some(ApprovalState::Void)
+    );
+    // Cancelling again while undoing is refused.
+    let again = apply(
+        &mut t.clone(),
+        Input::Cancel {
+            reason: "again".into(),
+        },
+        5_000,
+        0.0,
+        &limits(),
+        &gate,
+    );
+    assert!(again.is_err());
+
+    let tr = succeed(&mut t, "b.undo", 6_000, &gate);
+    assert_eq!(tr.actions, vec![exec("a.undo", 1)]);
+    let tr = succeed(&mut t, "a.undo", 7_000, &gate);
+    assert_eq!(kinds(&tr), ["step_succeeded", "cancelled"]);
+    assert_eq!(tr.events[1].detail.as_deref(), Some("2 of 2 steps undone"));
+    assert_eq!(t.status, TaskStatus::Cancelled);
+    assert_eq!(t.failure.as_deref(), Some("cancelled: client left"));
+}
+
+#[test]
+fn a_failed_task_compensates_and_a_failed_undo_is_reported_not_fatal() {
+    let gate = Rules::new(&[]);
+    let mut t = task();
+    planned_with(
+        &mut t,
+        vec![
+            with_undo(spec("a", &[])),
+            with_undo(spec("b", &[])),
+            spec("c", &["a", "b"]),
+        ],
+        &gate,
+    );
+    succeed(&mut t, "a", 3_000, &gate);
+    succeed(&mut t, "b", 4_000, &gate);
+    let failed = ExecReply::Failed {
+        kind: FailureKind::Permanent,
+        message: "422".into(),
+        output: None,
+    };
+    let tr = gated(
+        &mut t,
+        Input::Executed {
+            step: "c".into(),
+            attempt: 1,
+            reply: failed.clone(),
+        },
+        5_000,
+        &gate,
+    );
+    assert_eq!(t.status, TaskStatus::Compensating);
+    assert_eq!(tr.actions, vec![exec("b.undo", 1)]);
+    // The undo of b fails for good (one attempt): a is still undone.
+    let tr = gated(
+        &mut t,
+        Input::Executed {
+            step: "b.undo".into(),
+            attempt: 1,
+            reply: failed,
+        },
+        6_000,
+        &gate,
+    );
+    assert_eq!(tr.actions, vec![exec("a.undo", 1)]);
+    let tr = succeed(&mut t, "a.undo", 7_000, &gate);
+    assert_eq!(kinds(&tr), ["step_succeeded", "failed"]);
+    assert_eq!(tr.events[1].detail.as_deref(), Some("1 of 2 steps undone"));
+    assert_eq!(
+        t.failure.as_deref(),
+        Some(
+            "step `c` failed after 1 attempt: 422; compensation failed: step `b.undo` failed after 1 attempt: 422"
+        )
+    );
+}
+
+#[test]
+fn nothing_to_undo_ends_the_task_at_once() {
+    let gate = Rules::new(&[]);
+    let mut t = task();
+    planned_with(&mut t, vec![spec("a", &[])], &gate);
+    succeed(&mut t, "a", 3_000, &gate);
+    assert_eq!(t.status, TaskStatus::Verifying);
+    let tr = gated(
+        &mut t,
+        Input::Cancel {
+            reason: "stop".into(),
+        },
+        5_000,
+        &gate,
+    );
+    assert_eq!(kinds(&tr), ["cancelled"]);
+    assert_eq!(t.ends_as, None);
 }

@@ -164,3 +164,43 @@ fn a_directory_reports_every_bad_file_and_duplicate_names() {
     );
     assert!(errors[1].to_string().contains("c.toml"));
 }
+
+const SAGA: &str = r#"
+name = "saga"
+persona = "bookkeeper"
+[[steps]]
+id = "crm"
+tool = "http.request"
+params = { method = "POST", url = "{{input.url}}/clients" }
+verify = { status_in = [201] }
+compensate = { tool = "http.request", params = { method = "POST", url = "{{input.url}}/clients/{{steps.crm.output.body.id}}/delete" }, max_attempts = 5 }
+"#;
+
+#[test]
+fn a_compensation_is_planned_as_an_undo_step_that_may_read_its_step() {
+    let pb = parse(SAGA).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(pb.persona, "bookkeeper");
+    let (steps, _) = pb
+        .plan("T1", &json!({"url": "http://crm"}))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let undo = steps[0].compensate.as_deref().expect("an undo step");
+    assert_eq!(undo.id, "crm.undo");
+    assert_eq!(undo.compensates.as_deref(), Some("crm"));
+    assert_eq!(undo.max_attempts, 5);
+    assert!(undo.verify.is_empty(), "verify is optional for an undo");
+    // It reads the step's output: rendered at dispatch.
+    assert!(undo.params_template.is_some());
+
+    let e = err(&SAGA.replace("steps.crm.output", "steps.other.output"));
+    assert!(
+        e.contains("step `crm`: compensate: `{{steps.other.output.body.id}}` reads step `other`"),
+        "{e}"
+    );
+    let e = err(&SAGA.replace(
+        r#"compensate = { tool = "http.request""#,
+        r#"compensate = { tool = "mail.send""#,
+    ));
+    assert!(e.contains("compensate: unknown tool `mail.send`"), "{e}");
+    let e = err(&SAGA.replace("persona = \"bookkeeper\"", "persona = \"a b\""));
+    assert!(e.contains("persona `a b`"), "{e}");
+}

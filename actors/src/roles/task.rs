@@ -567,11 +567,13 @@ impl TaskState {
                     return;
                 };
                 // The last step carries the task's checks: one round trip decides both.
-                let last = self
-                    .task
-                    .steps
-                    .iter()
-                    .all(|o| o.spec.id == step || o.status == StepStatus::Succeeded);
+                // (Not an undo step: a compensating task has no verdict to reach.)
+                let last = s.spec.compensates.is_none()
+                    && self
+                        .task
+                        .steps
+                        .iter()
+                        .all(|o| o.spec.id == step || o.status == StepStatus::Succeeded);
                 let req = VerifyRequest::Step {
                     task_id: self.task.id.clone(),
                     step_id: step.clone(),
