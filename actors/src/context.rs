@@ -44,6 +44,8 @@ pub struct Settings {
     /// Watched for policy changes; `None`: the built-in policies, never reloaded.
     pub policies_dir: Option<std::path::PathBuf>,
     pub policy_reload: Duration,
+    /// Spend caps; a step that would cross one waits for an approval.
+    pub caps: crate::budget::Caps,
 }
 
 /// A message waiting in the outbox: the relay publishes it, then deletes it.
@@ -71,6 +73,8 @@ pub struct NodeContext {
     paused: std::sync::Mutex<std::collections::HashMap<String, ractor::ActorRef<TaskMsg>>>,
     /// The policies in force; replaced whole by a hot reload.
     policies: std::sync::RwLock<Arc<Policies>>,
+    /// Today's spend against the caps.
+    pub ledger: crate::budget::Ledger,
 }
 
 impl NodeContext {
@@ -94,6 +98,7 @@ impl NodeContext {
                 .with_label_values(&[&limit.key])
                 .set(limit.per_second());
         }
+        let ledger_store = store.clone();
         Ok(Arc::new(NodeContext {
             settings,
             nats,
@@ -107,6 +112,7 @@ impl NodeContext {
             rate,
             paused: std::sync::Mutex::new(std::collections::HashMap::new()),
             policies: std::sync::RwLock::new(Arc::new(policies)),
+            ledger: crate::budget::Ledger::new(ledger_store),
         }))
     }
 

@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use crate::audit;
 use crate::context::NodeContext;
-use crate::machine::{Gate, Gated};
+use crate::machine::{Gate, Gated, approval_grants};
 use crate::model::{JsonText, StepStatus, Task};
 use crate::policy::{Ruling, StepFacts};
 use crate::template;
@@ -64,13 +64,41 @@ impl Gate for Governor<'_> {
             .policy_decisions_total
             .with_label_values(&[decision.ruling.as_str()])
             .inc();
-        Gated {
+        let args_hash = audit::args_hash(&params);
+        let approved = task.steps[step]
+            .approval
+            .as_ref()
+            .is_some_and(|a| approval_grants(a, &args_hash, &decision.policy_version));
+        let mut gated = Gated {
             ruling: decision.ruling,
             reason: decision.reason_text(),
             policy_version: decision.policy_version,
-            args_hash: audit::args_hash(&params),
+            args_hash,
             cost_micros,
+        };
+        // The step would run (allowed, or approved as it is): charge its cost, unless that
+        // crosses a cap nobody approved crossing; then it waits for an approval instead.
+        let runs = match gated.ruling {
+            Ruling::Allow => true,
+            Ruling::RequireApproval => approved,
+            Ruling::Deny => false,
+        };
+        if runs {
+            let day = crate::budget::day_of(now_ms);
+            let charged = self.ctx.ledger.try_charge(
+                &self.ctx.settings.caps,
+                &day,
+                &task.playbook,
+                task.cost_micros(),
+                cost_micros,
+                approved,
+            );
+            if let Err(breach) = charged {
+                gated.ruling = Ruling::RequireApproval;
+                gated.reason = format!("budget: {}", breach.0);
+            }
         }
+        gated
     }
 }
 

@@ -10,6 +10,7 @@
 //!   passes (allow, deny, approval; cost).
 
 pub mod audit;
+pub mod budget;
 pub mod bus;
 pub mod clock;
 pub mod context;

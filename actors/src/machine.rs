@@ -625,8 +625,7 @@ impl Cx<'_> {
         let granted = self.task.steps[i]
             .approval
             .as_ref()
-            .filter(|a| granted(a) && a.args_hash == gated.args_hash)
-            .filter(|a| a.policy_version == gated.policy_version);
+            .filter(|a| approval_grants(a, &gated.args_hash, &gated.policy_version));
         let detail = match (gated.ruling, granted) {
             (Ruling::Deny, _) => return self.deny(i, attempt, &gated.reason),
             (Ruling::RequireApproval, None) => return self.request_approval(i, attempt, &gated),
@@ -1251,6 +1250,13 @@ impl Cx<'_> {
 /// An approval that lets its step run: approved, or expired with approve as default.
 fn granted(a: &Approval) -> bool {
     matches!(a.state, ApprovalState::Approved | ApprovalState::Expired)
+}
+
+/// Whether `a` lets its step run now, as the action is (`args_hash`) under the policies
+/// in force (`policy_version`). The gate asks it too: a step that runs on an approval may
+/// cross a budget cap.
+pub fn approval_grants(a: &Approval, args_hash: &str, policy_version: &str) -> bool {
+    granted(a) && a.args_hash == args_hash && a.policy_version == policy_version
 }
 
 #[cfg(test)]

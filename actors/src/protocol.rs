@@ -31,6 +31,9 @@ pub mod subject {
     pub const APPROVALS_GET: &str = "cadre.approvals.get";
     /// Every approval request and decision.
     pub const APPROVALS_EVENTS: &str = "cadre.approvals.>";
+    /// Request: today's spend against the caps, and the cost per verified task
+    /// (`{}` → `BudgetReply`).
+    pub const BUDGET_STATUS: &str = "cadre.budget.status";
     /// Request: engage, release or read the kill switch (`KillSwitchRequest`).
     pub const CONTROL_KILLSWITCH: &str = "cadre.control.killswitch";
     pub const QUEUE_CONTROL: &str = "cadre-control";
@@ -278,6 +281,37 @@ pub struct ApprovalView {
     pub note: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub decided_at_ms: Option<u64>,
+}
+
+/// `cadre.budget.status`: `{}` (an empty payload too).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetRequest {}
+
+/// Reply to `cadre.budget.status`: one node's spend (budgets are per node).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BudgetReply {
+    pub node_id: String,
+    /// The UTC day the daily caps apply to.
+    pub day: String,
+    /// Caps in US dollars; 0: none.
+    pub task_cap_usd: f64,
+    pub day_cap_usd: f64,
+    pub spent_today_usd: f64,
+    /// Per playbook with a cap or spend today.
+    pub playbooks: Vec<PlaybookBudget>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlaybookBudget {
+    pub playbook: String,
+    pub day_cap_usd: f64,
+    pub spent_today_usd: f64,
+    /// Tasks of this playbook that succeeded (were verified), ever, on this node.
+    pub verified_tasks: u64,
+    /// What those cost, and per task.
+    pub verified_cost_usd: f64,
+    pub cost_per_verified_task_usd: f64,
 }
 
 /// Reply to cancel and resolve.

@@ -552,6 +552,105 @@ async fn cancel_and_failure_undo_the_done_steps_newest_first() -> anyhow::Result
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_that_would_cross_a_budget_waits_for_approval_and_spend_survives_restarts()
+-> anyhow::Result<()> {
+    let w = world().await?;
+    // Two steps: an HTTP call at $0.10 and a write at $0.01; $0.25 a day for the playbook.
+    let mut node = w.node_with(
+        "n1",
+        &[
+            ("CADRE_TOOL_COSTS", "http.request=0.10,file.write=0.01"),
+            ("CADRE_BUDGET_PLAYBOOK_DAY_USD", "two-steps=0.25"),
+        ],
+    )?;
+    node.wait_ready(&w.client).await?;
+    let input = |n: u32| json!({"url": w.sink.url, "name": format!("c{n}"), "root": w.files});
+    for n in 0..2 {
+        let id = w.submit("two-steps", input(n)).await?;
+        let task = w.end(&id).await?;
+        assert_eq!(task["status"], "succeeded", "{task:#}");
+        assert_eq!(task["cost_usd"], 0.11, "{task:#}");
+    }
+
+    // The third task's first step would bring the day to $0.32: it waits for a person.
+    let third = w.submit("two-steps", input(2)).await?;
+    let approval = w.pending_approval(&third).await?;
+    let reason = approval["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.starts_with(
+            "budget: this step ($0.1000) would cross two-steps's daily cap $0.2500 (spent $0.2200"
+        ),
+        "{approval:#}"
+    );
+    let calls = w.sink.requests().len();
+    let id = approval["approval_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert_eq!(w.decide(&id, "approve", "ann").await?["state"], "approved");
+    // Approved, it runs; the next step is over the cap too, and asks again.
+    let next = w.pending_approval(&third).await?;
+    assert_eq!(next["step_id"], "note", "{next:#}");
+    assert_eq!(
+        w.sink.requests().len(),
+        calls + 1,
+        "the approved call ran once"
+    );
+    let id = next["approval_id"].as_str().unwrap_or_default().to_string();
+    assert_eq!(w.decide(&id, "approve", "ann").await?["state"], "approved");
+    assert_eq!(w.end(&third).await?["status"], "succeeded");
+
+    let budget = |w: &World| -> anyhow::Result<Value> {
+        Ok(serde_json::from_str(&w.cli(&["budget", "--json"])?)?)
+    };
+    let check = |b: &Value| {
+        let pb = &b["playbooks"][0];
+        assert_eq!(pb["playbook"], "two-steps", "{b:#}");
+        assert!(
+            (b["spent_today_usd"].as_f64().unwrap_or(0.0) - 0.33).abs() < 1e-9,
+            "{b:#}"
+        );
+        assert_eq!(pb["day_cap_usd"], 0.25, "{b:#}");
+        assert_eq!(pb["verified_tasks"], 3, "{b:#}");
+        assert!(
+            (pb["cost_per_verified_task_usd"].as_f64().unwrap_or(0.0) - 0.11).abs() < 1e-9,
+            "{b:#}"
+        );
+    };
+    check(&budget(&w)?);
+    let m = node.metrics().await?;
+    assert!(
+        m.contains(r#"cadre_task_cost_usd_count{playbook="two-steps"} 3"#),
+        "{m}"
+    );
+    assert!(
+        m.contains(r#"cadre_budget_cap_usd{scope="playbook:two-steps"} 0.25"#),
+        "{m}"
+    );
+    let spent = m
+        .lines()
+        .find(|l| l.starts_with(r#"cadre_cost_usd_total{playbook="two-steps"}"#))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok());
+    assert!(spent.is_some_and(|v| (v - 0.33).abs() < 1e-9), "{m}");
+
+    // The spend is on disk: a restarted node still counts it against the cap.
+    node.kill9();
+    node.restart()?;
+    node.wait_ready(&w.client).await?;
+    check(&budget(&w)?);
+    let fourth = w.submit("two-steps", input(3)).await?;
+    let approval = w.pending_approval(&fourth).await?;
+    assert!(
+        approval["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("budget:")),
+        "{approval:#}"
+    );
+    Ok(())
+}
+
 async fn engaged_metric(node: &CadreNode) -> f64 {
     node.metrics()
         .await

@@ -9,8 +9,8 @@ use std::time::Duration;
 use actors::model::{ApprovalDecision, ApprovalState, StepStatus, TaskStatus};
 use actors::protocol::{
     AUDIT_READ_MAX, ApprovalListReply, ApprovalView, AuditEntry, AuditReadReply, AuditRecord,
-    AuditVerifyReply, DecideReply, ErrorReply, KillSwitchState, ListReply, SubmitReply, TaskEvent,
-    TaskStatusReply, TaskView, TraceReply, subject,
+    AuditVerifyReply, BudgetReply, DecideReply, ErrorReply, KillSwitchState, ListReply,
+    SubmitReply, TaskEvent, TaskStatusReply, TaskView, TraceReply, subject,
 };
 use bytes::Bytes;
 use futures::StreamExt;
@@ -410,6 +410,44 @@ impl Client {
                 a.cost_usd,
                 clock(a.expires_at_ms),
                 a.reason
+            );
+        }
+        Ok(())
+    }
+
+    /// `cadre budget`.
+    pub async fn budget(&self) -> Result<(), CliError> {
+        let b: BudgetReply = self
+            .request(subject::BUDGET_STATUS, &serde_json::json!({}))
+            .await?;
+        if self.json {
+            print_json(&b);
+            return Ok(());
+        }
+        let cap = |usd: f64| {
+            if usd > 0.0 {
+                format!("${usd:.4}")
+            } else {
+                "none".into()
+            }
+        };
+        println!(
+            "node {}  {} (UTC)  spent ${:.4} of {}  task cap {}",
+            b.node_id,
+            b.day,
+            b.spent_today_usd,
+            cap(b.day_cap_usd),
+            cap(b.task_cap_usd)
+        );
+        for p in &b.playbooks {
+            println!(
+                "  {:<24} today ${:.4} of {:<10} verified tasks {:>5}  cost ${:.4}  per task ${:.4}",
+                p.playbook,
+                p.spent_today_usd,
+                cap(p.day_cap_usd),
+                p.verified_tasks,
+                p.verified_cost_usd,
+                p.cost_per_verified_task_usd
             );
         }
         Ok(())

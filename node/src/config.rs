@@ -58,6 +58,13 @@ pub struct Config {
     /// Estimated cost of one call, per tool, in US dollars: `http.request=0.002`
     /// (env: comma-separated). Recorded with every step; seen by the policies.
     pub tool_costs: Vec<String>,
+    /// Cap on what one task may spend, US dollars; 0: none. A step that would cross a
+    /// cap waits for an approval.
+    pub budget_task_usd: f64,
+    /// Cap on what all tasks may spend per UTC day, US dollars; 0: none.
+    pub budget_day_usd: f64,
+    /// Caps per playbook per UTC day: `weekly-newsletter=2.5` (env: comma-separated).
+    pub budget_playbook_day_usd: Vec<String>,
     /// Messages one role holds before it stops reading from NATS.
     pub mailbox_depth_max: usize,
     /// Captured stdout/stderr/HTTP body per step.
@@ -104,6 +111,9 @@ impl Default for Config {
             approval_ttl_ms: 86_400_000,
             approval_default: "deny".into(),
             tool_costs: Vec::new(),
+            budget_task_usd: 0.0,
+            budget_day_usd: 0.0,
+            budget_playbook_day_usd: Vec::new(),
             mailbox_depth_max: 4_096,
             output_bytes_max: 64 << 10,
             task_restarts_max: 5,
@@ -296,6 +306,9 @@ impl Config {
         if let Err(e) = self.tool_costs() {
             problems.push(e);
         }
+        if let Err(e) = self.caps() {
+            problems.push(e);
+        }
         if !matches!(self.approval_default.as_str(), "deny" | "approve") {
             problems.push(format!(
                 "approval_default `{}` must be `deny` or `approve`",
@@ -390,6 +403,38 @@ impl Config {
         Ok(costs)
     }
 
+    /// The budget caps, in millionths of a dollar, checked.
+    pub fn caps(&self) -> Result<actors::budget::Caps, String> {
+        let micros = |name: &str, usd: f64| {
+            if usd.is_finite() && usd >= 0.0 {
+                Ok((usd * 1_000_000.0).round() as u64)
+            } else {
+                Err(format!(
+                    "{name} must be 0 (no cap) or a positive amount of US dollars"
+                ))
+            }
+        };
+        let mut playbook_day = std::collections::HashMap::new();
+        for text in &self.budget_playbook_day_usd {
+            let shape = || {
+                format!(
+                    "budget_playbook_day_usd entry `{text}` must look like `weekly-newsletter=2.5`"
+                )
+            };
+            let (name, usd) = text.split_once('=').ok_or_else(shape)?;
+            let usd: f64 = usd.trim().parse().map_err(|_| shape())?;
+            playbook_day.insert(
+                name.trim().to_string(),
+                micros("budget_playbook_day_usd", usd)?,
+            );
+        }
+        Ok(actors::budget::Caps {
+            task: micros("budget_task_usd", self.budget_task_usd)?,
+            day: micros("budget_day_usd", self.budget_day_usd)?,
+            playbook_day,
+        })
+    }
+
     /// The policies this configuration names: the directory's, or the built-in ones.
     pub fn load_policies(
         &self,
@@ -415,6 +460,11 @@ fn env_value(key: &str, current: &toml::Value, raw: &str) -> Result<toml::Value,
             raw.trim()
                 .parse()
                 .map_err(|_| format!("`{raw}` is not a whole number"))?,
+        ),
+        toml::Value::Float(_) => toml::Value::Float(
+            raw.trim()
+                .parse()
+                .map_err(|_| format!("`{raw}` is not a number"))?,
         ),
         toml::Value::Boolean(_) => toml::Value::Boolean(match raw.trim() {
             "1" | "true" | "yes" | "on" => true,

@@ -41,6 +41,8 @@ enum Command {
     Policy(PolicyCommand),
     /// List, show and decide the approval requests of steps the policies hold back.
     Approvals(ApprovalsArgs),
+    /// Today's spend against the budget caps, and the cost per verified task.
+    Budget(ClientOpts),
     /// Declare Cadre's JetStream streams on a NATS system, so tasks enqueued before any
     /// node starts are kept.
     Setup(ClientOpts),
@@ -283,6 +285,7 @@ fn main() {
             Command::Node(NodeCommand::Run(args)) => node_run(args).await,
             Command::Playbook(PlaybookCommand::Check { dir }) => playbook_check(&dir),
             Command::Policy(PolicyCommand::Check { dir }) => policy_check(dir.as_deref()),
+            Command::Budget(opts) => client_main(opts, |c| async move { c.budget().await }).await,
             Command::Approvals(ApprovalsArgs { opts, command }) => {
                 client_main(opts, |c| async move {
                     match command {

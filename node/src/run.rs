@@ -114,6 +114,22 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let (unknown, pending) = actors::roles::task_supervisor::waiting_on_people(&store)?;
     metrics.effects_outcome_unknown.set(unknown);
     metrics.approvals_pending.set(pending);
+    let usd = |micros: u64| micros as f64 / 1_000_000.0;
+    let caps = &ctx.settings.caps;
+    metrics
+        .budget_cap_usd
+        .with_label_values(&["global"])
+        .set(usd(caps.day));
+    metrics
+        .budget_cap_usd
+        .with_label_values(&["task"])
+        .set(usd(caps.task));
+    for (playbook, cap) in &caps.playbook_day {
+        metrics
+            .budget_cap_usd
+            .with_label_values(&[&format!("playbook:{playbook}")])
+            .set(usd(*cap));
+    }
 
     // Bound before any actor starts, so a taken port fails the start cleanly.
     let listener = tokio::net::TcpListener::bind(&config.metrics_addr)
@@ -223,6 +239,7 @@ fn settings(config: &Config, seed: u64, step_defaults: StepDefaults) -> Settings
         policies_dir: (!config.policies_dir.as_os_str().is_empty())
             .then(|| config.policies_dir.clone()),
         policy_reload: Duration::from_millis(config.policy_reload_ms),
+        caps: config.caps().unwrap_or_default(),
     }
 }
 

@@ -16,7 +16,7 @@ use crate::codec::{self, CodecError};
 /// newer binary is refused rather than misread.
 /// History: 1 — the spine; 2 — adds the `audit` and `audit_index` families (created
 /// on open, so migrating from 1 is stamping the new version).
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
 const META_SCHEMA_KEY: &[u8] = b"schema_version";
 /// Upper bound on batches the writer folds into one synced write.
 const GROUP_BATCHES_MAX: usize = 2048;
@@ -45,10 +45,14 @@ pub enum Cf {
     /// `<index>/<first seq BE>` → run length (`u32`): the audit links of one task (or
     /// other index key), one key per commit.
     AuditIndex,
+    /// `<period>/<scope>` → counter (`u64`, little-endian, not a checksummed record):
+    /// money spent, in millionths of a dollar. Only added to ([`Batch::add`]), through a
+    /// merge operator, so concurrent writers never read-modify-write.
+    Spend,
 }
 
 impl Cf {
-    pub const ALL: [Cf; 9] = [
+    pub const ALL: [Cf; 10] = [
         Cf::Tasks,
         Cf::Active,
         Cf::Outbox,
@@ -58,6 +62,7 @@ impl Cf {
         Cf::Meta,
         Cf::Audit,
         Cf::AuditIndex,
+        Cf::Spend,
     ];
 
     pub fn name(self) -> &'static str {
@@ -71,6 +76,7 @@ impl Cf {
             Cf::Meta => "meta",
             Cf::Audit => "audit",
             Cf::AuditIndex => "audit_index",
+            Cf::Spend => "spend",
         }
     }
 }
@@ -137,6 +143,12 @@ enum Op {
         cf: Cf,
         key: Vec<u8>,
     },
+    /// Adds a little-endian u64 to a counter (a merge).
+    Add {
+        cf: Cf,
+        key: Vec<u8>,
+        delta: u64,
+    },
 }
 
 /// The operations of one state transition, applied atomically.
@@ -169,6 +181,16 @@ impl Batch {
             value,
         });
         Ok(self)
+    }
+
+    /// Adds `delta` to the counter at `key` of a counter family (`Cf::Spend`).
+    pub fn add(&mut self, cf: Cf, key: impl Into<Vec<u8>>, delta: u64) -> &mut Self {
+        self.ops.push(Op::Add {
+            cf,
+            key: key.into(),
+            delta,
+        });
+        self
     }
 
     pub fn delete(&mut self, cf: Cf, key: impl Into<Vec<u8>>) -> &mut Self {
@@ -276,6 +298,9 @@ impl Store {
         let descriptors = Cf::ALL.iter().map(|cf| {
             let mut cf_opts = Options::default();
             cf_opts.set_write_buffer_size(options.write_buffer_bytes);
+            if *cf == Cf::Spend {
+                cf_opts.set_merge_operator_associative("cadre_add_u64", add_counters);
+            }
             ColumnFamilyDescriptor::new(cf.name(), cf_opts)
         });
         // Tickers only (write-stall time): histograms and timers cost on every write.
@@ -319,7 +344,13 @@ impl Store {
     /// --data-dir`) that must read a node's store, also while the node runs.
     pub fn open_read_only(path: &Path) -> Result<Store, StoreError> {
         let db_opts = Options::default();
-        let names = Cf::ALL.iter().map(|cf| cf.name());
+        // Only the families the store has: one written by an older schema lacks the
+        // newer ones, and tooling reads only the audit chain and metadata.
+        let existing = DB::list_cf(&db_opts, path)?;
+        let names = Cf::ALL
+            .iter()
+            .map(|cf| cf.name())
+            .filter(|n| existing.iter().any(|e| e == n));
         let db = Arc::new(DB::open_cf_for_read_only(&db_opts, path, names, false)?);
         let head = read_audit_head(&db)?;
         let (_, head_rx) = tokio::sync::watch::channel(head.seq);
@@ -352,8 +383,9 @@ impl Store {
                 found,
             }),
             Some(found) if found == SCHEMA_VERSION => Ok(()),
-            // Older or absent: migrate. 1 → 2 only adds column families, which the open
-            // above created; stamping the version completes it.
+            // Older or absent: migrate. 1 → 2 → 3 only add column families (2: the
+            // audit chain; 3: spend counters), which the open above created; stamping the
+            // version completes it.
             _ => {
                 let mut batch = Batch::new();
                 batch.put(Cf::Meta, META_SCHEMA_KEY, &SCHEMA_VERSION)?;
@@ -431,6 +463,15 @@ impl Store {
                 key: String::from_utf8_lossy(key).into_owned(),
                 source,
             })
+    }
+
+    /// A counter of a counter family (`Cf::Spend`); 0 if never added to.
+    pub fn counter(&self, cf: Cf, key: &[u8]) -> Result<u64, StoreError> {
+        let db = &self.inner.db;
+        Ok(db
+            .get_pinned_cf(handle(db, cf), key)?
+            .and_then(|b| <[u8; 8]>::try_from(&b[..]).ok())
+            .map_or(0, u64::from_le_bytes))
     }
 
     pub fn contains(&self, cf: Cf, key: &[u8]) -> Result<bool, StoreError> {
@@ -639,8 +680,23 @@ fn apply(db: &DB, wb: &mut WriteBatch, ops: Vec<Op>) {
         match op {
             Op::Put { cf, key, value } => wb.put_cf(handle(db, cf), key, value),
             Op::Delete { cf, key } => wb.delete_cf(handle(db, cf), key),
+            Op::Add { cf, key, delta } => wb.merge_cf(handle(db, cf), key, delta.to_le_bytes()),
         }
     }
+}
+
+/// The merge operator of counter families: the sum of the existing value and the
+/// operands, each a little-endian u64 (saturating; a malformed value counts as 0).
+fn add_counters(
+    _key: &[u8],
+    existing: Option<&[u8]>,
+    operands: &rocksdb::MergeOperands,
+) -> Option<Vec<u8>> {
+    let read = |b: &[u8]| <[u8; 8]>::try_from(b).map(u64::from_le_bytes).unwrap_or(0);
+    let sum = operands.iter().fold(existing.map_or(0, read), |acc, op| {
+        acc.saturating_add(read(op))
+    });
+    Some(sum.to_le_bytes().to_vec())
 }
 
 /// The audit head as stored: the last link of the `audit` family.
@@ -916,5 +972,31 @@ mod tests {
             .expect("must refuse");
         assert!(matches!(err, StoreError::TooNew { found, .. } if found == SCHEMA_VERSION + 1));
         assert!(err.to_string().contains("run a newer cadre"));
+    }
+
+    #[tokio::test]
+    async fn counters_add_up_across_batches_and_reopens() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+            assert_eq!(store.counter(Cf::Spend, b"2026-11-24/*").unwrap(), 0);
+            // Concurrent writers: grouped into shared writes, never read-modify-write.
+            let commits: Vec<_> = (1..=50u64)
+                .map(|n| {
+                    let store = store.clone();
+                    tokio::spawn(async move {
+                        let mut batch = Batch::new();
+                        batch.add(Cf::Spend, b"2026-11-24/*".to_vec(), n);
+                        store.commit(batch).await
+                    })
+                })
+                .collect();
+            for c in commits {
+                c.await.unwrap().unwrap();
+            }
+            assert_eq!(store.counter(Cf::Spend, b"2026-11-24/*").unwrap(), 1275);
+        }
+        let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        assert_eq!(store.counter(Cf::Spend, b"2026-11-24/*").unwrap(), 1275);
     }
 }

@@ -59,6 +59,8 @@ pub struct TaskState {
     unknown_committed: i64,
     /// Approvals pending as of the last commit (for the node-wide gauge).
     pending_committed: i64,
+    /// `(UTC day, cost)` charged by transitions not yet committed.
+    uncommitted_charges: Vec<(String, u64)>,
     /// What each of this task's audit records repeats.
     facts: audit::TaskFacts,
     /// `task@<node>`: this actor, as audit records name it.
@@ -136,6 +138,7 @@ impl Actor for TaskActor {
             held_audit: Vec::new(),
             unknown_committed,
             pending_committed,
+            uncommitted_charges: Vec::new(),
             facts,
             me,
         })
@@ -231,6 +234,7 @@ impl TaskState {
         };
         let now = self.ctx.now_ms();
         let jitter: f64 = self.rng.random();
+        let cost_before: Vec<u64> = self.task.steps.iter().map(|s| s.cost_micros).collect();
         let gate = Governor { ctx: &self.ctx };
         let transition = match machine::apply(
             &mut self.task,
@@ -256,6 +260,23 @@ impl TaskState {
                 );
             }
         }
+        // What the gate charged for the steps this transition dispatched.
+        let charged: HashMap<&str, u64> = self
+            .task
+            .steps
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let before = cost_before.get(i).copied().unwrap_or(0);
+                (s.spec.id.as_str(), s.cost_micros.saturating_sub(before))
+            })
+            .filter(|(_, c)| *c > 0)
+            .collect();
+        let total: u64 = charged.values().sum();
+        if total > 0 {
+            self.uncommitted_charges
+                .push((crate::budget::day_of(now), total));
+        }
         self.held_audit.extend(executed);
         self.facts.refresh(&self.task);
         for event in &transition.events {
@@ -273,6 +294,11 @@ impl TaskState {
             {
                 record.args_hash = Some(p.args_hash.clone());
                 record.params = Some(audit::redacted_params(&p.request.params));
+            }
+            if event.kind == "step_started"
+                && let Some(c) = event.step_id.as_deref().and_then(|s| charged.get(s))
+            {
+                record.cost_usd = Some(crate::roles::task_api::usd(*c));
             }
             self.held_audit.push(record);
         }
@@ -336,6 +362,16 @@ impl TaskState {
         for (subject, payload) in approvals {
             outgoing.push(ctx.stage_outbox(&mut batch, subject, payload)?);
         }
+        let charges = std::mem::take(&mut self.uncommitted_charges);
+        for (day, cost) in &charges {
+            crate::budget::stage_charge(&mut batch, day, &task.playbook, *cost);
+        }
+        let verified = task.status == TaskStatus::Succeeded;
+        if verified {
+            let [count, cost] = crate::budget::verified_keys(&task.playbook);
+            batch.add(Cf::Spend, count.into_bytes(), 1);
+            batch.add(Cf::Spend, cost.into_bytes(), task.cost_micros());
+        }
         for record in records {
             batch.append_audit(record, Some(task.id.as_bytes()))?;
         }
@@ -360,6 +396,28 @@ impl TaskState {
         if let Some(relay) = lookup::<RelayMsg>(RELAY, &ctx.settings.node_id) {
             // If the relay is restarting, it sends these from the outbox when it starts.
             let _ = relay.cast(RelayMsg::Publish(outgoing));
+        }
+        let usd = crate::roles::task_api::usd;
+        for (day, cost) in &charges {
+            ctx.metrics
+                .cost_usd_total
+                .with_label_values(&[&task.playbook])
+                .inc_by(usd(*cost));
+            let spent = |scope: &str| usd(ctx.ledger.spent(day, scope));
+            ctx.metrics
+                .budget_spent_usd
+                .with_label_values(&["global"])
+                .set(spent("*"));
+            ctx.metrics
+                .budget_spent_usd
+                .with_label_values(&[&format!("playbook:{}", task.playbook)])
+                .set(spent(&task.playbook));
+        }
+        if verified {
+            ctx.metrics
+                .task_cost_usd
+                .with_label_values(&[&task.playbook])
+                .observe(usd(task.cost_micros()));
         }
         if task.status.is_terminal() {
             let status = task.status.as_str();

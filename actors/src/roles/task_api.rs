@@ -13,10 +13,10 @@ use crate::bus::{self, Inbound};
 use crate::context::NodeContext;
 use crate::model::{Approval, ApprovalState, JsonText, Step, Task, TaskStatus, task_of_approval};
 use crate::protocol::{
-    ApprovalListReply, ApprovalListRequest, ApprovalRef, ApprovalView, Attention, CancelRequest,
-    DecideReply, DecideRequest, ErrorCode, ErrorReply, LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX,
-    ListReply, ListRequest, ResolveRequest, StepView, TaskRef, TaskStatusReply, TaskSummary,
-    TaskView, TraceReply, subject,
+    ApprovalListReply, ApprovalListRequest, ApprovalRef, ApprovalView, Attention, BudgetReply,
+    BudgetRequest, CancelRequest, DecideReply, DecideRequest, ErrorCode, ErrorReply,
+    LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX, ListReply, ListRequest, PlaybookBudget, ResolveRequest,
+    StepView, TaskRef, TaskStatusReply, TaskSummary, TaskView, TraceReply, subject,
 };
 use crate::roles::intake::parse_json;
 use crate::roles::task_supervisor::{ControlError, TaskSupervisorMsg};
@@ -48,6 +48,7 @@ pub enum TaskApiMsg {
     Decide(Inbound),
     ApprovalsList(Inbound),
     ApprovalsGet(Inbound),
+    Budget(Inbound),
 }
 
 impl Actor for TaskApi {
@@ -113,6 +114,12 @@ impl Actor for TaskApi {
                 depth,
                 TaskApiMsg::ApprovalsGet,
             ),
+            bus::spawn_pump(
+                nats.queue_subscribe(subject::BUDGET_STATUS, q()).await?,
+                myself.clone(),
+                depth,
+                TaskApiMsg::Budget,
+            ),
         ];
         Ok(TaskApiState { ctx, pumps })
     }
@@ -177,6 +184,16 @@ impl Actor for TaskApi {
                 let reply = parse_json::<ApprovalListRequest>(payload, max)
                     .and_then(|r| list_approvals(ctx, &r));
                 ctx.respond(subject::APPROVALS_LIST, inbound.msg.reply, reply)
+                    .await;
+            }
+            TaskApiMsg::Budget(inbound) => {
+                let payload: &[u8] = if inbound.msg.payload.is_empty() {
+                    b"{}"
+                } else {
+                    &inbound.msg.payload
+                };
+                let reply = parse_json::<BudgetRequest>(payload, max).and_then(|_| budget(ctx));
+                ctx.respond(subject::BUDGET_STATUS, inbound.msg.reply, reply)
                     .await;
             }
             TaskApiMsg::ApprovalsGet(inbound) => {
@@ -476,6 +493,58 @@ pub fn approval_view(task: &Task, step: &Step, a: &Approval) -> ApprovalView {
         note: a.note.clone(),
         decided_at_ms: a.decided_at_ms,
     }
+}
+
+/// Today's spend against the caps, and what verified tasks cost, per playbook.
+fn budget(ctx: &NodeContext) -> Result<BudgetReply, ErrorReply> {
+    let internal = |e: storage::StoreError| ErrorReply::new(ErrorCode::Internal, e.to_string());
+    let day = crate::budget::day_of(ctx.now_ms());
+    let caps = &ctx.settings.caps;
+    let mut names: Vec<String> = caps.playbook_day.keys().cloned().collect();
+    for key in ctx.store.keys(Cf::Spend).map_err(internal)? {
+        let key = String::from_utf8_lossy(&key).into_owned();
+        let name = match key.split('/').collect::<Vec<_>>()[..] {
+            [d, pb] if d == day && pb != "*" => pb.to_string(),
+            ["verified", pb, _] => pb.to_string(),
+            _ => continue,
+        };
+        if !names.contains(&name) {
+            names.push(name);
+        }
+    }
+    names.sort();
+    let mut playbooks = Vec::with_capacity(names.len());
+    for playbook in names {
+        let [count, cost] = crate::budget::verified_keys(&playbook);
+        let tasks = ctx
+            .store
+            .counter(Cf::Spend, count.as_bytes())
+            .map_err(internal)?;
+        let cost = ctx
+            .store
+            .counter(Cf::Spend, cost.as_bytes())
+            .map_err(internal)?;
+        playbooks.push(PlaybookBudget {
+            day_cap_usd: usd(caps.playbook_day.get(&playbook).copied().unwrap_or(0)),
+            spent_today_usd: usd(ctx.ledger.spent(&day, &playbook)),
+            verified_tasks: tasks,
+            verified_cost_usd: usd(cost),
+            cost_per_verified_task_usd: if tasks == 0 {
+                0.0
+            } else {
+                usd(cost) / tasks as f64
+            },
+            playbook,
+        });
+    }
+    Ok(BudgetReply {
+        node_id: ctx.settings.node_id.clone(),
+        task_cap_usd: usd(caps.task),
+        day_cap_usd: usd(caps.day),
+        spent_today_usd: usd(ctx.ledger.spent(&day, "*")),
+        day,
+        playbooks,
+    })
 }
 
 /// Millionths of a dollar as dollars.
