@@ -5,8 +5,8 @@
 //! actions. Keeping it pure makes every transition unit-testable and replayable.
 
 use crate::model::{
-    Approval, ApprovalDecision, ApprovalState, DecisionKind, JsonText, Step, StepStatus, Task,
-    TaskStatus,
+    Approval, ApprovalDecision, ApprovalKind, ApprovalState, DecisionKind, JsonText, Step,
+    StepStatus, Task, TaskStatus,
 };
 use crate::policy::Ruling;
 use crate::protocol::{ArchiveReply, ExecReply, FailureKind, PlanReply, TaskEvent, Verdict};
@@ -523,6 +523,41 @@ impl Cx<'_> {
             )));
         }
         let by = if by.is_empty() { "operator" } else { by };
+        // The approval that asked the same question (the two ways to answer are one).
+        let now = self.now_ms;
+        if let Some(a) = self.task.steps[i].approval.as_mut()
+            && a.state == ApprovalState::Pending
+            && a.kind == ApprovalKind::OutcomeUnknown
+        {
+            a.state = if decision == DecisionKind::Abort {
+                ApprovalState::Denied
+            } else {
+                ApprovalState::Approved
+            };
+            a.decided_by = Some(by.to_string());
+            a.decided_at_ms = Some(now);
+            a.note = note.filter(|n| !n.is_empty()).map(str::to_string);
+            let (kind, id, attempt) = (
+                if decision == DecisionKind::Abort {
+                    "approval_denied"
+                } else {
+                    "approval_granted"
+                },
+                a.id.clone(),
+                a.attempt,
+            );
+            let word = match decision {
+                DecisionKind::Retry => "retry",
+                DecisionKind::MarkDone => "mark_done",
+                DecisionKind::Abort => "abort",
+            };
+            self.event(
+                kind,
+                Some(step_id),
+                Some(attempt),
+                Some(format!("{id}: {word} by {by}")),
+            );
+        }
         let note = note
             .filter(|n| !n.is_empty())
             .map(|n| format!(": {n}"))
@@ -691,6 +726,7 @@ impl Cx<'_> {
         step.status = StepStatus::AwaitingApproval;
         step.approval = Some(Approval {
             id: approval_id.clone(),
+            kind: ApprovalKind::Dispatch,
             attempt,
             args_hash: gated.args_hash.clone(),
             policy_version: gated.policy_version.clone(),
@@ -723,6 +759,36 @@ impl Cx<'_> {
         });
     }
 
+    /// An `unsafe` step's outcome is unknown: the same approval flow asks a person
+    /// whether to retry it, mark it done or abort (no expiry: nothing safe to default to).
+    fn ask_about_outcome(&mut self, i: usize, attempt: u32, message: &str) {
+        self.task.approvals_requested += 1;
+        let approval_id = format!("{}-a{}", self.task.id, self.task.approvals_requested);
+        let step = &mut self.task.steps[i];
+        let step_id = step.spec.id.clone();
+        step.approval = Some(Approval {
+            id: approval_id.clone(),
+            kind: ApprovalKind::OutcomeUnknown,
+            attempt,
+            args_hash: String::new(),
+            policy_version: String::new(),
+            reason: format!("outcome unknown: {message}"),
+            cost_micros: 0,
+            requested_at_ms: self.now_ms,
+            expires_at_ms: 0,
+            state: ApprovalState::Pending,
+            decided_by: None,
+            note: None,
+            decided_at_ms: None,
+        });
+        self.event(
+            "approval_requested",
+            Some(&step_id),
+            Some(attempt),
+            Some(format!("{approval_id}: retry, mark_done or abort")),
+        );
+    }
+
     fn decide(
         &mut self,
         approval_id: &str,
@@ -743,6 +809,20 @@ impl Cx<'_> {
                 approval.state.as_str()
             )));
         }
+        if approval.kind == ApprovalKind::OutcomeUnknown {
+            let Some(resolution) = decision.as_resolution() else {
+                return Err(Rejected(format!(
+                    "approval `{approval_id}` is about an unknown outcome: decide retry, mark_done or abort"
+                )));
+            };
+            let step_id = step.spec.id.clone();
+            return self.resolve(&step_id, resolution, by, note.as_deref());
+        }
+        if decision.as_resolution().is_some() {
+            return Err(Rejected(format!(
+                "approval `{approval_id}` asks whether the step may run: decide approve or deny"
+            )));
+        }
         let by = if by.is_empty() { "operator" } else { by };
         let note = note.filter(|n| !n.is_empty());
         approval.decided_by = Some(by.to_string());
@@ -752,7 +832,10 @@ impl Cx<'_> {
         let step_id = step.spec.id.clone();
         let note = note.map(|n| format!(": {n}")).unwrap_or_default();
         match decision {
-            ApprovalDecision::Deny => {
+            ApprovalDecision::Deny
+            | ApprovalDecision::Retry
+            | ApprovalDecision::MarkDone
+            | ApprovalDecision::Abort => {
                 approval.state = ApprovalState::Denied;
                 step.status = StepStatus::Failed;
                 step.finished_at_ms = Some(self.now_ms);
@@ -808,7 +891,11 @@ impl Cx<'_> {
         approval.decided_by = Some("expiry".into());
         let attempt = approval.attempt;
         match default {
-            ApprovalDecision::Deny => {
+            // (The configuration only allows approve or deny.)
+            ApprovalDecision::Deny
+            | ApprovalDecision::Retry
+            | ApprovalDecision::MarkDone
+            | ApprovalDecision::Abort => {
                 step.status = StepStatus::Failed;
                 step.finished_at_ms = Some(now);
                 step.error = Some(format!("approval {approval_id} expired (default: deny)"));
@@ -897,6 +984,7 @@ impl Cx<'_> {
                     Some(attempt),
                     Some(message.clone()),
                 );
+                self.ask_about_outcome(i, attempt, &message);
                 if self.is_dispatching() {
                     self.set_status(
                         TaskStatus::AwaitingOperator,

@@ -221,6 +221,7 @@ pub struct JsonPathEquals {
 pub struct Approval {
     /// `<task_id>-a<n>`: names the task, so a decision finds its node and actor.
     pub id: String,
+    pub kind: ApprovalKind,
     /// The attempt it was requested for.
     pub attempt: u32,
     pub args_hash: String,
@@ -235,6 +236,17 @@ pub struct Approval {
     pub decided_by: Option<String>,
     pub note: Option<String>,
     pub decided_at_ms: Option<u64>,
+}
+
+/// What an approval asks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ApprovalKind {
+    /// May this step run? (`approve` or `deny`; it expires.)
+    Dispatch,
+    /// An `unsafe` effect's outcome is unknown: `retry`, `mark_done` or `abort`? (It
+    /// waits for a person: no expiry.)
+    OutcomeUnknown,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -261,12 +273,28 @@ impl ApprovalState {
     }
 }
 
-/// What an operator decides on an approval request.
+/// What an operator decides on an approval request: `approve`/`deny` a dispatch, or
+/// `retry`/`mark_done`/`abort` a step whose outcome is unknown.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ApprovalDecision {
     Approve,
     Deny,
+    Retry,
+    MarkDone,
+    Abort,
+}
+
+impl ApprovalDecision {
+    /// The same decision as `cadre.tasks.resolve` spells it, for an unknown outcome.
+    pub fn as_resolution(self) -> Option<DecisionKind> {
+        match self {
+            ApprovalDecision::Retry => Some(DecisionKind::Retry),
+            ApprovalDecision::MarkDone => Some(DecisionKind::MarkDone),
+            ApprovalDecision::Abort => Some(DecisionKind::Abort),
+            ApprovalDecision::Approve | ApprovalDecision::Deny => None,
+        }
+    }
 }
 
 /// One step of a plan, with its templates over `input.*` already rendered.

@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::model::{
-    ApprovalDecision, ApprovalState, Criteria, DecisionKind, JsonText, StepSpec, StepStatus,
-    TaskStatus,
+    ApprovalDecision, ApprovalKind, ApprovalState, Criteria, DecisionKind, JsonText, StepSpec,
+    StepStatus, TaskStatus,
 };
 
 /// Subject names. Functions where the subject carries an identifier.
@@ -215,6 +215,7 @@ pub struct ResolveRequest {
 #[serde(deny_unknown_fields)]
 pub struct DecideRequest {
     pub approval_id: String,
+    /// `approve`/`deny` a dispatch; `retry`/`mark_done`/`abort` an unknown outcome.
     pub decision: ApprovalDecision,
     /// Who decides; recorded in the audit log.
     pub by: String,
@@ -261,6 +262,8 @@ pub struct ApprovalListReply {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ApprovalView {
     pub approval_id: String,
+    /// `dispatch` (decide approve or deny) or `outcome_unknown` (retry, mark_done, abort).
+    pub kind: ApprovalKind,
     pub task_id: String,
     pub playbook: String,
     pub step_id: String,

@@ -869,20 +869,25 @@ async fn the_kill_switch_aborts_a_running_shell_step_and_says_its_outcome_is_unk
         "{t:#}"
     );
 
+    // The same approval flow asks what to do about it.
+    let approval = &step["approval"];
+    assert_eq!(approval["kind"], "outcome_unknown", "{t:#}");
+    assert_eq!(approval["state"], "pending", "{t:#}");
+    let id = approval["approval_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let list = w.cli(&["approvals", "list"])?;
+    assert!(list.contains(&id), "{list}");
+
     w.cli(&["killswitch", "off"])?;
-    w.cli(&[
-        "task",
-        "resolve",
-        &task_id,
-        "--step",
-        "deploy",
-        "--decision",
-        "abort",
-        "--by",
-        "bob",
-    ])?;
+    let wrong = w.decide(&id, "approve", "bob").await?;
+    assert_eq!(wrong["error"]["code"], "conflict", "{wrong}");
+    w.cli(&["approvals", "decide", &id, "abort", "--by", "bob"])?;
     let t = wait_task(&w.client, &task_id, WITHIN, chaos_tests::is_terminal).await?;
     assert_eq!(t["status"], "failed", "{t:#}");
+    assert_eq!(t["steps"][0]["approval"]["state"], "denied", "{t:#}");
+    assert_eq!(t["steps"][0]["approval"]["decided_by"], "bob", "{t:#}");
     node.kill9();
     Ok(())
 }

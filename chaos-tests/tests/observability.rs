@@ -531,7 +531,9 @@ async fn the_trace_of_a_task_that_retried_waited_for_an_operator_and_succeeded_r
         ("executor@n1", "step_retry"),
         ("verifier@n1", "step_succeeded"),
         ("executor@n1", "step_outcome_unknown"),
+        ("executor@n1", "approval_requested"),
         ("executor@n1", "awaiting_operator"),
+        ("operator:alice", "approval_granted"),
         ("operator:alice", "step_succeeded"),
         ("task@n1", "step_started"),
         ("archivist@n1", "succeeded"),
@@ -552,7 +554,7 @@ async fn the_trace_of_a_task_that_retried_waited_for_an_operator_and_succeeded_r
     assert!(retry.contains("crm#1") && retry.contains("503"), "{retry}");
     let resolved = lines
         .iter()
-        .find(|l| l.contains("operator:alice"))
+        .find(|l| l.contains("operator:alice") && l.contains("step_succeeded"))
         .copied()
         .unwrap_or("");
     assert!(

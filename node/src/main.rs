@@ -129,6 +129,39 @@ enum ApprovalsCommand {
         #[arg(long)]
         note: Option<String>,
     },
+    /// Any decision: approve or deny a dispatch; retry, mark_done or abort a step whose
+    /// outcome is unknown.
+    Decide {
+        approval_id: String,
+        #[arg(value_enum)]
+        decision: DecideAs,
+        #[arg(long, env = "USER")]
+        by: Option<String>,
+        #[arg(long)]
+        note: Option<String>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DecideAs {
+    Approve,
+    Deny,
+    Retry,
+    #[value(name = "mark_done")]
+    MarkDone,
+    Abort,
+}
+
+impl DecideAs {
+    fn decision(self) -> ApprovalDecision {
+        match self {
+            DecideAs::Approve => ApprovalDecision::Approve,
+            DecideAs::Deny => ApprovalDecision::Deny,
+            DecideAs::Retry => ApprovalDecision::Retry,
+            DecideAs::MarkDone => ApprovalDecision::MarkDone,
+            DecideAs::Abort => ApprovalDecision::Abort,
+        }
+    }
 }
 
 #[derive(Args, Clone)]
@@ -309,6 +342,12 @@ fn main() {
                             c.decide(&approval_id, ApprovalDecision::Deny, by, note)
                                 .await
                         }
+                        ApprovalsCommand::Decide {
+                            approval_id,
+                            decision,
+                            by,
+                            note,
+                        } => c.decide(&approval_id, decision.decision(), by, note).await,
                     }
                 })
                 .await

@@ -410,8 +410,54 @@ fn outcome_unknown_parks_until_an_operator_decides() {
         },
     );
     assert_eq!(t.status, TaskStatus::AwaitingOperator);
-    assert_eq!(kinds(&tr), ["step_outcome_unknown", "awaiting_operator"]);
+    assert_eq!(
+        kinds(&tr),
+        [
+            "step_outcome_unknown",
+            "approval_requested",
+            "awaiting_operator"
+        ]
+    );
     assert_eq!(t.attention.as_ref().map(|a| a.0.as_str()), Some("a"));
+    // The question is also an approval, with no expiry.
+    let a = t.steps[0].approval.clone().expect("an approval");
+    assert_eq!(
+        (a.id.as_str(), a.kind),
+        ("t1-a1", ApprovalKind::OutcomeUnknown)
+    );
+    assert!(tr.actions.is_empty(), "no expiry timer");
+
+    // Decided through the approval: the same as a resolve, and recorded on it.
+    let mut via_approval = t.clone();
+    let tr = go(
+        &mut via_approval,
+        Input::Decide {
+            approval_id: "t1-a1".into(),
+            decision: ApprovalDecision::Retry,
+            by: "ops".into(),
+            note: None,
+        },
+    );
+    assert_eq!(tr.actions, vec![exec("a", 2)]);
+    assert_eq!(kinds(&tr)[..2], ["approval_granted", "step_resolved"]);
+    assert_eq!(
+        via_approval.steps[0].approval.as_ref().map(|a| a.state),
+        Some(ApprovalState::Approved)
+    );
+    let wrong = apply(
+        &mut t.clone(),
+        Input::Decide {
+            approval_id: "t1-a1".into(),
+            decision: ApprovalDecision::Approve,
+            by: "ops".into(),
+            note: None,
+        },
+        0,
+        0.0,
+        &limits(),
+        &AllowAll,
+    );
+    assert!(wrong.is_err_and(|r| r.0.contains("decide retry, mark_done or abort")));
 
     let mut retried = t.clone();
     let tr = go(
@@ -720,6 +766,11 @@ fn a_decision_keeps_the_operator_note_and_attention_moves_to_the_next_unknown_st
     );
     assert_eq!(
         tr.events[0].detail.as_deref(),
+        Some("t1-a1: mark_done by ann"),
+        "the approval that asked is answered too"
+    );
+    assert_eq!(
+        tr.events[1].detail.as_deref(),
         Some("marked done by ann: saw it in the log")
     );
     assert_eq!(t.status, TaskStatus::AwaitingOperator, "b still waits");

@@ -475,6 +475,7 @@ pub fn approval_view(task: &Task, step: &Step, a: &Approval) -> ApprovalView {
         .unwrap_or_else(|_| step.spec.params.clone());
     ApprovalView {
         approval_id: a.id.clone(),
+        kind: a.kind,
         task_id: task.id.clone(),
         playbook: task.playbook.clone(),
         step_id: step.spec.id.clone(),
