@@ -14,11 +14,10 @@ use std::str::FromStr;
 
 use cedar_policy::{
     Authorizer, Context, Decision as CedarDecision, Entities, EntityId, EntityTypeName, EntityUid,
-    PolicyId, PolicySet, Request, Schema, ValidationMode, Validator,
+    PolicyId, PolicySet, Request, RestrictedExpression, Schema, ValidationMode, Validator,
 };
 use miette::Diagnostic;
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 /// The types of what policies can see.
@@ -114,36 +113,49 @@ pub struct StepFacts {
 }
 
 impl StepFacts {
-    fn context(&self) -> Value {
+    /// The policies' `context`: every attribute of the schema's `StepContext`, always
+    /// (a test checks it against the schema; at run time it is built directly, because
+    /// going through JSON and the schema costs more than the decision).
+    fn context(&self) -> Vec<(String, RestrictedExpression)> {
         let secs = self.now_ms / 1000;
         let days = secs / 86_400;
         // 1970-01-01 was a Thursday (4); ISO weekday: Monday 1 … Sunday 7.
         let weekday = (days + 3) % 7 + 1;
-        json!({
-            "task_id": self.task_id,
-            "step_id": self.step_id,
-            "playbook": self.playbook,
-            "tool": self.tool,
-            "node": self.node,
-            "method": self.method,
-            "host": self.host,
-            "path": self.path,
-            "within_roots": self.within_roots,
-            "program": self.program,
-            "command": self.command,
-            "recipient": self.recipient,
-            "cost_micros": i64::try_from(self.cost_micros).unwrap_or(i64::MAX),
-            "hour": (secs % 86_400 / 3600) as i64,
-            "minute": (secs % 3600 / 60) as i64,
-            "weekday": weekday as i64,
-        })
+        let text = |k: &str, v: &str| (k.to_string(), RestrictedExpression::new_string(v.into()));
+        let long = |k: &str, v: u64| {
+            let v = i64::try_from(v).unwrap_or(i64::MAX);
+            (k.to_string(), RestrictedExpression::new_long(v))
+        };
+        vec![
+            text("task_id", &self.task_id),
+            text("step_id", &self.step_id),
+            text("playbook", &self.playbook),
+            text("tool", &self.tool),
+            text("node", &self.node),
+            text("method", &self.method),
+            text("host", &self.host),
+            text("path", &self.path),
+            (
+                "within_roots".to_string(),
+                RestrictedExpression::new_bool(self.within_roots),
+            ),
+            text("program", &self.program),
+            text("command", &self.command),
+            text("recipient", &self.recipient),
+            long("cost_micros", self.cost_micros),
+            long("hour", secs % 86_400 / 3600),
+            long("minute", secs % 3600 / 60),
+            long("weekday", weekday),
+        ]
     }
 }
 
 /// A loaded, validated set of policy files.
 pub struct Policies {
     set: PolicySet,
-    schema: Schema,
+    authorizer: Authorizer,
+    run: EntityUid,
+    run_unattended: EntityUid,
     version: String,
     files: Vec<String>,
     /// What each policy says when it causes a deny or an approval.
@@ -291,7 +303,9 @@ impl Policies {
         let digest = hex::encode(hasher.finalize());
         Ok(Policies {
             set,
-            schema,
+            authorizer: Authorizer::new(),
+            run: uid("Action", "run"),
+            run_unattended: uid("Action", "run_unattended"),
             version: digest[..12].to_string(),
             files: sources.iter().map(|(f, _)| f.clone()).collect(),
             reasons,
@@ -322,14 +336,14 @@ impl Policies {
             reasons,
             policy_version: self.version.clone(),
         };
-        let run = match self.ask("run", facts) {
+        let run = match self.ask(&self.run, facts) {
             Ok(r) => r,
             Err(e) => return decision(Ruling::Deny, vec![e]),
         };
         if let Some(reasons) = run {
             return decision(Ruling::Deny, reasons);
         }
-        match self.ask("run_unattended", facts) {
+        match self.ask(&self.run_unattended, facts) {
             Ok(None) => decision(Ruling::Allow, Vec::new()),
             Ok(Some(reasons)) => decision(Ruling::RequireApproval, reasons),
             Err(e) => decision(Ruling::Deny, vec![e]),
@@ -337,24 +351,21 @@ impl Policies {
     }
 
     /// `Ok(None)` if permitted; `Ok(Some(reasons))` if not; `Err` if evaluation failed.
-    fn ask(&self, action: &str, facts: &StepFacts) -> Result<Option<Vec<String>>, String> {
-        let uid = |ty: &str, id: &str| -> Result<EntityUid, String> {
-            let ty = EntityTypeName::from_str(ty).map_err(|e| e.to_string())?;
-            Ok(EntityUid::from_type_name_and_id(ty, EntityId::new(id)))
-        };
+    fn ask(&self, action: &EntityUid, facts: &StepFacts) -> Result<Option<Vec<String>>, String> {
         let persona = if facts.persona.is_empty() {
             "operator"
         } else {
             facts.persona.as_str()
         };
-        let principal = uid("Persona", persona)?;
-        let action = uid("Action", action)?;
-        let resource = uid("Step", &format!("{}/{}", facts.task_id, facts.step_id))?;
-        let context = Context::from_json_value(facts.context(), Some((&self.schema, &action)))
-            .map_err(|e| format!("policy context: {e}"))?;
-        let request = Request::new(principal, action, resource, context, Some(&self.schema))
+        let principal = uid("Persona", persona);
+        let resource = uid("Step", &format!("{}/{}", facts.task_id, facts.step_id));
+        let context =
+            Context::from_pairs(facts.context()).map_err(|e| format!("policy context: {e}"))?;
+        let request = Request::new(principal, action.clone(), resource, context, None)
             .map_err(|e| format!("policy request: {e}"))?;
-        let response = Authorizer::new().is_authorized(&request, &self.set, &Entities::empty());
+        let response = self
+            .authorizer
+            .is_authorized(&request, &self.set, &Entities::empty());
         let errors: Vec<String> = response
             .diagnostics()
             .errors()
@@ -382,6 +393,13 @@ impl Policies {
             reasons
         }))
     }
+}
+
+/// `Type::"id"`. The type names used here are fixed identifiers, which always parse.
+fn uid(ty: &str, id: &str) -> EntityUid {
+    let ty = EntityTypeName::from_str(ty)
+        .unwrap_or_else(|e| panic!("entity type `{ty}` does not parse: {e}"));
+    EntityUid::from_type_name_and_id(ty, EntityId::new(id))
 }
 
 /// Errors of a Cedar diagnostic, each at the line and column its first label points at.

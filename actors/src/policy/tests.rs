@@ -66,6 +66,26 @@ fn the_defaults_gate_shell_writes_and_non_get_http() {
 }
 
 #[test]
+fn the_context_is_exactly_the_schemas() {
+    // Built directly at run time; here it must also pass the schema's validation, for
+    // both actions (a missing or mistyped attribute would make policies error).
+    let schema = Schema::from_str(SCHEMA).unwrap_or_else(|e| panic!("{e:?}"));
+    for action in ["run", "run_unattended"] {
+        let action = uid("Action", action);
+        let context =
+            Context::from_pairs(http("POST", "h").context()).unwrap_or_else(|e| panic!("{e}"));
+        Request::new(
+            uid("Persona", "operator"),
+            action,
+            uid("Step", "T1/s1"),
+            context,
+            Some(&schema),
+        )
+        .unwrap_or_else(|e| panic!("the context does not match the schema: {e}"));
+    }
+}
+
+#[test]
 fn nothing_runs_without_a_permit() {
     let p = one(r#"forbid (principal, action, resource) when { context.tool == "x" };"#)
         .unwrap_or_else(|e| panic!("{e:?}"));

@@ -63,16 +63,18 @@ async fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(&playbooks)?;
     std::fs::write(playbooks.join("bench4.toml"), PLAYBOOK)?;
     let (roots, pb) = (files.display().to_string(), playbooks.display().to_string());
-    let mut node = CadreNode::start(
-        "bench",
-        &dir.path().join("data"),
-        &nats.url,
-        &[
-            ("CADRE_FILE_ROOTS", &roots),
-            ("CADRE_PLAYBOOKS_DIR", &pb),
-            ("CADRE_FILE_FSYNC", &fsync),
-        ],
-    )?;
+    let mut env = vec![
+        ("CADRE_FILE_ROOTS", roots.as_str()),
+        ("CADRE_PLAYBOOKS_DIR", pb.as_str()),
+        ("CADRE_FILE_FSYNC", fsync.as_str()),
+    ];
+    // BENCH_POLICIES_DIR="" runs the built-in policies (the harness's default is one
+    // `permit`): the cost of the policies a user really runs.
+    let policies = std::env::var("BENCH_POLICIES_DIR").ok();
+    if let Some(dir) = &policies {
+        env.push(("CADRE_POLICIES_DIR", dir.as_str()));
+    }
+    let mut node = CadreNode::start("bench", &dir.path().join("data"), &nats.url, &env)?;
     node.wait_ready(&client).await?;
     let rss_idle = node.rss_kib();
     let input = json!({"playbook": "bench4", "input": {"root": roots}}).to_string();
