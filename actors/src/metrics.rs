@@ -54,6 +54,9 @@ pub struct Metrics {
     pub rate_limit_wait_seconds_total: CounterVec,
     /// Value of the audit head when this process started counting.
     audit_base: std::sync::atomic::AtomicU64,
+    /// Serializes [`Metrics::sync_store`]: it advances counters by read-then-add, and two
+    /// scrapes at once would both add the same difference.
+    sync_lock: std::sync::Mutex<()>,
 }
 
 /// Step and commit latencies: 1 ms to 1 min.
@@ -146,6 +149,10 @@ impl Metrics {
     /// Brings the counters kept by the store up to date (called before each scrape).
     pub fn sync_store(&self, store: &storage::Store) {
         use std::sync::atomic::Ordering::Relaxed;
+        let _serial = self
+            .sync_lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let stats = store.stats();
         let advance = |c: &IntCounter, to: u64| {
             let now = c.get();
@@ -447,6 +454,7 @@ impl Metrics {
                 )?,
             )?,
             audit_base: std::sync::atomic::AtomicU64::new(0),
+            sync_lock: std::sync::Mutex::new(()),
             registry,
         })
     }
