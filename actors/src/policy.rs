@@ -336,22 +336,7 @@ impl Policies {
             reasons,
             policy_version: self.version.clone(),
         };
-        let run = match self.ask(&self.run, facts) {
-            Ok(r) => r,
-            Err(e) => return decision(Ruling::Deny, vec![e]),
-        };
-        if let Some(reasons) = run {
-            return decision(Ruling::Deny, reasons);
-        }
-        match self.ask(&self.run_unattended, facts) {
-            Ok(None) => decision(Ruling::Allow, Vec::new()),
-            Ok(Some(reasons)) => decision(Ruling::RequireApproval, reasons),
-            Err(e) => decision(Ruling::Deny, vec![e]),
-        }
-    }
-
-    /// `Ok(None)` if permitted; `Ok(Some(reasons))` if not; `Err` if evaluation failed.
-    fn ask(&self, action: &EntityUid, facts: &StepFacts) -> Result<Option<Vec<String>>, String> {
+        // Built once for both questions (the context is most of a question's cost).
         let persona = if facts.persona.is_empty() {
             "operator"
         } else {
@@ -359,9 +344,39 @@ impl Policies {
         };
         let principal = uid("Persona", persona);
         let resource = uid("Step", &format!("{}/{}", facts.task_id, facts.step_id));
-        let context =
-            Context::from_pairs(facts.context()).map_err(|e| format!("policy context: {e}"))?;
-        let request = Request::new(principal, action.clone(), resource, context, None)
+        let context = match Context::from_pairs(facts.context()) {
+            Ok(c) => c,
+            Err(e) => return decision(Ruling::Deny, vec![format!("policy context: {e}")]),
+        };
+        let ask = |action: &EntityUid| {
+            self.ask(
+                principal.clone(),
+                action.clone(),
+                resource.clone(),
+                context.clone(),
+            )
+        };
+        match ask(&self.run) {
+            Err(e) => return decision(Ruling::Deny, vec![e]),
+            Ok(Some(reasons)) => return decision(Ruling::Deny, reasons),
+            Ok(None) => {}
+        }
+        match ask(&self.run_unattended) {
+            Ok(None) => decision(Ruling::Allow, Vec::new()),
+            Ok(Some(reasons)) => decision(Ruling::RequireApproval, reasons),
+            Err(e) => decision(Ruling::Deny, vec![e]),
+        }
+    }
+
+    /// `Ok(None)` if permitted; `Ok(Some(reasons))` if not; `Err` if evaluation failed.
+    fn ask(
+        &self,
+        principal: EntityUid,
+        action: EntityUid,
+        resource: EntityUid,
+        context: Context,
+    ) -> Result<Option<Vec<String>>, String> {
+        let request = Request::new(principal, action, resource, context, None)
             .map_err(|e| format!("policy request: {e}"))?;
         let response = self
             .authorizer
