@@ -46,6 +46,10 @@ pub struct Settings {
     pub policy_reload: Duration,
     /// Spend caps; a step that would cross one waits for an approval.
     pub caps: crate::budget::Caps,
+    /// What the node says about itself: `location=laptop`, ….
+    pub tags: std::collections::BTreeMap<String, String>,
+    /// How often the node writes its heartbeat.
+    pub heartbeat: Duration,
 }
 
 /// A message waiting in the outbox: the relay publishes it, then deletes it.

@@ -34,6 +34,13 @@ pub mod subject {
     /// Request: today's spend against the caps, and the cost per verified task
     /// (`{}` → `BudgetReply`).
     pub const BUDGET_STATUS: &str = "cadre.budget.status";
+    /// Request: every node the cluster knows, with its last heartbeat
+    /// (`ClusterStatusRequest` → `ClusterStatusReply`).
+    pub const CLUSTER_STATUS: &str = "cadre.cluster.status";
+    /// The NATS micro service every node is an instance of (`nats micro ls`).
+    pub const SERVICE_NAME: &str = "cadre";
+    /// JetStream KV bucket: each node's latest heartbeat (`NodeStatus`), keyed by node id.
+    pub const NODES_BUCKET: &str = "CADRE_NODES";
     /// Request: engage, release or read the kill switch (`KillSwitchRequest`).
     pub const CONTROL_KILLSWITCH: &str = "cadre.control.killswitch";
     pub const QUEUE_CONTROL: &str = "cadre-control";
@@ -60,6 +67,11 @@ pub mod subject {
     /// Every event of one task.
     pub fn task_events(task_id: &str) -> String {
         format!("cadre.events.task.{task_id}.>")
+    }
+
+    /// A node's own status endpoint, in the micro service (`{}` → `NodeStatus`).
+    pub fn node_status(node_id: &str) -> String {
+        format!("cadre.node.{node_id}.status")
     }
 
     /// Event: a step waits for an approval (`ApprovalView`, state `pending`).
@@ -284,6 +296,41 @@ pub struct ApprovalView {
     pub note: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub decided_at_ms: Option<u64>,
+}
+
+/// `cadre.cluster.status`: `{}` (an empty payload too).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterStatusRequest {}
+
+/// Reply to `cadre.cluster.status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClusterStatusReply {
+    /// The node that read the bucket.
+    pub answered_by: String,
+    pub at_ms: u64,
+    /// By node id.
+    pub nodes: Vec<NodeStatus>,
+}
+
+/// A node as its heartbeat describes it (also its micro service endpoint's answer).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub node_id: String,
+    pub version: String,
+    /// `location=laptop`, … (config `tags`).
+    pub tags: std::collections::BTreeMap<String, String>,
+    /// The tools its executor serves.
+    pub tools: Vec<String>,
+    pub started_at_ms: u64,
+    pub heartbeat_at_ms: u64,
+    pub tasks_in_flight: i64,
+    pub steps_in_flight: i64,
+    pub approvals_pending: i64,
+    pub killswitch_engaged: bool,
+    pub policy_version: String,
+    /// Heard of within three heartbeats (as of the reply).
+    pub alive: bool,
 }
 
 /// `cadre.budget.status`: `{}` (an empty payload too).

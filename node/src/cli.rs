@@ -9,8 +9,8 @@ use std::time::Duration;
 use actors::model::{ApprovalDecision, ApprovalState, StepStatus, TaskStatus};
 use actors::protocol::{
     AUDIT_READ_MAX, ApprovalListReply, ApprovalView, AuditEntry, AuditReadReply, AuditRecord,
-    AuditVerifyReply, BudgetReply, DecideReply, ErrorReply, KillSwitchState, ListReply,
-    SubmitReply, TaskEvent, TaskStatusReply, TaskView, TraceReply, subject,
+    AuditVerifyReply, BudgetReply, ClusterStatusReply, DecideReply, ErrorReply, KillSwitchState,
+    ListReply, SubmitReply, TaskEvent, TaskStatusReply, TaskView, TraceReply, subject,
 };
 use bytes::Bytes;
 use futures::StreamExt;
@@ -413,6 +413,56 @@ impl Client {
             );
         }
         Ok(())
+    }
+
+    /// `cadre cluster status`. Exit 1 if a known node is not alive.
+    pub async fn cluster_status(&self) -> Result<(), CliError> {
+        let reply: ClusterStatusReply = self
+            .request(subject::CLUSTER_STATUS, &serde_json::json!({}))
+            .await?;
+        if self.json {
+            print_json(&reply);
+        } else {
+            for n in &reply.nodes {
+                let tags = n
+                    .tags
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(",");
+                let ago = reply.at_ms.saturating_sub(n.heartbeat_at_ms) as f64 / 1000.0;
+                println!(
+                    "{:<12} {:<5} v{:<8} heartbeat {ago:.1}s ago  tasks {:>4}  steps {:>4}  approvals {:>3}{}  policies {}  [{tags}]  tools {}",
+                    n.node_id,
+                    if n.alive { "up" } else { "GONE" },
+                    n.version,
+                    n.tasks_in_flight,
+                    n.steps_in_flight,
+                    n.approvals_pending,
+                    if n.killswitch_engaged {
+                        "  KILL SWITCH"
+                    } else {
+                        ""
+                    },
+                    n.policy_version,
+                    n.tools.join(",")
+                );
+            }
+        }
+        let gone: Vec<&str> = reply
+            .nodes
+            .iter()
+            .filter(|n| !n.alive)
+            .map(|n| n.node_id.as_str())
+            .collect();
+        if gone.is_empty() {
+            Ok(())
+        } else {
+            Err(CliError::Unsuccessful(format!(
+                "not heard of within three heartbeats: {}",
+                gone.join(", ")
+            )))
+        }
     }
 
     /// `cadre budget`.

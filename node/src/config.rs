@@ -65,6 +65,12 @@ pub struct Config {
     pub budget_day_usd: f64,
     /// Caps per playbook per UTC day: `weekly-newsletter=2.5` (env: comma-separated).
     pub budget_playbook_day_usd: Vec<String>,
+    /// What this node says about itself, `key=value`: `location=laptop` (env:
+    /// comma-separated). Shown by `cadre cluster status` and `nats micro info cadre`.
+    pub tags: Vec<String>,
+    /// How often the node writes its heartbeat to the `CADRE_NODES` bucket; a node not
+    /// heard of for three heartbeats is reported as gone.
+    pub heartbeat_ms: u64,
     /// Messages one role holds before it stops reading from NATS.
     pub mailbox_depth_max: usize,
     /// Captured stdout/stderr/HTTP body per step.
@@ -114,6 +120,8 @@ impl Default for Config {
             budget_task_usd: 0.0,
             budget_day_usd: 0.0,
             budget_playbook_day_usd: Vec::new(),
+            tags: Vec::new(),
+            heartbeat_ms: 5_000,
             mailbox_depth_max: 4_096,
             output_bytes_max: 64 << 10,
             task_restarts_max: 5,
@@ -309,6 +317,12 @@ impl Config {
         if let Err(e) = self.caps() {
             problems.push(e);
         }
+        if let Err(e) = self.tag_map() {
+            problems.push(e);
+        }
+        if self.heartbeat_ms == 0 {
+            problems.push("heartbeat_ms must be greater than 0".into());
+        }
         if !matches!(self.approval_default.as_str(), "deny" | "approve") {
             problems.push(format!(
                 "approval_default `{}` must be `deny` or `approve`",
@@ -401,6 +415,24 @@ impl Config {
             costs.insert(tool.to_string(), (usd * 1_000_000.0).round() as u64);
         }
         Ok(costs)
+    }
+
+    /// `tags` as a map, checked: `key=value`, both subject tokens.
+    pub fn tag_map(&self) -> Result<std::collections::BTreeMap<String, String>, String> {
+        let mut tags = std::collections::BTreeMap::new();
+        for text in &self.tags {
+            let (k, v) = text
+                .split_once('=')
+                .map(|(k, v)| (k.trim(), v.trim()))
+                .filter(|(k, v)| {
+                    actors::protocol::subject::is_token(k) && actors::protocol::subject::is_token(v)
+                })
+                .ok_or_else(|| {
+                    format!("tags entry `{text}` must look like `location=laptop` (letters, digits, `-`, `_`)")
+                })?;
+            tags.insert(k.to_string(), v.to_string());
+        }
+        Ok(tags)
     }
 
     /// The budget caps, in millionths of a dollar, checked.

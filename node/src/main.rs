@@ -43,6 +43,9 @@ enum Command {
     Approvals(ApprovalsArgs),
     /// Today's spend against the budget caps, and the cost per verified task.
     Budget(ClientOpts),
+    /// The nodes of this NATS system: version, tags, tools, load, last heartbeat.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
     /// Declare Cadre's JetStream streams on a NATS system, so tasks enqueued before any
     /// node starts are kept.
     Setup(ClientOpts),
@@ -82,6 +85,12 @@ enum PlaybookCommand {
         #[arg(default_value = "playbooks")]
         dir: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Every node the cluster knows, alive or not (from the `CADRE_NODES` heartbeats).
+    Status(ClientOpts),
 }
 
 #[derive(Subcommand)]
@@ -319,6 +328,9 @@ fn main() {
             Command::Playbook(PlaybookCommand::Check { dir }) => playbook_check(&dir),
             Command::Policy(PolicyCommand::Check { dir }) => policy_check(dir.as_deref()),
             Command::Budget(opts) => client_main(opts, |c| async move { c.budget().await }).await,
+            Command::Cluster(ClusterCommand::Status(opts)) => {
+                client_main(opts, |c| async move { c.cluster_status().await }).await
+            }
             Command::Approvals(ApprovalsArgs { opts, command }) => {
                 client_main(opts, |c| async move {
                     match command {

@@ -17,6 +17,7 @@ use actors::roles::audit::{AuditArgs, AuditLog};
 use actors::roles::executor::{EffectsInFlight, Executor, ExecutorArgs, ExecutorMsg};
 use actors::roles::governor::{Governor, GovernorArgs};
 use actors::roles::intake::{Intake, IntakeArgs};
+use actors::roles::membership::{Membership, MembershipArgs};
 use actors::roles::planner::{Planner, PlannerArgs};
 use actors::roles::relay::{Relay, RelayArgs};
 use actors::roles::supervisor::{
@@ -240,6 +241,8 @@ fn settings(config: &Config, seed: u64, step_defaults: StepDefaults) -> Settings
             .then(|| config.policies_dir.clone()),
         policy_reload: Duration::from_millis(config.policy_reload_ms),
         caps: config.caps().unwrap_or_default(),
+        tags: config.tag_map().unwrap_or_default(),
+        heartbeat: Duration::from_millis(config.heartbeat_ms),
     }
 }
 
@@ -249,7 +252,7 @@ pub fn store_path(data_dir: &std::path::Path) -> std::path::PathBuf {
 }
 
 /// The node's actors, in start order: the relay before anything commits, the task
-/// supervisor before intake feeds it, the task API last (it doubles as readiness).
+/// supervisor before intake feeds it, the task API and the node's announcement last.
 fn child_specs(
     ctx: &Arc<NodeContext>,
     catalog: &Arc<Catalog>,
@@ -313,8 +316,17 @@ fn child_specs(
             }
         }),
         // Last: once `cadre.tasks.*` answers, every other role (and the intake stream) is up.
-        spec(roles::TASK_API, node, TaskApi, move || TaskApiArgs {
-            ctx: c.clone(),
+        spec(roles::TASK_API, node, TaskApi, {
+            let ctx = c.clone();
+            move || TaskApiArgs { ctx: ctx.clone() }
+        }),
+        // Last: a node announces itself once it can serve.
+        spec(roles::MEMBERSHIP, node, Membership, {
+            let names: Vec<String> = tools.iter().map(|t| t.info().name.to_string()).collect();
+            move || MembershipArgs {
+                ctx: c.clone(),
+                tools: names.clone(),
+            }
         }),
     ]
 }

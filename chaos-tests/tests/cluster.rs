@@ -1,0 +1,133 @@
+//! Nodes together, against a real nats-server and real `cadre` processes: each node
+//! announces itself as an instance of the NATS micro service `cadre` and by a heartbeat
+//! in the `CADRE_NODES` bucket; `cadre cluster status` shows every node, and a node that
+//! dies is reported gone within three heartbeats.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use bytes::Bytes;
+use chaos_tests::{CadreNode, NatsServer, cadre_cli, eventually, request};
+use futures::StreamExt;
+use serde_json::{Value, json};
+
+const WITHIN: Duration = Duration::from_secs(30);
+
+/// Every reply to a request that many services answer, within `window`.
+async fn gather(
+    nats: &async_nats::Client,
+    subject: &str,
+    window: Duration,
+) -> anyhow::Result<Vec<Value>> {
+    let inbox = nats.new_inbox();
+    let mut replies = nats.subscribe(inbox.clone()).await?;
+    nats.publish_with_reply(subject.to_string(), inbox, Bytes::new())
+        .await?;
+    nats.flush().await?;
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + window;
+    while let Ok(Some(msg)) = tokio::time::timeout_at(deadline, replies.next()).await {
+        out.push(serde_json::from_slice(&msg.payload)?);
+    }
+    Ok(out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_announce_themselves_and_a_dead_node_is_reported_gone() -> anyhow::Result<()> {
+    let nats = NatsServer::start()?;
+    let client = nats.client().await?;
+    let dir = tempfile::tempdir()?;
+    let playbooks = chaos_tests::shipped_playbooks().display().to_string();
+    let node = |id: &str, location: &str| {
+        let tags = format!("location={location},tier=test");
+        CadreNode::start(
+            id,
+            &dir.path().join(id),
+            &nats.url,
+            &[
+                ("CADRE_TAGS", tags.as_str()),
+                ("CADRE_HEARTBEAT_MS", "200"),
+                ("CADRE_PLAYBOOKS_DIR", playbooks.as_str()),
+            ],
+        )
+    };
+    let mut laptop = node("laptop", "laptop")?;
+    let mut vps = node("vps", "vps")?;
+    laptop.wait_ready(&client).await?;
+    vps.wait_ready(&client).await?;
+
+    // `cadre cluster status`: both nodes, alive, with their tags and tools.
+    let status = eventually(WITHIN, "both nodes in the cluster status", || async {
+        let (code, out, _) = cadre_cli(&nats.url, &["cluster", "status", "--json"]).ok()?;
+        let v: Value = serde_json::from_str(&out).ok()?;
+        let alive = v["nodes"]
+            .as_array()?
+            .iter()
+            .filter(|n| n["alive"] == true)
+            .count();
+        (code == 0 && alive == 2).then_some(v)
+    })
+    .await?;
+    let vps_status = &status["nodes"][1];
+    assert_eq!(vps_status["node_id"], "vps", "{status:#}");
+    assert_eq!(
+        vps_status["tags"],
+        json!({"location": "vps", "tier": "test"})
+    );
+    let tools: BTreeSet<&str> = vps_status["tools"]
+        .as_array()
+        .map(|t| t.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    assert_eq!(
+        tools,
+        BTreeSet::from(["file.write", "http.request", "shell.run"])
+    );
+    let (code, text, err) = cadre_cli(&nats.url, &["cluster", "status"])?;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        text.contains("laptop") && text.contains("location=vps"),
+        "{text}"
+    );
+
+    // The NATS services API (what `nats micro ls|info` asks): two instances of `cadre`.
+    let pings = gather(&client, "$SRV.PING.cadre", Duration::from_millis(500)).await?;
+    assert_eq!(pings.len(), 2, "{pings:?}");
+    let infos = gather(&client, "$SRV.INFO.cadre", Duration::from_millis(500)).await?;
+    let ids: BTreeSet<&str> = infos
+        .iter()
+        .filter_map(|i| i["metadata"]["node_id"].as_str())
+        .collect();
+    assert_eq!(ids, BTreeSet::from(["laptop", "vps"]), "{infos:?}");
+    assert!(
+        infos.iter().all(|i| i["metadata"]["tools"]
+            .as_str()
+            .is_some_and(|t| t.contains("shell.run"))),
+        "{infos:?}"
+    );
+    // Each node's own endpoint answers with its status.
+    let own = request(&client, "cadre.node.vps.status", "{}").await?;
+    assert_eq!(own["node_id"], "vps", "{own}");
+
+    // A node that dies is reported gone within three heartbeats; the other stays up.
+    vps.kill9();
+    let status = eventually(WITHIN, "vps reported gone", || async {
+        let v = request(&client, "cadre.cluster.status", "{}").await.ok()?;
+        let gone = v["nodes"]
+            .as_array()?
+            .iter()
+            .any(|n| n["node_id"] == "vps" && n["alive"] == false);
+        gone.then_some(v)
+    })
+    .await?;
+    assert_eq!(status["nodes"][0]["alive"], true, "{status:#}");
+    let (code, text, _) = cadre_cli(&nats.url, &["cluster", "status"])?;
+    assert_eq!(code, 1, "a gone node is a failure for scripts: {text}");
+    assert!(text.contains("GONE"), "{text}");
+
+    // Bad input: a clear error, and it keeps serving.
+    let bad = request(&client, "cadre.cluster.status", r#"{"node": "x"}"#).await?;
+    assert_eq!(bad["error"]["code"], "invalid_request", "{bad}");
+    let again = request(&client, "cadre.cluster.status", "").await?;
+    assert!(again["nodes"].is_array(), "{again}");
+    Ok(())
+}
