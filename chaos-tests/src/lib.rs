@@ -332,6 +332,26 @@ impl CadreNode {
         self.spawn()
     }
 
+    /// SIGSTOP: the process freezes (a laptop lid closing), holding its connections.
+    pub fn freeze(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// SIGCONT after [`CadreNode::freeze`].
+    pub fn thaw(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    fn signal(&self, signal: i32) {
+        if let Some(pid) = self.pid() {
+            #[allow(unsafe_code)]
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe {
+                libc::kill(pid as i32, signal);
+            }
+        }
+    }
+
     /// Waits (bounded) for the process to exit on its own; its exit code.
     pub async fn exit_code(&mut self, within: Duration) -> anyhow::Result<Option<i32>> {
         let deadline = Instant::now() + within;
