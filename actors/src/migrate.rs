@@ -8,12 +8,12 @@
 use serde::{Deserialize, Serialize};
 use storage::{Batch, Cf, Store, StoreError};
 
-use crate::model::{Criteria, JsonText, Step, StepSpec, StepStatus, Task, TaskStatus};
+use crate::model::{Approval, Criteria, JsonText, Step, StepSpec, StepStatus, Task, TaskStatus};
 use crate::protocol::{TaskCheck, Verdict};
 
 /// Layout of the records in `Cf::Tasks`: 2 added approvals, cost, persona and
-/// compensation.
-pub const RECORDS_VERSION: u32 = 2;
+/// compensation; 3 added a step's placement.
+pub const RECORDS_VERSION: u32 = 3;
 const META_RECORDS_KEY: &[u8] = b"records_version";
 /// Records rewritten per synced batch.
 const BATCH_RECORDS: usize = 256;
@@ -42,21 +42,25 @@ pub async fn run(store: &Store) -> Result<usize, MigrateError> {
         return Err(MigrateError::TooNew { found });
     }
     let mut rewritten = 0;
-    if found < 2 {
+    if found < RECORDS_VERSION {
         let keys = store.keys(Cf::Tasks)?;
         for chunk in keys.chunks(BATCH_RECORDS) {
             let mut batch = Batch::new();
             for key in chunk {
-                let old: Option<TaskV1> =
-                    store
-                        .get(Cf::Tasks, key)
-                        .map_err(|source| MigrateError::Record {
-                            key: String::from_utf8_lossy(key).into_owned(),
-                            version: 1,
-                            source,
-                        })?;
-                if let Some(old) = old {
-                    batch.put(Cf::Tasks, key.clone(), &old.into_current())?;
+                let read = |source| MigrateError::Record {
+                    key: String::from_utf8_lossy(key).into_owned(),
+                    version: found,
+                    source,
+                };
+                let task = if found < 2 {
+                    let old: Option<TaskV1> = store.get(Cf::Tasks, key).map_err(read)?;
+                    old.map(|t| t.into_v2().into_current())
+                } else {
+                    let old: Option<TaskV2> = store.get(Cf::Tasks, key).map_err(read)?;
+                    old.map(TaskV2::into_current)
+                };
+                if let Some(task) = task {
+                    batch.put(Cf::Tasks, key.clone(), &task)?;
                     rewritten += 1;
                 }
             }
@@ -122,8 +126,8 @@ struct TaskV1 {
 }
 
 impl TaskV1 {
-    fn into_current(self) -> Task {
-        Task {
+    fn into_v2(self) -> TaskV2 {
+        TaskV2 {
             id: self.id,
             playbook: self.playbook,
             playbook_version: self.playbook_version,
@@ -136,8 +140,8 @@ impl TaskV1 {
             steps: self
                 .steps
                 .into_iter()
-                .map(|s| Step {
-                    spec: StepSpec {
+                .map(|s| StepV2 {
+                    spec: StepSpecV2 {
                         id: s.spec.id,
                         tool: s.spec.tool,
                         params: s.spec.params,
@@ -173,6 +177,126 @@ impl TaskV1 {
             persona: String::new(),
             ends_as: None,
             approvals_requested: 0,
+        }
+    }
+}
+
+/// `StepSpec` as layout 2 stored it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StepSpecV2 {
+    id: String,
+    tool: String,
+    params: JsonText,
+    params_template: Option<JsonText>,
+    verify: Criteria,
+    depends_on: Vec<String>,
+    max_attempts: u32,
+    timeout_ms: u64,
+    compensate: Option<Box<StepSpecV2>>,
+    compensates: Option<String>,
+}
+
+impl StepSpecV2 {
+    fn into_current(self) -> StepSpec {
+        StepSpec {
+            id: self.id,
+            tool: self.tool,
+            params: self.params,
+            params_template: self.params_template,
+            verify: self.verify,
+            depends_on: self.depends_on,
+            max_attempts: self.max_attempts,
+            timeout_ms: self.timeout_ms,
+            compensate: self.compensate.map(|c| Box::new(c.into_current())),
+            compensates: self.compensates,
+            // Steps planned before placement existed ran on any node.
+            placement: None,
+        }
+    }
+}
+
+/// `Step` as layout 2 stored it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StepV2 {
+    spec: StepSpecV2,
+    status: StepStatus,
+    attempts: u32,
+    redeliveries: u32,
+    output: Option<JsonText>,
+    error: Option<String>,
+    verdict: Option<Verdict>,
+    started_at_ms: Option<u64>,
+    finished_at_ms: Option<u64>,
+    retry_at_ms: Option<u64>,
+    next_attempt: u32,
+    approval: Option<Approval>,
+    cost_micros: u64,
+}
+
+/// `Task` as layout 2 stored it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct TaskV2 {
+    id: String,
+    playbook: String,
+    playbook_version: String,
+    input: JsonText,
+    idempotency_key: Option<String>,
+    node_id: String,
+    status: TaskStatus,
+    created_at_ms: u64,
+    updated_at_ms: u64,
+    steps: Vec<StepV2>,
+    checks: Vec<TaskCheck>,
+    task_verdict: Option<Verdict>,
+    failure: Option<String>,
+    attention: Option<(String, String)>,
+    event_seq: u64,
+    hop_retries: u32,
+    persona: String,
+    ends_as: Option<TaskStatus>,
+    approvals_requested: u32,
+}
+
+impl TaskV2 {
+    fn into_current(self) -> Task {
+        Task {
+            id: self.id,
+            playbook: self.playbook,
+            playbook_version: self.playbook_version,
+            input: self.input,
+            idempotency_key: self.idempotency_key,
+            node_id: self.node_id,
+            status: self.status,
+            created_at_ms: self.created_at_ms,
+            updated_at_ms: self.updated_at_ms,
+            steps: self
+                .steps
+                .into_iter()
+                .map(|s| Step {
+                    spec: s.spec.into_current(),
+                    status: s.status,
+                    attempts: s.attempts,
+                    redeliveries: s.redeliveries,
+                    output: s.output,
+                    error: s.error,
+                    verdict: s.verdict,
+                    started_at_ms: s.started_at_ms,
+                    finished_at_ms: s.finished_at_ms,
+                    retry_at_ms: s.retry_at_ms,
+                    next_attempt: s.next_attempt,
+                    approval: s.approval,
+                    cost_micros: s.cost_micros,
+                })
+                .collect(),
+            checks: self.checks,
+            task_verdict: self.task_verdict,
+            failure: self.failure,
+            attention: self.attention,
+            event_seq: self.event_seq,
+            hop_retries: self.hop_retries,
+            persona: self.persona,
+            ends_as: self.ends_as,
+            approvals_requested: self.approvals_requested,
         }
     }
 }
@@ -247,6 +371,33 @@ mod tests {
         assert_eq!(task.steps[0].approval, None);
         // Stamped: a second open rewrites nothing.
         assert_eq!(run(&store).await.unwrap_or_else(|e| panic!("{e}")), 0);
+    }
+
+    #[tokio::test]
+    async fn layout_2_tasks_gain_no_placement() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let store = Store::open(dir.path(), &Default::default()).unwrap_or_else(|e| panic!("{e}"));
+        let mut batch = Batch::new();
+        let mut old = v1("T1").into_v2();
+        let undo = old.steps[0].spec.clone();
+        old.steps[0].spec.compensate = Some(Box::new(undo));
+        batch
+            .put(Cf::Tasks, b"T1".to_vec(), &old)
+            .unwrap_or_else(|e| panic!("{e}"));
+        batch
+            .put(Cf::Meta, META_RECORDS_KEY, &2u32)
+            .unwrap_or_else(|e| panic!("{e}"));
+        store.commit(batch).await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(run(&store).await.unwrap_or_else(|e| panic!("{e}")), 1);
+        let task: Task = store
+            .get(Cf::Tasks, b"T1")
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|| panic!("T1 gone"));
+        assert_eq!(task.steps[0].spec.placement, None);
+        assert!(
+            task.steps[0].spec.compensate.is_some(),
+            "the undo step survives"
+        );
     }
 
     #[tokio::test]

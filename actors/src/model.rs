@@ -318,6 +318,17 @@ pub struct StepSpec {
     pub compensate: Option<Box<StepSpec>>,
     /// On an undo step: the step it undoes.
     pub compensates: Option<String>,
+    /// Where it must run; `None`: any node with the tool.
+    pub placement: Option<Placement>,
+}
+
+/// Where a step runs: next to what it touches.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Placement {
+    /// On this node.
+    Node(String),
+    /// On any node with this tag (`location=laptop`).
+    Tag(String, String),
 }
 
 impl StepSpec {

@@ -10,7 +10,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use crate::model::{Criteria, JsonPathEquals, JsonText, StepSpec};
+use crate::model::{Criteria, JsonPathEquals, JsonText, Placement, StepSpec};
 use crate::protocol::{TaskCheck, subject};
 use crate::template::{self, Scope, TemplateError};
 use crate::tools;
@@ -56,6 +56,12 @@ struct StepFile {
     timeout_ms: Option<u64>,
     #[serde(default)]
     compensate: Option<CompensateFile>,
+    /// Run on this node only (its `node_id`).
+    #[serde(default)]
+    on_node: Option<String>,
+    /// Run on a node with this tag only: `location=laptop`.
+    #[serde(default)]
+    on_tag: Option<String>,
 }
 
 /// What undoes a step (a saga's compensation): run, newest first, when the task is
@@ -139,6 +145,7 @@ struct PlannedStep {
     timeout_ms: u64,
     /// Its compensation, as a step of its own (`<id>.undo`, no dependencies).
     compensate: Option<Box<PlannedStep>>,
+    placement: Option<Placement>,
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -234,6 +241,7 @@ impl Playbook {
             let reads_steps = param_refs.iter().any(|r| r.starts_with("steps."));
             let (max_attempts, timeout_ms) =
                 bounds(s.max_attempts, s.timeout_ms, defaults).map_err(at)?;
+            let placement = placement(s.on_node.as_deref(), s.on_tag.as_deref()).map_err(at)?;
             let compensate = match &s.compensate {
                 None => None,
                 Some(c) => {
@@ -263,6 +271,8 @@ impl Playbook {
                         max_attempts,
                         timeout_ms,
                         compensate: None,
+                        // The undo runs where the step ran: next to what it changed.
+                        placement: placement.clone(),
                     }))
                 }
             };
@@ -276,6 +286,7 @@ impl Playbook {
                 max_attempts,
                 timeout_ms,
                 compensate,
+                placement,
             });
         }
         check_acyclic(&steps).map_err(err)?;
@@ -370,7 +381,26 @@ impl PlannedStep {
             timeout_ms: self.timeout_ms,
             compensate,
             compensates: None,
+            placement: self.placement.clone(),
         })
+    }
+}
+
+/// A step's `on_node` / `on_tag`, checked: at most one, subject tokens.
+fn placement(on_node: Option<&str>, on_tag: Option<&str>) -> Result<Option<Placement>, String> {
+    match (on_node, on_tag) {
+        (None, None) => Ok(None),
+        (Some(_), Some(_)) => Err("set `on_node` or `on_tag`, not both".into()),
+        (Some(node), None) if subject::is_token(node) => Ok(Some(Placement::Node(node.into()))),
+        (Some(node), None) => Err(format!(
+            "on_node `{node}` must be a node id (letters, digits, `-`, `_`)"
+        )),
+        (None, Some(tag)) => match tag.split_once('=') {
+            Some((k, v)) if subject::is_token(k) && subject::is_token(v) => {
+                Ok(Some(Placement::Tag(k.into(), v.into())))
+            }
+            _ => Err(format!("on_tag `{tag}` must look like `location=laptop`")),
+        },
     }
 }
 

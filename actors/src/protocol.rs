@@ -59,6 +59,25 @@ pub mod subject {
         format!("cadre.exec.{tool}")
     }
 
+    /// `tool` on one node only: `cadre.exec.file.write.node.laptop`.
+    pub fn exec_on_node(tool: &str, node_id: &str) -> String {
+        format!("cadre.exec.{tool}.node.{node_id}")
+    }
+
+    /// `tool` on a node with a tag: `cadre.exec.file.write.tag.location.laptop`.
+    pub fn exec_on_tag(tool: &str, key: &str, value: &str) -> String {
+        format!("cadre.exec.{tool}.tag.{key}.{value}")
+    }
+
+    /// Where a step with `placement` is sent.
+    pub fn exec_for(tool: &str, placement: Option<&crate::model::Placement>) -> String {
+        match placement {
+            None => exec(tool),
+            Some(crate::model::Placement::Node(node)) => exec_on_node(tool, node),
+            Some(crate::model::Placement::Tag(k, v)) => exec_on_tag(tool, k, v),
+        }
+    }
+
     /// `cadre.events.task.<task_id>.<kind>`.
     pub fn task_event(task_id: &str, kind: &str) -> String {
         format!("cadre.events.task.{task_id}.{kind}")

@@ -131,3 +131,121 @@ async fn nodes_announce_themselves_and_a_dead_node_is_reported_gone() -> anyhow:
     assert!(again["nodes"].is_array(), "{again}");
     Ok(())
 }
+
+/// Every audit record of both nodes (each node reads its own store).
+async fn audit_records(client: &async_nats::Client, nodes: &[&str]) -> anyhow::Result<Vec<Value>> {
+    let mut out = Vec::new();
+    for node in nodes {
+        let mut after = 0u64;
+        loop {
+            let req = json!({"after_seq": after, "limit": 1000}).to_string();
+            let reply = request(client, &format!("cadre.audit.{node}.read"), req).await?;
+            let entries = reply["entries"].as_array().cloned().unwrap_or_default();
+            if entries.is_empty() {
+                break;
+            }
+            after = entries
+                .last()
+                .and_then(|e| e["seq"].as_u64())
+                .unwrap_or(after);
+            out.extend(entries.into_iter().map(|e| e["record"].clone()));
+        }
+    }
+    Ok(out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steps_run_on_the_node_or_tag_they_name() -> anyhow::Result<()> {
+    let nats = NatsServer::start()?;
+    let client = nats.client().await?;
+    let dir = tempfile::tempdir()?;
+    let playbooks = dir.path().join("playbooks");
+    std::fs::create_dir_all(&playbooks)?;
+    std::fs::write(
+        playbooks.join("placed.toml"),
+        r#"
+name = "placed"
+[[steps]]
+id = "on_vps"
+tool = "shell.run"
+on_node = "vps"
+params = { program = "echo", args = ["vps"] }
+verify = { exit_code = 0 }
+[[steps]]
+id = "on_laptop"
+tool = "shell.run"
+on_tag = "location=laptop"
+depends_on = ["on_vps"]
+params = { program = "echo", args = ["laptop"] }
+verify = { exit_code = 0 }
+[[steps]]
+id = "anywhere"
+tool = "shell.run"
+depends_on = ["on_laptop"]
+params = { program = "echo", args = ["any"] }
+verify = { exit_code = 0 }
+"#,
+    )?;
+    let pb = playbooks.display().to_string();
+    let node = |id: &str, location: &str| {
+        let tags = format!("location={location}");
+        CadreNode::start(
+            id,
+            &dir.path().join(id),
+            &nats.url,
+            &[
+                ("CADRE_TAGS", tags.as_str()),
+                ("CADRE_PLAYBOOKS_DIR", pb.as_str()),
+                ("CADRE_SHELL_ALLOW", "echo"),
+            ],
+        )
+    };
+    let mut laptop = node("laptop", "laptop")?;
+    let mut vps = node("vps", "vps")?;
+    laptop.wait_ready(&client).await?;
+    vps.wait_ready(&client).await?;
+
+    // Submitted to whichever node's intake answers; each step still runs where it says.
+    let mut ids = Vec::new();
+    for n in 0..8 {
+        let body = json!({"playbook": "placed", "input": {}, "idempotency_key": format!("p{n}")});
+        let reply = request(&client, "cadre.tasks.submit", body.to_string()).await?;
+        ids.push(reply["task_id"].as_str().unwrap_or_default().to_string());
+    }
+    let records = eventually(WITHIN, "every task succeeded", || async {
+        let records = audit_records(&client, &["laptop", "vps"]).await.ok()?;
+        let done = ids.iter().all(|id| {
+            records
+                .iter()
+                .any(|r| r["task_id"] == id.as_str() && r["action"] == "succeeded")
+        });
+        done.then_some(records)
+    })
+    .await?;
+    let mut owners = BTreeSet::new();
+    for id in &ids {
+        let ran_on = |step: &str| -> Vec<String> {
+            records
+                .iter()
+                .filter(|r| {
+                    r["task_id"] == id.as_str()
+                        && r["step_id"] == step
+                        && r["action"] == "step_executed"
+                })
+                .filter_map(|r| r["actor"].as_str().map(str::to_string))
+                .collect()
+        };
+        assert_eq!(ran_on("on_vps"), ["executor@vps"], "{id}");
+        assert_eq!(ran_on("on_laptop"), ["executor@laptop"], "{id}");
+        assert_eq!(ran_on("anywhere").len(), 1, "{id}");
+        if let Some(owner) = records
+            .iter()
+            .find(|r| r["task_id"] == id.as_str() && r["action"] == "succeeded")
+            .and_then(|r| r["node_id"].as_str())
+        {
+            owners.insert(owner.to_string());
+        }
+    }
+    println!("tasks owned by {owners:?}");
+    Ok(())
+}

@@ -19,6 +19,7 @@ fn spec(id: &str, deps: &[&str]) -> StepSpec {
         timeout_ms: 1000,
         compensate: None,
         compensates: None,
+        placement: None,
     }
 }
 

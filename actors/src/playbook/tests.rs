@@ -204,3 +204,35 @@ fn a_compensation_is_planned_as_an_undo_step_that_may_read_its_step() {
     let e = err(&SAGA.replace("persona = \"bookkeeper\"", "persona = \"a b\""));
     assert!(e.contains("persona `a b`"), "{e}");
 }
+
+#[test]
+fn a_step_may_name_the_node_or_tag_it_runs_on_and_its_undo_follows() {
+    let text = SAGA.replace(
+        "verify = { status_in = [201] }\ncompensate",
+        "on_tag = \"location=vps\"\nverify = { status_in = [201] }\ncompensate",
+    );
+    let pb = parse(&text).unwrap_or_else(|e| panic!("{e}"));
+    let (steps, _) = pb
+        .plan("T1", &json!({"url": "http://crm"}))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let at_vps = Some(Placement::Tag("location".into(), "vps".into()));
+    assert_eq!(steps[0].placement, at_vps);
+    assert_eq!(
+        steps[0]
+            .compensate
+            .as_ref()
+            .and_then(|u| u.placement.clone()),
+        at_vps
+    );
+
+    let both = SAGA.replace(
+        "verify = { status_in = [201] }\ncompensate",
+        "on_node = \"vps\"\non_tag = \"a=b\"\nverify = { status_in = [201] }\ncompensate",
+    );
+    assert!(err(&both).contains("set `on_node` or `on_tag`, not both"));
+    let bad = SAGA.replace(
+        "verify = { status_in = [201] }\ncompensate",
+        "on_tag = \"vps\"\nverify = { status_in = [201] }\ncompensate",
+    );
+    assert!(err(&bad).contains("on_tag `vps` must look like `location=laptop`"));
+}

@@ -92,16 +92,30 @@ impl Actor for Executor {
         let mut pumps = Vec::new();
         for tool in args.tools {
             let name = tool.info().name;
-            let sub = ctx
-                .nats
-                .queue_subscribe(subject::exec(name), subject::QUEUE_ROLES.into())
-                .await?;
-            pumps.push(bus::spawn_pump(
-                sub,
-                myself.clone(),
-                ctx.settings.mailbox_depth_max,
-                ExecutorMsg::Request,
-            ));
+            // Any node's work, this node's own, and its tags' (steps placed with
+            // `on_node` / `on_tag`): one queue group each, so one node takes each call.
+            let mut subjects = vec![
+                subject::exec(name),
+                subject::exec_on_node(name, &ctx.settings.node_id),
+            ];
+            subjects.extend(
+                ctx.settings
+                    .tags
+                    .iter()
+                    .map(|(k, v)| subject::exec_on_tag(name, k, v)),
+            );
+            for s in subjects {
+                let sub = ctx
+                    .nats
+                    .queue_subscribe(s, subject::QUEUE_ROLES.into())
+                    .await?;
+                pumps.push(bus::spawn_pump(
+                    sub,
+                    myself.clone(),
+                    ctx.settings.mailbox_depth_max,
+                    ExecutorMsg::Request,
+                ));
+            }
             let slots = ctx
                 .settings
                 .tool_concurrency_max

@@ -599,7 +599,8 @@ impl TaskState {
                 }
                 let timeout =
                     Duration::from_millis(req.timeout_ms) + ctx.settings.exec_timeout_margin;
-                let subject = subject::exec(&req.tool);
+                let placement = self.task.steps[i].spec.placement.as_ref();
+                let subject = subject::exec_for(&req.tool, placement);
                 hop(
                     ctx,
                     myself,
