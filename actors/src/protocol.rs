@@ -69,6 +69,12 @@ pub mod subject {
         format!("cadre.exec.{tool}.tag.{key}.{value}")
     }
 
+    /// Verification that must read one node's disk (file criteria of a step that node
+    /// executed): `cadre.verify.node.laptop`.
+    pub fn verify_on_node(node_id: &str) -> String {
+        format!("cadre.verify.node.{node_id}")
+    }
+
     /// Where a step with `placement` is sent.
     pub fn exec_for(tool: &str, placement: Option<&crate::model::Placement>) -> String {
         match placement {

@@ -184,9 +184,19 @@ tool = "shell.run"
 depends_on = ["on_laptop"]
 params = { program = "echo", args = ["any"] }
 verify = { exit_code = 0 }
+[[steps]]
+id = "vps_file"
+tool = "file.write"
+on_node = "vps"
+depends_on = ["anywhere"]
+params = { path = "{{input.root}}/{{task.id}}.txt", content = "on the vps" }
+verify = { file_exists = true }
 "#,
     )?;
     let pb = playbooks.display().to_string();
+    let files = dir.path().join("files");
+    std::fs::create_dir_all(&files)?;
+    let root = files.canonicalize()?.display().to_string();
     let node = |id: &str, location: &str| {
         let tags = format!("location={location}");
         CadreNode::start(
@@ -197,6 +207,7 @@ verify = { exit_code = 0 }
                 ("CADRE_TAGS", tags.as_str()),
                 ("CADRE_PLAYBOOKS_DIR", pb.as_str()),
                 ("CADRE_SHELL_ALLOW", "echo"),
+                ("CADRE_FILE_ROOTS", root.as_str()),
             ],
         )
     };
@@ -208,7 +219,7 @@ verify = { exit_code = 0 }
     // Submitted to whichever node's intake answers; each step still runs where it says.
     let mut ids = Vec::new();
     for n in 0..8 {
-        let body = json!({"playbook": "placed", "input": {}, "idempotency_key": format!("p{n}")});
+        let body = json!({"playbook": "placed", "input": {"root": root}, "idempotency_key": format!("p{n}")});
         let reply = request(&client, "cadre.tasks.submit", body.to_string()).await?;
         ids.push(reply["task_id"].as_str().unwrap_or_default().to_string());
     }
@@ -238,6 +249,18 @@ verify = { exit_code = 0 }
         assert_eq!(ran_on("on_vps"), ["executor@vps"], "{id}");
         assert_eq!(ran_on("on_laptop"), ["executor@laptop"], "{id}");
         assert_eq!(ran_on("anywhere").len(), 1, "{id}");
+        assert_eq!(ran_on("vps_file"), ["executor@vps"], "{id}");
+        // Its file criterion was judged where the file was written.
+        let judged_by: Vec<&str> = records
+            .iter()
+            .filter(|r| {
+                r["task_id"] == id.as_str()
+                    && r["step_id"] == "vps_file"
+                    && r["action"] == "step_succeeded"
+            })
+            .filter_map(|r| r["actor"].as_str())
+            .collect();
+        assert_eq!(judged_by, ["verifier@vps"], "{id}");
         if let Some(owner) = records
             .iter()
             .find(|r| r["task_id"] == id.as_str() && r["action"] == "succeeded")

@@ -61,6 +61,10 @@ pub struct TaskState {
     pending_committed: i64,
     /// `(UTC day, cost)` charged by transitions not yet committed.
     uncommitted_charges: Vec<(String, u64)>,
+    /// Per step, the node whose executor answered its current attempt: a verdict that
+    /// reads files must be given there. (In memory: after a restart the attempt is sent
+    /// again, through the ledger, and answers again.)
+    ran_on: HashMap<String, String>,
     /// What each of this task's audit records repeats.
     facts: audit::TaskFacts,
     /// `task@<node>`: this actor, as audit records name it.
@@ -139,6 +143,7 @@ impl Actor for TaskActor {
             unknown_committed,
             pending_committed,
             uncommitted_charges: Vec::new(),
+            ran_on: HashMap::new(),
             facts,
             me,
         })
@@ -162,6 +167,11 @@ impl Actor for TaskActor {
                     let _ = state.apply(&myself, input, None).await?;
                 }
                 TaskMsg::Reply { input, from } => {
+                    if let (Input::Executed { step, .. }, Some(node)) =
+                        (&input, from.as_deref().and_then(|f| f.split_once('@')))
+                    {
+                        state.ran_on.insert(step.clone(), node.1.to_string());
+                    }
                     let _ = state.apply(&myself, input, from).await?;
                 }
                 TaskMsg::Released => state.send_held(&myself),
@@ -642,10 +652,17 @@ impl TaskState {
                     output: s.output.clone().unwrap_or_else(JsonText::null),
                     task: last.then(|| self.task_checks()),
                 };
+                // File criteria read the disk of the node that ran the step.
+                let reads_disk =
+                    s.spec.verify.file_exists.is_some() || s.spec.verify.file_contains.is_some();
+                let subject = match self.ran_on.get(&step) {
+                    Some(node) if reads_disk => subject::verify_on_node(node),
+                    _ => subject::VERIFY.into(),
+                };
                 hop(
                     ctx,
                     myself,
-                    subject::VERIFY.into(),
+                    subject,
                     req,
                     hop_timeout,
                     move |r: Result<VerifyReply, HopError>| match r {

@@ -21,7 +21,7 @@ pub struct VerifierArgs {
 
 pub struct VerifierState {
     ctx: Arc<NodeContext>,
-    pump: JoinHandle<()>,
+    pumps: Vec<JoinHandle<()>>,
 }
 
 pub enum VerifierMsg {
@@ -38,20 +38,27 @@ impl Actor for Verifier {
         myself: ActorRef<VerifierMsg>,
         args: VerifierArgs,
     ) -> Result<VerifierState, ActorProcessingErr> {
-        let sub = args
-            .ctx
-            .nats
-            .queue_subscribe(subject::VERIFY, subject::QUEUE_ROLES.into())
-            .await?;
-        let pump = bus::spawn_pump(
-            sub,
-            myself,
-            args.ctx.settings.mailbox_depth_max,
-            VerifierMsg::Request,
-        );
+        // Any node's verdicts, and those that must read this node's disk.
+        let mut pumps = Vec::new();
+        for s in [
+            subject::VERIFY.to_string(),
+            subject::verify_on_node(&args.ctx.settings.node_id),
+        ] {
+            let sub = args
+                .ctx
+                .nats
+                .queue_subscribe(s, subject::QUEUE_ROLES.into())
+                .await?;
+            pumps.push(bus::spawn_pump(
+                sub,
+                myself.clone(),
+                args.ctx.settings.mailbox_depth_max,
+                VerifierMsg::Request,
+            ));
+        }
         Ok(VerifierState {
             ctx: args.ctx,
-            pump,
+            pumps,
         })
     }
 
@@ -84,7 +91,9 @@ impl Actor for Verifier {
         _: ActorRef<VerifierMsg>,
         state: &mut VerifierState,
     ) -> Result<(), ActorProcessingErr> {
-        state.pump.abort();
+        for pump in &state.pumps {
+            pump.abort();
+        }
         Ok(())
     }
 }
