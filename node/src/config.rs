@@ -622,6 +622,44 @@ mod tests {
                 "{err}"
             );
         }
+        let err = Config::load(
+            None,
+            env(&[
+                ("CADRE_TAGS", "location=laptop, gpu"),
+                ("CADRE_TOOL_COSTS", "http.request=-1"),
+                ("CADRE_BUDGET_PLAYBOOK_DAY_USD", "news"),
+                ("CADRE_APPROVAL_DEFAULT", "maybe"),
+                ("CADRE_POLICIES_DIR", "/no/such/dir"),
+            ]),
+            &Overrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        for want in [
+            "tags entry `gpu` must look like `location=laptop`",
+            "tool_costs entry `http.request=-1` must look like",
+            "budget_playbook_day_usd entry `news` must look like",
+            "approval_default `maybe` must be `deny` or `approve`",
+            "policies_dir `/no/such/dir` must be an existing directory",
+        ] {
+            assert!(err.contains(want), "{want}: {err}");
+        }
+        let c = Config::load(
+            None,
+            env(&[
+                ("CADRE_TOOL_COSTS", "http.request=0.002"),
+                ("CADRE_BUDGET_DAY_USD", "2.5"),
+                ("CADRE_BUDGET_PLAYBOOK_DAY_USD", "news=0.25"),
+            ]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.tool_costs().unwrap().get("http.request"), Some(&2_000));
+        let caps = c.caps().unwrap();
+        assert_eq!(
+            (caps.day, caps.playbook_day.get("news")),
+            (2_500_000, Some(&250_000))
+        );
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("bad.toml");
         std::fs::write(&file, "nod_id = 1\n").unwrap();
