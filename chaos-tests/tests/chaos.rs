@@ -174,6 +174,7 @@ verify = { exit_code = 0 }
 
     // An unsafe step caught mid-flight asks a person; answer from the effect's evidence,
     // through the approval it raised.
+    let settling = Instant::now();
     let tasks = eventually(Duration::from_secs(120), "every task terminal", || async {
         let list = request(
             &client,
@@ -212,6 +213,10 @@ verify = { exit_code = 0 }
     .await
     .map_err(|e| anyhow::anyhow!("seed {seed}: {e}\n{}", node.log_tail()))?;
 
+    println!(
+        "seed {seed}: every task terminal {:?} after the last fault",
+        settling.elapsed()
+    );
     let mut unsafe_runs: HashMap<String, usize> = HashMap::new();
     for line in std::fs::read_to_string(&record)?.lines() {
         *unsafe_runs.entry(line.to_string()).or_default() += 1;
