@@ -427,6 +427,7 @@ async fn connect_nats(
     metrics: &Arc<Metrics>,
 ) -> anyhow::Result<async_nats::Client> {
     let m = metrics.clone();
+    let node = config.node_id.clone();
     let was_connected = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let first_connect = was_connected.clone();
     let (options, bare_url) = crate::nats_url::options(url);
@@ -437,7 +438,7 @@ async fn connect_nats(
         .subscription_capacity(65_536)
         .connection_timeout(Duration::from_secs(5))
         .event_callback(move |event| {
-            let (m, was_connected) = (m.clone(), was_connected.clone());
+            let (m, was_connected, node_id) = (m.clone(), was_connected.clone(), node.clone());
             async move {
                 use std::sync::atomic::Ordering::SeqCst;
                 match event {
@@ -445,6 +446,12 @@ async fn connect_nats(
                         m.nats_connected.set(1);
                         if was_connected.swap(true, SeqCst) {
                             m.nats_reconnects_total.inc();
+                            // Requests in flight may be lost with the connection: have
+                            // the tasks re-send theirs now rather than at their timeout.
+                            if let Some(tasks) = lookup::<TaskSupervisorMsg>(roles::TASKS, &node_id)
+                            {
+                                let _ = tasks.cast(TaskSupervisorMsg::Reconnected);
+                            }
                         }
                     }
                     async_nats::Event::Disconnected => m.nats_connected.set(0),

@@ -86,6 +86,9 @@ pub enum TaskMsg {
     },
     /// The kill switch was released: send the steps held back while it was engaged.
     Released,
+    /// NATS reconnected: re-send the hops in flight, whose requests or replies may have
+    /// been lost with the connection (the executor's ledger makes a re-send safe).
+    Reconnected,
     Cancel {
         reason: String,
         reply: RpcReplyPort<Result<TaskStatus, Rejected>>,
@@ -175,6 +178,7 @@ impl Actor for TaskActor {
                     let _ = state.apply(&myself, input, from).await?;
                 }
                 TaskMsg::Released => state.send_held(&myself),
+                TaskMsg::Reconnected => state.resend_in_flight(&myself),
                 TaskMsg::Cancel { reason, reply } => {
                     let result = state.apply(&myself, Input::Cancel { reason }, None).await?;
                     let _ = reply.send(result.map(|()| state.task.status));
@@ -764,6 +768,32 @@ impl TaskState {
             .collect();
         for (step, attempt) in held {
             self.act(myself, Action::Exec { step, attempt }, None);
+        }
+    }
+
+    /// After a reconnect: every attempt sent and not answered is sent again, and every
+    /// verdict asked for is asked again. Nothing changes state, so nothing is committed;
+    /// a late answer to the first send is stale and ignored.
+    fn resend_in_flight(&mut self, myself: &ActorRef<TaskMsg>) {
+        let in_flight: Vec<(String, u32, StepStatus)> = self
+            .task
+            .steps
+            .iter()
+            .enumerate()
+            .filter(|(i, s)| match s.status {
+                StepStatus::Running => self.sent.get(*i).is_some_and(Option::is_some),
+                StepStatus::Verifying => true,
+                _ => false,
+            })
+            .map(|(_, s)| (s.spec.id.clone(), s.attempts, s.status))
+            .collect();
+        for (step, attempt, status) in in_flight {
+            let action = if status == StepStatus::Running {
+                Action::Exec { step, attempt }
+            } else {
+                Action::Verify { step, attempt }
+            };
+            self.act(myself, action, None);
         }
     }
 

@@ -75,6 +75,8 @@ pub enum TaskSupervisorMsg {
         note: Option<String>,
         reply: ControlReply,
     },
+    /// NATS reconnected: requests in flight may have been lost with the connection.
+    Reconnected,
     /// Start a crashed task's actor again (after its backoff), or abandon it.
     Respawn {
         task_id: String,
@@ -176,6 +178,11 @@ impl Actor for TaskSupervisor {
                         reply: port,
                     })
                     .await;
+            }
+            TaskSupervisorMsg::Reconnected => {
+                for task in state.running.values() {
+                    let _ = task.cast(TaskMsg::Reconnected);
+                }
             }
             TaskSupervisorMsg::Respawn { task_id, abandon } => {
                 state.ensure(&myself, &task_id, abandon).await;
