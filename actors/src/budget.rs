@@ -68,7 +68,6 @@ impl Ledger {
                 .or_insert_with(|| self.store.counter(Cf::Spend, key.as_bytes()).unwrap_or(0));
         }
         if !over_cap_approved {
-            let usd = crate::roles::task_api::usd;
             let mut crossed = Vec::new();
             if caps.task > 0 && task_spent + cost > caps.task {
                 crossed.push(format!(
@@ -114,6 +113,16 @@ impl Ledger {
         let cached = self.spent.lock().ok().and_then(|s| s.get(&key).copied());
         cached.unwrap_or_else(|| self.store.counter(Cf::Spend, key.as_bytes()).unwrap_or(0))
     }
+}
+
+/// Millionths of a dollar (how costs are counted) as dollars (how they are shown).
+pub fn usd(micros: u64) -> f64 {
+    micros as f64 / 1_000_000.0
+}
+
+/// Dollars (as configured) as millionths, rounded.
+pub fn micros(usd: f64) -> u64 {
+    (usd * 1_000_000.0).round() as u64
 }
 
 /// The counters a charge to `playbook` on `day` moves.

@@ -412,7 +412,7 @@ impl Config {
             if actors::tools::info(tool).is_none() {
                 return Err(format!("tool_costs entry `{text}`: {}", unknown_tool(tool)));
             }
-            costs.insert(tool.to_string(), (usd * 1_000_000.0).round() as u64);
+            costs.insert(tool.to_string(), actors::budget::micros(usd));
         }
         Ok(costs)
     }
@@ -439,7 +439,7 @@ impl Config {
     pub fn caps(&self) -> Result<actors::budget::Caps, String> {
         let micros = |name: &str, usd: f64| {
             if usd.is_finite() && usd >= 0.0 {
-                Ok((usd * 1_000_000.0).round() as u64)
+                Ok(actors::budget::micros(usd))
             } else {
                 Err(format!(
                     "{name} must be 0 (no cap) or a positive amount of US dollars"

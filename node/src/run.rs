@@ -115,7 +115,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let (unknown, pending) = actors::roles::task_supervisor::waiting_on_people(&store)?;
     metrics.effects_outcome_unknown.set(unknown);
     metrics.approvals_pending.set(pending);
-    let usd = |micros: u64| micros as f64 / 1_000_000.0;
+    let usd = actors::budget::usd;
     let caps = &ctx.settings.caps;
     metrics
         .budget_cap_usd

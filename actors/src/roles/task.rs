@@ -312,7 +312,7 @@ impl TaskState {
             if event.kind == "step_started"
                 && let Some(c) = event.step_id.as_deref().and_then(|s| charged.get(s))
             {
-                record.cost_usd = Some(crate::roles::task_api::usd(*c));
+                record.cost_usd = Some(crate::budget::usd(*c));
             }
             self.held_audit.push(record);
         }
@@ -411,7 +411,7 @@ impl TaskState {
             // If the relay is restarting, it sends these from the outbox when it starts.
             let _ = relay.cast(RelayMsg::Publish(outgoing));
         }
-        let usd = crate::roles::task_api::usd;
+        let usd = crate::budget::usd;
         for (day, cost) in &charges {
             ctx.metrics
                 .cost_usd_total

@@ -9,6 +9,7 @@ use storage::Cf;
 use tokio::task::JoinHandle;
 
 use crate::audit;
+use crate::budget::usd;
 use crate::bus::{self, Inbound};
 use crate::context::NodeContext;
 use crate::model::{Approval, ApprovalState, JsonText, Step, Task, TaskStatus, task_of_approval};
@@ -546,11 +547,6 @@ fn budget(ctx: &NodeContext) -> Result<BudgetReply, ErrorReply> {
         day,
         playbooks,
     })
-}
-
-/// Millionths of a dollar as dollars.
-pub fn usd(micros: u64) -> f64 {
-    micros as f64 / 1_000_000.0
 }
 
 /// Handles a control request off the actor's mailbox: the answer waits on the task's actor.
