@@ -421,6 +421,24 @@ fn open_policies(data_dir: &Path) -> anyhow::Result<String> {
     Ok(dir.display().to_string())
 }
 
+/// An `unsafe` effect the tests can count: a script that appends its first argument (a
+/// task id) to the file named by its second. Returns `(script, log)` under `dir`.
+pub fn unsafe_recorder(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let script = dir.join("record.sh");
+    std::fs::write(&script, "#!/bin/sh\nprintf '%s\\n' \"$1\" >> \"$2\"\n")?;
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    Ok((script, dir.join("unsafe-runs.log")))
+}
+
+/// How many times each task id was recorded by [`unsafe_recorder`]'s script.
+pub fn unsafe_runs(log: &Path) -> anyhow::Result<std::collections::HashMap<String, usize>> {
+    let mut runs = std::collections::HashMap::new();
+    for line in std::fs::read_to_string(log)?.lines() {
+        *runs.entry(line.to_string()).or_default() += 1;
+    }
+    Ok(runs)
+}
+
 /// Sends a JSON request and returns the JSON reply.
 pub async fn request(
     nats: &async_nats::Client,

@@ -55,11 +55,8 @@ async fn mixed_faults_lose_nothing_repeat_no_effect_and_recover() -> anyhow::Res
     let files = dir.path().join("files");
     std::fs::create_dir_all(&files)?;
     let roots = files.canonicalize()?.display().to_string();
-    let record = dir.path().join("unsafe-runs.log").display().to_string();
-    let script = dir.path().join("record.sh");
-    std::fs::write(&script, "#!/bin/sh\nprintf '%s\\n' \"$1\" >> \"$2\"\n")?;
-    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
-    let script = script.display().to_string();
+    let (script, record) = chaos_tests::unsafe_recorder(dir.path())?;
+    let (script, record) = (script.display().to_string(), record.display().to_string());
     let playbooks = dir.path().join("playbooks");
     std::fs::create_dir_all(&playbooks)?;
     std::fs::write(
@@ -221,10 +218,7 @@ verify = { exit_code = 0 }
         settled < Duration::from_secs(10),
         "seed {seed}: tasks took {settled:?} to settle after the last fault"
     );
-    let mut unsafe_runs: HashMap<String, usize> = HashMap::new();
-    for line in std::fs::read_to_string(&record)?.lines() {
-        *unsafe_runs.entry(line.to_string()).or_default() += 1;
-    }
+    let unsafe_runs = chaos_tests::unsafe_runs(std::path::Path::new(&record))?;
     let sink_requests = sink.requests();
     for t in &tasks {
         let id = t["task_id"].as_str().unwrap_or_default();

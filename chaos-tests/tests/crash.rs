@@ -4,7 +4,6 @@
 //! twice, and every file is whole. The seed is printed; `CADRE_CHAOS_SEED=<seed>`
 //! replays the same kill schedule.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use chaos_tests::{CadreNode, HttpSink, NatsServer, eventually, request};
@@ -32,11 +31,8 @@ async fn kill_9_at_random_points_loses_nothing_and_never_repeats_an_unsafe_effec
     let files = dir.path().join("files");
     std::fs::create_dir_all(&files)?;
     let files = files.canonicalize()?;
-    let record = dir.path().join("unsafe-runs.log");
-    let script = dir.path().join("record.sh");
     // The unsafe effect: appends the task id to a log, so the test can count runs.
-    std::fs::write(&script, "#!/bin/sh\nprintf '%s\\n' \"$1\" >> \"$2\"\n")?;
-    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    let (script, record) = chaos_tests::unsafe_recorder(dir.path())?;
     let playbooks = dir.path().join("playbooks");
     std::fs::create_dir_all(&playbooks)?;
     std::fs::write(
@@ -160,10 +156,7 @@ verify = { file_exists = true }
         }
     };
 
-    let mut unsafe_runs: HashMap<String, usize> = HashMap::new();
-    for line in std::fs::read_to_string(&record)?.lines() {
-        *unsafe_runs.entry(line.to_string()).or_default() += 1;
-    }
+    let unsafe_runs = chaos_tests::unsafe_runs(&record)?;
     let crm_keys: Vec<String> = sink
         .requests()
         .iter()
