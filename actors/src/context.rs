@@ -79,6 +79,8 @@ pub struct NodeContext {
     policies: std::sync::RwLock<Arc<Policies>>,
     /// Today's spend against the caps.
     pub ledger: crate::budget::Ledger,
+    /// Leases and replicated checkpoints, on a node in a cluster (set once, at start).
+    ownership: std::sync::OnceLock<Arc<crate::ownership::Ownership>>,
 }
 
 impl NodeContext {
@@ -117,6 +119,7 @@ impl NodeContext {
             paused: std::sync::Mutex::new(std::collections::HashMap::new()),
             policies: std::sync::RwLock::new(Arc::new(policies)),
             ledger: crate::budget::Ledger::new(ledger_store),
+            ownership: std::sync::OnceLock::new(),
         }))
     }
 
@@ -213,6 +216,17 @@ impl NodeContext {
         for task in released {
             let _ = task.cast(TaskMsg::Released);
         }
+    }
+
+    /// Task ownership, if the node runs in a cluster.
+    pub fn ownership(&self) -> Option<&Arc<crate::ownership::Ownership>> {
+        self.ownership.get()
+    }
+
+    /// Joins the cluster: from now on tasks are driven under leases. Set before any
+    /// actor starts.
+    pub fn set_ownership(&self, ownership: Arc<crate::ownership::Ownership>) {
+        let _ = self.ownership.set(ownership);
     }
 
     /// The policies in force now.

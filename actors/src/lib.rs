@@ -20,6 +20,7 @@ pub mod machine;
 pub mod metrics;
 pub mod migrate;
 pub mod model;
+pub mod ownership;
 pub mod playbook;
 pub mod policy;
 pub mod protocol;

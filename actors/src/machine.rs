@@ -145,6 +145,13 @@ pub enum Input {
         step: String,
         approval_id: String,
     },
+    /// Node `by` took the task over from `from`, whose lease expired; its effects carry
+    /// `token` from now on.
+    TakenOver {
+        from: String,
+        by: String,
+        token: u64,
+    },
 }
 
 /// What the actor must do after committing.
@@ -263,6 +270,16 @@ impl Cx<'_> {
                 note,
             } => return self.decide(&approval_id, decision, &by, note),
             _ if self.task.status.is_terminal() => {}
+            Input::TakenOver { from, by, token } => {
+                // Events name the node that drives the task from here on.
+                self.task.node_id = by;
+                self.event(
+                    "taken_over",
+                    None,
+                    None,
+                    Some(format!("from {from}, under fencing token {token}")),
+                );
+            }
             Input::ApprovalDue { step, approval_id } => self.approval_due(&step, &approval_id),
             Input::Planned(reply) => self.planned(reply),
             Input::PlanUnavailable(error) => self.hop_failed(TaskStatus::Planning, error),
@@ -999,7 +1016,10 @@ impl Cx<'_> {
             } => {
                 let step = &mut self.task.steps[i];
                 step.output = output;
-                self.attempt_failed(i, kind == FailureKind::Retryable, message);
+                // `Fenced` never reaches here (the actor stands down); if it did, the
+                // attempt did not run, so another is safe.
+                let retryable = matches!(kind, FailureKind::Retryable | FailureKind::Fenced);
+                self.attempt_failed(i, retryable, message);
             }
         }
     }

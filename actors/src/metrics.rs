@@ -42,6 +42,13 @@ pub struct Metrics {
     pub budget_spent_usd: GaugeVec,
     pub budget_cap_usd: GaugeVec,
     pub killswitch_engaged: IntGauge,
+    /// Cluster: leases held, takeovers, stand-downs, fenced effects, checkpoint writes
+    /// that did not reach JetStream.
+    pub leases_held: IntGauge,
+    pub task_takeovers_total: IntCounter,
+    pub task_stand_downs_total: IntCounterVec,
+    pub effects_fenced_total: IntCounterVec,
+    pub checkpoint_publish_failures_total: IntCounter,
     /// Moved from the store's own counters at scrape time (see [`Metrics::sync_store`]).
     pub store_commits_total: IntCounter,
     pub store_fsyncs_total: IntCounter,
@@ -134,6 +141,7 @@ impl Metrics {
             self.step_duration_seconds.with_label_values(&[tool]);
             self.effects_outcome_unknown_total
                 .with_label_values(&[tool]);
+            self.effects_fenced_total.with_label_values(&[tool]);
             for why in reason::RETRIED {
                 self.step_retries_total.with_label_values(&[tool, why]);
             }
@@ -385,6 +393,34 @@ impl Metrics {
             killswitch_engaged: gauge(
                 "cadre_killswitch_engaged",
                 "1 while the kill switch stops all dispatching.",
+            )?,
+            leases_held: gauge(
+                "cadre_leases_held",
+                "Task leases this node holds (cluster mode).",
+            )?,
+            task_takeovers_total: register(
+                r,
+                IntCounter::new(
+                    "cadre_task_takeovers_total",
+                    "Tasks this node took over from an owner whose lease expired.",
+                )?,
+            )?,
+            task_stand_downs_total: counter(
+                "cadre_task_stand_downs_total",
+                "Tasks this node stopped driving because another node owns them.",
+                &["reason"],
+            )?,
+            effects_fenced_total: counter(
+                "cadre_effects_fenced_total",
+                "Effects refused because the request's fencing token was stale.",
+                &["tool"],
+            )?,
+            checkpoint_publish_failures_total: register(
+                r,
+                IntCounter::new(
+                    "cadre_checkpoint_publish_failures_total",
+                    "Task checkpoints committed locally that could not be replicated.",
+                )?,
             )?,
             store_commits_total: register(
                 r,

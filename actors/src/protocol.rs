@@ -41,6 +41,18 @@ pub mod subject {
     pub const SERVICE_NAME: &str = "cadre";
     /// JetStream KV bucket: each node's latest heartbeat (`NodeStatus`), keyed by node id.
     pub const NODES_BUCKET: &str = "CADRE_NODES";
+    /// JetStream KV bucket of task ownership: key = task id, value = `Lease` (JSON), each
+    /// entry written with a TTL. Its revision at the claim is the owner's fencing token.
+    pub const LEASES_BUCKET: &str = "CADRE_LEASES";
+    /// JetStream KV bucket: the cluster-wide ledger of `unsafe` effects, key
+    /// `<task>.<step>.<attempt>`, value the executor's `Effect` (JSON).
+    pub const EFFECTS_BUCKET: &str = "CADRE_EFFECTS";
+    /// JetStream stream of replicated task checkpoints, one message (the latest) per task.
+    pub const CHECKPOINT_STREAM: &str = "CADRE_CHECKPOINTS";
+    pub const CHECKPOINTS_ALL: &str = "cadre.checkpoint.*";
+    /// Headers on a replicated checkpoint: the owner that wrote it and its fencing token.
+    pub const OWNER_HEADER: &str = "Cadre-Owner";
+    pub const TOKEN_HEADER: &str = "Cadre-Fencing-Token";
     /// Request: engage, release or read the kill switch (`KillSwitchRequest`).
     pub const CONTROL_KILLSWITCH: &str = "cadre.control.killswitch";
     pub const QUEUE_CONTROL: &str = "cadre-control";
@@ -69,8 +81,19 @@ pub mod subject {
         format!("cadre.exec.{tool}.tag.{key}.{value}")
     }
 
-    /// Verification that must read one node's disk (file criteria of a step that node
-    /// executed): `cadre.verify.node.laptop`.
+    /// The plan and archive hops of a node's own tasks: `cadre.plan.node.laptop`. A task
+    /// actor asks its own node's roles, so a frozen peer in the queue group (which takes
+    /// requests and answers none) never delays it, and no hop crosses the internet.
+    pub fn plan_on_node(node_id: &str) -> String {
+        format!("cadre.plan.node.{node_id}")
+    }
+
+    pub fn archive_on_node(node_id: &str) -> String {
+        format!("cadre.archive.node.{node_id}")
+    }
+
+    /// Verification on one node: a node's own tasks' verdicts, and those that must read
+    /// that node's disk (file criteria of a step it executed): `cadre.verify.node.laptop`.
     pub fn verify_on_node(node_id: &str) -> String {
         format!("cadre.verify.node.{node_id}")
     }
@@ -84,6 +107,11 @@ pub mod subject {
         }
     }
 
+    /// A task's replicated checkpoint: `cadre.checkpoint.<task_id>` (postcard `Task`).
+    pub fn checkpoint(task_id: &str) -> String {
+        format!("cadre.checkpoint.{task_id}")
+    }
+
     /// `cadre.events.task.<task_id>.<kind>`.
     pub fn task_event(task_id: &str, kind: &str) -> String {
         format!("cadre.events.task.{task_id}.{kind}")
@@ -93,6 +121,16 @@ pub mod subject {
     pub fn task_events(task_id: &str) -> String {
         format!("cadre.events.task.{task_id}.>")
     }
+
+    /// A node's own copy of a public control subject, where another node forwards a
+    /// request about a task this one owns: `cadre.node.vps.tasks.cancel`.
+    pub fn on_node(node_id: &str, public: &str) -> String {
+        let rest = public.strip_prefix("cadre.").unwrap_or(public);
+        format!("cadre.node.{node_id}.{rest}")
+    }
+
+    /// Header on a forwarded request: handle it here, do not forward it again.
+    pub const FORWARDED_HEADER: &str = "Cadre-Forwarded";
 
     /// A node's own status endpoint, in the micro service (`{}` → `NodeStatus`).
     pub fn node_status(node_id: &str) -> String {
@@ -783,6 +821,26 @@ pub enum PlanReply {
     },
 }
 
+/// Who owns a task, in the `CADRE_LEASES` bucket (JSON, so `nats kv get` reads it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    pub owner: String,
+    /// The owner's process incarnation.
+    pub boot_id: u64,
+    /// The fencing token: the revision of the write that claimed the lease. Absent on
+    /// the claim itself (whose revision it is), written by every renewal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<u64>,
+    pub claimed_at_ms: u64,
+}
+
+impl Lease {
+    /// The token of the lease stored at `revision`.
+    pub fn token_at(&self, revision: u64) -> u64 {
+        self.token.unwrap_or(revision)
+    }
+}
+
 /// A task-level success criterion over one step's output.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TaskCheck {
@@ -800,7 +858,8 @@ pub struct ExecRequest {
     pub params: JsonText,
     /// Stable for the step across attempts: what the outside world dedupes on.
     pub idempotency_key: String,
-    /// The owner's lease revision; an executor refuses a token older than one it has seen.
+    /// The owner's lease token (`Lease::token`); 0 on a node without leases. An
+    /// executor runs the effect only while it is the task's current lease.
     pub fencing_token: u64,
     pub timeout_ms: u64,
 }
@@ -828,6 +887,9 @@ pub enum FailureKind {
     Permanent,
     /// An `unsafe` effect may or may not have happened; an operator decides.
     OutcomeUnknown,
+    /// Not run: the request's fencing token is not the task's current lease. The sender
+    /// no longer owns the task and must stand down.
+    Fenced,
 }
 
 /// `cadre.verify`

@@ -508,6 +508,17 @@ pub async fn wait_task(
 }
 
 /// The value of an unlabelled series in Prometheus text (0 when absent).
+/// The sum of every series of `name`, whatever its labels.
+pub fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .fold(0.0, |sum, v| sum + v)
+}
+
 pub fn metric(text: &str, name: &str) -> f64 {
     text.lines()
         .find(|l| l.split_whitespace().next() == Some(name))

@@ -14,10 +14,15 @@ use serde_json::{Value, json};
 pub struct Recorded {
     pub path: String,
     pub idempotency_key: Option<String>,
+    /// The `Cadre-Fencing-Token` header: the lease the sending owner held.
+    pub fencing_token: Option<u64>,
     pub body: Value,
     /// When the request arrived.
     pub at: std::time::Instant,
 }
+
+/// How long a `slow/` path takes to answer.
+pub const SLOW: std::time::Duration = std::time::Duration::from_millis(2000);
 
 #[derive(Default)]
 struct Inner {
@@ -28,7 +33,8 @@ struct Inner {
     fail_next: Vec<u16>,
 }
 
-/// Serves `POST /clients` (201 with an id) and `POST /anything` the same way.
+/// Serves `POST /clients` (201 with an id) and `POST /anything` the same way; a path
+/// under `slow/` answers after [`SLOW`], so a call is in flight for that long.
 pub struct HttpSink {
     pub url: String,
     inner: Arc<Mutex<Inner>>,
@@ -80,16 +86,27 @@ async fn handle(
         .get("idempotency-key")
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
+    let fencing_token = headers
+        .get("cadre-fencing-token")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
     let body = body.map(|Json(b)| b).unwrap_or(Value::Null);
+    // Recorded on arrival: a slow call is seen while it is in flight.
+    if let Ok(mut inner) = inner.lock() {
+        inner.requests.push(Recorded {
+            path: path.clone(),
+            idempotency_key: key.clone(),
+            fencing_token,
+            body: body.clone(),
+            at: std::time::Instant::now(),
+        });
+    }
+    if path.starts_with("slow/") {
+        tokio::time::sleep(SLOW).await; // the remote end at work
+    }
     let Ok(mut inner) = inner.lock() else {
         return (StatusCode::INTERNAL_SERVER_ERROR, Json(json!({})));
     };
-    inner.requests.push(Recorded {
-        path: path.clone(),
-        idempotency_key: key.clone(),
-        body: body.clone(),
-        at: std::time::Instant::now(),
-    });
     if !inner.fail_next.is_empty() {
         let status = inner.fail_next.remove(0);
         return (

@@ -71,6 +71,13 @@ pub struct Config {
     /// How often the node writes its heartbeat to the `CADRE_NODES` bucket; a node not
     /// heard of for three heartbeats is reported as gone.
     pub heartbeat_ms: u64,
+    /// Run as one node of a cluster: tasks are owned under leases in the `CADRE_LEASES`
+    /// bucket, checkpoints are replicated through JetStream, and a node takes over the
+    /// tasks of one that stopped renewing. Needs JetStream on the NATS system.
+    pub cluster: bool,
+    /// How long a task's lease lives without renewal (whole seconds, at least 1 s):
+    /// how soon another node takes over from one that died or froze.
+    pub lease_ttl_ms: u64,
     /// Messages one role holds before it stops reading from NATS.
     pub mailbox_depth_max: usize,
     /// Captured stdout/stderr/HTTP body per step.
@@ -122,6 +129,8 @@ impl Default for Config {
             budget_playbook_day_usd: Vec::new(),
             tags: Vec::new(),
             heartbeat_ms: 5_000,
+            cluster: false,
+            lease_ttl_ms: 6_000,
             mailbox_depth_max: 4_096,
             output_bytes_max: 64 << 10,
             task_restarts_max: 5,
@@ -322,6 +331,12 @@ impl Config {
         }
         if self.heartbeat_ms == 0 {
             problems.push("heartbeat_ms must be greater than 0".into());
+        }
+        if self.lease_ttl_ms < 1_000 || self.lease_ttl_ms % 1_000 != 0 {
+            problems.push(format!(
+                "lease_ttl_ms {} must be whole seconds, at least 1000 (the server's TTLs are in seconds)",
+                self.lease_ttl_ms
+            ));
         }
         if !matches!(self.approval_default.as_str(), "deny" | "approve") {
             problems.push(format!(

@@ -17,6 +17,7 @@ use actors::roles::audit::{AuditArgs, AuditLog};
 use actors::roles::executor::{EffectsInFlight, Executor, ExecutorArgs, ExecutorMsg};
 use actors::roles::governor::{Governor, GovernorArgs};
 use actors::roles::intake::{Intake, IntakeArgs};
+use actors::roles::leases::{LeaseKeeper, LeaseKeeperArgs};
 use actors::roles::membership::{Membership, MembershipArgs};
 use actors::roles::planner::{Planner, PlannerArgs};
 use actors::roles::relay::{Relay, RelayArgs};
@@ -107,6 +108,19 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         metrics.clone(),
         policies,
     )?;
+    if config.cluster {
+        let ttl = Duration::from_millis(config.lease_ttl_ms);
+        let ownership = actors::ownership::Ownership::open(
+            nats.clone(),
+            config.node_id.clone(),
+            ctx.boot_id,
+            ttl,
+        )
+        .await
+        .context("cannot open the cluster's leases and checkpoints (is JetStream enabled?)")?;
+        ctx.set_ownership(Arc::new(ownership));
+        tracing::info!(lease_ttl = ?ttl, "running as a cluster node");
+    }
     let tool_set = tools::build(&ctx.settings.tools)?;
     let catalog = Arc::new(catalog);
     let tool_names: Vec<&str> = tool_set.iter().map(|t| t.info().name).collect();
@@ -283,6 +297,11 @@ fn child_specs(
                 ctx: ctx.clone(),
                 resume_on_start: started.swap(true, std::sync::atomic::Ordering::SeqCst),
             }
+        }),
+        // After the supervisor it reports to; renews the leases the resumed tasks claim.
+        spec(roles::LEASES, node, LeaseKeeper, {
+            let ctx = c.clone();
+            move || LeaseKeeperArgs { ctx: ctx.clone() }
         }),
         spec(roles::PLANNER, node, Planner, {
             let (ctx, catalog) = (c.clone(), cat.clone());

@@ -1337,3 +1337,51 @@ fn nothing_to_undo_ends_the_task_at_once() {
     assert_eq!(kinds(&tr), ["cancelled"]);
     assert_eq!(t.ends_as, None);
 }
+
+#[test]
+fn a_takeover_is_recorded_and_names_the_new_owner_then_resumes_in_flight_steps() {
+    let mut t = task();
+    planned(&mut t, vec![spec("a", &[])]);
+    let seq = t.event_seq;
+    let tr = go(
+        &mut t,
+        Input::TakenOver {
+            from: "n1".into(),
+            by: "n2".into(),
+            token: 42,
+        },
+    );
+    assert!(tr.commit);
+    assert!(tr.actions.is_empty(), "{:?}", tr.actions);
+    assert_eq!(kinds(&tr), vec!["taken_over"]);
+    let event = &tr.events[0];
+    assert_eq!(event.seq, seq + 1);
+    assert_eq!(event.node_id, "n2");
+    assert_eq!(
+        event.detail.as_deref(),
+        Some("from n1, under fencing token 42")
+    );
+    assert_eq!(t.node_id, "n2");
+    // The step the old owner had dispatched is re-sent, same attempt.
+    let tr = go(&mut t, Input::Start);
+    assert_eq!(tr.actions, vec![exec("a", 1)]);
+
+    // A task that ended is not taken over: nothing happens.
+    let mut ended = task();
+    go(
+        &mut ended,
+        Input::Cancel {
+            reason: "stop".into(),
+        },
+    );
+    let tr = go(
+        &mut ended,
+        Input::TakenOver {
+            from: "n1".into(),
+            by: "n2".into(),
+            token: 7,
+        },
+    );
+    assert!(!tr.commit && tr.events.is_empty());
+    assert_eq!(ended.node_id, "n1");
+}

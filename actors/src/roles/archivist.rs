@@ -21,7 +21,7 @@ pub struct ArchivistArgs {
 
 pub struct ArchivistState {
     ctx: Arc<NodeContext>,
-    pump: JoinHandle<()>,
+    pumps: Vec<JoinHandle<()>>,
 }
 
 pub enum ArchivistMsg {
@@ -38,20 +38,27 @@ impl Actor for Archivist {
         myself: ActorRef<ArchivistMsg>,
         args: ArchivistArgs,
     ) -> Result<ArchivistState, ActorProcessingErr> {
-        let sub = args
-            .ctx
-            .nats
-            .queue_subscribe(subject::ARCHIVE, subject::QUEUE_ROLES.into())
-            .await?;
-        let pump = bus::spawn_pump(
-            sub,
-            myself,
-            args.ctx.settings.mailbox_depth_max,
-            ArchivistMsg::Request,
-        );
+        // Any node's requests, and this node's own tasks' (`subject::archive_on_node`).
+        let mut pumps = Vec::new();
+        for s in [
+            subject::ARCHIVE.to_string(),
+            subject::archive_on_node(&args.ctx.settings.node_id),
+        ] {
+            let sub = args
+                .ctx
+                .nats
+                .queue_subscribe(s, subject::QUEUE_ROLES.into())
+                .await?;
+            pumps.push(bus::spawn_pump(
+                sub,
+                myself.clone(),
+                args.ctx.settings.mailbox_depth_max,
+                ArchivistMsg::Request,
+            ));
+        }
         Ok(ArchivistState {
             ctx: args.ctx,
-            pump,
+            pumps,
         })
     }
 
@@ -83,7 +90,9 @@ impl Actor for Archivist {
         _: ActorRef<ArchivistMsg>,
         state: &mut ArchivistState,
     ) -> Result<(), ActorProcessingErr> {
-        state.pump.abort();
+        for pump in &state.pumps {
+            pump.abort();
+        }
         Ok(())
     }
 }

@@ -330,8 +330,69 @@ async fn run(
         outcome: None,
         finished_at_ms: None,
     };
+    // Fencing: the last moment before the effect at which a stale owner can be refused.
+    if let Some(own) = ctx.ownership()
+        && req.fencing_token != 0
+        && let Err(why) = own.check_token(&req.task_id, req.fencing_token).await
+    {
+        ctx.metrics
+            .effects_fenced_total
+            .with_label_values(&[&req.tool])
+            .inc();
+        tracing::warn!(%why, "effect refused");
+        return failed(FailureKind::Fenced, why);
+    }
     if let Err(e) = record(&ctx, &ledger_key, &effect).await {
         return failed(FailureKind::Retryable, format!("cannot record intent: {e}"));
+    }
+    // An `unsafe` attempt is started once across the cluster: after a takeover it may be
+    // re-sent to another node, whose own ledger has never seen it.
+    if info.class == IdempotencyClass::Unsafe
+        && let Some(own) = ctx.ownership()
+    {
+        match own
+            .begin_effect(&ledger_key, serde_json::to_vec(&effect).unwrap_or_default())
+            .await
+        {
+            Ok(None) => {}
+            Ok(Some(earlier)) => {
+                let earlier: Option<Effect> = serde_json::from_slice(&earlier).ok();
+                let reply = match earlier.as_ref().and_then(|e| e.outcome.clone()) {
+                    Some(outcome) => replayed(outcome),
+                    None => {
+                        ctx.metrics
+                            .effects_outcome_unknown_total
+                            .with_label_values(&[&req.tool])
+                            .inc();
+                        failed(
+                            FailureKind::OutcomeUnknown,
+                            format!(
+                                "`{}` was started at {} ms by another node or process and its outcome is unknown; \
+                                 resolve with retry, mark_done or abort",
+                                req.tool,
+                                earlier.map_or(0, |e| e.started_at_ms)
+                            ),
+                        )
+                    }
+                };
+                effect.outcome = Some(reply.clone());
+                effect.finished_at_ms = Some(ctx.now_ms());
+                let _ = record(&ctx, &ledger_key, &effect).await;
+                return reply;
+            }
+            Err(e) => {
+                // Not started anywhere as far as is known, and nothing ran here.
+                effect.outcome = Some(failed(
+                    FailureKind::Retryable,
+                    format!("cannot record intent cluster-wide: {e}"),
+                ));
+                let _ = record(&ctx, &ledger_key, &effect).await;
+                return failed(
+                    FailureKind::Retryable,
+                    format!("cannot record intent cluster-wide: {e}"),
+                );
+            }
+        }
     }
     let gauge = ctx.metrics.steps_in_flight.with_label_values(&[info.name]);
     gauge.inc();
@@ -339,6 +400,7 @@ async fn run(
     let call = Call {
         params,
         idempotency_key: req.idempotency_key.clone(),
+        fencing_token: req.fencing_token,
         timeout: Duration::from_millis(req.timeout_ms),
     };
     // The kill switch aborts the call: dropping the tool's future cancels an HTTP
@@ -391,6 +453,14 @@ async fn run(
     };
     effect.outcome = Some(reply.clone());
     effect.finished_at_ms = Some(ctx.now_ms());
+    if info.class == IdempotencyClass::Unsafe
+        && let Some(own) = ctx.ownership()
+        && let Err(e) = own
+            .finish_effect(&ledger_key, serde_json::to_vec(&effect).unwrap_or_default())
+            .await
+    {
+        tracing::error!(ledger_key, error = %e, "cannot record the outcome cluster-wide");
+    }
     if let Err(e) = record(&ctx, &ledger_key, &effect).await {
         // The effect happened; failing to record it only means a redelivery may find
         // it in `intent`. Report the real outcome now.

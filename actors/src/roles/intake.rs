@@ -341,6 +341,20 @@ impl IntakeState {
             let ok = committed.is_ok();
             match committed {
                 Ok(()) => {
+                    // In a cluster, the task is owned and replicated before it is
+                    // acknowledged, so another node can take it over if this one dies.
+                    if let Some(own) = ctx.ownership() {
+                        let replicated = match own.claim(&task.id, now).await {
+                            Ok(_) => own.publish_checkpoint(&task).await,
+                            Err(e) => Err(e),
+                        };
+                        if let Err(e) = replicated {
+                            // Durable here all the same; its actor claims and replicates
+                            // it at its first transition.
+                            ctx.metrics.checkpoint_publish_failures_total.inc();
+                            tracing::warn!(task_id, error = %e, "new task not replicated");
+                        }
+                    }
                     if let Some(relay) = lookup::<RelayMsg>(RELAY, &ctx.settings.node_id) {
                         let _ = relay.cast(RelayMsg::Publish(vec![outgoing]));
                     }

@@ -7,6 +7,7 @@ pub mod audit;
 pub mod executor;
 pub mod governor;
 pub mod intake;
+pub mod leases;
 pub mod membership;
 pub mod planner;
 pub mod relay;
@@ -40,9 +41,10 @@ pub const INTAKE: &str = "intake";
 pub const AUDIT: &str = "audit";
 pub const GOVERNOR: &str = "governor";
 pub const MEMBERSHIP: &str = "membership";
+pub const LEASES: &str = "leases";
 
 /// Every singleton a node runs: all must be up for the node to be ready.
 pub const NODE_ROLES: &[&str] = &[
-    RELAY, AUDIT, GOVERNOR, TASKS, PLANNER, EXECUTOR, VERIFIER, ARCHIVIST, INTAKE, TASK_API,
-    MEMBERSHIP,
+    RELAY, AUDIT, GOVERNOR, TASKS, LEASES, PLANNER, EXECUTOR, VERIFIER, ARCHIVIST, INTAKE,
+    TASK_API, MEMBERSHIP,
 ];

@@ -21,7 +21,7 @@ pub struct PlannerArgs {
 pub struct PlannerState {
     ctx: Arc<NodeContext>,
     catalog: Arc<Catalog>,
-    pump: JoinHandle<()>,
+    pumps: Vec<JoinHandle<()>>,
 }
 
 pub enum PlannerMsg {
@@ -38,21 +38,28 @@ impl Actor for Planner {
         myself: ActorRef<PlannerMsg>,
         args: PlannerArgs,
     ) -> Result<PlannerState, ActorProcessingErr> {
-        let sub = args
-            .ctx
-            .nats
-            .queue_subscribe(subject::PLAN, subject::QUEUE_ROLES.into())
-            .await?;
-        let pump = bus::spawn_pump(
-            sub,
-            myself,
-            args.ctx.settings.mailbox_depth_max,
-            PlannerMsg::Request,
-        );
+        // Any node's requests, and this node's own tasks' (`subject::plan_on_node`).
+        let mut pumps = Vec::new();
+        for s in [
+            subject::PLAN.to_string(),
+            subject::plan_on_node(&args.ctx.settings.node_id),
+        ] {
+            let sub = args
+                .ctx
+                .nats
+                .queue_subscribe(s, subject::QUEUE_ROLES.into())
+                .await?;
+            pumps.push(bus::spawn_pump(
+                sub,
+                myself.clone(),
+                args.ctx.settings.mailbox_depth_max,
+                PlannerMsg::Request,
+            ));
+        }
         Ok(PlannerState {
             ctx: args.ctx,
             catalog: args.catalog,
-            pump,
+            pumps,
         })
     }
 
@@ -85,7 +92,9 @@ impl Actor for Planner {
         _: ActorRef<PlannerMsg>,
         state: &mut PlannerState,
     ) -> Result<(), ActorProcessingErr> {
-        state.pump.abort();
+        for pump in &state.pumps {
+            pump.abort();
+        }
         Ok(())
     }
 }

@@ -69,6 +69,8 @@ pub struct TaskState {
     facts: audit::TaskFacts,
     /// `task@<node>`: this actor, as audit records name it.
     me: String,
+    /// Set when another node owns the task: the actor issues nothing more and stops.
+    standing_down: bool,
 }
 
 /// An attempt in flight.
@@ -89,6 +91,13 @@ pub enum TaskMsg {
     /// NATS reconnected: re-send the hops in flight, whose requests or replies may have
     /// been lost with the connection (the executor's ledger makes a re-send safe).
     Reconnected,
+    /// Another node owns the task (or this node could not claim it yet, `retry`): issue
+    /// nothing more and stop. The checkpoint stays; only its `active` mark goes, unless
+    /// the claim is to be tried again.
+    StandDown {
+        reason: String,
+        retry: bool,
+    },
     Cancel {
         reason: String,
         reply: RpcReplyPort<Result<TaskStatus, Rejected>>,
@@ -119,22 +128,33 @@ impl Actor for TaskActor {
         myself: ActorRef<TaskMsg>,
         args: TaskArgs,
     ) -> Result<TaskState, ActorProcessingErr> {
-        let task: Task = args
-            .ctx
-            .store
-            .get(Cf::Tasks, args.task_id.as_bytes())?
-            .ok_or_else(|| format!("task {} has no checkpoint", args.task_id))?;
+        let local: Option<Task> = args.ctx.store.get(Cf::Tasks, args.task_id.as_bytes())?;
+        let (task, first_inputs, stand_down) = match args.ctx.ownership() {
+            None => (
+                local.ok_or_else(|| format!("task {} has no checkpoint", args.task_id))?,
+                Vec::new(),
+                None,
+            ),
+            Some(own) => claim(&args.ctx, own, &args.task_id, local).await?,
+        };
         let seed = args.ctx.settings.seed ^ fxhash(&task.id);
         let sent = task.steps.iter().map(|_| None).collect();
         let unknown_committed = unknown_steps(&task);
         let pending_committed = pending_approvals(&task);
         let facts = audit::TaskFacts::of(&task);
         let me = args.ctx.from("task");
-        let first = match args.abandon {
-            Some(reason) => Input::Abandon { reason },
-            None => Input::Start,
-        };
-        myself.cast(TaskMsg::Input(first))?;
+        if let Some((reason, retry)) = stand_down {
+            myself.cast(TaskMsg::StandDown { reason, retry })?;
+        } else {
+            for input in first_inputs {
+                myself.cast(TaskMsg::Input(input))?;
+            }
+            let first = match args.abandon {
+                Some(reason) => Input::Abandon { reason },
+                None => Input::Start,
+            };
+            myself.cast(TaskMsg::Input(first))?;
+        }
         Ok(TaskState {
             ctx: args.ctx,
             task,
@@ -149,6 +169,7 @@ impl Actor for TaskActor {
             ran_on: HashMap::new(),
             facts,
             me,
+            standing_down: false,
         })
     }
 
@@ -161,14 +182,35 @@ impl Actor for TaskActor {
         let span = tracing::info_span!("task", task_id = %state.task.id);
         async move {
             let mut hold = false;
+            if state.standing_down {
+                return Ok(());
+            }
             match msg {
                 TaskMsg::Input(input) => {
-                    hold = matches!(input, Input::Start)
-                        && std::mem::take(&mut state.hold_after_start);
+                    // Started for a control message: stay up through the inputs before
+                    // `Start` (a takeover) and `Start` itself, whatever they leave.
+                    hold = state.hold_after_start;
+                    if matches!(input, Input::Start) {
+                        state.hold_after_start = false;
+                    }
                     // Inputs the state does not allow are programming errors in the
                     // machine's callers; they are only produced by Cancel/Resolve.
                     let _ = state.apply(&myself, input, None).await?;
                 }
+                TaskMsg::Reply {
+                    input:
+                        Input::Executed {
+                            reply:
+                                ExecReply::Failed {
+                                    kind: FailureKind::Fenced,
+                                    message,
+                                    ..
+                                },
+                            ..
+                        },
+                    ..
+                } => state.stand_down(&myself, message, true),
+                TaskMsg::StandDown { reason, retry } => state.stand_down(&myself, reason, retry),
                 TaskMsg::Reply { input, from } => {
                     if let (Input::Executed { step, .. }, Some(node)) =
                         (&input, from.as_deref().and_then(|f| f.split_once('@')))
@@ -216,7 +258,15 @@ impl Actor for TaskActor {
                     let _ = reply.send(result.map(|()| state.task.status));
                 }
             }
+            if state.standing_down {
+                return Ok(());
+            }
             if !hold && state.should_stop() {
+                // Ended or parked: nobody needs to take it over.
+                if let Some(own) = state.ctx.ownership().cloned() {
+                    let id = state.task.id.clone();
+                    tokio::spawn(async move { own.release(&id).await });
+                }
                 myself.stop(Some(state.task.status.to_string()));
             }
             Ok(())
@@ -316,11 +366,26 @@ impl TaskState {
             }
             self.held_audit.push(record);
         }
+        // A lapsed lease may already be another node's: commit nothing (no event goes
+        // out under it) and claim again, which resumes from the checkpoint if it is not.
+        if transition.commit
+            && let Some(own) = self.ctx.ownership()
+            && own.token(&self.task.id).is_none()
+        {
+            self.stand_down(myself, "the task's lease lapsed".into(), true);
+            return Ok(Err(Rejected(
+                "this node's lease on the task lapsed; retry".into(),
+            )));
+        }
         if transition.commit {
             let mut events = std::mem::take(&mut self.held_events);
             events.extend(transition.events);
             let records = std::mem::take(&mut self.held_audit);
             self.commit(&events, &records).await?;
+            if let Err(why) = self.replicate().await {
+                self.stand_down(myself, why.clone(), true);
+                return Ok(Err(Rejected(format!("{why}; retry"))));
+            }
         } else {
             self.held_events.extend(transition.events);
         }
@@ -448,6 +513,74 @@ impl TaskState {
         Ok(())
     }
 
+    /// Publishes the checkpoint just committed to the cluster (if the node is in one).
+    /// `Err`: a newer owner has written it; this actor must stand down. A publish that
+    /// fails otherwise is counted and left to the next commit, which carries the whole
+    /// record: a takeover in between starts from the older checkpoint, and the effect
+    /// ledger keeps a re-sent attempt from running twice.
+    async fn replicate(&mut self) -> Result<(), String> {
+        let Some(own) = self.ctx.ownership() else {
+            return Ok(());
+        };
+        match own.publish_checkpoint(&self.task).await {
+            Ok(()) => Ok(()),
+            Err(crate::ownership::OwnershipError::Fenced) => {
+                Err("a newer owner wrote the task's checkpoint".into())
+            }
+            Err(e) => {
+                self.ctx.metrics.checkpoint_publish_failures_total.inc();
+                tracing::warn!(error = %e, "checkpoint not replicated");
+                Ok(())
+            }
+        }
+    }
+
+    /// Stops driving the task: another node owns it (`retry`: could not tell yet; the
+    /// supervisor starts it again shortly). Nothing more is sent or committed.
+    fn stand_down(&mut self, myself: &ActorRef<TaskMsg>, reason: String, retry: bool) {
+        self.standing_down = true;
+        let ctx = &self.ctx;
+        if let Some(own) = ctx.ownership() {
+            own.forget(&self.task.id);
+        }
+        let label = if retry {
+            "unclaimed"
+        } else {
+            "owned_elsewhere"
+        };
+        ctx.metrics
+            .task_stand_downs_total
+            .with_label_values(&[label])
+            .inc();
+        if retry {
+            tracing::warn!(%reason, "cannot claim the task yet; trying again");
+            let (ctx, task_id) = (ctx.clone(), self.task.id.clone());
+            let delay = ctx
+                .ownership()
+                .map_or(Duration::from_secs(1), |o| o.ttl / 3);
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                if let Some(tasks) = lookup::<crate::roles::task_supervisor::TaskSupervisorMsg>(
+                    crate::roles::TASKS,
+                    &ctx.settings.node_id,
+                ) {
+                    let _ = tasks.cast(crate::roles::task_supervisor::TaskSupervisorMsg::Start(
+                        task_id,
+                    ));
+                }
+            });
+        } else {
+            tracing::info!(%reason, "standing down: another node owns the task");
+            // Not resumed here at the next start; a takeover brings it back if needed.
+            let mut batch = Batch::new();
+            batch.delete(Cf::Active, self.task.id.as_bytes());
+            if let Err(e) = ctx.store.write_unsynced(batch) {
+                tracing::warn!(error = %e, "cannot unmark a task owned elsewhere");
+            }
+        }
+        myself.stop(Some(format!("stood down: {reason}")));
+    }
+
     /// The `step_executed` record of an executor's reply to the attempt in flight (none
     /// for a stale or duplicate reply), and the step-duration metric.
     fn executed_record(&mut self, input: &Input, from: Option<&str>) -> Option<AuditRecord> {
@@ -499,6 +632,7 @@ impl TaskState {
                     FailureKind::Retryable => "retryable_error",
                     FailureKind::Permanent => "permanent_error",
                     FailureKind::OutcomeUnknown => "unknown",
+                    FailureKind::Fenced => "fenced",
                 };
                 (outcome, Some(crate::redact::text(message)), None)
             }
@@ -558,7 +692,7 @@ impl TaskState {
                 hop(
                     ctx,
                     myself,
-                    subject::PLAN.into(),
+                    subject::plan_on_node(&ctx.settings.node_id),
                     req,
                     hop_timeout,
                     |r: Result<PlanReply, HopError>| match r {
@@ -582,8 +716,19 @@ impl TaskState {
                 };
                 let prepared =
                     prepared.unwrap_or_else(|| self.exec_request(i, attempt).map(Prepared::of));
+                // Lease lapsed (renewals failing): hold the step until one succeeds.
+                let token = match ctx.ownership() {
+                    None => 0,
+                    Some(own) => match own.token(&self.task.id) {
+                        Some(token) => token,
+                        None => {
+                            own.wait_for_renewal(&self.task.id, myself);
+                            return;
+                        }
+                    },
+                };
                 let Prepared {
-                    request: req,
+                    request: mut req,
                     args_hash,
                 } = match prepared {
                     Ok(p) => p,
@@ -601,6 +746,7 @@ impl TaskState {
                         return;
                     }
                 };
+                req.fencing_token = token;
                 // The plan may have arrived after this actor started.
                 if self.sent.len() < self.task.steps.len() {
                     self.sent.resize_with(self.task.steps.len(), || None);
@@ -661,7 +807,7 @@ impl TaskState {
                     s.spec.verify.file_exists.is_some() || s.spec.verify.file_contains.is_some();
                 let subject = match self.ran_on.get(&step) {
                     Some(node) if reads_disk => subject::verify_on_node(node),
-                    _ => subject::VERIFY.into(),
+                    _ => subject::verify_on_node(&ctx.settings.node_id),
                 };
                 hop(
                     ctx,
@@ -692,7 +838,7 @@ impl TaskState {
                 hop(
                     ctx,
                     myself,
-                    subject::VERIFY.into(),
+                    subject::verify_on_node(&ctx.settings.node_id),
                     req,
                     hop_timeout,
                     |r: Result<VerifyReply, HopError>| match r {
@@ -724,7 +870,7 @@ impl TaskState {
                 hop(
                     ctx,
                     myself,
-                    subject::ARCHIVE.into(),
+                    subject::archive_on_node(&ctx.settings.node_id),
                     req,
                     hop_timeout,
                     |r: Result<ArchiveReply, HopError>| {
@@ -832,6 +978,81 @@ impl TaskState {
             })
             .collect()
     }
+}
+
+/// What a TaskActor starts from on a node in a cluster: the task, inputs to apply
+/// before `Start`, and, if it must not drive the task, why and whether to try again.
+type Claimed = (Task, Vec<Input>, Option<(String, bool)>);
+
+/// Claims the task's lease and picks the record to resume from: the replicated
+/// checkpoint when another node wrote it last (the stream is fenced, so that node
+/// owned the task after this one) or when it is newer than the local one; else the
+/// local record, which may be ahead of what this node managed to replicate.
+async fn claim(
+    ctx: &Arc<NodeContext>,
+    own: &crate::ownership::Ownership,
+    task_id: &str,
+    local: Option<Task>,
+) -> Result<Claimed, ActorProcessingErr> {
+    use crate::ownership::OwnershipError;
+    let me = ctx.settings.node_id.clone();
+    let placeholder = |local: Option<Task>| {
+        local.unwrap_or_else(|| {
+            Task::new(
+                task_id.to_string(),
+                String::new(),
+                JsonText::null(),
+                None,
+                me.clone(),
+                ctx.now_ms(),
+            )
+        })
+    };
+    let claim = match own.claim(task_id, ctx.now_ms()).await {
+        Ok(claim) => claim,
+        Err(OwnershipError::HeldBy { owner, token }) => {
+            let why = format!("owned by {owner} under fencing token {token}");
+            return Ok((placeholder(local), Vec::new(), Some((why, false))));
+        }
+        Err(e) => return Ok((placeholder(local), Vec::new(), Some((e.to_string(), true)))),
+    };
+    let adopt = match (&local, &claim.checkpoint) {
+        (_, None) => false,
+        (None, Some(_)) => true,
+        (Some(l), Some((remote, writer))) => *writer != me || remote.event_seq > l.event_seq,
+    };
+    let (task, from) = match (local, claim.checkpoint) {
+        (_, Some((remote, writer))) if adopt => {
+            let mut batch = Batch::new();
+            batch.put(Cf::Tasks, task_id.as_bytes(), &remote)?;
+            if remote.status.is_terminal() {
+                batch.delete(Cf::Active, task_id.as_bytes());
+            } else {
+                batch.put(Cf::Active, task_id.as_bytes(), &is_parked(&remote))?;
+            }
+            ctx.store.commit(batch).await?;
+            (remote, (writer != me).then_some(writer))
+        }
+        (Some(local), _) => (local, None),
+        (None, _) => {
+            own.release(task_id).await;
+            let why = "no checkpoint of the task on this node or in the cluster".to_string();
+            return Ok((placeholder(None), Vec::new(), Some((why, false))));
+        }
+    };
+    let mut inputs = Vec::new();
+    if let Some(from) = from
+        && !task.status.is_terminal()
+    {
+        ctx.metrics.task_takeovers_total.inc();
+        tracing::info!(task_id, from, token = claim.token, "taking the task over");
+        inputs.push(Input::TakenOver {
+            from,
+            by: me,
+            token: claim.token,
+        });
+    }
+    Ok((task, inputs, None))
 }
 
 /// Sends `req` to another role without blocking the actor; the reply (or why there
@@ -983,7 +1204,7 @@ fn failure_reason(input: &Input) -> Option<&'static str> {
         } => match kind {
             FailureKind::Retryable => reason::TOOL_ERROR,
             FailureKind::Permanent => reason::PERMANENT,
-            FailureKind::OutcomeUnknown => return None,
+            FailureKind::OutcomeUnknown | FailureKind::Fenced => return None,
         },
         Input::ExecUnanswered { .. } => reason::UNANSWERED,
         Input::Verified { verdict, .. } if !verdict.passed => reason::VERIFY_FAILED,

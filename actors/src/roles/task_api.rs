@@ -122,6 +122,25 @@ impl Actor for TaskApi {
                 TaskApiMsg::Budget,
             ),
         ];
+        let mut pumps = pumps;
+        // In a cluster, a request about a task another node owns is forwarded to that
+        // node's own copy of the subject (no queue group: exactly that node).
+        if ctx.ownership().is_some() {
+            let node = &ctx.settings.node_id;
+            let owned: [(&str, fn(Inbound) -> TaskApiMsg); 3] = [
+                (subject::TASKS_CANCEL, TaskApiMsg::Cancel),
+                (subject::TASKS_RESOLVE, TaskApiMsg::Resolve),
+                (subject::APPROVALS_DECIDE, TaskApiMsg::Decide),
+            ];
+            for (public, msg) in owned {
+                pumps.push(bus::spawn_pump(
+                    nats.subscribe(subject::on_node(node, public)).await?,
+                    myself.clone(),
+                    depth,
+                    msg,
+                ));
+            }
+        }
         Ok(TaskApiState { ctx, pumps })
     }
 
@@ -135,10 +154,16 @@ impl Actor for TaskApi {
         let max = ctx.settings.payload_bytes_max;
         match msg {
             TaskApiMsg::Get(inbound) => {
-                let reply = parse_json::<TaskRef>(&inbound.msg.payload, max)
-                    .and_then(|r| get(ctx, &r.task_id));
-                ctx.respond(subject::TASKS_GET, inbound.msg.reply, reply)
-                    .await;
+                let ctx = ctx.clone();
+                tokio::spawn(async move {
+                    let Inbound { msg, permit } = inbound;
+                    let reply = match parse_json::<TaskRef>(&msg.payload, max) {
+                        Ok(r) => get(&ctx, &r.task_id).await,
+                        Err(e) => Err(e),
+                    };
+                    ctx.respond(subject::TASKS_GET, msg.reply, reply).await;
+                    drop(permit);
+                });
             }
             TaskApiMsg::List(inbound) => {
                 // An empty payload means "no filter", like `{}`.
@@ -168,7 +193,14 @@ impl Actor for TaskApi {
                 tokio::spawn(async move {
                     let Inbound { msg, permit } = inbound;
                     let reply = match parse_json::<DecideRequest>(&msg.payload, max) {
-                        Ok(request) => decide(&ctx, request).await,
+                        Ok(request) => {
+                            let task_id = task_of_approval(&request.approval_id).unwrap_or("");
+                            if forwarded(&ctx, &msg, task_id, subject::APPROVALS_DECIDE).await {
+                                drop(permit);
+                                return;
+                            }
+                            decide(&ctx, request).await
+                        }
                         Err(e) => Err(e),
                     };
                     ctx.respond(subject::APPROVALS_DECIDE, msg.reply, reply)
@@ -236,8 +268,74 @@ fn load(ctx: &NodeContext, task_id: &str) -> Result<Task, ErrorReply> {
     }
 }
 
-fn get(ctx: &NodeContext, task_id: &str) -> Result<TaskView, ErrorReply> {
-    load(ctx, task_id).map(|task| view(&task))
+/// The task as the cluster knows it last: in a cluster, the replicated checkpoint when
+/// it is newer than this node's record (or this node has none).
+async fn get(ctx: &NodeContext, task_id: &str) -> Result<TaskView, ErrorReply> {
+    let local = load(ctx, task_id);
+    let Some(own) = ctx.ownership() else {
+        return local.map(|task| view(&task));
+    };
+    if matches!(&local, Err(e) if e.error.code == ErrorCode::InvalidRequest) {
+        return local.map(|task| view(&task));
+    }
+    match (local, own.load_checkpoint(task_id).await) {
+        (Ok(l), Ok(Some((r, _, _)))) if r.event_seq > l.event_seq => Ok(view(&r)),
+        (Ok(l), _) => Ok(view(&l)),
+        (Err(_), Ok(Some((r, _, _)))) => Ok(view(&r)),
+        (Err(e), _) => Err(e),
+    }
+}
+
+/// In a cluster, hands a control request about a task another node owns to that node
+/// and relays its answer; true if it did. The owner handles it as if it came to it.
+async fn forwarded(
+    ctx: &NodeContext,
+    msg: &async_nats::Message,
+    task_id: &str,
+    public: &str,
+) -> bool {
+    let Some(own) = ctx.ownership() else {
+        return false;
+    };
+    if task_id.is_empty()
+        || !subject::is_token(task_id)
+        || msg
+            .headers
+            .as_ref()
+            .is_some_and(|h| h.get(subject::FORWARDED_HEADER).is_some())
+    {
+        return false;
+    }
+    let owner = match own.owner_of(task_id).await {
+        Ok(Some((owner, _))) if owner != ctx.settings.node_id => owner,
+        _ => return false,
+    };
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(subject::FORWARDED_HEADER, ctx.settings.node_id.as_str());
+    let request = async_nats::Request::new()
+        .payload(msg.payload.clone())
+        .headers(headers)
+        .timeout(Some(ctx.settings.hop_timeout * 2));
+    let answer = ctx
+        .nats
+        .send_request(subject::on_node(&owner, public), request)
+        .await;
+    let Some(reply) = msg.reply.clone() else {
+        return true;
+    };
+    match answer {
+        Ok(answer) => {
+            let _ = ctx.nats.publish(reply, answer.payload).await;
+        }
+        Err(e) => {
+            let error = ErrorReply::new(
+                ErrorCode::Unavailable,
+                format!("the task's owner {owner} did not answer: {e}; retry"),
+            );
+            ctx.respond(public, Some(reply), Err::<(), _>(error)).await;
+        }
+    }
+    true
 }
 
 /// The task's timeline: its audit records, oldest first (at most [`TRACE_ENTRIES_MAX`],
@@ -559,7 +657,13 @@ fn spawn_control<R: ControlRequest>(
     tokio::spawn(async move {
         let Inbound { msg, permit } = inbound;
         let reply = match parse_json::<R>(&msg.payload, ctx.settings.payload_bytes_max) {
-            Ok(request) => control(&ctx, request).await,
+            Ok(request) => {
+                if forwarded(&ctx, &msg, request.task_id(), subject).await {
+                    drop(permit);
+                    return;
+                }
+                control(&ctx, request).await
+            }
             Err(e) => Err(e),
         };
         ctx.respond(subject, msg.reply, reply).await;

@@ -77,6 +77,11 @@ pub enum TaskSupervisorMsg {
     },
     /// NATS reconnected: requests in flight may have been lost with the connection.
     Reconnected,
+    /// Another node's lease on this task expired: try to take it over.
+    TakeOver(String),
+    /// This node lost the task's lease: its actor stops, then claims again (which
+    /// either finds the new owner and stays down, or takes the task back).
+    LeaseLost(String),
     /// Start a crashed task's actor again (after its backoff), or abandon it.
     Respawn {
         task_id: String,
@@ -182,6 +187,17 @@ impl Actor for TaskSupervisor {
             TaskSupervisorMsg::Reconnected => {
                 for task in state.running.values() {
                     let _ = task.cast(TaskMsg::Reconnected);
+                }
+            }
+            TaskSupervisorMsg::TakeOver(task_id) => {
+                state.ensure(&myself, &task_id, None).await;
+            }
+            TaskSupervisorMsg::LeaseLost(task_id) => {
+                if let Some(task) = state.running.get(&task_id) {
+                    let _ = task.cast(TaskMsg::StandDown {
+                        reason: "the task's lease was lost".into(),
+                        retry: true,
+                    });
                 }
             }
             TaskSupervisorMsg::Respawn { task_id, abandon } => {
@@ -325,7 +341,19 @@ impl TaskSupervisorState {
         build: impl FnOnce(RpcReplyPort<Result<TaskStatus, Rejected>>) -> TaskMsg + Send + 'static,
     ) {
         if !self.running.contains_key(task_id) {
-            match self.ctx.store.get::<Task>(Cf::Tasks, task_id.as_bytes()) {
+            let mut stored = self.ctx.store.get::<Task>(Cf::Tasks, task_id.as_bytes());
+            // In a cluster the task may be known only to the replicated checkpoints (it
+            // parked on another node, which released it); its actor adopts that record.
+            if let (Ok(None), Some(own)) = (&stored, self.ctx.ownership()) {
+                match own.load_checkpoint(task_id).await {
+                    Ok(found) => stored = Ok(found.map(|(task, _, _)| task)),
+                    Err(e) => {
+                        let _ = reply.send(Err(ControlError::Unavailable(e.to_string())));
+                        return;
+                    }
+                }
+            }
+            match stored {
                 Ok(None) => {
                     let _ = reply.send(Err(ControlError::NotFound(task_id.to_string())));
                     return;

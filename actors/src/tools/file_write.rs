@@ -141,6 +141,7 @@ mod tests {
         Call {
             params: json!({"path": path, "content": content}),
             idempotency_key: "t.s".into(),
+            fencing_token: 0,
             timeout: Duration::from_secs(5),
         }
     }

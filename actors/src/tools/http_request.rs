@@ -53,6 +53,9 @@ impl Tool for HttpRequest {
                 .request(method, url)
                 .timeout(timeout)
                 .header("Idempotency-Key", &call.idempotency_key);
+            if call.fencing_token != 0 {
+                req = req.header("Cadre-Fencing-Token", call.fencing_token);
+            }
             if let Some(headers) = p.get("headers") {
                 let Value::Object(headers) = headers else {
                     return Err(ToolError::permanent(

@@ -103,6 +103,9 @@ pub fn check_params(info: &ToolInfo, params: &Value) -> Result<(), String> {
 pub struct Call {
     pub params: Value,
     pub idempotency_key: String,
+    /// The task owner's lease token (0 without leases): a target that remembers the
+    /// highest it has seen can refuse a stale owner's call.
+    pub fencing_token: u64,
     pub timeout: Duration,
 }
 

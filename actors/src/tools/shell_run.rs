@@ -160,6 +160,7 @@ mod tests {
         Call {
             params,
             idempotency_key: "t.s".into(),
+            fencing_token: 0,
             timeout: Duration::from_secs(5),
         }
     }

@@ -3,6 +3,7 @@
 //! sustained tasks/s at a given concurrency, synced commits and fsyncs per task, RSS.
 //!
 //! `cargo run -p chaos-tests --bin bench_pipeline -- [sequential_tasks] [throughput_tasks] [in_flight]`
+//! (`BENCH_CLUSTER=1`: the node in cluster mode.)
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -73,6 +74,11 @@ async fn main() -> anyhow::Result<()> {
     let policies = std::env::var("BENCH_POLICIES_DIR").ok();
     if let Some(dir) = &policies {
         env.push(("CADRE_POLICIES_DIR", dir.as_str()));
+    }
+    // BENCH_CLUSTER=1 runs the node in cluster mode: a lease per task, every checkpoint
+    // replicated through JetStream, the fencing check before every effect.
+    if std::env::var("BENCH_CLUSTER").is_ok_and(|v| v == "1") {
+        env.push(("CADRE_CLUSTER", "true"));
     }
     let mut node = CadreNode::start("bench", &dir.path().join("data"), &nats.url, &env)?;
     node.wait_ready(&client).await?;
