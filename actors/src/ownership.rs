@@ -533,7 +533,12 @@ async fn bucket(js: &jetstream::Context, config: kv::Config) -> Result<kv::Store
         Err(_) => match js.create_key_value(config.clone()).await {
             Ok(store) => Ok(store),
             // Another node created it between the two calls.
-            Err(_) => js.get_key_value(&config.bucket).await.map_err(unavailable),
+            Err(create) => js.get_key_value(&config.bucket).await.map_err(|get| {
+                unavailable(format!(
+                    "cannot create bucket {}: {create}; {get}",
+                    config.bucket
+                ))
+            }),
         },
     }
 }

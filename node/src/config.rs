@@ -16,6 +16,9 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// NATS to connect to. Empty: start and supervise a local nats-server.
     pub nats_url: String,
+    /// A PEM CA to trust for a `tls://` `nats_url` (a hub with a self-signed CA); empty:
+    /// the system's roots. The CLI reads `CADRE_NATS_CA_FILE`.
+    pub nats_ca_file: PathBuf,
     /// The nats-server binary for the local broker.
     pub nats_server_bin: String,
     /// Port of the local nats-server (loopback only).
@@ -103,6 +106,7 @@ impl Default for Config {
             node_id: "node-1".into(),
             data_dir: PathBuf::from("cadre-data"),
             nats_url: String::new(),
+            nats_ca_file: PathBuf::new(),
             nats_server_bin: "nats-server".into(),
             local_nats_port: 4222,
             playbooks_dir: PathBuf::from("playbooks"),

@@ -24,15 +24,36 @@ pub fn display(url: &str) -> String {
     actors::redact::text(url)
 }
 
-/// Connect options carrying the URL's credentials, if any.
-pub fn options(url: &str) -> (async_nats::ConnectOptions, String) {
-    match split(url) {
+/// Connect options carrying the URL's credentials, if any, and trusting `ca_file` (a PEM
+/// CA that signed the server's certificate, for a `tls://` URL to a server whose
+/// certificate the system's roots do not cover).
+pub fn options(
+    url: &str,
+    ca_file: Option<&std::path::Path>,
+) -> (async_nats::ConnectOptions, String) {
+    let (options, bare) = match split(url) {
         (bare, Some((user, password))) => (
             async_nats::ConnectOptions::with_user_and_password(user, password),
             bare,
         ),
         (bare, None) => (async_nats::ConnectOptions::new(), bare),
+    };
+    match ca_file {
+        Some(ca) => (
+            options
+                .add_root_certificates(ca.to_path_buf())
+                .require_tls(true),
+            bare,
+        ),
+        None => (options, bare),
     }
+}
+
+/// The CA file the CLI trusts: `CADRE_NATS_CA_FILE`, as the node's `nats_ca_file`.
+pub fn cli_ca_file() -> Option<std::path::PathBuf> {
+    std::env::var_os("CADRE_NATS_CA_FILE")
+        .filter(|v| !v.is_empty())
+        .map(std::path::PathBuf::from)
 }
 
 #[cfg(test)]

@@ -449,7 +449,8 @@ async fn connect_nats(
     let node = config.node_id.clone();
     let was_connected = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let first_connect = was_connected.clone();
-    let (options, bare_url) = crate::nats_url::options(url);
+    let ca = (!config.nats_ca_file.as_os_str().is_empty()).then_some(config.nats_ca_file.as_path());
+    let (options, bare_url) = crate::nats_url::options(url, ca);
     let client = options
         .name(format!("cadre-{}", config.node_id))
         .retry_on_initial_connect()

@@ -1,0 +1,294 @@
+//! The shipped laptop + VPS deployment, run as shipped: `ops/nats/hub.conf` (JetStream
+//! synced on every write, TLS, the users of `ops/nats/cadre-users.conf`) with a `cadre`
+//! node for the VPS and one for the laptop, both in cluster mode, connected over TLS as
+//! user `node` — the only differences from a real deployment are loopback addresses and a
+//! CA made for the test. Steps run where the playbook places them; when the laptop dies
+//! mid-task, the VPS takes over the laptop's tasks and finishes them.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use chaos_tests::{CadreNode, HttpSink, NatsServer, eventually, ops_dir, request};
+use futures::StreamExt;
+use serde_json::{Value, json};
+
+const WITHIN: Duration = Duration::from_secs(60);
+const USERS: [(&str, &str); 3] = [
+    ("CADRE_NATS_NODE_PASSWORD", "node-secret"),
+    ("CADRE_NATS_OPERATOR_PASSWORD", "operator-secret"),
+    ("CADRE_NATS_INJECTOR_PASSWORD", "injector-secret"),
+];
+
+/// A CA and a certificate for 127.0.0.1 signed by it, made with `openssl`:
+/// `(ca.pem, hub.pem, hub.key)`.
+fn certificates(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
+    let (ca, ca_key) = (dir.join("ca.pem"), dir.join("ca.key"));
+    let (cert, key, csr) = (
+        dir.join("hub.pem"),
+        dir.join("hub.key"),
+        dir.join("hub.csr"),
+    );
+    let san = dir.join("san.ext");
+    std::fs::write(&san, "subjectAltName=IP:127.0.0.1\n")?;
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let p = |p: &Path| p.display().to_string();
+    let steps: [Vec<String>; 3] = [
+        ["req", "-x509"]
+            .iter()
+            .chain(&ec)
+            .map(|s| s.to_string())
+            .chain(
+                [
+                    "-keyout",
+                    &p(&ca_key),
+                    "-out",
+                    &p(&ca),
+                    "-days",
+                    "2",
+                    "-subj",
+                    "/CN=cadre-test-ca",
+                ]
+                .map(String::from),
+            )
+            .collect(),
+        ["req"]
+            .iter()
+            .chain(&ec)
+            .map(|s| s.to_string())
+            .chain(
+                [
+                    "-keyout",
+                    &p(&key),
+                    "-out",
+                    &p(&csr),
+                    "-subj",
+                    "/CN=127.0.0.1",
+                ]
+                .map(String::from),
+            )
+            .collect(),
+        [
+            "x509",
+            "-req",
+            "-in",
+            &p(&csr),
+            "-CA",
+            &p(&ca),
+            "-CAkey",
+            &p(&ca_key),
+            "-CAcreateserial",
+            "-out",
+            &p(&cert),
+            "-days",
+            "2",
+            "-extfile",
+            &p(&san),
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
+    for args in steps {
+        let out = Command::new("openssl").args(&args).output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok((ca, cert, key))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_laptop_and_a_vps_over_tls_run_one_cluster_and_survive_the_laptop_dying()
+-> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (ca, cert, key) = certificates(dir.path())?;
+    let p = |p: &Path| p.display().to_string();
+    let (cert, key, ca) = (p(&cert), p(&key), p(&ca));
+    let mut hub_env: Vec<(&str, &str)> = USERS.to_vec();
+    hub_env.extend([
+        ("CADRE_NATS_NAME", "cadre-hub"),
+        ("CADRE_NATS_TLS_CERT", cert.as_str()),
+        ("CADRE_NATS_TLS_KEY", key.as_str()),
+    ]);
+    let hub = NatsServer::start_shipped(&ops_dir().join("nats/hub.conf"), &hub_env)?;
+    let tls_url =
+        |user: &str, password: &str| format!("tls://{user}:{password}@127.0.0.1:{}", hub.port);
+    let operator = async_nats::ConnectOptions::with_user_and_password(
+        "operator".into(),
+        "operator-secret".into(),
+    )
+    .add_root_certificates(ca.clone().into())
+    .require_tls(true)
+    .connect(format!("tls://127.0.0.1:{}", hub.port))
+    .await
+    .map_err(|e| anyhow::anyhow!("operator over TLS: {e}\n{}", hub.log()))?;
+
+    // One playbook: a file on the laptop, a file on the VPS, and a slow call to a CRM
+    // that either node can make.
+    let sink = HttpSink::start().await?;
+    let playbooks = dir.path().join("playbooks");
+    std::fs::create_dir_all(&playbooks)?;
+    std::fs::write(
+        playbooks.join("nearby.toml"),
+        r#"
+name = "nearby"
+[[steps]]
+id = "notes"
+tool = "file.write"
+on_tag = "location=laptop"
+params = { path = "{{input.laptop}}/{{task.id}}.md", content = "kickoff notes" }
+verify = { file_exists = true }
+[[steps]]
+id = "mailbox"
+tool = "file.write"
+on_tag = "location=vps"
+params = { path = "{{input.vps}}/{{task.id}}.eml", content = "welcome" }
+verify = { file_exists = true }
+[[steps]]
+id = "crm"
+tool = "http.request"
+depends_on = ["notes", "mailbox"]
+params = { method = "POST", url = "{{input.url}}/slow/clients", json = { client = "acme" } }
+verify = { status_in = [201] }
+"#,
+    )?;
+    let pb = p(&playbooks);
+    let roots = |name: &str| -> anyhow::Result<String> {
+        let d = dir.path().join(name);
+        std::fs::create_dir_all(&d)?;
+        Ok(p(&d.canonicalize()?))
+    };
+    let (laptop_files, vps_files) = (roots("laptop-files")?, roots("vps-files")?);
+    let node = |id: &str, url: &str, location: &str, files: &str| {
+        let tags = format!("location={location}");
+        CadreNode::start(
+            id,
+            &dir.path().join(id),
+            url,
+            &[
+                ("CADRE_CLUSTER", "true"),
+                ("CADRE_LEASE_TTL_MS", "2000"),
+                ("CADRE_TAGS", tags.as_str()),
+                ("CADRE_FILE_ROOTS", files),
+                ("CADRE_NATS_CA_FILE", ca.as_str()),
+                ("CADRE_PLAYBOOKS_DIR", pb.as_str()),
+                ("CADRE_HOP_TIMEOUT_MS", "1000"),
+                ("CADRE_STEP_TIMEOUT_MS", "4000"),
+                ("CADRE_STEP_ATTEMPTS_MAX", "20"),
+                ("CADRE_RETRY_DELAY_MS_BASE", "50"),
+                ("CADRE_RETRY_DELAY_MS_MAX", "300"),
+            ],
+        )
+    };
+    let node_url = tls_url("node", "node-secret");
+    let mut vps = node("vps", &node_url, "vps", &vps_files)?;
+    let mut laptop = node("laptop", &node_url, "laptop", &laptop_files)?;
+    vps.wait_ready(&operator).await?;
+    laptop.wait_ready(&operator).await?;
+
+    // Both nodes, over TLS.
+    eventually(WITHIN, "both nodes alive in the cluster status", || async {
+        let v = request(&operator, "cadre.cluster.status", "{}")
+            .await
+            .ok()?;
+        let alive = v["nodes"]
+            .as_array()?
+            .iter()
+            .filter(|n| n["alive"] == true)
+            .count();
+        (alive == 2).then_some(())
+    })
+    .await?;
+
+    // Each step runs where it is placed.
+    let mut events = operator.subscribe("cadre.events.task.>").await?;
+    let input = json!({"laptop": laptop_files, "vps": vps_files, "url": sink.url});
+    let submit = json!({"playbook": "nearby", "input": input}).to_string();
+    let js = async_nats::jetstream::new(operator.clone());
+    let leases = js.get_key_value("CADRE_LEASES").await?;
+    let (mut tasks, mut on_laptop) = (Vec::new(), Vec::new());
+    while on_laptop.len() < 2 && tasks.len() < 40 {
+        let reply = request(&operator, "cadre.tasks.submit", submit.clone()).await?;
+        let id = reply["task_id"].as_str().unwrap_or_default().to_string();
+        let lease = leases
+            .get(&id)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("no lease for {id}"))?;
+        if serde_json::from_slice::<Value>(&lease)?["owner"] == "laptop" {
+            on_laptop.push(id.clone());
+        }
+        tasks.push(id);
+    }
+    anyhow::ensure!(
+        on_laptop.len() == 2,
+        "the laptop owns {on_laptop:?} of {tasks:?}"
+    );
+    eventually(WITHIN, "every task calling the CRM", || async {
+        let keys: Vec<String> = sink
+            .requests()
+            .into_iter()
+            .filter_map(|r| r.idempotency_key)
+            .collect();
+        tasks
+            .iter()
+            .all(|t| keys.contains(&format!("{t}.crm")))
+            .then_some(())
+    })
+    .await?;
+    for id in &tasks {
+        assert!(
+            Path::new(&laptop_files).join(format!("{id}.md")).exists(),
+            "notes on the laptop"
+        );
+        assert!(
+            Path::new(&vps_files).join(format!("{id}.eml")).exists(),
+            "mail on the VPS"
+        );
+        assert!(!Path::new(&vps_files).join(format!("{id}.md")).exists());
+    }
+
+    // The laptop dies mid-call: the VPS takes its tasks over and finishes every task.
+    laptop.kill9();
+    let mut taken_over = 0;
+    let mut succeeded = std::collections::HashSet::new();
+    let deadline = tokio::time::Instant::now() + WITHIN;
+    while succeeded.len() < tasks.len() {
+        let msg = tokio::time::timeout_at(deadline, events.next())
+            .await
+            .map_err(|_| anyhow::anyhow!("tasks did not finish on the VPS\n{}", vps.log_tail()))?
+            .ok_or_else(|| anyhow::anyhow!("events ended"))?;
+        let event: Value = serde_json::from_slice(&msg.payload)?;
+        match event["kind"].as_str() {
+            Some("taken_over") => {
+                assert_eq!(event["node_id"], "vps", "{event}");
+                taken_over += 1;
+            }
+            Some("succeeded") => {
+                succeeded.insert(event["task_id"].as_str().unwrap_or_default().to_string());
+            }
+            Some("failed") => anyhow::bail!("{event}"),
+            _ => {}
+        }
+    }
+    assert_eq!(taken_over, on_laptop.len());
+
+    println!("laptop died: {taken_over} of its tasks taken over by the VPS");
+    for id in &tasks {
+        let get = json!({"task_id": id}).to_string();
+        let view = request(&operator, "cadre.tasks.get", get).await?;
+        assert_eq!(view["status"], "succeeded", "{view}");
+    }
+    // The CRM saw each client once per owner at most, always with the owner's token.
+    for r in sink.requests() {
+        assert!(r.fencing_token.is_some(), "{r:?}");
+    }
+    Ok(())
+}
