@@ -50,6 +50,8 @@ pub struct Settings {
     pub tags: std::collections::BTreeMap<String, String>,
     /// How often the node writes its heartbeat.
     pub heartbeat: Duration,
+    /// Injected panics, for the chaos suite; none unless configured.
+    pub faults: Arc<crate::faults::Faults>,
 }
 
 /// A message waiting in the outbox: the relay publishes it, then deletes it.

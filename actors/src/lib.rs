@@ -15,6 +15,7 @@ pub mod bus;
 pub mod clock;
 pub mod context;
 pub mod criteria;
+pub mod faults;
 pub mod governance;
 pub mod machine;
 pub mod metrics;

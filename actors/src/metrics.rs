@@ -149,6 +149,9 @@ impl Metrics {
                 self.step_failures_total.with_label_values(&[tool, why]);
             }
         }
+        for why in ["owned_elsewhere", "unclaimed"] {
+            self.task_stand_downs_total.with_label_values(&[why]);
+        }
         for actor in crate::roles::NODE_ROLES.iter().chain(&["task"]) {
             self.actor_restarts_total.with_label_values(&[actor]);
         }

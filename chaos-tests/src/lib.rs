@@ -4,6 +4,7 @@
 //! - [`HttpSink`]: a real HTTP server standing in for a CRM; records every request and
 //!   its `Idempotency-Key`, dedupes by key like a real API, fails on demand.
 //! - [`CadreNode`]: the real `cadre` binary as a child process: start, SIGKILL, SIGTERM.
+//! - [`Link`]: a TCP link to NATS that can be delayed or cut (a partition).
 //!
 //! Waiting is always a bounded poll with a deadline, never a bare sleep.
 
@@ -17,7 +18,9 @@ use anyhow::{Context, bail};
 use bytes::Bytes;
 use serde_json::Value;
 
+pub mod link;
 pub mod sink;
+pub use link::Link;
 pub use sink::HttpSink;
 
 /// A free TCP port on loopback (bound, then released for the child to take).
@@ -553,7 +556,6 @@ pub async fn wait_task(
     })
 }
 
-/// The value of an unlabelled series in Prometheus text (0 when absent).
 /// The sum of every series of `name`, whatever its labels.
 pub fn metric_sum(text: &str, name: &str) -> f64 {
     text.lines()
@@ -565,6 +567,7 @@ pub fn metric_sum(text: &str, name: &str) -> f64 {
         .fold(0.0, |sum, v| sum + v)
 }
 
+/// The value of an unlabelled series in Prometheus text (0 when absent).
 pub fn metric(text: &str, name: &str) -> f64 {
     text.lines()
         .find(|l| l.split_whitespace().next() == Some(name))

@@ -43,8 +43,13 @@ pub struct HttpSink {
 
 impl HttpSink {
     pub async fn start() -> anyhow::Result<HttpSink> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let url = format!("http://{}", listener.local_addr()?);
+        HttpSink::start_on("127.0.0.1").await
+    }
+
+    /// Listening on `ip` (`0.0.0.0`: reachable from containers); `url` names 127.0.0.1.
+    pub async fn start_on(ip: &str) -> anyhow::Result<HttpSink> {
+        let listener = tokio::net::TcpListener::bind((ip, 0)).await?;
+        let url = format!("http://127.0.0.1:{}", listener.local_addr()?.port());
         let inner = Arc::new(Mutex::new(Inner::default()));
         let app = Router::new()
             .route("/{*path}", post(handle))

@@ -1,8 +1,9 @@
 //! Task ownership across nodes, against a real nats-server, two real `cadre` processes
 //! in cluster mode and a real HTTP sink. A node that owns tasks in flight is frozen past
-//! its lease TTL (SIGSTOP), or killed (SIGKILL) and restarted: the other node takes its
-//! tasks over from their replicated checkpoints, and the old owner, thawed or restarted,
-//! stands down. Checked as a user would see it: every task succeeds (an operator answers
+//! its lease TTL (SIGSTOP), killed (SIGKILL) and restarted, or cut off NATS (its link
+//! partitioned) and healed: the other node takes its tasks over from their replicated
+//! checkpoints, and the old owner, thawed, restarted or reconnected, stands down. A link
+//! slowed well below the lease TTL costs nobody their tasks. Checked as a user would see it: every task succeeds (an operator answers
 //! the steps whose `unsafe` effect may have run, as after a crash), each taken-over
 //! task's timeline says so, no `unsafe` effect runs twice, and the tokens the sink saw
 //! for each task never go back (no effect under a stale lease).
@@ -10,7 +11,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use chaos_tests::{CadreNode, HttpSink, NatsServer, eventually, request};
+use chaos_tests::{CadreNode, HttpSink, Link, NatsServer, eventually, request};
 use futures::StreamExt;
 use serde_json::{Value, json};
 
@@ -25,6 +26,8 @@ struct Cluster {
     _dir: tempfile::TempDir,
     script: String,
     record: String,
+    /// `a`'s connection to NATS, to slow down or cut.
+    link: Link,
     a: CadreNode,
     b: CadreNode,
 }
@@ -79,7 +82,8 @@ verify = { exit_code = 0 }
             ("CADRE_RETRY_DELAY_MS_BASE", "50"),
             ("CADRE_RETRY_DELAY_MS_MAX", "300"),
         ];
-        let mut a = CadreNode::start("a", &dir.path().join("a"), &nats.url, &env)?;
+        let link = Link::start(&nats.url).await?;
+        let mut a = CadreNode::start("a", &dir.path().join("a"), &link.url, &env)?;
         let mut b = CadreNode::start("b", &dir.path().join("b"), &nats.url, &env)?;
         a.wait_ready(&client).await?;
         b.wait_ready(&client).await?;
@@ -90,6 +94,7 @@ verify = { exit_code = 0 }
             _dir: dir,
             script,
             record,
+            link,
             a,
             b,
         })
@@ -395,4 +400,69 @@ async fn a_killed_owner_is_taken_over_and_defers_to_the_new_owner_on_restart() -
         cluster.stand_downs().await
     );
     Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_owner_is_taken_over_and_stands_down_when_the_link_heals()
+-> anyhow::Result<()> {
+    let cluster = Cluster::start().await?;
+    let mut events = cluster.client.subscribe("cadre.events.task.>").await?;
+    let (tasks, on_a) = cluster.tasks_in_flight_on_a(3, Phase::Crm).await?;
+
+    // `a` keeps running and keeps reaching the CRM, but not NATS: its effects must stop
+    // with its leases, though nobody can tell it so.
+    cluster.link.cut(true);
+    let cut = Instant::now();
+    let settled = cluster.settle(&mut events, &tasks, cut).await?;
+    let moved = settled.check_moved(&on_a)?;
+    tokio::time::sleep((LEASE_TTL * 3).saturating_sub(cut.elapsed())).await; // cut well past the TTL
+    cluster.link.cut(false);
+    let stood_down = eventually(WITHIN, "a standing down", || async {
+        let n = cluster.stand_downs().await;
+        (n >= moved as f64).then_some(n)
+    })
+    .await?;
+    println!(
+        "partition: {moved} of a's tasks taken over after {:?}; {} waited for an operator; \
+         a stood down {stood_down} times after the heal",
+        settled.takeover_after,
+        settled.pending.len()
+    );
+    cluster.decide(&settled.pending).await?;
+    cluster.check_invariants(&tasks).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_link_below_the_lease_costs_no_ownership() -> anyhow::Result<()> {
+    // 100 ms each way, a laptop on another continent from its VPS: a's requests to its
+    // own roles cross the link four times (400 ms), its renewals twice, all well inside
+    // the 2 s lease.
+    // Slowed once a has tasks in flight: with the link slow from the start, b's intake
+    // would pull every submitted task before a's pull crossed the link.
+    let cluster = Cluster::start().await?;
+    let mut events = cluster.client.subscribe("cadre.events.task.>").await?;
+    let (tasks, on_a) = cluster.tasks_in_flight_on_a(3, Phase::Crm).await?;
+    cluster.link.set_delay(Duration::from_millis(100));
+    let started = Instant::now();
+    let settled = cluster.settle(&mut events, &tasks, started).await?;
+    assert!(
+        settled.taken_over.is_empty(),
+        "a slow link cost ownership: {:?}",
+        settled.taken_over
+    );
+    for id in &on_a {
+        assert!(
+            settled.finished_by_a.contains(id),
+            "{id} (a's) not finished by a: {:#?}",
+            settled.timeline.get(id)
+        );
+    }
+    assert_eq!(cluster.stand_downs().await, 0.0);
+    println!(
+        "slow link (100 ms each way): {} tasks, {} of them a's, done {:?} after the slowdown, no takeover",
+        tasks.len(),
+        on_a.len(),
+        started.elapsed()
+    );
+    cluster.check_invariants(&tasks).await
 }

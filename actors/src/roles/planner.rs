@@ -70,6 +70,7 @@ impl Actor for Planner {
         state: &mut PlannerState,
     ) -> Result<(), ActorProcessingErr> {
         let PlannerMsg::Request(inbound) = msg;
+        state.ctx.settings.faults.maybe_panic(super::PLANNER);
         let reply = match storage::codec::from_wire::<PlanRequest>(&inbound.msg.payload) {
             Ok(req) => plan(&state.catalog, &req),
             Err(e) => PlanReply::Rejected {

@@ -62,7 +62,10 @@ impl Actor for Relay {
         state: &mut RelayState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            RelayMsg::Publish(entries) => publish(state, &myself, entries).await,
+            RelayMsg::Publish(entries) => {
+                state.ctx.settings.faults.maybe_panic(super::RELAY);
+                publish(state, &myself, entries).await
+            }
             RelayMsg::Flush => flush(state).await,
         }
     }

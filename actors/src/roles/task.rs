@@ -179,6 +179,7 @@ impl Actor for TaskActor {
         msg: TaskMsg,
         state: &mut TaskState,
     ) -> Result<(), ActorProcessingErr> {
+        state.ctx.settings.faults.maybe_panic("task");
         let span = tracing::info_span!("task", task_id = %state.task.id);
         async move {
             let mut hold = false;
@@ -1057,6 +1058,11 @@ async fn claim(
 
 /// Sends `req` to another role without blocking the actor; the reply (or why there
 /// was none) comes back to it as an input.
+///
+/// "No responders" means nobody subscribes to the subject right now: on the task's own
+/// node, its role is between a crash and its supervisor's restart (100 ms, then
+/// longer). That is retried within the hop's timeout, rather than spending one of the
+/// task's hop or step attempts on every few milliseconds of a restart.
 fn hop<Req, Rep>(
     ctx: &Arc<NodeContext>,
     me: &ActorRef<TaskMsg>,
@@ -1070,11 +1076,19 @@ fn hop<Req, Rep>(
 {
     let (ctx, me) = (ctx.clone(), me.clone());
     tokio::spawn(async move {
-        let (reply, from) =
-            match bus::request_wire::<_, Rep>(&ctx.nats, subject, &req, timeout).await {
-                Ok(Replied { value, from }) => (Ok(value), from),
-                Err(e) => (Err(e), None),
-            };
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut pause = Duration::from_millis(20);
+        let (reply, from) = loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match bus::request_wire::<_, Rep>(&ctx.nats, subject.clone(), &req, left).await {
+                Ok(Replied { value, from }) => break (Ok(value), from),
+                Err(HopError::NoResponders(_)) if left > pause => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(250));
+                }
+                Err(e) => break (Err(e), None),
+            }
+        };
         let input = to_input(reply);
         let _ = me.cast(TaskMsg::Reply { input, from });
     });

@@ -69,6 +69,7 @@ impl Actor for Verifier {
         state: &mut VerifierState,
     ) -> Result<(), ActorProcessingErr> {
         let VerifierMsg::Request(inbound) = msg;
+        state.ctx.settings.faults.maybe_panic(super::VERIFIER);
         let ctx = state.ctx.clone();
         tokio::spawn(async move {
             let Inbound { msg, permit } = inbound;
