@@ -15,6 +15,16 @@ use tokio::task::JoinHandle;
 use crate::protocol::subject::FROM_HEADER;
 use crate::protocol::{ErrorCode, ErrorReply};
 
+/// A JetStream context, in `domain` if one is named: a node on a laptop's leaf server
+/// reaches the hub's JetStream as `$JS.<domain>.API` (ops/nats/leaf.conf).
+pub fn jetstream(client: Client, domain: &str) -> async_nats::jetstream::Context {
+    if domain.is_empty() {
+        async_nats::jetstream::new(client)
+    } else {
+        async_nats::jetstream::with_domain(client, domain)
+    }
+}
+
 /// Why a request to another role got no usable answer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum HopError {

@@ -50,6 +50,8 @@ pub struct Settings {
     pub tags: std::collections::BTreeMap<String, String>,
     /// How often the node writes its heartbeat.
     pub heartbeat: Duration,
+    /// The JetStream domain of the hub ("": the server's own JetStream).
+    pub js_domain: String,
     /// Injected panics, for the chaos suite; none unless configured.
     pub faults: Arc<crate::faults::Faults>,
 }
@@ -86,6 +88,11 @@ pub struct NodeContext {
 }
 
 impl NodeContext {
+    /// A JetStream context in the configured domain.
+    pub fn jetstream(&self) -> async_nats::jetstream::Context {
+        crate::bus::jetstream(self.nats.clone(), &self.settings.js_domain)
+    }
+
     pub fn new(
         settings: Settings,
         nats: async_nats::Client,

@@ -99,17 +99,27 @@ pub struct Ownership {
     held: Mutex<HashMap<String, Held>>,
     /// Tasks holding a dispatch back because their lease lapsed; sent on renewal.
     waiting: Mutex<HashMap<String, ractor::ActorRef<TaskMsg>>>,
+    /// `$JS.<domain>.API.` before a `$KV.` subject, with a JetStream domain.
+    kv_prefix: String,
 }
 
 impl Ownership {
     /// Opens (creating if needed) the buckets and the stream.
     pub async fn open(
         nats: async_nats::Client,
+        js_domain: &str,
         node_id: String,
         boot_id: u64,
         ttl: Duration,
     ) -> Result<Ownership, OwnershipError> {
-        let js = jetstream::new(nats);
+        let js = crate::bus::jetstream(nats, js_domain);
+        // A key-value write in another domain goes through its API prefix, as
+        // async-nats' own `kv::Store::put` does.
+        let kv_prefix = if js_domain.is_empty() {
+            String::new()
+        } else {
+            format!("$JS.{js_domain}.API.")
+        };
         let leases = bucket(
             &js,
             kv::Config {
@@ -157,6 +167,7 @@ impl Ownership {
             ttl,
             held: Mutex::new(HashMap::new()),
             waiting: Mutex::new(HashMap::new()),
+            kv_prefix,
         })
     }
 
@@ -457,7 +468,7 @@ impl Ownership {
             format!("{}s", self.ttl.as_secs().max(1)).as_str(),
         );
         let payload = Bytes::from(serde_json::to_vec(lease).map_err(unavailable)?);
-        let subject = format!("$KV.{}.{task_id}", subject::LEASES_BUCKET);
+        let subject = format!("{}$KV.{}.{task_id}", self.kv_prefix, subject::LEASES_BUCKET);
         publish(&self.js, subject, headers, payload).await
     }
 

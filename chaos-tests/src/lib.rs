@@ -137,10 +137,21 @@ impl NatsServer {
     fn spawn(&mut self) -> anyhow::Result<()> {
         let conf = self.dir.path().join("nats.conf");
         if let Some(shipped) = &self.shipped {
-            // Copied with the users file it includes, which resolves next to it.
-            std::fs::copy(shipped, &conf)?;
-            let users = shipped.with_file_name("cadre-users.conf");
-            std::fs::copy(&users, self.dir.path().join("cadre-users.conf"))?;
+            // Copied with the files beside it (`include` resolves next to the includer).
+            let dir = shipped.parent().context("a config file has a directory")?;
+            for entry in std::fs::read_dir(dir)? {
+                let path = entry?.path();
+                if path.extension().is_some_and(|e| e == "conf") {
+                    std::fs::copy(
+                        &path,
+                        self.dir.path().join(path.file_name().unwrap_or_default()),
+                    )?;
+                }
+            }
+            let conf = self
+                .dir
+                .path()
+                .join(shipped.file_name().unwrap_or_default());
             return self.run(&conf);
         }
         let mut text = format!(

@@ -1,9 +1,12 @@
-//! The shipped laptop + VPS deployment, run as shipped: `ops/nats/hub.conf` (JetStream
-//! synced on every write, TLS, the users of `ops/nats/cadre-users.conf`) with a `cadre`
-//! node for the VPS and one for the laptop, both in cluster mode, connected over TLS as
-//! user `node` — the only differences from a real deployment are loopback addresses and a
-//! CA made for the test. Steps run where the playbook places them; when the laptop dies
-//! mid-task, the VPS takes over the laptop's tasks and finishes them.
+//! The shipped laptop + VPS deployment, run as shipped: the VPS's hub
+//! (`ops/nats/hub-leafnodes.conf`, which is `hub.conf` — JetStream synced on every write,
+//! TLS, the users of `ops/nats/cadre-users.conf` — plus a leaf-node port) with the VPS's
+//! `cadre` node connected to it over TLS as user `node`, and the laptop's own NATS server
+//! (`ops/nats/leaf.conf`, a leaf node of the hub over TLS, no JetStream of its own) with the
+//! laptop's node connected to it on loopback. Both nodes in cluster mode. The only
+//! differences from a real deployment are loopback addresses and a CA made for the test.
+//! Steps run where the playbook places them, the laptop's JetStream traffic crossing the
+//! leaf link; when the laptop dies mid-task, the VPS takes over its tasks and finishes them.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -118,7 +121,30 @@ async fn a_laptop_and_a_vps_over_tls_run_one_cluster_and_survive_the_laptop_dyin
         ("CADRE_NATS_TLS_CERT", cert.as_str()),
         ("CADRE_NATS_TLS_KEY", key.as_str()),
     ]);
-    let hub = NatsServer::start_shipped(&ops_dir().join("nats/hub.conf"), &hub_env)?;
+    let leaf_port = chaos_tests::free_port()?.to_string();
+    let leaf_listen = format!("127.0.0.1:{leaf_port}");
+    hub_env.extend([
+        ("CADRE_NATS_LEAF_LISTEN", leaf_listen.as_str()),
+        ("CADRE_NATS_LEAF_PASSWORD", "leaf-secret"),
+    ]);
+    let hub = NatsServer::start_shipped(&ops_dir().join("nats/hub-leafnodes.conf"), &hub_env)?;
+    // The laptop's server: a leaf of the hub, local users, no JetStream.
+    let hub_leaf_url = format!("tls://leaf:leaf-secret@127.0.0.1:{leaf_port}");
+    let mut leaf_env: Vec<(&str, &str)> = USERS.to_vec();
+    leaf_env.extend([
+        ("CADRE_NATS_NAME", "cadre-laptop"),
+        ("CADRE_NATS_HUB_LEAF_URL", hub_leaf_url.as_str()),
+        ("CADRE_NATS_HUB_CA_FILE", ca.as_str()),
+    ]);
+    let leaf = NatsServer::start_shipped(&ops_dir().join("nats/leaf.conf"), &leaf_env)?;
+    // JetStream answers on the laptop once the leaf link is up.
+    let on_the_laptop = leaf.client_as("operator", "operator-secret").await?;
+    let laptop_js = async_nats::jetstream::with_domain(on_the_laptop.clone(), "cadre");
+    eventually(WITHIN, "the hub's JetStream through the leaf", || async {
+        laptop_js.query_account().await.ok().map(|_| ())
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\nhub: {}\nleaf: {}", hub.log(), leaf.log()))?;
     let tls_url =
         |user: &str, password: &str| format!("tls://{user}:{password}@127.0.0.1:{}", hub.port);
     let operator = async_nats::ConnectOptions::with_user_and_password(
@@ -167,7 +193,7 @@ verify = { status_in = [201] }
         Ok(p(&d.canonicalize()?))
     };
     let (laptop_files, vps_files) = (roots("laptop-files")?, roots("vps-files")?);
-    let node = |id: &str, url: &str, location: &str, files: &str| {
+    let node = |id: &str, url: &str, location: &str, files: &str, ca: &str, domain: &str| {
         let tags = format!("location={location}");
         CadreNode::start(
             id,
@@ -178,7 +204,8 @@ verify = { status_in = [201] }
                 ("CADRE_LEASE_TTL_MS", "2000"),
                 ("CADRE_TAGS", tags.as_str()),
                 ("CADRE_FILE_ROOTS", files),
-                ("CADRE_NATS_CA_FILE", ca.as_str()),
+                ("CADRE_NATS_CA_FILE", ca),
+                ("CADRE_NATS_JS_DOMAIN", domain),
                 ("CADRE_PLAYBOOKS_DIR", pb.as_str()),
                 ("CADRE_HOP_TIMEOUT_MS", "1000"),
                 ("CADRE_STEP_TIMEOUT_MS", "4000"),
@@ -188,9 +215,17 @@ verify = { status_in = [201] }
             ],
         )
     };
-    let node_url = tls_url("node", "node-secret");
-    let mut vps = node("vps", &node_url, "vps", &vps_files)?;
-    let mut laptop = node("laptop", &node_url, "laptop", &laptop_files)?;
+    let mut vps = node(
+        "vps",
+        &tls_url("node", "node-secret"),
+        "vps",
+        &vps_files,
+        &ca,
+        "",
+    )?;
+    // On loopback to its own server: no TLS there.
+    let laptop_url = format!("nats://node:node-secret@127.0.0.1:{}", leaf.port);
+    let mut laptop = node("laptop", &laptop_url, "laptop", &laptop_files, "", "cadre")?;
     vps.wait_ready(&operator).await?;
     laptop.wait_ready(&operator).await?;
 
@@ -215,13 +250,20 @@ verify = { status_in = [201] }
     let js = async_nats::jetstream::new(operator.clone());
     let leases = js.get_key_value("CADRE_LEASES").await?;
     let (mut tasks, mut on_laptop) = (Vec::new(), Vec::new());
-    while on_laptop.len() < 2 && tasks.len() < 40 {
-        let reply = request(&operator, "cadre.tasks.submit", submit.clone()).await?;
+    // NATS prefers a queue group's members on the server a request arrives at: what is
+    // submitted on the laptop's server is the laptop's, what reaches the hub the VPS's.
+    while tasks.len() < 4 {
+        let via = if tasks.len() % 2 == 0 {
+            &on_the_laptop
+        } else {
+            &operator
+        };
+        let reply = request(via, "cadre.tasks.submit", submit.clone()).await?;
         let id = reply["task_id"].as_str().unwrap_or_default().to_string();
         let lease = leases
             .get(&id)
             .await?
-            .ok_or_else(|| anyhow::anyhow!("no lease for {id}"))?;
+            .ok_or_else(|| anyhow::anyhow!("no lease for {id}: {reply}\n{}", laptop.log_tail()))?;
         if serde_json::from_slice::<Value>(&lease)?["owner"] == "laptop" {
             on_laptop.push(id.clone());
         }

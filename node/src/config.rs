@@ -19,6 +19,9 @@ pub struct Config {
     /// A PEM CA to trust for a `tls://` `nats_url` (a hub with a self-signed CA); empty:
     /// the system's roots. The CLI reads `CADRE_NATS_CA_FILE`.
     pub nats_ca_file: PathBuf,
+    /// The JetStream domain of the hub when the node's server is a leaf node without
+    /// JetStream of its own (ops/nats/leaf.conf: `cadre`); empty: the server's own.
+    pub nats_js_domain: String,
     /// The nats-server binary for the local broker.
     pub nats_server_bin: String,
     /// Port of the local nats-server (loopback only).
@@ -113,6 +116,7 @@ impl Default for Config {
             data_dir: PathBuf::from("cadre-data"),
             nats_url: String::new(),
             nats_ca_file: PathBuf::new(),
+            nats_js_domain: String::new(),
             nats_server_bin: "nats-server".into(),
             local_nats_port: 4222,
             playbooks_dir: PathBuf::from("playbooks"),
@@ -253,6 +257,14 @@ impl Config {
             problems.push(format!(
                 "node_id `{}` must be letters, digits, `-` or `_` (CADRE_NODE_ID)",
                 self.node_id
+            ));
+        }
+        if !self.nats_js_domain.is_empty()
+            && !actors::protocol::subject::is_token(&self.nats_js_domain)
+        {
+            problems.push(format!(
+                "nats_js_domain `{}` must be letters, digits, `-` or `_` (CADRE_NATS_JS_DOMAIN)",
+                self.nats_js_domain
             ));
         }
         if self.metrics_addr.parse::<SocketAddr>().is_err() {

@@ -519,7 +519,9 @@ fn parse_input(text: &str) -> Result<Value, CliError> {
 }
 
 async fn setup(c: &Client) -> Result<(), CliError> {
-    let js = async_nats::jetstream::new(c.nats().clone());
+    // The hub's domain when connected through a leaf server, as the node's option.
+    let domain = std::env::var("CADRE_NATS_JS_DOMAIN").unwrap_or_default();
+    let js = actors::bus::jetstream(c.nats().clone(), &domain);
     actors::roles::intake::ensure_intake_stream(&js, Config::default().payload_bytes_max)
         .await
         .map_err(|e| CliError::Unreachable(format!("cannot declare the intake stream: {e}")))?;

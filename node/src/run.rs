@@ -115,6 +115,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         let ttl = Duration::from_millis(config.lease_ttl_ms);
         let ownership = actors::ownership::Ownership::open(
             nats.clone(),
+            &config.nats_js_domain,
             config.node_id.clone(),
             ctx.boot_id,
             ttl,
@@ -260,6 +261,7 @@ fn settings(config: &Config, seed: u64, step_defaults: StepDefaults) -> Settings
         caps: config.caps().unwrap_or_default(),
         tags: config.tag_map().unwrap_or_default(),
         heartbeat: Duration::from_millis(config.heartbeat_ms),
+        js_domain: config.nats_js_domain.clone(),
         // Validated with the config.
         faults: Arc::new(actors::faults::Faults::new(
             actors::faults::Faults::parse(&config.fault_panic).unwrap_or_default(),

@@ -66,7 +66,7 @@ impl Actor for Governor {
         args: GovernorArgs,
     ) -> Result<GovernorState, ActorProcessingErr> {
         let ctx = args.ctx;
-        let bucket = ensure_control_bucket(&jetstream::new(ctx.nats.clone())).await?;
+        let bucket = ensure_control_bucket(&ctx.jetstream()).await?;
         // Apply what is stored before any task can dispatch (the task supervisor
         // starts after the governor).
         let current = read_state(&bucket).await?;

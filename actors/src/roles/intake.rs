@@ -90,7 +90,7 @@ impl Actor for Intake {
             depth,
             IntakeMsg::Submit,
         )];
-        let js = jetstream::new(ctx.nats.clone());
+        let js = ctx.jetstream();
         let stream = ensure_intake_stream(&js, ctx.settings.payload_bytes_max).await?;
         let consumer = stream
             .get_or_create_consumer(

@@ -63,7 +63,7 @@ impl Actor for Membership {
         args: MembershipArgs,
     ) -> Result<MembershipState, ActorProcessingErr> {
         let ctx = args.ctx;
-        let bucket = ensure_nodes_bucket(&jetstream::new(ctx.nats.clone())).await?;
+        let bucket = ensure_nodes_bucket(&ctx.jetstream()).await?;
         let settings = &ctx.settings;
         let metadata = HashMap::from([
             ("node_id".to_string(), settings.node_id.clone()),
