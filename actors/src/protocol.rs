@@ -259,6 +259,9 @@ pub struct ListReply {
     /// Pass as `before` for the next page; absent on the last page.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub next: Option<String>,
+    /// In a cluster: live nodes that did not answer in time, whose tasks are missing.
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub unanswered: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -330,6 +333,9 @@ pub struct ApprovalListRequest {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ApprovalListReply {
     pub approvals: Vec<ApprovalView>,
+    /// In a cluster: live nodes that did not answer in time, whose approvals are missing.
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub unanswered: Vec<String>,
 }
 
 /// An approval request: what will be done, why it needs a person, what it costs, and

@@ -272,3 +272,145 @@ verify = { file_exists = true }
     println!("tasks owned by {owners:?}");
     Ok(())
 }
+
+/// In a cluster, `cadre.tasks.list` and `cadre.approvals.list` answer for every node,
+/// whichever node the request lands on: the operator sees the approvals waiting on the
+/// laptop through a VPS, and pages through every node's tasks as one list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lists_answer_for_the_whole_cluster() -> anyhow::Result<()> {
+    let nats = NatsServer::start()?;
+    let client = nats.client().await?;
+    let dir = tempfile::tempdir()?;
+    let playbooks = dir.path().join("playbooks");
+    std::fs::create_dir_all(&playbooks)?;
+    // The built-in policies hold `shell.run` for a person.
+    std::fs::write(
+        playbooks.join("ask.toml"),
+        r#"
+name = "ask"
+[[steps]]
+id = "run"
+tool = "shell.run"
+params = { program = "/bin/true", args = ["{{input.n}}"] }
+verify = { exit_code = 0 }
+"#,
+    )?;
+    let pb = playbooks.display().to_string();
+    let node = |id: &str| {
+        CadreNode::start(
+            id,
+            &dir.path().join(id),
+            &nats.url,
+            &[
+                ("CADRE_CLUSTER", "true"),
+                ("CADRE_LEASE_TTL_MS", "2000"),
+                ("CADRE_HEARTBEAT_MS", "200"),
+                ("CADRE_PLAYBOOKS_DIR", pb.as_str()),
+                ("CADRE_POLICIES_DIR", ""),
+                ("CADRE_SHELL_ALLOW", "/bin/true"),
+            ],
+        )
+    };
+    let mut a = node("a")?;
+    let mut b = node("b")?;
+    a.wait_ready(&client).await?;
+    b.wait_ready(&client).await?;
+    eventually(WITHIN, "both nodes alive", || async {
+        let v = request(&client, "cadre.cluster.status", "{}").await.ok()?;
+        let alive = v["nodes"]
+            .as_array()?
+            .iter()
+            .filter(|n| n["alive"] == true)
+            .count();
+        (alive == 2).then_some(())
+    })
+    .await?;
+
+    // Tasks on both nodes, each waiting for an approval.
+    let js = async_nats::jetstream::new(client.clone());
+    let leases = js.get_key_value("CADRE_LEASES").await?;
+    let (mut tasks, mut owners) = (BTreeSet::new(), BTreeSet::new());
+    for n in 0..40 {
+        let submit = json!({"playbook": "ask", "input": {"n": n.to_string()}}).to_string();
+        let reply = request(&client, "cadre.tasks.submit", submit).await?;
+        let id = reply["task_id"].as_str().unwrap_or_default().to_string();
+        let lease = leases
+            .get(&id)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("no lease for {id}"))?;
+        owners.insert(serde_json::from_slice::<Value>(&lease)?["owner"].to_string());
+        tasks.insert(id);
+        if owners.len() == 2 && tasks.len() >= 6 {
+            break;
+        }
+    }
+    anyhow::ensure!(owners.len() == 2, "one node owns all of {tasks:?}");
+
+    // Whichever node answers (the queue group picks), the list is whole: ten answers in a
+    // row, each with every task's approval and nothing missing.
+    eventually(WITHIN, "every approval, in every answer", || async {
+        for _ in 0..10 {
+            let v = request(&client, "cadre.approvals.list", "{}").await.ok()?;
+            let listed: BTreeSet<String> = v["approvals"]
+                .as_array()?
+                .iter()
+                .filter_map(|a| a["task_id"].as_str().map(String::from))
+                .collect();
+            if listed != tasks || v.get("unanswered").is_some() {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await?;
+
+    // Each node alone holds only its own.
+    let mut per_node = Vec::new();
+    for id in ["a", "b"] {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Cadre-Forwarded", "test"); // as a node asks another
+        let msg = client
+            .request_with_headers(
+                format!("cadre.node.{id}.approvals.list"),
+                headers,
+                Bytes::from_static(b"{}"),
+            )
+            .await?;
+        let v: Value = serde_json::from_slice(&msg.payload)?;
+        per_node.push(v["approvals"].as_array().map_or(0, Vec::len));
+    }
+    assert_eq!(per_node.iter().sum::<usize>(), tasks.len(), "{per_node:?}");
+    assert!(per_node.iter().all(|n| *n < tasks.len()), "{per_node:?}");
+
+    // Paged three at a time, newest first, every task once.
+    for _ in 0..4 {
+        let (mut seen, mut before) = (Vec::new(), None::<String>);
+        loop {
+            let req = json!({"limit": 3, "before": before});
+            let page = request(&client, "cadre.tasks.list", req.to_string()).await?;
+            assert!(page.get("unanswered").is_none(), "{page}");
+            let ids: Vec<String> = page["tasks"]
+                .as_array()
+                .map(|t| {
+                    t.iter()
+                        .filter_map(|t| t["task_id"].as_str().map(String::from))
+                        .collect()
+                })
+                .unwrap_or_default();
+            assert!(ids.len() <= 3, "{page}");
+            seen.extend(ids);
+            match page["next"].as_str() {
+                Some(next) => before = Some(next.to_string()),
+                None => break,
+            }
+        }
+        let mut newest_first: Vec<String> = tasks.iter().cloned().collect();
+        newest_first.reverse();
+        assert_eq!(seen, newest_first);
+    }
+    println!(
+        "{} tasks on two nodes: every approvals and tasks list whole",
+        tasks.len()
+    );
+    Ok(())
+}

@@ -166,6 +166,7 @@ impl Client {
         if let Some(next) = &reply.next {
             println!("(more: --before {next})");
         }
+        unanswered(&reply.unanswered);
         Ok(())
     }
 
@@ -235,6 +236,16 @@ impl Client {
                 task.failure.clone().unwrap_or_default()
             ))),
         }
+    }
+}
+
+/// A cluster's list that some live node did not answer is partial: say so.
+fn unanswered(nodes: &[String]) {
+    if !nodes.is_empty() {
+        eprintln!(
+            "(partial: no answer from {}; their items are missing)",
+            nodes.join(", ")
+        );
     }
 }
 
@@ -413,6 +424,7 @@ impl Client {
                 a.reason
             );
         }
+        unanswered(&reply.unanswered);
         Ok(())
     }
 

@@ -200,6 +200,22 @@ fn node_status(ctx: &NodeContext, tools: &[String], started_at_ms: u64) -> NodeS
     }
 }
 
+/// The nodes heard of recently, this one included.
+pub async fn alive_nodes(ctx: &NodeContext) -> Result<Vec<String>, ErrorReply> {
+    let bucket = ctx
+        .jetstream()
+        .get_key_value(subject::NODES_BUCKET)
+        .await
+        .map_err(|e| ErrorReply::new(ErrorCode::Unavailable, format!("nodes bucket: {e}")))?;
+    let status = cluster_status(ctx, &bucket).await?;
+    Ok(status
+        .nodes
+        .into_iter()
+        .filter(|n| n.alive)
+        .map(|n| n.node_id)
+        .collect())
+}
+
 /// Every node the bucket knows, with whether it was heard of recently.
 async fn cluster_status(
     ctx: &NodeContext,

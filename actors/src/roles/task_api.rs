@@ -2,6 +2,7 @@
 //! reads answer from the store (the committed truth); cancel, resolve and decide go to
 //! the task's own actor, the only writer of its state.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
@@ -124,13 +125,17 @@ impl Actor for TaskApi {
         ];
         let mut pumps = pumps;
         // In a cluster, a request about a task another node owns is forwarded to that
-        // node's own copy of the subject (no queue group: exactly that node).
+        // node's own copy of the subject (no queue group: exactly that node), and a list
+        // is asked of every node's copy.
         if ctx.ownership().is_some() {
             let node = &ctx.settings.node_id;
-            let owned: [(&str, fn(Inbound) -> TaskApiMsg); 3] = [
+            let owned: [(&str, fn(Inbound) -> TaskApiMsg); 5] = [
                 (subject::TASKS_CANCEL, TaskApiMsg::Cancel),
                 (subject::TASKS_RESOLVE, TaskApiMsg::Resolve),
                 (subject::APPROVALS_DECIDE, TaskApiMsg::Decide),
+                // Lists are gathered from every node by whichever answers.
+                (subject::TASKS_LIST, TaskApiMsg::List),
+                (subject::APPROVALS_LIST, TaskApiMsg::ApprovalsList),
             ];
             for (public, msg) in owned {
                 pumps.push(bus::spawn_pump(
@@ -173,6 +178,22 @@ impl Actor for TaskApi {
                     &inbound.msg.payload
                 };
                 let reply = parse_json::<ListRequest>(payload, max).and_then(|r| list(ctx, &r));
+                if let (Ok(local), Some(req)) = (&reply, gathering(ctx, &inbound.msg)) {
+                    let (ctx, local) = (ctx.clone(), local.clone());
+                    tokio::spawn(async move {
+                        let Inbound { msg, permit } = inbound;
+                        let limit = parse_json::<ListRequest>(payload_of(&msg), max)
+                            .ok()
+                            .and_then(|r| r.limit)
+                            .unwrap_or(LIST_LIMIT_DEFAULT);
+                        let (others, unanswered) =
+                            gather::<ListReply>(&ctx, subject::TASKS_LIST, req).await;
+                        let reply = merge_lists(local, others, unanswered, limit);
+                        ctx.respond(subject::TASKS_LIST, msg.reply, reply).await;
+                        drop(permit);
+                    });
+                    return Ok(());
+                }
                 ctx.respond(subject::TASKS_LIST, inbound.msg.reply, reply)
                     .await;
             }
@@ -216,6 +237,20 @@ impl Actor for TaskApi {
                 };
                 let reply = parse_json::<ApprovalListRequest>(payload, max)
                     .and_then(|r| list_approvals(ctx, &r));
+                if let (Ok(local), Some(req)) = (&reply, gathering(ctx, &inbound.msg)) {
+                    let (ctx, local) = (ctx.clone(), local.clone());
+                    tokio::spawn(async move {
+                        let Inbound { msg, permit } = inbound;
+                        let (others, unanswered) =
+                            gather::<ApprovalListReply>(&ctx, subject::APPROVALS_LIST, req).await;
+                        let reply =
+                            merge_approvals(&ctx.settings.node_id, local, others, unanswered);
+                        ctx.respond(subject::APPROVALS_LIST, msg.reply, Ok(reply))
+                            .await;
+                        drop(permit);
+                    });
+                    return Ok(());
+                }
                 ctx.respond(subject::APPROVALS_LIST, inbound.msg.reply, reply)
                     .await;
             }
@@ -338,6 +373,142 @@ async fn forwarded(
     true
 }
 
+/// The request to pass on to the other nodes, when this one answers a list for the
+/// cluster: in cluster mode, unless it was itself passed on.
+fn gathering(ctx: &NodeContext, msg: &async_nats::Message) -> Option<bytes::Bytes> {
+    let passed_on = msg
+        .headers
+        .as_ref()
+        .is_some_and(|h| h.get(subject::FORWARDED_HEADER).is_some());
+    (ctx.ownership().is_some() && !passed_on).then(|| msg.payload.clone())
+}
+
+/// An empty payload means "no filter", like `{}`.
+fn payload_of(msg: &async_nats::Message) -> &[u8] {
+    if msg.payload.is_empty() {
+        b"{}"
+    } else {
+        &msg.payload
+    }
+}
+
+/// Asks every other live node's own copy of `public` at once; their answers (with who
+/// gave each) and the nodes that gave none within the hop timeout.
+async fn gather<R: serde::de::DeserializeOwned>(
+    ctx: &NodeContext,
+    public: &str,
+    payload: bytes::Bytes,
+) -> (Vec<(String, R)>, Vec<String>) {
+    let me = &ctx.settings.node_id;
+    let nodes = match crate::roles::membership::alive_nodes(ctx).await {
+        Ok(nodes) => nodes,
+        Err(e) => {
+            tracing::warn!(error = %e.error.message, "cannot list the cluster's nodes");
+            return (Vec::new(), vec!["(the nodes bucket)".into()]);
+        }
+    };
+    let asks = nodes.into_iter().filter(|n| n != me).map(|node| {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(subject::FORWARDED_HEADER, me.as_str());
+        let request = async_nats::Request::new()
+            .payload(payload.clone())
+            .headers(headers)
+            .timeout(Some(ctx.settings.hop_timeout));
+        let subject = subject::on_node(&node, public);
+        async move {
+            let answer = ctx.nats.send_request(subject, request).await;
+            let parsed = answer
+                .ok()
+                .and_then(|m| serde_json::from_slice::<R>(&m.payload).ok());
+            (node, parsed)
+        }
+    });
+    let (mut answers, mut unanswered) = (Vec::new(), Vec::new());
+    for (node, parsed) in futures::future::join_all(asks).await {
+        match parsed {
+            Some(r) => answers.push((node, r)),
+            None => unanswered.push(node),
+        }
+    }
+    (answers, unanswered)
+}
+
+/// Pages from every node as one page, newest first. A task in two stores (taken over)
+/// counts once, as last updated. Each node's page ends at its own cursor; below the
+/// newest of those cursors some node has not been read yet, so the merged page stops
+/// there and continues from it.
+fn merge_lists(
+    local: ListReply,
+    others: Vec<(String, ListReply)>,
+    unanswered: Vec<String>,
+    limit: usize,
+) -> Result<ListReply, ErrorReply> {
+    let mut cursor: Option<String> = local.next.clone();
+    let mut by_id: std::collections::BTreeMap<String, TaskSummary> = Default::default();
+    for page in std::iter::once(local).chain(others.into_iter().map(|(_, p)| p)) {
+        if let Some(next) = page.next
+            && cursor.as_ref().is_none_or(|c| next > *c)
+        {
+            cursor = Some(next);
+        }
+        for t in page.tasks {
+            match by_id.get(&t.task_id) {
+                Some(seen) if seen.updated_at_ms >= t.updated_at_ms => {}
+                _ => {
+                    by_id.insert(t.task_id.clone(), t);
+                }
+            }
+        }
+    }
+    let mut tasks: Vec<TaskSummary> = by_id
+        .into_values()
+        .rev()
+        .filter(|t| cursor.as_ref().is_none_or(|c| t.task_id >= *c))
+        .collect();
+    let next = if tasks.len() > limit {
+        tasks.truncate(limit);
+        tasks.last().map(|t| t.task_id.clone())
+    } else {
+        cursor
+    };
+    Ok(ListReply {
+        tasks,
+        next,
+        unanswered,
+    })
+}
+
+/// Every node's approvals as one list, oldest request first. One in two stores (its task
+/// taken over) counts once, as its owner, the node the task names, has it.
+fn merge_approvals(
+    me: &str,
+    local: ApprovalListReply,
+    others: Vec<(String, ApprovalListReply)>,
+    unanswered: Vec<String>,
+) -> ApprovalListReply {
+    let mut by_id: HashMap<String, ApprovalView> = HashMap::new();
+    let pages = std::iter::once((me.to_string(), local)).chain(others);
+    for (node, page) in pages {
+        for a in page.approvals {
+            let owner_says = a.node_id == node;
+            match by_id.get(&a.approval_id) {
+                Some(_) if !owner_says => {}
+                _ => {
+                    by_id.insert(a.approval_id.clone(), a);
+                }
+            }
+        }
+    }
+    let mut approvals: Vec<ApprovalView> = by_id.into_values().collect();
+    approvals.sort_by(|a, b| {
+        (a.requested_at_ms, &a.approval_id).cmp(&(b.requested_at_ms, &b.approval_id))
+    });
+    ApprovalListReply {
+        approvals,
+        unanswered,
+    }
+}
+
 /// The task's timeline: its audit records, oldest first (at most [`TRACE_ENTRIES_MAX`],
 /// the most recent).
 fn trace(ctx: &NodeContext, task_id: &str) -> Result<TraceReply, ErrorReply> {
@@ -411,7 +582,11 @@ fn list(ctx: &NodeContext, req: &ListRequest) -> Result<ListReply, ErrorReply> {
             failure: t.failure,
         })
         .collect();
-    Ok(ListReply { tasks, next })
+    Ok(ListReply {
+        tasks,
+        next,
+        unanswered: Vec::new(),
+    })
 }
 
 /// A request that goes to the task's own actor (through the task supervisor).
@@ -555,7 +730,10 @@ fn list_approvals(
         }
     }
     approvals.sort_by_key(|a| a.requested_at_ms);
-    Ok(ApprovalListReply { approvals })
+    Ok(ApprovalListReply {
+        approvals,
+        unanswered: Vec::new(),
+    })
 }
 
 fn get_approval(ctx: &NodeContext, approval_id: &str) -> Result<ApprovalView, ErrorReply> {
@@ -751,5 +929,66 @@ pub fn view(task: &Task) -> TaskView {
             reason: reason.clone(),
         }),
         cost_usd: usd(task.cost_micros()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn page(ids: &[(&str, u64)], next: Option<&str>) -> ListReply {
+        ListReply {
+            tasks: ids
+                .iter()
+                .map(|(id, updated)| TaskSummary {
+                    task_id: id.to_string(),
+                    playbook: "p".into(),
+                    status: TaskStatus::Running,
+                    created_at_ms: 0,
+                    updated_at_ms: *updated,
+                    failure: None,
+                })
+                .collect(),
+            next: next.map(String::from),
+            unanswered: Vec::new(),
+        }
+    }
+
+    fn ids(reply: &ListReply) -> Vec<&str> {
+        reply.tasks.iter().map(|t| t.task_id.as_str()).collect()
+    }
+
+    #[test]
+    fn merged_pages_stop_where_a_node_was_not_read_further() {
+        // a read down to 07 (more below), b down to 05 (more below): below 07, b's 06
+        // and a's unread ones are not known yet, so the page stops at 07.
+        let a = page(&[("09", 1), ("08", 1), ("07", 1)], Some("07"));
+        let b = page(&[("10", 1), ("06", 1), ("05", 1)], Some("05"));
+        let Ok(m) = merge_lists(a, vec![("b".into(), b)], vec![], 3) else {
+            panic!("merge failed");
+        };
+        assert_eq!(ids(&m), ["10", "09", "08"]);
+        assert_eq!(m.next.as_deref(), Some("08"));
+        // Fewer than a page above the cursor: the page ends at it.
+        let a = page(&[("09", 1), ("07", 1)], Some("07"));
+        let b = page(&[("06", 1)], None);
+        let Ok(m) = merge_lists(a, vec![("b".into(), b)], vec!["c".into()], 3) else {
+            panic!("merge failed");
+        };
+        assert_eq!(ids(&m), ["09", "07"]);
+        assert_eq!(m.next.as_deref(), Some("07"));
+        assert_eq!(m.unanswered, ["c"]);
+    }
+
+    #[test]
+    fn a_task_in_two_stores_counts_once_as_last_updated() {
+        let a = page(&[("05", 10)], None);
+        let b = page(&[("05", 20), ("04", 1)], None);
+        let Ok(m) = merge_lists(a, vec![("b".into(), b)], vec![], 20) else {
+            panic!("merge failed");
+        };
+        assert_eq!(ids(&m), ["05", "04"]);
+        assert_eq!(m.tasks[0].updated_at_ms, 20);
+        assert_eq!(m.next, None);
     }
 }
