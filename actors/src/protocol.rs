@@ -59,6 +59,10 @@ pub mod subject {
     /// JetStream KV bucket of cluster-wide control state, and the kill switch's key.
     pub const CONTROL_BUCKET: &str = "CADRE_CONTROL";
     pub const KILLSWITCH_KEY: &str = "killswitch";
+    /// Publishes a policy set to every node of a cluster (or reads the one published).
+    pub const CONTROL_POLICIES: &str = "cadre.control.policies";
+    /// Key of the cluster's policy set in `CADRE_CONTROL`.
+    pub const POLICIES_KEY: &str = "policies";
     pub const PLAN: &str = "cadre.plan";
     pub const VERIFY: &str = "cadre.verify";
     pub const ARCHIVE: &str = "cadre.archive";
@@ -725,6 +729,38 @@ pub struct KillSwitchState {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_id: Option<String>,
     /// The bucket's revision of this state (0: never set).
+    #[serde(default)]
+    pub revision: u64,
+}
+
+/// `cadre.control.policies`: `files` (file name → Cedar text) is validated as one set and
+/// published to every node; without `files`, the set published last is returned.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoliciesRequest {
+    #[serde(default)]
+    pub files: Option<std::collections::BTreeMap<String, String>>,
+    /// Who published (recorded in the audit log).
+    #[serde(default)]
+    pub by: Option<String>,
+}
+
+/// The cluster's policy set as stored in `CADRE_CONTROL` (key `policies`) and answered on
+/// `cadre.control.policies`. Every node of the cluster enforces it instead of its own
+/// policies directory, from the moment it sees it (at start, for a node that was away).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ClusterPolicies {
+    /// The set's content hash, as `cadre cluster status` shows for each node.
+    pub version: String,
+    pub files: std::collections::BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
+    #[serde(default)]
+    pub at_ms: u64,
+    /// The node that took the request.
+    #[serde(default)]
+    pub node_id: String,
+    /// The bucket's revision of this set.
     #[serde(default)]
     pub revision: u64,
 }

@@ -20,6 +20,7 @@ use serde_json::Value;
 
 pub mod link;
 pub mod sink;
+pub mod workload;
 pub use link::Link;
 pub use sink::HttpSink;
 

@@ -414,3 +414,121 @@ verify = { exit_code = 0 }
     );
     Ok(())
 }
+
+/// A policy set published once (`cadre.control.policies`, here through the CLI) is
+/// enforced by every node of the cluster instead of its own directory, and by a node
+/// that was not running when it was published, from its start. An invalid set is refused
+/// with its errors and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_published_policy_set_reaches_every_node_and_a_late_one() -> anyhow::Result<()> {
+    let nats = NatsServer::start()?;
+    let client = nats.client().await?;
+    let dir = tempfile::tempdir()?;
+    let playbooks = dir.path().join("playbooks");
+    std::fs::create_dir_all(&playbooks)?;
+    std::fs::write(
+        playbooks.join("run.toml"),
+        r#"
+name = "run"
+[[steps]]
+id = "run"
+tool = "shell.run"
+params = { program = "/bin/true" }
+verify = { exit_code = 0 }
+"#,
+    )?;
+    let pb = playbooks.display().to_string();
+    let node = |id: &str| {
+        // Each node's own directory permits everything (the harness's open policy).
+        CadreNode::start(
+            id,
+            &dir.path().join(id),
+            &nats.url,
+            &[
+                ("CADRE_CLUSTER", "true"),
+                ("CADRE_LEASE_TTL_MS", "2000"),
+                ("CADRE_HEARTBEAT_MS", "200"),
+                ("CADRE_PLAYBOOKS_DIR", pb.as_str()),
+                ("CADRE_SHELL_ALLOW", "/bin/true"),
+            ],
+        )
+    };
+    let mut a = node("a")?;
+    let mut b = node("b")?;
+    a.wait_ready(&client).await?;
+    b.wait_ready(&client).await?;
+
+    // Refused: the errors name the file; nothing is stored.
+    let bad = json!({"files": {"broken.cedar": "permit(principal, action"}, "by": "ann"});
+    let reply = request(&client, "cadre.control.policies", bad.to_string()).await?;
+    assert_eq!(reply["error"]["code"], "invalid_request", "{reply}");
+    assert!(
+        reply["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("broken.cedar"),
+        "{reply}"
+    );
+    let none = request(&client, "cadre.control.policies", "{}").await?;
+    assert_eq!(none["error"]["code"], "not_found", "{none}");
+
+    // Published through the CLI: shell.run is forbidden everywhere.
+    let policies = dir.path().join("cluster-policies");
+    std::fs::create_dir_all(&policies)?;
+    std::fs::write(
+        policies.join("no-shell.cedar"),
+        "permit(principal, action, resource);\n\
+         forbid(principal, action, resource) when { context.tool == \"shell.run\" };\n",
+    )?;
+    let policies_arg = policies.display().to_string();
+    let (code, out, err) = cadre_cli(
+        &nats.url,
+        &["policy", "publish", &policies_arg, "--by", "ann", "--json"],
+    )?;
+    assert_eq!(code, 0, "{out}{err}");
+    let published: Value = serde_json::from_str(&out)?;
+    let version = published["version"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    anyhow::ensure!(!version.is_empty(), "{published}");
+
+    // A node that was away starts with it.
+    let mut c = node("c")?;
+    c.wait_ready(&client).await?;
+    eventually(WITHIN, "every node on the published version", || async {
+        let v = request(&client, "cadre.cluster.status", "{}").await.ok()?;
+        let nodes = v["nodes"].as_array()?;
+        (nodes.len() == 3
+            && nodes
+                .iter()
+                .all(|n| n["alive"] == true && n["policy_version"] == version.as_str()))
+        .then_some(())
+    })
+    .await?;
+
+    // And they enforce it: a shell step is denied whichever node runs the task.
+    for n in 0..6 {
+        let submit = json!({"playbook": "run", "input": {}, "idempotency_key": format!("p{n}")});
+        let reply = request(&client, "cadre.tasks.submit", submit.to_string()).await?;
+        let id = reply["task_id"].as_str().unwrap_or_default().to_string();
+        let view = eventually(WITHIN, "the task ended", || async {
+            let v = request(
+                &client,
+                "cadre.tasks.get",
+                json!({"task_id": id}).to_string(),
+            )
+            .await
+            .ok()?;
+            chaos_tests::is_terminal(v["status"].as_str()?).then_some(v)
+        })
+        .await?;
+        assert_eq!(view["status"], "failed", "{view:#}");
+        assert!(
+            view.to_string().contains(&version),
+            "not denied under the published policies: {view:#}"
+        );
+    }
+    println!("policies {version}: published once, enforced by a, b and the late c");
+    Ok(())
+}

@@ -360,6 +360,28 @@ pub fn print_task(t: &TaskView) {
 
 impl Client {
     /// `cadre killswitch on|off|status`.
+    /// `cadre policy publish`: the cluster's policy set, published through any node.
+    pub async fn policies_publish(
+        &self,
+        files: std::collections::BTreeMap<String, String>,
+        by: Option<String>,
+    ) -> Result<(), CliError> {
+        let req = serde_json::json!({"files": files, "by": by});
+        let set: actors::protocol::ClusterPolicies =
+            self.request(subject::CONTROL_POLICIES, &req).await?;
+        if self.json {
+            print_json(&set);
+        } else {
+            println!(
+                "published {} file(s), version {} (revision {}): every node enforces it",
+                set.files.len(),
+                set.version,
+                set.revision
+            );
+        }
+        Ok(())
+    }
+
     pub async fn killswitch(
         &self,
         engaged: Option<bool>,

@@ -102,6 +102,18 @@ enum PolicyCommand {
         #[arg(env = "CADRE_POLICIES_DIR")]
         dir: Option<PathBuf>,
     },
+    /// Publish every `*.cedar` file of a directory to the whole cluster (checked first):
+    /// every node enforces it instead of its own directory, a node that was away from
+    /// when it returns.
+    Publish {
+        #[command(flatten)]
+        opts: ClientOpts,
+        /// The policies directory.
+        dir: PathBuf,
+        /// Who publishes (recorded in the audit log).
+        #[arg(long, env = "USER")]
+        by: Option<String>,
+    },
 }
 
 #[derive(Args)]
@@ -327,6 +339,12 @@ fn main() {
             Command::Node(NodeCommand::Run(args)) => node_run(args).await,
             Command::Playbook(PlaybookCommand::Check { dir }) => playbook_check(&dir),
             Command::Policy(PolicyCommand::Check { dir }) => policy_check(dir.as_deref()),
+            Command::Policy(PolicyCommand::Publish { opts, dir, by }) => match policy_files(&dir) {
+                Ok(files) => {
+                    client_main(opts, |c| async move { c.policies_publish(files, by).await }).await
+                }
+                Err(code) => code,
+            },
             Command::Budget(opts) => client_main(opts, |c| async move { c.budget().await }).await,
             Command::Cluster(ClusterCommand::Status(opts)) => {
                 client_main(opts, |c| async move { c.cluster_status().await }).await
@@ -617,6 +635,37 @@ fn policy_check(dir: Option<&std::path::Path>) -> i32 {
             2
         }
     }
+}
+
+/// The `*.cedar` files of `dir`, checked as one set (every problem printed; exit 2).
+fn policy_files(dir: &std::path::Path) -> Result<std::collections::BTreeMap<String, String>, i32> {
+    if let Err(errors) = actors::policy::Policies::load_dir(dir) {
+        for e in errors {
+            eprintln!("error: {e}");
+        }
+        return Err(2);
+    }
+    let mut files = std::collections::BTreeMap::new();
+    let entries = std::fs::read_dir(dir).map_err(|e| {
+        eprintln!("cadre: cannot read {}: {e}", dir.display());
+        2
+    })?;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == "cedar") {
+            let text = std::fs::read_to_string(&path).map_err(|e| {
+                eprintln!("cadre: cannot read {}: {e}", path.display());
+                2
+            })?;
+            let name = path
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
+            files.insert(name, text);
+        }
+    }
+    Ok(files)
 }
 
 async fn node_run(args: NodeRunArgs) -> i32 {

@@ -28,7 +28,8 @@ use tokio::task::JoinHandle;
 use crate::bus::{self, Inbound};
 use crate::context::NodeContext;
 use crate::protocol::{
-    AuditRecord, ErrorCode, ErrorReply, KillSwitchRequest, KillSwitchState, subject,
+    AuditRecord, ClusterPolicies, ErrorCode, ErrorReply, KillSwitchRequest, KillSwitchState,
+    PoliciesRequest, subject,
 };
 use crate::roles::intake::parse_json;
 
@@ -45,6 +46,8 @@ pub struct GovernorState {
     tasks: Vec<JoinHandle<()>>,
     /// What the policies directory looked like when last read.
     policy_files: Option<Vec<(String, u64, std::time::SystemTime)>>,
+    /// A policy set was published to the cluster: it, not the directory, is in force.
+    cluster_policies: bool,
 }
 
 pub enum GovernorMsg {
@@ -53,6 +56,10 @@ pub enum GovernorMsg {
     Observed(KillSwitchState),
     /// Time to look at the policies directory.
     PolicyTick,
+    /// `cadre.control.policies`.
+    PoliciesRequest(Inbound),
+    /// The bucket's policy set changed (or was read at start).
+    PoliciesObserved(ClusterPolicies),
 }
 
 impl Actor for Governor {
@@ -74,17 +81,38 @@ impl Actor for Governor {
         if current.engaged {
             tracing::warn!(by = ?current.by, reason = ?current.reason, "kill switch engaged: nothing is dispatched");
         }
-        let mut watch = bucket.watch(subject::KILLSWITCH_KEY).await?;
+        let mut watch = bucket
+            .watch_many([subject::KILLSWITCH_KEY, subject::POLICIES_KEY])
+            .await?;
         let me = myself.clone();
         let watcher = tokio::spawn(async move {
             while let Some(entry) = watch.next().await {
                 let Ok(entry) = entry else { continue };
-                let state = decode(&entry.value, entry.revision);
-                if me.cast(GovernorMsg::Observed(state)).is_err() {
+                let msg = if entry.key == subject::POLICIES_KEY {
+                    match serde_json::from_slice::<ClusterPolicies>(&entry.value) {
+                        Ok(mut set) => {
+                            set.revision = entry.revision;
+                            GovernorMsg::PoliciesObserved(set)
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "unreadable policy set in the control bucket");
+                            continue;
+                        }
+                    }
+                } else {
+                    GovernorMsg::Observed(decode(&entry.value, entry.revision))
+                };
+                if me.cast(msg).is_err() {
                     return;
                 }
             }
         });
+        // The cluster's policy set, if one was published, before any task dispatches
+        // (a node that was away catches up here).
+        let published = match bucket.get(subject::POLICIES_KEY).await? {
+            Some(value) => serde_json::from_slice::<ClusterPolicies>(&value).ok(),
+            None => None,
+        };
         let sub = ctx
             .nats
             .queue_subscribe(subject::CONTROL_KILLSWITCH, subject::QUEUE_CONTROL.into())
@@ -95,7 +123,15 @@ impl Actor for Governor {
             ctx.settings.mailbox_depth_max,
             GovernorMsg::Request,
         );
-        let mut tasks = vec![watcher, pump];
+        let policies_pump = bus::spawn_pump(
+            ctx.nats
+                .queue_subscribe(subject::CONTROL_POLICIES, subject::QUEUE_CONTROL.into())
+                .await?,
+            myself.clone(),
+            ctx.settings.mailbox_depth_max,
+            GovernorMsg::PoliciesRequest,
+        );
+        let mut tasks = vec![watcher, pump, policies_pump];
         if ctx.settings.policies_dir.is_some() {
             let me = myself.clone();
             let every = ctx.settings.policy_reload;
@@ -110,14 +146,19 @@ impl Actor for Governor {
                 }
             }));
         }
-        Ok(GovernorState {
+        let mut state = GovernorState {
             ctx,
             bucket,
             tasks,
             // Read at the first tick: a change made while the node started is not
             // missed (an unchanged directory gives the version in force: no reload).
             policy_files: None,
-        })
+            cluster_policies: false,
+        };
+        if let Some(set) = published {
+            state.apply_cluster_policies(&set).await?;
+        }
+        Ok(state)
     }
 
     async fn handle(
@@ -128,7 +169,16 @@ impl Actor for Governor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             GovernorMsg::Observed(ks) => apply(&state.ctx, &ks),
-            GovernorMsg::PolicyTick => state.reload_policies().await?,
+            GovernorMsg::PolicyTick if !state.cluster_policies => state.reload_policies().await?,
+            GovernorMsg::PolicyTick => {}
+            GovernorMsg::PoliciesObserved(set) => state.apply_cluster_policies(&set).await?,
+            GovernorMsg::PoliciesRequest(inbound) => {
+                let result = state.publish_policies(&inbound).await;
+                state
+                    .ctx
+                    .respond(subject::CONTROL_POLICIES, inbound.msg.reply, result)
+                    .await;
+            }
             GovernorMsg::Request(inbound) => {
                 let result = state.killswitch(&inbound).await;
                 state
@@ -153,6 +203,116 @@ impl Actor for Governor {
 }
 
 impl GovernorState {
+    /// Enforces the cluster's policy set, if it is not in force already, and records it.
+    /// From then on the directory is no longer read.
+    async fn apply_cluster_policies(
+        &mut self,
+        set: &ClusterPolicies,
+    ) -> Result<(), ActorProcessingErr> {
+        self.cluster_policies = true;
+        let ctx = &self.ctx;
+        let before = ctx.policies().version().to_string();
+        if set.version == before {
+            return Ok(());
+        }
+        let sources: Vec<(String, String)> = set.files.clone().into_iter().collect();
+        let (action, outcome, detail) = match crate::policy::Policies::from_sources(&sources) {
+            Ok(policies) => {
+                let version = policies.version().to_string();
+                tracing::info!(from = %before, to = %version, by = ?set.by, "the cluster's policies are in force");
+                ctx.set_policies(policies);
+                ctx.metrics
+                    .policy_reloads_total
+                    .with_label_values(&["ok"])
+                    .inc();
+                let by = set.by.as_deref().unwrap_or("?");
+                (
+                    "policies_reloaded",
+                    "ok",
+                    format!("{before} -> {version} (published to the cluster by {by})"),
+                )
+            }
+            // Validated when published; a node of another version may still disagree.
+            Err(errors) => {
+                let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
+                tracing::error!(in_force = %before, "the cluster's policies are invalid here, not loaded:\n  - {}", lines.join("\n  - "));
+                ctx.metrics
+                    .policy_reloads_total
+                    .with_label_values(&["invalid"])
+                    .inc();
+                ("policies_rejected", "invalid", lines.join("; "))
+            }
+        };
+        let mut record = blank_record(ctx, action, outcome);
+        record.detail = Some(detail);
+        let mut batch = Batch::new();
+        batch.append_audit(&record, None)?;
+        ctx.store.commit(batch).await?;
+        Ok(())
+    }
+
+    /// Validates and publishes a policy set to the cluster, or reads the one published.
+    async fn publish_policies(&mut self, inbound: &Inbound) -> Result<ClusterPolicies, ErrorReply> {
+        let ctx = self.ctx.clone();
+        let req: PoliciesRequest =
+            parse_json(&inbound.msg.payload, ctx.settings.payload_bytes_max)?;
+        let unavailable =
+            |e: String| ErrorReply::new(ErrorCode::Unavailable, format!("control bucket: {e}"));
+        let Some(files) = req.files else {
+            let entry = self
+                .bucket
+                .entry(subject::POLICIES_KEY)
+                .await
+                .map_err(|e| unavailable(e.to_string()))?;
+            return match entry {
+                Some(entry) if !entry.value.is_empty() => {
+                    let mut set: ClusterPolicies = serde_json::from_slice(&entry.value)
+                        .map_err(|e| ErrorReply::new(ErrorCode::Internal, e.to_string()))?;
+                    set.revision = entry.revision;
+                    Ok(set)
+                }
+                _ => Err(ErrorReply::new(
+                    ErrorCode::NotFound,
+                    "no policy set was published to the cluster; each node reads its own",
+                )),
+            };
+        };
+        if files.is_empty() {
+            return Err(ErrorReply::new(
+                ErrorCode::InvalidRequest,
+                "files is empty: publish at least one policy file",
+            ));
+        }
+        let sources: Vec<(String, String)> = files.clone().into_iter().collect();
+        let policies = crate::policy::Policies::from_sources(&sources).map_err(|errors| {
+            let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
+            ErrorReply::new(
+                ErrorCode::InvalidRequest,
+                format!("invalid policies, not published: {}", lines.join("; ")),
+            )
+        })?;
+        let mut set = ClusterPolicies {
+            version: policies.version().to_string(),
+            files,
+            by: req.by,
+            at_ms: ctx.now_ms(),
+            node_id: ctx.settings.node_id.clone(),
+            revision: 0,
+        };
+        let bytes = serde_json::to_vec(&set)
+            .map_err(|e| ErrorReply::new(ErrorCode::Internal, e.to_string()))?;
+        set.revision = self
+            .bucket
+            .put(subject::POLICIES_KEY, Bytes::from(bytes))
+            .await
+            .map_err(|e| unavailable(e.to_string()))?;
+        // This node enforces it now; the others (and this one again) through the watch.
+        self.apply_cluster_policies(&set)
+            .await
+            .map_err(|e| ErrorReply::new(ErrorCode::Internal, e.to_string()))?;
+        Ok(set)
+    }
+
     /// Re-reads the policies directory if its files changed.
     async fn reload_policies(&mut self) -> Result<(), ActorProcessingErr> {
         let Some(dir) = self.ctx.settings.policies_dir.clone() else {
