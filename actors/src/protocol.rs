@@ -651,6 +651,9 @@ pub struct TraceReply {
     pub status: TaskStatus,
     pub created_at_ms: u64,
     pub entries: Vec<AuditEntry>,
+    /// In a cluster: live nodes that did not answer in time, whose records are missing.
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub unanswered: Vec<String>,
 }
 
 /// `cadre.audit.<node_id>.read` request.

@@ -344,7 +344,26 @@ async fn a_frozen_owner_is_taken_over_and_stands_down_when_it_thaws() -> anyhow:
         settled.pending.len()
     );
     cluster.decide(&settled.pending).await?;
-    cluster.check_invariants(&tasks).await
+    cluster.check_invariants(&tasks).await?;
+    // A moved task's timeline, asked of either node, has both owners' records.
+    for id in settled.taken_over.keys() {
+        let trace = request(
+            &cluster.client,
+            "cadre.tasks.trace",
+            json!({"task_id": id}).to_string(),
+        )
+        .await?;
+        let writers: HashSet<&str> = trace["entries"]
+            .as_array()
+            .map(|e| {
+                e.iter()
+                    .filter_map(|e| e["record"]["node_id"].as_str())
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert_eq!(writers, HashSet::from(["a", "b"]), "{id}: {trace:#}");
+    }
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

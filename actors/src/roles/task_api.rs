@@ -129,13 +129,14 @@ impl Actor for TaskApi {
         // is asked of every node's copy.
         if ctx.ownership().is_some() {
             let node = &ctx.settings.node_id;
-            let owned: [(&str, fn(Inbound) -> TaskApiMsg); 5] = [
+            let owned: [(&str, fn(Inbound) -> TaskApiMsg); 6] = [
                 (subject::TASKS_CANCEL, TaskApiMsg::Cancel),
                 (subject::TASKS_RESOLVE, TaskApiMsg::Resolve),
                 (subject::APPROVALS_DECIDE, TaskApiMsg::Decide),
-                // Lists are gathered from every node by whichever answers.
+                // Lists and traces are gathered from every node by whichever answers.
                 (subject::TASKS_LIST, TaskApiMsg::List),
                 (subject::APPROVALS_LIST, TaskApiMsg::ApprovalsList),
+                (subject::TASKS_TRACE, TaskApiMsg::Trace),
             ];
             for (public, msg) in owned {
                 pumps.push(bus::spawn_pump(
@@ -204,8 +205,21 @@ impl Actor for TaskApi {
                 spawn_control::<ResolveRequest>(ctx, inbound, subject::TASKS_RESOLVE)
             }
             TaskApiMsg::Trace(inbound) => {
-                let reply = parse_json::<TaskRef>(&inbound.msg.payload, max)
-                    .and_then(|r| trace(ctx, &r.task_id));
+                let request = parse_json::<TaskRef>(&inbound.msg.payload, max);
+                if let (Ok(r), Some(req)) = (&request, gathering(ctx, &inbound.msg)) {
+                    let (ctx, task_id) = (ctx.clone(), r.task_id.clone());
+                    tokio::spawn(async move {
+                        let Inbound { msg, permit } = inbound;
+                        let local = trace(&ctx, &task_id);
+                        let (others, unanswered) =
+                            gather::<TraceReply>(&ctx, subject::TASKS_TRACE, req).await;
+                        let reply = merge_traces(&ctx, &task_id, local, others, unanswered).await;
+                        ctx.respond(subject::TASKS_TRACE, msg.reply, reply).await;
+                        drop(permit);
+                    });
+                    return Ok(());
+                }
+                let reply = request.and_then(|r| trace(ctx, &r.task_id));
                 ctx.respond(subject::TASKS_TRACE, inbound.msg.reply, reply)
                     .await;
             }
@@ -265,10 +279,16 @@ impl Actor for TaskApi {
                     .await;
             }
             TaskApiMsg::ApprovalsGet(inbound) => {
-                let reply = parse_json::<ApprovalRef>(&inbound.msg.payload, max)
-                    .and_then(|r| get_approval(ctx, &r.approval_id));
-                ctx.respond(subject::APPROVALS_GET, inbound.msg.reply, reply)
-                    .await;
+                let ctx = ctx.clone();
+                tokio::spawn(async move {
+                    let Inbound { msg, permit } = inbound;
+                    let reply = match parse_json::<ApprovalRef>(&msg.payload, max) {
+                        Ok(r) => get_approval(&ctx, &r.approval_id).await,
+                        Err(e) => Err(e),
+                    };
+                    ctx.respond(subject::APPROVALS_GET, msg.reply, reply).await;
+                    drop(permit);
+                });
             }
         }
         Ok(())
@@ -306,17 +326,23 @@ fn load(ctx: &NodeContext, task_id: &str) -> Result<Task, ErrorReply> {
 /// The task as the cluster knows it last: in a cluster, the replicated checkpoint when
 /// it is newer than this node's record (or this node has none).
 async fn get(ctx: &NodeContext, task_id: &str) -> Result<TaskView, ErrorReply> {
+    latest(ctx, task_id).await.map(|task| view(&task))
+}
+
+/// The task as last committed anywhere: in a cluster, the newer of this node's record and
+/// the replicated checkpoint (the task may run, or have ended, on another node).
+async fn latest(ctx: &NodeContext, task_id: &str) -> Result<Task, ErrorReply> {
     let local = load(ctx, task_id);
     let Some(own) = ctx.ownership() else {
-        return local.map(|task| view(&task));
+        return local;
     };
     if matches!(&local, Err(e) if e.error.code == ErrorCode::InvalidRequest) {
-        return local.map(|task| view(&task));
+        return local;
     }
     match (local, own.load_checkpoint(task_id).await) {
-        (Ok(l), Ok(Some((r, _, _)))) if r.event_seq > l.event_seq => Ok(view(&r)),
-        (Ok(l), _) => Ok(view(&l)),
-        (Err(_), Ok(Some((r, _, _)))) => Ok(view(&r)),
+        (Ok(l), Ok(Some((r, _, _)))) if r.event_seq > l.event_seq => Ok(r),
+        (Ok(l), _) => Ok(l),
+        (Err(_), Ok(Some((r, _, _)))) => Ok(r),
         (Err(e), _) => Err(e),
     }
 }
@@ -392,8 +418,9 @@ fn payload_of(msg: &async_nats::Message) -> &[u8] {
     }
 }
 
-/// Asks every other live node's own copy of `public` at once; their answers (with who
-/// gave each) and the nodes that gave none within the hop timeout.
+/// Asks every other live node's own copy of `public` at once; their answers that parse
+/// as `R` (with who gave each) and the nodes that gave none within the hop timeout. An
+/// answer that is not an `R` (an error: the node does not have the task) is left out.
 async fn gather<R: serde::de::DeserializeOwned>(
     ctx: &NodeContext,
     public: &str,
@@ -417,17 +444,18 @@ async fn gather<R: serde::de::DeserializeOwned>(
         let subject = subject::on_node(&node, public);
         async move {
             let answer = ctx.nats.send_request(subject, request).await;
-            let parsed = answer
-                .ok()
-                .and_then(|m| serde_json::from_slice::<R>(&m.payload).ok());
-            (node, parsed)
+            (
+                node,
+                answer.map(|m| serde_json::from_slice::<R>(&m.payload).ok()),
+            )
         }
     });
     let (mut answers, mut unanswered) = (Vec::new(), Vec::new());
-    for (node, parsed) in futures::future::join_all(asks).await {
-        match parsed {
-            Some(r) => answers.push((node, r)),
-            None => unanswered.push(node),
+    for (node, answer) in futures::future::join_all(asks).await {
+        match answer {
+            Ok(Some(r)) => answers.push((node, r)),
+            Ok(None) => {}
+            Err(_) => unanswered.push(node),
         }
     }
     (answers, unanswered)
@@ -474,6 +502,54 @@ fn merge_lists(
     Ok(ListReply {
         tasks,
         next,
+        unanswered,
+    })
+}
+
+/// A task's timeline from every node's audit chain (a task taken over has records on
+/// each owner's), in time order, the most recent [`TRACE_ENTRIES_MAX`]; the header as
+/// last committed anywhere.
+async fn merge_traces(
+    ctx: &NodeContext,
+    task_id: &str,
+    local: Result<TraceReply, ErrorReply>,
+    others: Vec<(String, TraceReply)>,
+    unanswered: Vec<String>,
+) -> Result<TraceReply, ErrorReply> {
+    let task = latest(ctx, task_id).await;
+    let mut pages: Vec<TraceReply> = others.into_iter().map(|(_, t)| t).collect();
+    let local_error = match local {
+        Ok(t) => {
+            pages.push(t);
+            None
+        }
+        Err(e) => Some(e),
+    };
+    let mut entries: Vec<crate::protocol::AuditEntry> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for page in &mut pages {
+        for e in page.entries.drain(..) {
+            if seen.insert((e.record.node_id.clone(), e.seq)) {
+                entries.push(e);
+            }
+        }
+    }
+    entries.sort_by(|a, b| {
+        (a.record.at_ms, &a.record.node_id, a.seq).cmp(&(b.record.at_ms, &b.record.node_id, b.seq))
+    });
+    let cut = entries.len().saturating_sub(TRACE_ENTRIES_MAX);
+    entries.drain(..cut);
+    let (playbook, status, created_at_ms) = match (&task, pages.first()) {
+        (Ok(t), _) => (t.playbook.clone(), t.status, t.created_at_ms),
+        (Err(_), Some(p)) => (p.playbook.clone(), p.status, p.created_at_ms),
+        (Err(e), None) => return Err(local_error.unwrap_or_else(|| e.clone())),
+    };
+    Ok(TraceReply {
+        task_id: task_id.to_string(),
+        playbook,
+        status,
+        created_at_ms,
+        entries,
         unanswered,
     })
 }
@@ -533,6 +609,7 @@ fn trace(ctx: &NodeContext, task_id: &str) -> Result<TraceReply, ErrorReply> {
         status: task.status,
         created_at_ms: task.created_at_ms,
         entries,
+        unanswered: Vec::new(),
     })
 }
 
@@ -736,10 +813,10 @@ fn list_approvals(
     })
 }
 
-fn get_approval(ctx: &NodeContext, approval_id: &str) -> Result<ApprovalView, ErrorReply> {
+async fn get_approval(ctx: &NodeContext, approval_id: &str) -> Result<ApprovalView, ErrorReply> {
     let not_found = || ErrorReply::new(ErrorCode::NotFound, format!("no approval `{approval_id}`"));
     let task_id = task_of_approval(approval_id).ok_or_else(not_found)?;
-    let task = load(ctx, task_id)?;
+    let task = latest(ctx, task_id).await?;
     let i = task.step_of_approval(approval_id).ok_or_else(not_found)?;
     let step = &task.steps[i];
     let a = step.approval.as_ref().ok_or_else(not_found)?;
