@@ -73,6 +73,30 @@ impl HttpSink {
             .map(|i| i.requests.clone())
             .unwrap_or_default()
     }
+
+    /// No effect under a stale lease, as the target sees it: per idempotency key, in the
+    /// order the calls arrived, the fencing tokens never go back. Every call must carry
+    /// a token (a cluster's calls do).
+    pub fn check_fencing(&self) -> anyhow::Result<()> {
+        let mut by_key: std::collections::BTreeMap<String, Vec<(std::time::Instant, u64)>> =
+            Default::default();
+        for r in self.requests() {
+            let token = r
+                .fencing_token
+                .ok_or_else(|| anyhow::anyhow!("a call without a fencing token: {r:?}"))?;
+            let key = r.idempotency_key.clone().unwrap_or_default();
+            by_key.entry(key).or_default().push((r.at, token));
+        }
+        for (key, mut calls) in by_key {
+            calls.sort();
+            let tokens: Vec<u64> = calls.iter().map(|c| c.1).collect();
+            anyhow::ensure!(
+                tokens.windows(2).all(|w| w[0] <= w[1]),
+                "{key}: a call under a stale lease: tokens {tokens:?}"
+            );
+        }
+        Ok(())
+    }
 }
 
 impl Drop for HttpSink {

@@ -226,23 +226,55 @@ verify = { exit_code = 0 }
                 request(client, &format!("cadre.audit.{node_id}.verify"), "{}").await?;
             assert_eq!(verify["ok"], true, "seed {seed}: {node_id}: {verify:#}");
         }
-        // No effect under a stale lease: per key, by arrival, tokens never go back.
-        let mut by_key: std::collections::BTreeMap<String, Vec<(std::time::Instant, u64)>> =
-            Default::default();
-        for r in self.sink.requests() {
-            if let Some(token) = r.fencing_token {
-                let key = r.idempotency_key.clone().unwrap_or_default();
-                by_key.entry(key).or_default().push((r.at, token));
-            }
-        }
-        for (key, mut calls) in by_key {
-            calls.sort();
-            let tokens: Vec<u64> = calls.iter().map(|c| c.1).collect();
-            assert!(
-                tokens.windows(2).all(|w| w[0] <= w[1]),
-                "seed {seed}: {key}: a call under a stale lease: {tokens:?}"
-            );
+        if nodes.len() > 1 {
+            self.sink
+                .check_fencing()
+                .map_err(|e| anyhow::anyhow!("seed {seed}: {e}"))?;
         }
         Ok(())
     }
+}
+
+/// A task submitted once a fault is over (`body`, retried until a node accepts it), then
+/// waited for until it succeeds: its success is the recovery.
+pub async fn probe(
+    client: &async_nats::Client,
+    body: String,
+    within: Duration,
+) -> anyhow::Result<()> {
+    let id = eventually(within, "the probe accepted", || {
+        let (body, client) = (body.clone(), client.clone());
+        async move {
+            let r = request(&client, "cadre.tasks.submit", body).await.ok()?;
+            r["task_id"].as_str().map(str::to_string)
+        }
+    })
+    .await?;
+    eventually(within, "the probe succeeded", || async {
+        let get = json!({"task_id": id}).to_string();
+        let t = request(client, "cadre.tasks.get", get).await.ok()?;
+        (t["status"] == "succeeded").then_some(())
+    })
+    .await
+}
+
+/// Recovery times per fault kind as `Kind: n=… median … max …`, sorted.
+pub fn recovery_summary<K: std::fmt::Debug>(
+    recoveries: &std::collections::HashMap<K, Vec<Duration>>,
+) -> Vec<String> {
+    let mut summary: Vec<String> = recoveries
+        .iter()
+        .map(|(f, d)| {
+            let mut d = d.clone();
+            d.sort();
+            format!(
+                "{f:?}: n={} median {:?} max {:?}",
+                d.len(),
+                d[d.len() / 2],
+                d[d.len() - 1]
+            )
+        })
+        .collect();
+    summary.sort();
+    summary
 }

@@ -14,10 +14,9 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use chaos_tests::workload::{Rig, seed};
-use chaos_tests::{CadreNode, NatsServer, eventually, request};
+use chaos_tests::{CadreNode, NatsServer, request};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use serde_json::json;
 
 const FAULTS: usize = 9;
 const BATCH: usize = 4;
@@ -93,28 +92,11 @@ async fn mixed_faults_lose_nothing_repeat_no_effect_and_recover() -> anyhow::Res
         // A probe submitted once the fault is over: its success is the recovery.
         let probe = submit(submitted);
         submitted += 1;
-        let id = eventually(Duration::from_secs(60), "the probe accepted", || {
-            let (probe, client) = (probe.clone(), client.clone());
-            async move {
-                let r = request(&client, "cadre.tasks.submit", probe).await.ok()?;
-                r["task_id"].as_str().map(str::to_string)
-            }
-        })
-        .await?;
-        eventually(Duration::from_secs(60), "the probe succeeded", || async {
-            let t = request(
-                &client,
-                "cadre.tasks.get",
-                json!({"task_id": id}).to_string(),
-            )
+        chaos_tests::workload::probe(&client, probe, Duration::from_secs(60))
             .await
-            .ok()?;
-            (t["status"] == "succeeded").then_some(())
-        })
-        .await
-        .map_err(|e| {
-            anyhow::anyhow!("seed {seed}, fault {i} {fault:?}: {e}\n{}", node.log_tail())
-        })?;
+            .map_err(|e| {
+                anyhow::anyhow!("seed {seed}, fault {i} {fault:?}: {e}\n{}", node.log_tail())
+            })?;
         let took = ended.elapsed();
         println!(
             "fault {i}: {fault:?} for {held_ms} ms; a task submitted after it succeeded {took:?} later"
@@ -137,20 +119,7 @@ async fn mixed_faults_lose_nothing_repeat_no_effect_and_recover() -> anyhow::Res
         "seed {seed}: tasks took {settled:?} to settle after the last fault"
     );
     rig.check(&client, &["chaos"], &tasks, seed).await?;
-    let mut summary: Vec<String> = recoveries
-        .iter()
-        .map(|(f, d)| {
-            let mut d = d.clone();
-            d.sort();
-            format!(
-                "{f:?}: n={} median {:?} max {:?}",
-                d.len(),
-                d[d.len() / 2],
-                d[d.len() - 1]
-            )
-        })
-        .collect();
-    summary.sort();
+    let summary = chaos_tests::workload::recovery_summary(&recoveries);
     println!(
         "seed {seed}: {faults} faults, {submitted} tasks succeeded, {} sink requests; recovery {summary:?}",
         rig.sink.requests().len()

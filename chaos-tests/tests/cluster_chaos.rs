@@ -16,10 +16,9 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use chaos_tests::workload::{Rig, seed};
-use chaos_tests::{CadreNode, Link, NatsServer, eventually, request};
+use chaos_tests::{CadreNode, Link, NatsServer};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use serde_json::json;
 
 const FAULTS: usize = 6;
 const BATCH: usize = 3;
@@ -149,27 +148,15 @@ async fn a_cluster_under_mixed_faults_loses_nothing_and_fences_every_stale_owner
         let ended = Instant::now();
         let probe = rig.submit(submitted);
         submitted += 1;
-        let id = eventually(Duration::from_secs(60), "the probe accepted", || {
-            let (probe, client) = (probe.clone(), client.clone());
-            async move {
-                let r = request(&client, "cadre.tasks.submit", probe).await.ok()?;
-                r["task_id"].as_str().map(str::to_string)
-            }
-        })
-        .await?;
-        eventually(Duration::from_secs(90), "the probe succeeded", || async {
-            let get = json!({"task_id": id}).to_string();
-            let t = request(&client, "cadre.tasks.get", get).await.ok()?;
-            (t["status"] == "succeeded").then_some(())
-        })
-        .await
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "seed {seed}, fault {i} {fault:?} on {}: {e}\n{}",
-                NODES[victim],
-                tails(&nodes)
-            )
-        })?;
+        chaos_tests::workload::probe(&client, probe, Duration::from_secs(90))
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "seed {seed}, fault {i} {fault:?} on {}: {e}\n{}",
+                    NODES[victim],
+                    tails(&nodes)
+                )
+            })?;
         let took = ended.elapsed();
         println!(
             "fault {i}: {fault:?} on {} for {held:?}; a task enqueued after it succeeded {took:?} later",
@@ -183,20 +170,7 @@ async fn a_cluster_under_mixed_faults_loses_nothing_and_fences_every_stale_owner
         .await
         .map_err(|e| anyhow::anyhow!("seed {seed}: {e}\n{}", tails(&nodes)))?;
     rig.check(&client, &NODES, &tasks, seed).await?;
-    let mut summary: Vec<String> = recoveries
-        .iter()
-        .map(|(f, d)| {
-            let mut d = d.clone();
-            d.sort();
-            format!(
-                "{f:?}: n={} median {:?} max {:?}",
-                d.len(),
-                d[d.len() / 2],
-                d[d.len() - 1]
-            )
-        })
-        .collect();
-    summary.sort();
+    let summary = chaos_tests::workload::recovery_summary(&recoveries);
     // Injected panics since each node's last start, as the nodes count them.
     let mut restarts = 0.0;
     for node in &nodes {

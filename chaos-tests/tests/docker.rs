@@ -364,21 +364,7 @@ verify = { status_in = [201] }
         let view = request(&operator, "cadre.tasks.get", get).await?;
         assert_eq!(view["status"], "succeeded", "{view}");
     }
-    let mut by_key: BTreeMap<String, Vec<(Instant, u64)>> = BTreeMap::new();
-    for r in sink.requests() {
-        let token = r
-            .fencing_token
-            .ok_or_else(|| anyhow::anyhow!("no token: {r:?}"))?;
-        by_key
-            .entry(r.idempotency_key.clone().unwrap_or_default())
-            .or_default()
-            .push((r.at, token));
-    }
-    for (key, mut calls) in by_key {
-        calls.sort();
-        let tokens: Vec<u64> = calls.iter().map(|c| c.1).collect();
-        assert!(tokens.windows(2).all(|w| w[0] <= w[1]), "{key}: {tokens:?}");
-    }
+    sink.check_fencing()?;
     println!("compose test done in {:?}", started.elapsed());
     Ok(())
 }

@@ -8,7 +8,7 @@
 //! task's timeline says so, no `unsafe` effect runs twice, and the tokens the sink saw
 //! for each task never go back (no effect under a stale lease).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use chaos_tests::{CadreNode, HttpSink, Link, NatsServer, eventually, request};
@@ -250,23 +250,7 @@ verify = { exit_code = 0 }
         for id in tasks {
             assert_eq!(runs.get(id), Some(&1), "unsafe runs of {id}: {runs:?}");
         }
-        let mut by_task: BTreeMap<String, Vec<(Instant, u64)>> = BTreeMap::new();
-        for r in self.sink.requests() {
-            let key = r.idempotency_key.clone().unwrap_or_default();
-            let token = r
-                .fencing_token
-                .ok_or_else(|| anyhow::anyhow!("a call without a fencing token: {r:?}"))?;
-            by_task.entry(key).or_default().push((r.at, token));
-        }
-        for (key, mut calls) in by_task {
-            calls.sort();
-            let tokens: Vec<u64> = calls.iter().map(|c| c.1).collect();
-            assert!(
-                tokens.windows(2).all(|w| w[0] <= w[1]),
-                "{key}: tokens went back: {tokens:?}"
-            );
-        }
-        Ok(())
+        self.sink.check_fencing()
     }
 
     async fn stand_downs(&self) -> f64 {

@@ -216,39 +216,14 @@ impl GovernorState {
             return Ok(());
         }
         let sources: Vec<(String, String)> = set.files.clone().into_iter().collect();
-        let (action, outcome, detail) = match crate::policy::Policies::from_sources(&sources) {
-            Ok(policies) => {
-                let version = policies.version().to_string();
-                tracing::info!(from = %before, to = %version, by = ?set.by, "the cluster's policies are in force");
-                ctx.set_policies(policies);
-                ctx.metrics
-                    .policy_reloads_total
-                    .with_label_values(&["ok"])
-                    .inc();
-                let by = set.by.as_deref().unwrap_or("?");
-                (
-                    "policies_reloaded",
-                    "ok",
-                    format!("{before} -> {version} (published to the cluster by {by})"),
-                )
-            }
-            // Validated when published; a node of another version may still disagree.
-            Err(errors) => {
-                let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
-                tracing::error!(in_force = %before, "the cluster's policies are invalid here, not loaded:\n  - {}", lines.join("\n  - "));
-                ctx.metrics
-                    .policy_reloads_total
-                    .with_label_values(&["invalid"])
-                    .inc();
-                ("policies_rejected", "invalid", lines.join("; "))
-            }
-        };
-        let mut record = blank_record(ctx, action, outcome);
-        record.detail = Some(detail);
-        let mut batch = Batch::new();
-        batch.append_audit(&record, None)?;
-        ctx.store.commit(batch).await?;
-        Ok(())
+        let by = set.by.as_deref().unwrap_or("?");
+        // Validated when published; a node of another version may still disagree.
+        install(
+            ctx,
+            crate::policy::Policies::from_sources(&sources),
+            &format!("published to the cluster by {by}"),
+        )
+        .await
     }
 
     /// Validates and publishes a policy set to the cluster, or reads the one published.
@@ -323,42 +298,11 @@ impl GovernorState {
             return Ok(());
         }
         self.policy_files = Some(files);
-        let ctx = &self.ctx;
-        let before = ctx.policies().version().to_string();
-        let (action, outcome, detail) = match crate::policy::Policies::load_dir(&dir) {
-            Ok(policies) => {
-                let version = policies.version().to_string();
-                if version == before {
-                    return Ok(());
-                }
-                tracing::info!(from = %before, to = %version, policies = policies.len(), "policies reloaded");
-                ctx.set_policies(policies);
-                ctx.metrics
-                    .policy_reloads_total
-                    .with_label_values(&["ok"])
-                    .inc();
-                ("policies_reloaded", "ok", format!("{before} -> {version}"))
-            }
-            Err(errors) => {
-                let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
-                tracing::error!(
-                    in_force = %before,
-                    "invalid policies, not loaded (the policies in force stay):\n  - {}",
-                    lines.join("\n  - ")
-                );
-                ctx.metrics
-                    .policy_reloads_total
-                    .with_label_values(&["invalid"])
-                    .inc();
-                ("policies_rejected", "invalid", lines.join("; "))
-            }
-        };
-        let mut record = blank_record(ctx, action, outcome);
-        record.detail = Some(detail);
-        let mut batch = Batch::new();
-        batch.append_audit(&record, None)?;
-        ctx.store.commit(batch).await?;
-        Ok(())
+        let loaded = crate::policy::Policies::load_dir(&dir);
+        if matches!(&loaded, Ok(p) if p.version() == self.ctx.policies().version()) {
+            return Ok(());
+        }
+        install(&self.ctx, loaded, &format!("from {}", dir.display())).await
     }
 
     /// Reads, or sets and records, the kill switch.
@@ -406,6 +350,48 @@ impl GovernorState {
         })?;
         Ok(ks)
     }
+}
+
+/// Puts a loaded policy set in force, or keeps the one in force if it did not load;
+/// either way logged, counted and audited (`policies_reloaded` / `policies_rejected`).
+async fn install(
+    ctx: &NodeContext,
+    loaded: Result<crate::policy::Policies, Vec<crate::policy::PolicyError>>,
+    source: &str,
+) -> Result<(), ActorProcessingErr> {
+    let before = ctx.policies().version().to_string();
+    let (action, outcome, detail) = match loaded {
+        Ok(policies) => {
+            let version = policies.version().to_string();
+            tracing::info!(from = %before, to = %version, policies = policies.len(), source, "policies in force");
+            ctx.set_policies(policies);
+            (
+                "policies_reloaded",
+                "ok",
+                format!("{before} -> {version} ({source})"),
+            )
+        }
+        Err(errors) => {
+            let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
+            tracing::error!(
+                in_force = %before,
+                source,
+                "invalid policies, not loaded (the policies in force stay):\n  - {}",
+                lines.join("\n  - ")
+            );
+            ("policies_rejected", "invalid", lines.join("; "))
+        }
+    };
+    ctx.metrics
+        .policy_reloads_total
+        .with_label_values(&[outcome])
+        .inc();
+    let mut record = blank_record(ctx, action, outcome);
+    record.detail = Some(detail);
+    let mut batch = Batch::new();
+    batch.append_audit(&record, None)?;
+    ctx.store.commit(batch).await?;
+    Ok(())
 }
 
 fn apply(ctx: &NodeContext, ks: &KillSwitchState) {
