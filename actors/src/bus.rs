@@ -130,6 +130,25 @@ pub struct Inbound {
     pub permit: OwnedSemaphorePermit,
 }
 
+/// A role's pumps for each of `subjects`, in the roles' queue group: the public subject
+/// any node's requests come to, and this node's own copy.
+pub async fn spawn_role_pumps<M: ractor::Message>(
+    client: &Client,
+    subjects: [String; 2],
+    actor: &ActorRef<M>,
+    depth: usize,
+    wrap: fn(Inbound) -> M,
+) -> Result<Vec<JoinHandle<()>>, async_nats::SubscribeError> {
+    let mut pumps = Vec::new();
+    for s in subjects {
+        let sub = client
+            .queue_subscribe(s, crate::protocol::subject::QUEUE_ROLES.into())
+            .await?;
+        pumps.push(spawn_pump(sub, actor.clone(), depth, wrap));
+    }
+    Ok(pumps)
+}
+
 /// Feeds `sub` into `actor` as `wrap(inbound)`. At most `depth` messages are in the
 /// mailbox or being handled; past that the pump stops reading and NATS holds the rest
 /// (requesters then time out and retry), so a burst cannot grow memory without bound.

@@ -39,23 +39,17 @@ impl Actor for Archivist {
         args: ArchivistArgs,
     ) -> Result<ArchivistState, ActorProcessingErr> {
         // Any node's requests, and this node's own tasks' (`subject::archive_on_node`).
-        let mut pumps = Vec::new();
-        for s in [
-            subject::ARCHIVE.to_string(),
-            subject::archive_on_node(&args.ctx.settings.node_id),
-        ] {
-            let sub = args
-                .ctx
-                .nats
-                .queue_subscribe(s, subject::QUEUE_ROLES.into())
-                .await?;
-            pumps.push(bus::spawn_pump(
-                sub,
-                myself.clone(),
-                args.ctx.settings.mailbox_depth_max,
-                ArchivistMsg::Request,
-            ));
-        }
+        let pumps = bus::spawn_role_pumps(
+            &args.ctx.nats,
+            [
+                subject::ARCHIVE.to_string(),
+                subject::archive_on_node(&args.ctx.settings.node_id),
+            ],
+            &myself,
+            args.ctx.settings.mailbox_depth_max,
+            ArchivistMsg::Request,
+        )
+        .await?;
         Ok(ArchivistState {
             ctx: args.ctx,
             pumps,

@@ -39,23 +39,17 @@ impl Actor for Planner {
         args: PlannerArgs,
     ) -> Result<PlannerState, ActorProcessingErr> {
         // Any node's requests, and this node's own tasks' (`subject::plan_on_node`).
-        let mut pumps = Vec::new();
-        for s in [
-            subject::PLAN.to_string(),
-            subject::plan_on_node(&args.ctx.settings.node_id),
-        ] {
-            let sub = args
-                .ctx
-                .nats
-                .queue_subscribe(s, subject::QUEUE_ROLES.into())
-                .await?;
-            pumps.push(bus::spawn_pump(
-                sub,
-                myself.clone(),
-                args.ctx.settings.mailbox_depth_max,
-                PlannerMsg::Request,
-            ));
-        }
+        let pumps = bus::spawn_role_pumps(
+            &args.ctx.nats,
+            [
+                subject::PLAN.to_string(),
+                subject::plan_on_node(&args.ctx.settings.node_id),
+            ],
+            &myself,
+            args.ctx.settings.mailbox_depth_max,
+            PlannerMsg::Request,
+        )
+        .await?;
         Ok(PlannerState {
             ctx: args.ctx,
             catalog: args.catalog,

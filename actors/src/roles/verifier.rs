@@ -39,23 +39,17 @@ impl Actor for Verifier {
         args: VerifierArgs,
     ) -> Result<VerifierState, ActorProcessingErr> {
         // Any node's verdicts, and those that must read this node's disk.
-        let mut pumps = Vec::new();
-        for s in [
-            subject::VERIFY.to_string(),
-            subject::verify_on_node(&args.ctx.settings.node_id),
-        ] {
-            let sub = args
-                .ctx
-                .nats
-                .queue_subscribe(s, subject::QUEUE_ROLES.into())
-                .await?;
-            pumps.push(bus::spawn_pump(
-                sub,
-                myself.clone(),
-                args.ctx.settings.mailbox_depth_max,
-                VerifierMsg::Request,
-            ));
-        }
+        let pumps = bus::spawn_role_pumps(
+            &args.ctx.nats,
+            [
+                subject::VERIFY.to_string(),
+                subject::verify_on_node(&args.ctx.settings.node_id),
+            ],
+            &myself,
+            args.ctx.settings.mailbox_depth_max,
+            VerifierMsg::Request,
+        )
+        .await?;
         Ok(VerifierState {
             ctx: args.ctx,
             pumps,
