@@ -460,12 +460,21 @@ async fn a_slow_link_below_the_lease_costs_no_ownership() -> anyhow::Result<()> 
             settled.timeline.get(id)
         );
     }
-    assert_eq!(cluster.stand_downs().await, 0.0);
+    // a never found its tasks owned elsewhere. (On a loaded machine a renewal can come
+    // back after the token's 4/5 of the TTL: a holds that commit, stands down "unclaimed",
+    // and claims its own lease again a third of a TTL later. Safe, and not a loss.)
+    let metrics = cluster.a.metrics().await?;
+    let lost = metrics
+        .lines()
+        .find(|l| l.starts_with("cadre_task_stand_downs_total{reason=\"owned_elsewhere\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
+    assert_eq!(lost, Some(0.0), "{metrics}");
     println!(
-        "slow link (100 ms each way): {} tasks, {} of them a's, done {:?} after the slowdown, no takeover",
+        "slow link (100 ms each way): {} tasks, {} of them a's, done {:?} after the slowdown, no takeover; a re-claimed its own {} times",
         tasks.len(),
         on_a.len(),
-        started.elapsed()
+        started.elapsed(),
+        cluster.stand_downs().await
     );
     cluster.check_invariants(&tasks).await
 }
