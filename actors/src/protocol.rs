@@ -102,10 +102,18 @@ pub mod subject {
         format!("cadre.verify.node.{node_id}")
     }
 
-    /// Where a step with `placement` is sent.
-    pub fn exec_for(tool: &str, placement: Option<&crate::model::Placement>) -> String {
+    /// Where a step with `placement` is sent by a task owned by `owner`. A step placed
+    /// nowhere runs on the owner's own executor: a peer that the server still counts in
+    /// the queue group but that cannot answer (frozen, or cut off with its connection
+    /// not yet timed out) would otherwise take its share of the calls and black-hole
+    /// them, one step timeout each.
+    pub fn exec_for(
+        tool: &str,
+        placement: Option<&crate::model::Placement>,
+        owner: &str,
+    ) -> String {
         match placement {
-            None => exec(tool),
+            None => exec_on_node(tool, owner),
             Some(crate::model::Placement::Node(node)) => exec_on_node(tool, node),
             Some(crate::model::Placement::Tag(k, v)) => exec_on_tag(tool, k, v),
         }

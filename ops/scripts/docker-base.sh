@@ -10,12 +10,13 @@ if docker image inspect "$IMAGE" >/dev/null 2>&1; then
   echo "$IMAGE exists"
   exit 0
 fi
-command -v debootstrap >/dev/null || { apt-get update -qq && apt-get install -y -qq debootstrap >/dev/null; }
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+command -v debootstrap >/dev/null || { as_root apt-get update -qq && as_root apt-get install -y -qq debootstrap >/dev/null; }
 root=$(mktemp -d)
-trap 'rm -rf "$root"' EXIT
+trap 'as_root rm -rf "$root"' EXIT
 # ca-certificates: the HTTP tool and TLS to NATS trust the system roots.
-debootstrap --variant=minbase --include=ca-certificates bookworm "$root" "$MIRROR" >/dev/null
+as_root debootstrap --variant=minbase --include=ca-certificates bookworm "$root" "$MIRROR" >/dev/null
 # Smaller and reproducible enough: no apt lists or caches in the image.
-rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/*.bin
-tar -C "$root" -c . | docker import - "$IMAGE" >/dev/null
+as_root sh -c "rm -rf '$root'/var/lib/apt/lists/* '$root'/var/cache/apt/*.bin"
+as_root tar -C "$root" -c . | docker import - "$IMAGE" >/dev/null
 echo "built $IMAGE"

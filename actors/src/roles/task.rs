@@ -761,7 +761,7 @@ impl TaskState {
                 let timeout =
                     Duration::from_millis(req.timeout_ms) + ctx.settings.exec_timeout_margin;
                 let placement = self.task.steps[i].spec.placement.as_ref();
-                let subject = subject::exec_for(&req.tool, placement);
+                let subject = subject::exec_for(&req.tool, placement, &ctx.settings.node_id);
                 hop(
                     ctx,
                     myself,
