@@ -25,5 +25,10 @@ cp -r "$here/ops/prometheus" "$ctx/etc/prometheus"
 cp "$here/docker/prometheus.yml" "$ctx/etc/prometheus/prometheus.yml"
 cp -r "$here/playbooks" "$ctx/etc/playbooks"
 cp -r "$here/policies" "$ctx/etc/policies"
+old=$(docker image inspect -f '{{.Id}}' "$IMAGE" 2>/dev/null || true)
 docker build -q -t "$IMAGE" -f "$here/docker/Dockerfile" "$ctx" >/dev/null
+# The image it replaces would stay behind untagged (300 MB a build): remove it, unless
+# a container still uses it.
+new=$(docker image inspect -f '{{.Id}}' "$IMAGE")
+if [ -n "$old" ] && [ "$old" != "$new" ]; then docker rmi "$old" >/dev/null 2>&1 || true; fi
 echo "built $IMAGE"
