@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod migrate;
 pub mod model;
 pub mod ownership;
+pub mod persona;
 pub mod playbook;
 pub mod policy;
 pub mod protocol;

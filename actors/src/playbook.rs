@@ -319,18 +319,20 @@ impl Playbook {
         self.steps.len()
     }
 
-    /// Renders the plan for `input`: templates over `input.*` and `task.*` are filled
-    /// in; `steps.*` stay for dispatch time. Errors name the step and the missing field.
+    /// Renders the plan for `input`: templates over `input.*`, `task.*` and `persona.*`
+    /// (the business's identity, `Value::Null` when none is configured) are filled in;
+    /// `steps.*` stay for dispatch time. Errors name the step and the missing field.
     pub fn plan(
         &self,
         task_id: &str,
         input: &Value,
+        persona: &Value,
     ) -> Result<(Vec<StepSpec>, Vec<TaskCheck>), InputError> {
         if !input.is_object() {
             return Err(InputError::NotAnObject);
         }
         let task = json!({"id": task_id, "playbook": self.name});
-        let scope: &[(&str, &Value)] = &[("input", input), ("task", &task)];
+        let scope: &[(&str, &Value)] = &[("input", input), ("task", &task), ("persona", persona)];
         let specs = self
             .steps
             .iter()
@@ -427,6 +429,15 @@ fn check_reference(path: &str, depends_on: &[String]) -> Result<(), String> {
     let mut parts = path.split('.');
     match parts.next() {
         Some("input") => Ok(()),
+        Some("persona") => match parts.next() {
+            Some(
+                "name" | "business" | "roles" | "voice" | "signature" | "contacts"
+                | "working_hours",
+            ) => Ok(()),
+            _ => Err(format!(
+                "`{{{{{path}}}}}`: persona has name, business, roles, voice, signature, contacts and working_hours"
+            )),
+        },
         Some("task") => match parts.next() {
             Some("id" | "playbook") => Ok(()),
             _ => Err(format!(
@@ -448,18 +459,18 @@ fn check_reference(path: &str, depends_on: &[String]) -> Result<(), String> {
             }
         }
         _ => Err(format!(
-            "`{{{{{path}}}}}`: templates read input.*, task.* or steps.<id>.output.*"
+            "`{{{{{path}}}}}`: templates read input.*, task.*, persona.* or steps.<id>.output.*"
         )),
     }
 }
 
-/// Criteria are rendered when the plan is made, so they may read `input.*` and
-/// `task.*` only; a step's own result is what they check.
+/// Criteria are rendered when the plan is made, so they may read `input.*`, `task.*`
+/// and `persona.*` only; a step's own result is what they check.
 fn check_criteria_references(verify: &Value) -> Result<(), String> {
     for r in template::references(verify).map_err(|e| e.to_string())? {
         if r.starts_with("steps.") {
             return Err(format!(
-                "`{{{{{r}}}}}` in `verify`: criteria read input.* and task.* only (they check the step's own output)"
+                "`{{{{{r}}}}}` in `verify`: criteria read input.*, task.* and persona.* only (they check the step's own output)"
             ));
         }
         check_reference(&r, &[])?;
@@ -569,6 +580,8 @@ fn criteria_from_json(v: &Value) -> Criteria {
 #[derive(Debug, Clone, Default)]
 pub struct Catalog {
     playbooks: HashMap<String, Arc<Playbook>>,
+    /// `persona.*` in templates; `Null` without a persona file.
+    persona: Value,
 }
 
 impl Catalog {
@@ -626,6 +639,16 @@ impl Catalog {
 
     pub fn get(&self, name: &str) -> Option<&Arc<Playbook>> {
         self.playbooks.get(name)
+    }
+
+    /// The catalog whose plans read `persona` as `persona.*`.
+    pub fn with_persona(mut self, persona: &crate::persona::Persona) -> Catalog {
+        self.persona = persona.to_value();
+        self
+    }
+
+    pub fn persona(&self) -> &Value {
+        &self.persona
     }
 
     pub fn names(&self) -> Vec<&str> {

@@ -536,3 +536,75 @@ fn config_errors_exit_2_with_what_to_fix_and_dump_config_shows_layers() -> anyho
     assert_eq!(out.status.code(), Some(2), "bad CLI input is a usage error");
     Ok(())
 }
+
+/// The business's identity (`CADRE_PERSONA_FILE`) reaches the work: a step writes a
+/// note signed from `persona.*`. A persona file with a problem stops the node at start
+/// with the file and the problem named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_persona_signs_what_the_playbooks_write() -> anyhow::Result<()> {
+    let nats = NatsServer::start()?;
+    let client = nats.client().await?;
+    let dir = tempfile::tempdir()?;
+    let files = dir.path().join("files");
+    let playbooks = dir.path().join("playbooks");
+    std::fs::create_dir_all(&files)?;
+    std::fs::create_dir_all(&playbooks)?;
+    std::fs::write(
+        playbooks.join("thanks.toml"),
+        r#"
+name = "thanks"
+[[steps]]
+id = "note"
+tool = "file.write"
+params = { path = "{{input.root}}/{{input.client}}.txt", content = "Thank you, {{input.client}}.\n{{persona.signature}} <{{persona.contacts.email}}>" }
+verify = { file_exists = true }
+"#,
+    )?;
+    let persona = dir.path().join("persona.toml");
+    std::fs::write(
+        &persona,
+        r#"
+name = "Ada Moreau"
+business = "Moreau Consulting"
+signature = "Ada Moreau, Moreau Consulting"
+[contacts]
+email = "ada@example.com"
+"#,
+    )?;
+    let roots = files.canonicalize()?.display().to_string();
+    let (pb, persona_path) = (
+        playbooks.display().to_string(),
+        persona.display().to_string(),
+    );
+    let env = [
+        ("CADRE_FILE_ROOTS", roots.as_str()),
+        ("CADRE_PLAYBOOKS_DIR", pb.as_str()),
+        ("CADRE_PERSONA_FILE", persona_path.as_str()),
+    ];
+    let mut node = CadreNode::start("n1", &dir.path().join("data"), &nats.url, &env)?;
+    node.wait_ready(&client).await?;
+    let submit = json!({"playbook": "thanks", "input": {"root": roots, "client": "acme"}});
+    let reply = request(&client, "cadre.tasks.submit", submit.to_string()).await?;
+    let id = reply["task_id"].as_str().unwrap_or_default().to_string();
+    let task = chaos_tests::wait_task(&client, &id, WITHIN, chaos_tests::is_terminal).await?;
+    assert_eq!(task["status"], "succeeded", "{task:#}");
+    assert_eq!(
+        std::fs::read_to_string(files.join("acme.txt"))?,
+        "Thank you, acme.\nAda Moreau, Moreau Consulting <ada@example.com>"
+    );
+    node.terminate(Duration::from_secs(10))?;
+
+    // A persona with a problem: the node does not start, and says why.
+    std::fs::write(&persona, "name = \"\"\n")?;
+    let out = std::process::Command::new(chaos_tests::cadre_bin()?)
+        .args(["node", "run", "--dump-config"])
+        .env("CADRE_PERSONA_FILE", &persona_path)
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("persona file") && stderr.contains("`name` must not be empty"),
+        "{stderr}"
+    );
+    Ok(())
+}

@@ -27,6 +27,9 @@ pub struct Config {
     /// Port of the local nats-server (loopback only).
     pub local_nats_port: u16,
     pub playbooks_dir: PathBuf,
+    /// The business's identity (TOML: name, business, roles, voice, signature, contacts,
+    /// working_hours), read by templates as `persona.*`; empty: none.
+    pub persona_file: PathBuf,
     /// `/metrics`, `/healthz`, `/readyz`.
     pub metrics_addr: String,
     /// Roots `file.write` may write under (env: colon-separated).
@@ -120,6 +123,7 @@ impl Default for Config {
             nats_server_bin: "nats-server".into(),
             local_nats_port: 4222,
             playbooks_dir: PathBuf::from("playbooks"),
+            persona_file: PathBuf::new(),
             metrics_addr: "127.0.0.1:9464".into(),
             file_roots: Vec::new(),
             file_fsync: true,
@@ -356,6 +360,9 @@ impl Config {
         if let Err(e) = actors::faults::Faults::parse(&self.fault_panic) {
             problems.push(e);
         }
+        if let Err(e) = self.persona() {
+            problems.push(e);
+        }
         if self.heartbeat_ms == 0 {
             problems.push("heartbeat_ms must be greater than 0".into());
         }
@@ -436,6 +443,14 @@ impl Config {
 }
 
 impl Config {
+    /// The persona file, loaded and checked; `None` without one.
+    pub fn persona(&self) -> Result<Option<actors::persona::Persona>, String> {
+        if self.persona_file.as_os_str().is_empty() {
+            return Ok(None);
+        }
+        actors::persona::Persona::load(&self.persona_file).map(Some)
+    }
+
     /// `tool_costs` as millionths of a dollar per call, checked.
     pub fn tool_costs(&self) -> Result<std::collections::HashMap<String, u64>, String> {
         let mut costs = std::collections::HashMap::new();

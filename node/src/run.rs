@@ -62,6 +62,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     if catalog.is_empty() {
         tracing::warn!(dir = %config.playbooks_dir.display(), "no playbooks found");
     }
+    // Validated with the config.
+    let catalog = match config.persona().map_err(anyhow::Error::msg)? {
+        Some(persona) => {
+            tracing::info!(name = %persona.name, business = %persona.business, "persona loaded");
+            catalog.with_persona(&persona)
+        }
+        None => catalog,
+    };
     let policies = config.load_policies().map_err(|errors| {
         let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
         anyhow::anyhow!(

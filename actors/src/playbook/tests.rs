@@ -40,6 +40,7 @@ fn a_valid_playbook_plans_with_input() {
         .plan(
             "t1",
             &serde_json::json!({"root": "/r", "text": "hi", "url": "http://x"}),
+            &Value::Null,
         )
         .unwrap();
     assert_eq!(
@@ -51,7 +52,7 @@ fn a_valid_playbook_plans_with_input() {
         "step outputs render at dispatch"
     );
     let missing = pb
-        .plan("t1", &serde_json::json!({"root": "/r"}))
+        .plan("t1", &serde_json::json!({"root": "/r"}), &Value::Null)
         .unwrap_err();
     assert_eq!(missing.to_string(), "step `a`: `input.text` is missing");
 }
@@ -103,7 +104,7 @@ fn errors_name_file_step_and_problem() {
         "output_contains = \"{{steps.a.output.sha256}}\"",
     );
     assert!(
-        err(&verify_reads_steps).contains("criteria read input.* and task.* only"),
+        err(&verify_reads_steps).contains("criteria read input.*, task.* and persona.* only"),
         "{}",
         err(&verify_reads_steps)
     );
@@ -181,7 +182,7 @@ fn a_compensation_is_planned_as_an_undo_step_that_may_read_its_step() {
     let pb = parse(SAGA).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(pb.persona, "bookkeeper");
     let (steps, _) = pb
-        .plan("T1", &json!({"url": "http://crm"}))
+        .plan("T1", &json!({"url": "http://crm"}), &Value::Null)
         .unwrap_or_else(|e| panic!("{e}"));
     let undo = steps[0].compensate.as_deref().expect("an undo step");
     assert_eq!(undo.id, "crm.undo");
@@ -213,7 +214,7 @@ fn a_step_may_name_the_node_or_tag_it_runs_on_and_its_undo_follows() {
     );
     let pb = parse(&text).unwrap_or_else(|e| panic!("{e}"));
     let (steps, _) = pb
-        .plan("T1", &json!({"url": "http://crm"}))
+        .plan("T1", &json!({"url": "http://crm"}), &Value::Null)
         .unwrap_or_else(|e| panic!("{e}"));
     let at_vps = Some(Placement::Tag("location".into(), "vps".into()));
     assert_eq!(steps[0].placement, at_vps);
@@ -235,4 +236,41 @@ fn a_step_may_name_the_node_or_tag_it_runs_on_and_its_undo_follows() {
         "on_tag = \"vps\"\nverify = { status_in = [201] }\ncompensate",
     );
     assert!(err(&bad).contains("on_tag `vps` must look like `location=laptop`"));
+}
+
+#[test]
+fn templates_read_the_persona_and_name_its_fields() {
+    let text = r#"
+name = "welcome"
+[[steps]]
+id = "mail"
+tool = "file.write"
+params = { path = "/r/{{input.client}}.txt", content = "Dear {{input.client}},\n-- {{persona.signature}} ({{persona.contacts.email}})" }
+verify = { file_exists = true }
+"#;
+    let pb = Playbook::parse(text, Path::new("welcome.toml"), &defaults())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let persona = serde_json::json!({"name": "Ada", "signature": "Ada, Moreau Consulting",
+                                     "contacts": {"email": "ada@example.com"}});
+    let (steps, _) = pb
+        .plan("t1", &serde_json::json!({"client": "acme"}), &persona)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        steps[0].params.to_value().unwrap_or_default()["content"],
+        "Dear acme,\n-- Ada, Moreau Consulting (ada@example.com)"
+    );
+    // Without a persona file, the plan says what is missing.
+    let Err(e) = pb.plan("t1", &serde_json::json!({"client": "acme"}), &Value::Null) else {
+        panic!("planned without a persona");
+    };
+    assert!(e.to_string().contains("persona.signature"), "{e}");
+    // A misspelt field is caught when the playbook loads.
+    let Err(e) = Playbook::parse(
+        &text.replace("persona.signature", "persona.signatur"),
+        Path::new("welcome.toml"),
+        &defaults(),
+    ) else {
+        panic!("loaded");
+    };
+    assert!(e.to_string().contains("persona has name, business"), "{e}");
 }

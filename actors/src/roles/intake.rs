@@ -252,9 +252,12 @@ impl IntakeState {
         }
         // Render the plan once now so a missing input field is the submitter's error,
         // not a failed task later.
-        playbook.plan("validation", &req.input).map_err(|e| {
-            ErrorReply::new(ErrorCode::InvalidInput, format!("playbook `{name}`: {e}"))
-        })?;
+        let persona = self.catalog.persona();
+        playbook
+            .plan("validation", &req.input, persona)
+            .map_err(|e| {
+                ErrorReply::new(ErrorCode::InvalidInput, format!("playbook `{name}`: {e}"))
+            })?;
         Ok((req, name))
     }
 

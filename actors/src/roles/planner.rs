@@ -114,7 +114,7 @@ pub fn plan(catalog: &Catalog, req: &PlanRequest) -> PlanReply {
             };
         }
     };
-    match playbook.plan(&req.task_id, &input) {
+    match playbook.plan(&req.task_id, &input, catalog.persona()) {
         Ok((steps, checks)) => PlanReply::Planned {
             steps,
             checks,
