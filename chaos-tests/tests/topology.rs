@@ -6,13 +6,15 @@
 //! laptop's node connected to it on loopback. Both nodes in cluster mode. The only
 //! differences from a real deployment are loopback addresses and a CA made for the test.
 //! Steps run where the playbook places them, the laptop's JetStream traffic crossing the
-//! leaf link; when the laptop dies mid-task, the VPS takes over its tasks and finishes them.
+//! leaf link; when the laptop dies mid-task, the VPS takes over its tasks and finishes them;
+//! when the leaf link to the hub is cut mid-task, the same, and the laptop stands down when
+//! it heals.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use chaos_tests::{CadreNode, HttpSink, NatsServer, eventually, ops_dir, request};
+use chaos_tests::{CadreNode, HttpSink, Link, NatsServer, eventually, ops_dir, request};
 use futures::StreamExt;
 use serde_json::{Value, json};
 
@@ -129,7 +131,15 @@ async fn a_laptop_and_a_vps_over_tls_run_one_cluster_and_survive_the_laptop_dyin
     ]);
     let hub = NatsServer::start_shipped(&ops_dir().join("nats/hub-leafnodes.conf"), &hub_env)?;
     // The laptop's server: a leaf of the hub, local users, no JetStream.
-    let hub_leaf_url = format!("tls://leaf:leaf-secret@127.0.0.1:{leaf_port}");
+    // The laptop's leaf link to the hub runs through a Link the test can cut.
+    let leaf_link = Link::start(&format!("nats://127.0.0.1:{leaf_port}")).await?;
+    let link_port = leaf_link
+        .url
+        .rsplit(':')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let hub_leaf_url = format!("tls://leaf:leaf-secret@127.0.0.1:{link_port}");
     let mut leaf_env: Vec<(&str, &str)> = USERS.to_vec();
     leaf_env.extend([
         ("CADRE_NATS_NAME", "cadre-laptop"),
@@ -328,9 +338,91 @@ verify = { status_in = [201] }
         let view = request(&operator, "cadre.tasks.get", get).await?;
         assert_eq!(view["status"], "succeeded", "{view}");
     }
-    // The CRM saw each client once per owner at most, always with the owner's token.
-    for r in sink.requests() {
-        assert!(r.fencing_token.is_some(), "{r:?}");
+
+    // The laptop comes back, takes work submitted on it, and loses its link to the hub
+    // mid-call (the laptop's node stays connected to its own server, which can no longer
+    // reach JetStream): the VPS takes the tasks over; when the link heals, the laptop
+    // stands down.
+    laptop.restart()?;
+    // Ready (`/readyz`) once all its roles are up and subscribed.
+    let laptop_http = laptop.metrics_addr().unwrap_or_default().to_string();
+    eventually(WITHIN, "the laptop ready again", || async {
+        let (code, _) = chaos_tests::http_get(&laptop_http, "/readyz").await.ok()?;
+        (code == 200).then_some(())
+    })
+    .await?;
+    let mut cut_tasks = Vec::new();
+    while cut_tasks.len() < 2 {
+        let reply = request(&on_the_laptop, "cadre.tasks.submit", submit.clone()).await?;
+        let id = reply["task_id"].as_str().unwrap_or_default().to_string();
+        let lease = leases
+            .get(&id)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("no lease for {id}"))?;
+        let owner = serde_json::from_slice::<Value>(&lease)?["owner"].clone();
+        anyhow::ensure!(
+            owner == "laptop",
+            "{id} submitted on the laptop is {owner}'s"
+        );
+        cut_tasks.push(id);
     }
-    Ok(())
+    eventually(WITHIN, "the laptop's tasks calling the CRM", || async {
+        let keys: Vec<String> = sink
+            .requests()
+            .into_iter()
+            .filter_map(|r| r.idempotency_key)
+            .collect();
+        cut_tasks
+            .iter()
+            .all(|t| keys.contains(&format!("{t}.crm")))
+            .then_some(())
+    })
+    .await?;
+    leaf_link.cut(true);
+    let (mut moved, mut done) = (
+        std::collections::HashSet::new(),
+        std::collections::HashSet::new(),
+    );
+    let deadline = tokio::time::Instant::now() + WITHIN;
+    while done.len() < cut_tasks.len() {
+        let msg = tokio::time::timeout_at(deadline, events.next())
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "the cut-off laptop's tasks did not finish\n{}",
+                    vps.log_tail()
+                )
+            })?
+            .ok_or_else(|| anyhow::anyhow!("events ended"))?;
+        let event: Value = serde_json::from_slice(&msg.payload)?;
+        let id = event["task_id"].as_str().unwrap_or_default().to_string();
+        if !cut_tasks.contains(&id) {
+            continue;
+        }
+        match event["kind"].as_str() {
+            Some("taken_over") => {
+                assert_eq!(event["node_id"], "vps", "{event}");
+                moved.insert(id);
+            }
+            Some("succeeded") => {
+                done.insert(id);
+            }
+            Some("failed") => anyhow::bail!("{event}"),
+            _ => {}
+        }
+    }
+    assert_eq!(moved.len(), cut_tasks.len(), "{moved:?}");
+    leaf_link.cut(false);
+    let stood_down = eventually(WITHIN, "the laptop standing down", || async {
+        let text = laptop.metrics().await.ok()?;
+        let n = chaos_tests::metric_sum(&text, "cadre_task_stand_downs_total");
+        (n >= 1.0).then_some(n)
+    })
+    .await?;
+    println!(
+        "leaf link cut: {} of the laptop's tasks taken over by the VPS; the laptop stood down {stood_down} times after the heal",
+        moved.len()
+    );
+    // No call ran under a stale lease, across the kill and the cut.
+    sink.check_fencing()
 }
