@@ -500,6 +500,32 @@ pub fn unsafe_runs(log: &Path) -> anyhow::Result<std::collections::HashMap<Strin
     Ok(runs)
 }
 
+/// How many nodes `cadre.cluster.status` reports alive; `None` if it did not answer.
+pub async fn alive_nodes(nats: &async_nats::Client) -> Option<usize> {
+    let v = request(nats, "cadre.cluster.status", "{}").await.ok()?;
+    Some(
+        v["nodes"]
+            .as_array()?
+            .iter()
+            .filter(|n| n["alive"] == true)
+            .count(),
+    )
+}
+
+/// The audit records of a task's timeline (`cadre.tasks.trace`), oldest first.
+pub async fn trace_records(nats: &async_nats::Client, task_id: &str) -> anyhow::Result<Vec<Value>> {
+    let trace = request(
+        nats,
+        "cadre.tasks.trace",
+        serde_json::json!({"task_id": task_id}).to_string(),
+    )
+    .await?;
+    Ok(trace["entries"]
+        .as_array()
+        .map(|e| e.iter().map(|e| e["record"].clone()).collect())
+        .unwrap_or_default())
+}
+
 /// Sends a JSON request and returns the JSON reply.
 pub async fn request(
     nats: &async_nats::Client,

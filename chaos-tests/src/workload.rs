@@ -189,20 +189,11 @@ verify = { exit_code = 0 }
                 unsafe_runs.get(id)
             );
             // In a cluster, gathered from every node's audit chain.
-            let trace = request(
-                client,
-                "cadre.tasks.trace",
-                json!({"task_id": id}).to_string(),
-            )
-            .await?;
-            let ranks: Vec<u8> = trace["entries"]
-                .as_array()
-                .map(|e| {
-                    e.iter()
-                        .filter_map(|e| e["record"]["action"].as_str().and_then(rank))
-                        .collect()
-                })
-                .unwrap_or_default();
+            let ranks: Vec<u8> = crate::trace_records(client, id)
+                .await?
+                .iter()
+                .filter_map(|r| r["action"].as_str().and_then(rank))
+                .collect();
             assert!(
                 ranks.windows(2).all(|w| w[0] <= w[1]) && ranks.last() == Some(&5),
                 "seed {seed}: {id} moved backwards: {ranks:?}"

@@ -273,6 +273,25 @@ verify = { file_exists = true }
     Ok(())
 }
 
+/// A node in cluster mode (2 s leases, 200 ms heartbeats) that may run `/bin/true`.
+fn cluster_node(
+    dir: &std::path::Path,
+    nats_url: &str,
+    id: &str,
+    playbooks: &str,
+    extra: &[(&str, &str)],
+) -> anyhow::Result<CadreNode> {
+    let mut env = vec![
+        ("CADRE_CLUSTER", "true"),
+        ("CADRE_LEASE_TTL_MS", "2000"),
+        ("CADRE_HEARTBEAT_MS", "200"),
+        ("CADRE_PLAYBOOKS_DIR", playbooks),
+        ("CADRE_SHELL_ALLOW", "/bin/true"),
+    ];
+    env.extend_from_slice(extra);
+    CadreNode::start(id, &dir.join(id), nats_url, &env)
+}
+
 /// In a cluster, `cadre.tasks.list` and `cadre.approvals.list` answer for every node,
 /// whichever node the request lands on: the operator sees the approvals waiting on the
 /// laptop through a VPS, and pages through every node's tasks as one list.
@@ -297,18 +316,12 @@ verify = { exit_code = 0 }
     )?;
     let pb = playbooks.display().to_string();
     let node = |id: &str| {
-        CadreNode::start(
-            id,
-            &dir.path().join(id),
+        cluster_node(
+            dir.path(),
             &nats.url,
-            &[
-                ("CADRE_CLUSTER", "true"),
-                ("CADRE_LEASE_TTL_MS", "2000"),
-                ("CADRE_HEARTBEAT_MS", "200"),
-                ("CADRE_PLAYBOOKS_DIR", pb.as_str()),
-                ("CADRE_POLICIES_DIR", ""),
-                ("CADRE_SHELL_ALLOW", "/bin/true"),
-            ],
+            id,
+            &pb,
+            &[("CADRE_POLICIES_DIR", "")],
         )
     };
     let mut a = node("a")?;
@@ -316,13 +329,7 @@ verify = { exit_code = 0 }
     a.wait_ready(&client).await?;
     b.wait_ready(&client).await?;
     eventually(WITHIN, "both nodes alive", || async {
-        let v = request(&client, "cadre.cluster.status", "{}").await.ok()?;
-        let alive = v["nodes"]
-            .as_array()?
-            .iter()
-            .filter(|n| n["alive"] == true)
-            .count();
-        (alive == 2).then_some(())
+        (chaos_tests::alive_nodes(&client).await? == 2).then_some(())
     })
     .await?;
 
@@ -438,21 +445,8 @@ verify = { exit_code = 0 }
 "#,
     )?;
     let pb = playbooks.display().to_string();
-    let node = |id: &str| {
-        // Each node's own directory permits everything (the harness's open policy).
-        CadreNode::start(
-            id,
-            &dir.path().join(id),
-            &nats.url,
-            &[
-                ("CADRE_CLUSTER", "true"),
-                ("CADRE_LEASE_TTL_MS", "2000"),
-                ("CADRE_HEARTBEAT_MS", "200"),
-                ("CADRE_PLAYBOOKS_DIR", pb.as_str()),
-                ("CADRE_SHELL_ALLOW", "/bin/true"),
-            ],
-        )
-    };
+    // Each node's own directory permits everything (the harness's open policy).
+    let node = |id: &str| cluster_node(dir.path(), &nats.url, id, &pb, &[]);
     let mut a = node("a")?;
     let mut b = node("b")?;
     a.wait_ready(&client).await?;

@@ -194,17 +194,7 @@ verify = { status_in = [201] }
     .await?;
     let alive = |want: usize| {
         let operator = operator.clone();
-        async move {
-            let v = request(&operator, "cadre.cluster.status", "{}")
-                .await
-                .ok()?;
-            let n = v["nodes"]
-                .as_array()?
-                .iter()
-                .filter(|n| n["alive"] == true)
-                .count();
-            (n == want).then_some(())
-        }
+        async move { (chaos_tests::alive_nodes(&operator).await? == want).then_some(()) }
     };
     eventually(WITHIN, "both nodes alive", || alive(2))
         .await

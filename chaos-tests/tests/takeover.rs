@@ -331,21 +331,12 @@ async fn a_frozen_owner_is_taken_over_and_stands_down_when_it_thaws() -> anyhow:
     cluster.check_invariants(&tasks).await?;
     // A moved task's timeline, asked of either node, has both owners' records.
     for id in settled.taken_over.keys() {
-        let trace = request(
-            &cluster.client,
-            "cadre.tasks.trace",
-            json!({"task_id": id}).to_string(),
-        )
-        .await?;
-        let writers: HashSet<&str> = trace["entries"]
-            .as_array()
-            .map(|e| {
-                e.iter()
-                    .filter_map(|e| e["record"]["node_id"].as_str())
-                    .collect()
-            })
-            .unwrap_or_default();
-        assert_eq!(writers, HashSet::from(["a", "b"]), "{id}: {trace:#}");
+        let records = chaos_tests::trace_records(&cluster.client, id).await?;
+        let writers: HashSet<&str> = records
+            .iter()
+            .filter_map(|r| r["node_id"].as_str())
+            .collect();
+        assert_eq!(writers, HashSet::from(["a", "b"]), "{id}: {records:#?}");
     }
     Ok(())
 }

@@ -241,15 +241,7 @@ verify = { status_in = [201] }
 
     // Both nodes, over TLS.
     eventually(WITHIN, "both nodes alive in the cluster status", || async {
-        let v = request(&operator, "cadre.cluster.status", "{}")
-            .await
-            .ok()?;
-        let alive = v["nodes"]
-            .as_array()?
-            .iter()
-            .filter(|n| n["alive"] == true)
-            .count();
-        (alive == 2).then_some(())
+        (chaos_tests::alive_nodes(&operator).await? == 2).then_some(())
     })
     .await?;
 

@@ -172,31 +172,30 @@ impl Actor for TaskApi {
                 });
             }
             TaskApiMsg::List(inbound) => {
-                // An empty payload means "no filter", like `{}`.
-                let payload: &[u8] = if inbound.msg.payload.is_empty() {
-                    b"{}"
-                } else {
-                    &inbound.msg.payload
-                };
-                let reply = parse_json::<ListRequest>(payload, max).and_then(|r| list(ctx, &r));
-                if let (Ok(local), Some(req)) = (&reply, gathering(ctx, &inbound.msg)) {
-                    let (ctx, local) = (ctx.clone(), local.clone());
-                    tokio::spawn(async move {
-                        let Inbound { msg, permit } = inbound;
-                        let limit = parse_json::<ListRequest>(payload_of(&msg), max)
-                            .ok()
-                            .and_then(|r| r.limit)
-                            .unwrap_or(LIST_LIMIT_DEFAULT);
-                        let (others, unanswered) =
-                            gather::<ListReply>(&ctx, subject::TASKS_LIST, req).await;
-                        let reply = merge_lists(local, others, unanswered, limit);
-                        ctx.respond(subject::TASKS_LIST, msg.reply, reply).await;
-                        drop(permit);
-                    });
-                    return Ok(());
+                let request = parse_json::<ListRequest>(payload_of(&inbound.msg), max);
+                let limit = request
+                    .as_ref()
+                    .ok()
+                    .and_then(|r| r.limit)
+                    .unwrap_or(LIST_LIMIT_DEFAULT);
+                let reply = request.and_then(|r| list(ctx, &r));
+                match (reply, gathering(ctx, &inbound.msg)) {
+                    (Ok(local), Some(req)) => {
+                        let ctx = ctx.clone();
+                        tokio::spawn(async move {
+                            let Inbound { msg, permit } = inbound;
+                            let (others, unanswered) =
+                                gather::<ListReply>(&ctx, subject::TASKS_LIST, req).await;
+                            let reply = merge_lists(local, others, unanswered, limit);
+                            ctx.respond(subject::TASKS_LIST, msg.reply, reply).await;
+                            drop(permit);
+                        });
+                    }
+                    (reply, _) => {
+                        ctx.respond(subject::TASKS_LIST, inbound.msg.reply, reply)
+                            .await
+                    }
                 }
-                ctx.respond(subject::TASKS_LIST, inbound.msg.reply, reply)
-                    .await;
             }
             TaskApiMsg::Cancel(inbound) => {
                 spawn_control::<CancelRequest>(ctx, inbound, subject::TASKS_CANCEL)
@@ -244,37 +243,32 @@ impl Actor for TaskApi {
                 });
             }
             TaskApiMsg::ApprovalsList(inbound) => {
-                let payload: &[u8] = if inbound.msg.payload.is_empty() {
-                    b"{}"
-                } else {
-                    &inbound.msg.payload
-                };
-                let reply = parse_json::<ApprovalListRequest>(payload, max)
+                let reply = parse_json::<ApprovalListRequest>(payload_of(&inbound.msg), max)
                     .and_then(|r| list_approvals(ctx, &r));
-                if let (Ok(local), Some(req)) = (&reply, gathering(ctx, &inbound.msg)) {
-                    let (ctx, local) = (ctx.clone(), local.clone());
-                    tokio::spawn(async move {
-                        let Inbound { msg, permit } = inbound;
-                        let (others, unanswered) =
-                            gather::<ApprovalListReply>(&ctx, subject::APPROVALS_LIST, req).await;
-                        let reply =
-                            merge_approvals(&ctx.settings.node_id, local, others, unanswered);
-                        ctx.respond(subject::APPROVALS_LIST, msg.reply, Ok(reply))
-                            .await;
-                        drop(permit);
-                    });
-                    return Ok(());
+                match (reply, gathering(ctx, &inbound.msg)) {
+                    (Ok(local), Some(req)) => {
+                        let ctx = ctx.clone();
+                        tokio::spawn(async move {
+                            let Inbound { msg, permit } = inbound;
+                            let (others, unanswered) =
+                                gather::<ApprovalListReply>(&ctx, subject::APPROVALS_LIST, req)
+                                    .await;
+                            let reply =
+                                merge_approvals(&ctx.settings.node_id, local, others, unanswered);
+                            ctx.respond(subject::APPROVALS_LIST, msg.reply, Ok(reply))
+                                .await;
+                            drop(permit);
+                        });
+                    }
+                    (reply, _) => {
+                        ctx.respond(subject::APPROVALS_LIST, inbound.msg.reply, reply)
+                            .await
+                    }
                 }
-                ctx.respond(subject::APPROVALS_LIST, inbound.msg.reply, reply)
-                    .await;
             }
             TaskApiMsg::Budget(inbound) => {
-                let payload: &[u8] = if inbound.msg.payload.is_empty() {
-                    b"{}"
-                } else {
-                    &inbound.msg.payload
-                };
-                let reply = parse_json::<BudgetRequest>(payload, max).and_then(|_| budget(ctx));
+                let reply = parse_json::<BudgetRequest>(payload_of(&inbound.msg), max)
+                    .and_then(|_| budget(ctx));
                 ctx.respond(subject::BUDGET_STATUS, inbound.msg.reply, reply)
                     .await;
             }
