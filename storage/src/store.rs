@@ -15,8 +15,9 @@ use crate::codec::{self, CodecError};
 /// The schema this binary writes. The store records it in `meta`; a store written by a
 /// newer binary is refused rather than misread.
 /// History: 1 — the spine; 2 — adds the `audit` and `audit_index` families (created
-/// on open, so migrating from 1 is stamping the new version).
-pub const SCHEMA_VERSION: u32 = 3;
+/// on open, so migrating from 1 is stamping the new version); 3 — `spend`; 4 — the
+/// knowledge families `context`, `facts` and `knowledge_outbox`.
+pub const SCHEMA_VERSION: u32 = 4;
 const META_SCHEMA_KEY: &[u8] = b"schema_version";
 /// Upper bound on batches the writer folds into one synced write.
 const GROUP_BATCHES_MAX: usize = 2048;
@@ -49,10 +50,20 @@ pub enum Cf {
     /// money spent, in millionths of a dollar. Only added to ([`Batch::add`]), through a
     /// merge operator, so concurrent writers never read-modify-write.
     Spend,
+    /// The context store, as applied from the knowledge stream: `v/<key>\0<version BE>`
+    /// → a version, `l/<key>` → the latest version number, `k/<name>` → a checkpoint,
+    /// `w/<write id>` → what became of a write.
+    Context,
+    /// Consolidated memory: `f/<fact id>` → a fact, `c/<topic>` → the current fact's id,
+    /// `t/<topic>\0<seq BE>` → a fact id (the topic's history).
+    Facts,
+    /// `<write id>` → a knowledge write not yet acknowledged by the stream (ids are
+    /// ULIDs, so key order is the order they were made).
+    KnowledgeOutbox,
 }
 
 impl Cf {
-    pub const ALL: [Cf; 10] = [
+    pub const ALL: [Cf; 13] = [
         Cf::Tasks,
         Cf::Active,
         Cf::Outbox,
@@ -63,6 +74,9 @@ impl Cf {
         Cf::Audit,
         Cf::AuditIndex,
         Cf::Spend,
+        Cf::Context,
+        Cf::Facts,
+        Cf::KnowledgeOutbox,
     ];
 
     pub fn name(self) -> &'static str {
@@ -77,6 +91,9 @@ impl Cf {
             Cf::Audit => "audit",
             Cf::AuditIndex => "audit_index",
             Cf::Spend => "spend",
+            Cf::Context => "context",
+            Cf::Facts => "facts",
+            Cf::KnowledgeOutbox => "knowledge_outbox",
         }
     }
 }
@@ -383,9 +400,9 @@ impl Store {
                 found,
             }),
             Some(found) if found == SCHEMA_VERSION => Ok(()),
-            // Older or absent: migrate. 1 → 2 → 3 only add column families (2: the
-            // audit chain; 3: spend counters), which the open above created; stamping the
-            // version completes it.
+            // Older or absent: migrate. 1 → 2 → 3 → 4 only add column families (2: the
+            // audit chain; 3: spend counters; 4: knowledge), which the open above
+            // created; stamping the version completes it.
             _ => {
                 let mut batch = Batch::new();
                 batch.put(Cf::Meta, META_SCHEMA_KEY, &SCHEMA_VERSION)?;
@@ -525,6 +542,61 @@ impl Store {
             last_key = Some(key.into_vec());
         }
         Ok(page)
+    }
+
+    /// Up to `limit` records whose keys start with `prefix`, in key order or (reverse)
+    /// from the last such key down. `after` (exclusive) continues a page.
+    pub fn prefixed<T: DeserializeOwned>(
+        &self,
+        cf: Cf,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        reverse: bool,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, T)>, StoreError> {
+        let db = &self.inner.db;
+        // The greatest key with this prefix is below `prefix` + 0xff…: keys here are
+        // shorter than the 64 bytes appended.
+        let mut end = prefix.to_vec();
+        end.extend_from_slice(&[0xff; 64]);
+        let start = after.map(<[u8]>::to_vec);
+        let mode = match (&start, reverse) {
+            (Some(k), false) => IteratorMode::From(k, rocksdb::Direction::Forward),
+            (Some(k), true) => IteratorMode::From(k, rocksdb::Direction::Reverse),
+            (None, false) => IteratorMode::From(prefix, rocksdb::Direction::Forward),
+            (None, true) => IteratorMode::From(&end, rocksdb::Direction::Reverse),
+        };
+        let mut rows = Vec::new();
+        for item in db.iterator_cf(handle(db, cf), mode) {
+            if rows.len() >= limit {
+                break;
+            }
+            let (key, value) = item?;
+            if !key.starts_with(prefix) {
+                break;
+            }
+            if start.as_deref() == Some(&key[..]) {
+                continue;
+            }
+            let record: T = codec::decode(&value).map_err(|source| StoreError::Corrupt {
+                cf: cf.name(),
+                key: String::from_utf8_lossy(&key).into_owned(),
+                source,
+            })?;
+            rows.push((key.into_vec(), record));
+        }
+        Ok(rows)
+    }
+
+    /// Every key of a family with the size of its stored value, in key order.
+    pub fn value_sizes(&self, cf: Cf) -> Result<Vec<(Vec<u8>, usize)>, StoreError> {
+        let db = &self.inner.db;
+        let mut out = Vec::new();
+        for item in db.iterator_cf(handle(db, cf), IteratorMode::Start) {
+            let (k, v) = item?;
+            out.push((k.into_vec(), v.len()));
+        }
+        Ok(out)
     }
 
     /// All keys of a column family (used for small index families such as `active`).
