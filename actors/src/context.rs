@@ -54,6 +54,16 @@ pub struct Settings {
     pub js_domain: String,
     /// Injected panics, for the chaos suite; none unless configured.
     pub faults: Arc<crate::faults::Faults>,
+    /// Knowledge: episode retention and how long a write waits to be applied.
+    pub knowledge: KnowledgeSettings,
+}
+
+#[derive(Debug, Clone)]
+pub struct KnowledgeSettings {
+    pub retention: crate::knowledge::Retention,
+    pub prune_interval: Duration,
+    /// A `cadre.context.put` not applied within this answers `pending`.
+    pub write_wait: Duration,
 }
 
 /// A message waiting in the outbox: the relay publishes it, then deletes it.
@@ -85,6 +95,8 @@ pub struct NodeContext {
     pub ledger: crate::budget::Ledger,
     /// Leases and replicated checkpoints, on a node in a cluster (set once, at start).
     ownership: std::sync::OnceLock<Arc<crate::ownership::Ownership>>,
+    /// The search index and the knowledge publisher's wake-up (set once, at start).
+    knowledge: std::sync::OnceLock<Arc<crate::knowledge::Shared>>,
 }
 
 impl NodeContext {
@@ -129,6 +141,7 @@ impl NodeContext {
             policies: std::sync::RwLock::new(Arc::new(policies)),
             ledger: crate::budget::Ledger::new(ledger_store),
             ownership: std::sync::OnceLock::new(),
+            knowledge: std::sync::OnceLock::new(),
         }))
     }
 
@@ -236,6 +249,15 @@ impl NodeContext {
     /// actor starts.
     pub fn set_ownership(&self, ownership: Arc<crate::ownership::Ownership>) {
         let _ = self.ownership.set(ownership);
+    }
+
+    /// This node's knowledge side, once the node has opened it.
+    pub fn knowledge(&self) -> Option<&Arc<crate::knowledge::Shared>> {
+        self.knowledge.get()
+    }
+
+    pub fn set_knowledge(&self, shared: Arc<crate::knowledge::Shared>) {
+        let _ = self.knowledge.set(shared);
     }
 
     /// The policies in force now.

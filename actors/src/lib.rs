@@ -17,6 +17,7 @@ pub mod context;
 pub mod criteria;
 pub mod faults;
 pub mod governance;
+pub mod knowledge;
 pub mod machine;
 pub mod metrics;
 pub mod migrate;

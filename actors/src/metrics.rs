@@ -59,6 +59,12 @@ pub struct Metrics {
     pub rate_limit_per_second: GaugeVec,
     pub rate_limited_total: IntCounterVec,
     pub rate_limit_wait_seconds_total: CounterVec,
+    pub knowledge_applied_seq: IntGauge,
+    pub knowledge_writes_total: IntCounterVec,
+    pub knowledge_outbox: IntGauge,
+    pub memory_facts: IntGauge,
+    pub memory_search_seconds: Histogram,
+    pub episodes_pruned_total: IntCounterVec,
     /// Value of the audit head when this process started counting.
     audit_base: std::sync::atomic::AtomicU64,
     /// Serializes [`Metrics::sync_store`]: it advances counters by read-then-add, and two
@@ -214,6 +220,52 @@ impl Metrics {
         };
         let gauge = |name: &str, help: &str| register(r, IntGauge::new(name, help)?);
         Ok(Metrics {
+            knowledge_applied_seq: gauge(
+                "cadre_knowledge_applied_seq",
+                "The last message of the knowledge stream this node applied.",
+            )?,
+            knowledge_writes_total: {
+                let c = counter(
+                    "cadre_knowledge_writes_total",
+                    "Knowledge stream messages applied here, by op and result (applied, rejected, malformed).",
+                    &["op", "result"],
+                )?;
+                for op in ["context", "checkpoint", "rollback", "fact"] {
+                    for result in ["applied", "rejected"] {
+                        c.with_label_values(&[op, result]);
+                    }
+                }
+                c
+            },
+            knowledge_outbox: gauge(
+                "cadre_knowledge_outbox",
+                "Knowledge writes made on this node and not yet acknowledged by the stream.",
+            )?,
+            memory_facts: gauge(
+                "cadre_memory_facts",
+                "Current (not superseded) facts in this node's search index.",
+            )?,
+            memory_search_seconds: register(
+                r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "cadre_memory_search_seconds",
+                        "One bounded memory retrieval (search, rank, cut).",
+                    )
+                    .buckets(LATENCY_BUCKETS.to_vec()),
+                )?,
+            )?,
+            episodes_pruned_total: {
+                let c = counter(
+                    "cadre_episodes_pruned_total",
+                    "Episodes removed by the retention policy, by cap (age, count, bytes).",
+                    &["cap"],
+                )?;
+                for cap in ["age", "count", "bytes"] {
+                    c.with_label_values(&[cap]);
+                }
+                c
+            },
             node_info: register(
                 r,
                 IntGaugeVec::new(

@@ -37,6 +37,39 @@ struct PlaybookFile {
     steps: Vec<StepFile>,
     #[serde(default)]
     checks: Vec<CheckFile>,
+    /// What a verified run teaches: facts for consolidated memory.
+    #[serde(default)]
+    remember: Vec<RememberFile>,
+    /// What the plan reads from memory, bounded.
+    #[serde(default)]
+    recall: Option<RecallFile>,
+}
+
+/// One fact a verified run yields. Templates read `input.*`, `task.*`, `persona.*` and
+/// `steps.<id>.output.*`, rendered by the Archivist after verification.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RememberFile {
+    topic: String,
+    text: String,
+    /// What tells a confirmation from a contradiction; the text when not given.
+    #[serde(default)]
+    value: Option<toml::Value>,
+    #[serde(default)]
+    kind: Option<String>,
+    #[serde(default)]
+    confidence: Option<f64>,
+}
+
+/// A retrieval made when the plan is: `recall.text`, `recall.facts.<n>.*`, `recall.count`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RecallFile {
+    query: String,
+    #[serde(default)]
+    top_k: Option<usize>,
+    #[serde(default)]
+    chars_max: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -130,6 +163,34 @@ pub struct Playbook {
     pub path: PathBuf,
     steps: Vec<PlannedStep>,
     checks: Vec<(String, Value)>,
+    pub remember: Vec<RememberRule>,
+    pub recall: Option<RecallRule>,
+    /// What its templates read from the context store (after `context.`).
+    context_paths: Vec<String>,
+}
+
+/// A `[[remember]]` rule, its templates unrendered.
+#[derive(Debug, Clone)]
+pub struct RememberRule {
+    pub topic: String,
+    pub text: String,
+    pub value: Value,
+    pub kind: crate::protocol::knowledge::FactKind,
+    pub confidence: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct RecallRule {
+    pub query: String,
+    pub bounds: crate::knowledge::recall::Bounds,
+}
+
+/// What a plan reads besides its input: `context.*` and `recall.*`, gathered by the
+/// Planner (absent at intake, where those templates stay as written).
+#[derive(Debug, Clone, Default)]
+pub struct Known {
+    pub context: Option<Value>,
+    pub recall: Option<Value>,
 }
 
 #[derive(Debug, Clone)]
@@ -197,6 +258,8 @@ impl Playbook {
             )));
         }
         let ids: Vec<&str> = raw.steps.iter().map(|s| s.id.as_str()).collect();
+        let has_recall = raw.recall.is_some();
+        let mut context_paths = Vec::new();
         let mut seen = HashSet::new();
         let mut steps = Vec::with_capacity(raw.steps.len());
         for s in &raw.steps {
@@ -235,8 +298,10 @@ impl Playbook {
             }
             let param_refs = template::references(&params).map_err(|e| at(e.to_string()))?;
             for r in &param_refs {
-                check_reference(r, &s.depends_on).map_err(at)?;
+                check_reference(r, &s.depends_on, has_recall).map_err(at)?;
             }
+            check_one_pass(&param_refs).map_err(at)?;
+            context_paths.extend(context_paths_of(&param_refs));
             check_criteria_references(&verify).map_err(at)?;
             let reads_steps = param_refs.iter().any(|r| r.starts_with("steps."));
             let (max_attempts, timeout_ms) =
@@ -255,8 +320,10 @@ impl Playbook {
                     readable.push(s.id.clone());
                     let refs = template::references(&params).map_err(|e| at(e.to_string()))?;
                     for r in &refs {
-                        check_reference(r, &readable).map_err(at)?;
+                        check_reference(r, &readable, has_recall).map_err(at)?;
                     }
+                    check_one_pass(&refs).map_err(at)?;
+                    context_paths.extend(context_paths_of(&refs));
                     let verify = c.verify.as_ref().map(criteria_json).unwrap_or(json!({}));
                     check_criteria_references(&verify).map_err(at)?;
                     let (max_attempts, timeout_ms) =
@@ -303,6 +370,72 @@ impl Playbook {
                 .map_err(|p| err(format!("check on `{}`: {p}", c.step)))?;
             checks.push((c.step.clone(), verify));
         }
+        let all_steps: Vec<String> = ids.iter().map(|s| s.to_string()).collect();
+        let mut remember = Vec::with_capacity(raw.remember.len());
+        for (i, r) in raw.remember.iter().enumerate() {
+            let at = |problem: String| err(format!("remember #{}: {problem}", i + 1));
+            let value = r
+                .value
+                .as_ref()
+                .map(toml_to_json)
+                .unwrap_or_else(|| Value::String(r.text.clone()));
+            let rule = json!({"topic": r.topic, "text": r.text, "value": value});
+            for reference in template::references(&rule).map_err(|e| at(e.to_string()))? {
+                if reference.starts_with("context.") || reference.starts_with("recall.") {
+                    return Err(at(format!(
+                        "`{{{{{reference}}}}}`: what to remember reads input.*, task.*, persona.* and steps.<id>.output.*"
+                    )));
+                }
+                check_reference(&reference, &all_steps, false).map_err(at)?;
+            }
+            let kind = match r.kind.as_deref() {
+                None | Some("fact") => crate::protocol::knowledge::FactKind::Fact,
+                Some("heuristic") => crate::protocol::knowledge::FactKind::Heuristic,
+                Some(other) => {
+                    return Err(at(format!("kind `{other}` must be `fact` or `heuristic`")));
+                }
+            };
+            let confidence = r.confidence.unwrap_or(0.8);
+            if !(0.0..=1.0).contains(&confidence) {
+                return Err(at(format!(
+                    "confidence {confidence} must be between 0 and 1"
+                )));
+            }
+            remember.push(RememberRule {
+                topic: r.topic.clone(),
+                text: r.text.clone(),
+                value,
+                kind,
+                confidence,
+            });
+        }
+        let recall = match &raw.recall {
+            None => None,
+            Some(r) => {
+                let at = |problem: String| err(format!("recall: {problem}"));
+                for reference in template::references(&Value::String(r.query.clone()))
+                    .map_err(|e| at(e.to_string()))?
+                {
+                    if !["input.", "task.", "persona."]
+                        .iter()
+                        .any(|p| reference.starts_with(p))
+                    {
+                        return Err(at(format!(
+                            "`{{{{{reference}}}}}`: the query reads input.*, task.* and persona.*"
+                        )));
+                    }
+                    check_reference(&reference, &[], false).map_err(at)?;
+                }
+                let bounds =
+                    crate::knowledge::recall::Bounds::new(r.top_k, r.chars_max).map_err(at)?;
+                Some(RecallRule {
+                    query: r.query.clone(),
+                    bounds,
+                })
+            }
+        };
+        context_paths.sort();
+        context_paths.dedup();
         let hash = hex::encode(&Sha256::digest(text.as_bytes())[..4]);
         Ok(Playbook {
             name: raw.name,
@@ -312,7 +445,42 @@ impl Playbook {
             path: file.to_path_buf(),
             steps,
             checks,
+            remember,
+            recall,
+            context_paths,
         })
+    }
+
+    /// What the templates read from the context store: paths after `context.`, each a
+    /// key possibly followed by a path into its value.
+    pub fn context_paths(&self) -> &[String] {
+        &self.context_paths
+    }
+
+    /// The `[recall]` query rendered for this input, with its bounds.
+    pub fn recall_query(
+        &self,
+        task_id: &str,
+        input: &Value,
+        persona: &Value,
+    ) -> Result<Option<(String, crate::knowledge::recall::Bounds)>, InputError> {
+        let Some(rule) = &self.recall else {
+            return Ok(None);
+        };
+        let task = json!({"id": task_id, "playbook": self.name});
+        let scope: &[(&str, &Value)] = &[("input", input), ("task", &task), ("persona", persona)];
+        let query =
+            template::render(&Value::String(rule.query.clone()), scope).map_err(|source| {
+                InputError::Template {
+                    step: "recall".into(),
+                    source,
+                }
+            })?;
+        let query = match query {
+            Value::String(s) => s,
+            other => other.to_string(),
+        };
+        Ok(Some((query, rule.bounds)))
     }
 
     pub fn step_count(&self) -> usize {
@@ -328,11 +496,30 @@ impl Playbook {
         input: &Value,
         persona: &Value,
     ) -> Result<(Vec<StepSpec>, Vec<TaskCheck>), InputError> {
+        self.plan_with(task_id, input, persona, &Known::default())
+    }
+
+    /// [`Self::plan`], with what the Planner gathered for `context.*` and `recall.*`.
+    pub fn plan_with(
+        &self,
+        task_id: &str,
+        input: &Value,
+        persona: &Value,
+        known: &Known,
+    ) -> Result<(Vec<StepSpec>, Vec<TaskCheck>), InputError> {
         if !input.is_object() {
             return Err(InputError::NotAnObject);
         }
         let task = json!({"id": task_id, "playbook": self.name});
-        let scope: &[(&str, &Value)] = &[("input", input), ("task", &task), ("persona", persona)];
+        let mut roots: Vec<(&str, &Value)> =
+            vec![("input", input), ("task", &task), ("persona", persona)];
+        if let Some(c) = &known.context {
+            roots.push(("context", c));
+        }
+        if let Some(r) = &known.recall {
+            roots.push(("recall", r));
+        }
+        let scope: &[(&str, &Value)] = &roots;
         let specs = self
             .steps
             .iter()
@@ -425,10 +612,57 @@ fn bounds(
     Ok((max_attempts, timeout_ms))
 }
 
-fn check_reference(path: &str, depends_on: &[String]) -> Result<(), String> {
+/// A step whose params read `steps.*` is rendered once, at dispatch, from the input,
+/// the task and the outputs (one pass, so text from the input is never read as a
+/// template); what the plan gathered (`context`, `recall`, `persona`) is not there.
+fn check_one_pass(refs: &[String]) -> Result<(), String> {
+    if !refs.iter().any(|r| r.starts_with("steps.")) {
+        return Ok(());
+    }
+    match refs.iter().find(|r| {
+        ["context.", "recall.", "persona."]
+            .iter()
+            .any(|p| r.starts_with(p))
+    }) {
+        Some(r) => Err(format!(
+            "`{{{{{r}}}}}`: a step that reads steps.* may read input.* and task.* only; read it in the step it depends on"
+        )),
+        None => Ok(()),
+    }
+}
+
+fn context_paths_of(refs: &[String]) -> Vec<String> {
+    refs.iter()
+        .filter_map(|r| r.strip_prefix("context."))
+        .map(str::to_string)
+        .collect()
+}
+
+fn check_reference(path: &str, depends_on: &[String], has_recall: bool) -> Result<(), String> {
     let mut parts = path.split('.');
     match parts.next() {
         Some("input") => Ok(()),
+        Some("context") => {
+            let rest = path.strip_prefix("context.").unwrap_or_default();
+            let ns = rest.split('.').next().unwrap_or_default();
+            if crate::knowledge::KEY_NAMESPACES.contains(&ns) && rest.contains('.') {
+                Ok(())
+            } else {
+                Err(format!(
+                    "`{{{{{path}}}}}`: context keys start with a namespace ({}) and a name",
+                    crate::knowledge::KEY_NAMESPACES.join(", ")
+                ))
+            }
+        }
+        Some("recall") if !has_recall => Err(format!(
+            "`{{{{{path}}}}}` reads recall, but the playbook has no [recall] section"
+        )),
+        Some("recall") => match parts.next() {
+            Some("text" | "count" | "facts") => Ok(()),
+            _ => Err(format!(
+                "`{{{{{path}}}}}`: recall has text, count and facts"
+            )),
+        },
         Some("persona") => match parts.next() {
             Some(
                 "name" | "business" | "roles" | "voice" | "signature" | "contacts"
@@ -459,7 +693,7 @@ fn check_reference(path: &str, depends_on: &[String]) -> Result<(), String> {
             }
         }
         _ => Err(format!(
-            "`{{{{{path}}}}}`: templates read input.*, task.*, persona.* or steps.<id>.output.*"
+            "`{{{{{path}}}}}`: templates read input.*, task.*, persona.*, context.*, recall.* or steps.<id>.output.*"
         )),
     }
 }
@@ -473,7 +707,12 @@ fn check_criteria_references(verify: &Value) -> Result<(), String> {
                 "`{{{{{r}}}}}` in `verify`: criteria read input.*, task.* and persona.* only (they check the step's own output)"
             ));
         }
-        check_reference(&r, &[])?;
+        if r.starts_with("context.") || r.starts_with("recall.") {
+            return Err(format!(
+                "`{{{{{r}}}}}` in `verify`: criteria read input.*, task.* and persona.* only"
+            ));
+        }
+        check_reference(&r, &[], false)?;
     }
     Ok(())
 }

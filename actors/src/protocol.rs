@@ -9,6 +9,8 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+pub mod knowledge;
+
 use crate::model::{
     ApprovalDecision, ApprovalKind, ApprovalState, Criteria, DecisionKind, JsonText, StepSpec,
     StepStatus, TaskStatus,
@@ -794,6 +796,9 @@ pub struct ErrorReply {
 pub struct ErrorBody {
     pub code: ErrorCode,
     pub message: String,
+    /// On a context store `conflict`: the key's version now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_version: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -842,6 +847,7 @@ impl ErrorReply {
             error: ErrorBody {
                 code,
                 message: message.into(),
+                current_version: None,
             },
         }
     }

@@ -222,6 +222,7 @@ verify = { status_in = [201] }
                 ("CADRE_STEP_ATTEMPTS_MAX", "20"),
                 ("CADRE_RETRY_DELAY_MS_BASE", "50"),
                 ("CADRE_RETRY_DELAY_MS_MAX", "300"),
+                ("CADRE_KNOWLEDGE_WRITE_WAIT_MS", "1500"),
             ],
         )
     };
@@ -416,5 +417,128 @@ verify = { status_in = [201] }
         moved.len()
     );
     // No call ran under a stale lease, across the kill and the cut.
-    sink.check_fencing()
+    sink.check_fencing()?;
+    one_body_of_knowledge(&operator, &on_the_laptop, &leaf_link).await
+}
+
+/// The laptop and the VPS share one context store: what one writes the other reads, and
+/// a write the laptop makes while cut off from the hub waits, then is applied — or, if
+/// the VPS changed the key meanwhile, rejected with a conflict the laptop can show.
+async fn one_body_of_knowledge(
+    on_the_hub: &async_nats::Client,
+    on_the_laptop: &async_nats::Client,
+    leaf_link: &Link,
+) -> anyhow::Result<()> {
+    let ask = |via: &async_nats::Client, subject: &str, body: Value| {
+        let (via, subject) = (via.clone(), subject.to_string());
+        async move { request(&via, &subject, body.to_string()).await }
+    };
+    let key = "project.acme.status";
+    let put = ask(
+        on_the_hub,
+        "cadre.context.put",
+        json!({"key": key, "value": "signed"}),
+    )
+    .await?;
+    assert_eq!(put["version"], 1, "{put}");
+    for node in ["vps", "laptop"] {
+        eventually(WITHIN, &format!("{node} reading version 1"), || async {
+            let v = ask(
+                on_the_hub,
+                &format!("cadre.node.{node}.context.get"),
+                json!({"key": key}),
+            )
+            .await
+            .ok()?;
+            (v["version"] == 1 && v["value"] == "signed").then_some(())
+        })
+        .await?;
+    }
+
+    // Cut off, the laptop still reads its copy, and keeps what it writes.
+    leaf_link.cut(true);
+    let read = ask(
+        on_the_laptop,
+        "cadre.node.laptop.context.get",
+        json!({"key": key}),
+    )
+    .await?;
+    assert_eq!(read["value"], "signed", "{read}");
+    let stale = ask(
+        on_the_laptop,
+        "cadre.context.put",
+        json!({"key": key, "value": "kickoff booked", "expected_version": 1}),
+    )
+    .await?;
+    assert_eq!(stale["status"], "pending", "{stale}");
+    let fresh = ask(
+        on_the_laptop,
+        "cadre.context.put",
+        json!({"key": "action.acme.kickoff", "value": "send agenda"}),
+    )
+    .await?;
+    assert_eq!(fresh["status"], "pending", "{fresh}");
+    let waiting = ask(on_the_laptop, "cadre.node.laptop.context.writes", json!({})).await?;
+    assert_eq!(
+        waiting["writes"].as_array().map(Vec::len),
+        Some(2),
+        "{waiting}"
+    );
+    // Meanwhile the VPS moves the key on.
+    let moved = ask(
+        on_the_hub,
+        "cadre.context.put",
+        json!({"key": key, "value": "churned", "expected_version": 1}),
+    )
+    .await?;
+    assert_eq!(moved["version"], 2, "{moved}");
+
+    leaf_link.cut(false);
+    let write = |id: &Value| json!({"write_id": id});
+    let rejected = eventually(WITHIN, "the laptop's stale write judged", || async {
+        let w = ask(
+            on_the_laptop,
+            "cadre.node.laptop.context.writes",
+            write(&stale["write_id"]),
+        )
+        .await
+        .ok()?;
+        (w["writes"][0]["status"] == "rejected").then_some(w)
+    })
+    .await?;
+    assert_eq!(rejected["writes"][0]["current_version"], 2, "{rejected}");
+    assert!(
+        rejected["writes"][0]["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("at version 2, not 1")
+    );
+    // Its other write is applied, and every node reads the same versions.
+    for node in ["vps", "laptop"] {
+        eventually(
+            WITHIN,
+            &format!("{node} reading the laptop's offline write"),
+            || async {
+                let a = ask(
+                    on_the_hub,
+                    &format!("cadre.node.{node}.context.get"),
+                    json!({"key": "action.acme.kickoff"}),
+                )
+                .await
+                .ok()?;
+                let k = ask(
+                    on_the_hub,
+                    &format!("cadre.node.{node}.context.get"),
+                    json!({"key": key}),
+                )
+                .await
+                .ok()?;
+                (a["value"] == "send agenda" && k["version"] == 2 && k["value"] == "churned")
+                    .then_some(())
+            },
+        )
+        .await?;
+    }
+    println!("knowledge: the laptop's offline writes — one applied, one rejected with a conflict");
+    Ok(())
 }

@@ -819,3 +819,190 @@ pub fn print_trace(t: &TraceReply) {
         prev = r.at_ms;
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Knowledge: `cadre context …`, `cadre memory …`
+// ---------------------------------------------------------------------------------------
+
+use actors::protocol::knowledge::{
+    self as kp, ContextEntry, ContextHistoryReply, ContextListReply, MemoryHistoryReply,
+    MemorySearchReply, WriteReply, WriteStatus, WritesReply,
+};
+
+fn print_entry(e: &ContextEntry) {
+    let by = match (&e.author.task_id, &e.author.step_id) {
+        (Some(t), Some(s)) => format!("{} ({t}/{s})", e.author.actor),
+        (Some(t), None) => format!("{} ({t})", e.author.actor),
+        _ => e.author.actor.clone(),
+    };
+    let value = if e.deleted {
+        "(deleted)".to_string()
+    } else {
+        e.value.to_string()
+    };
+    println!(
+        "{}  v{}  {}  by {by}  {}{}",
+        e.key,
+        e.version,
+        clock(e.at_ms),
+        value,
+        if e.reason.is_empty() {
+            String::new()
+        } else {
+            format!("  — {}", e.reason)
+        }
+    );
+}
+
+impl Client {
+    pub async fn context_get(
+        &self,
+        key: &str,
+        version: Option<u64>,
+        at_ms: Option<u64>,
+    ) -> Result<(), CliError> {
+        let req = serde_json::json!({"key": key, "version": version, "at_ms": at_ms});
+        let entry: ContextEntry = self.request(kp::CONTEXT_GET, &req).await?;
+        if self.json {
+            print_json(&entry);
+        } else {
+            print_entry(&entry);
+        }
+        Ok(())
+    }
+
+    /// A write (put, checkpoint, rollback); `pending` is success with a note.
+    pub async fn context_write(&self, subject: &str, req: Value) -> Result<(), CliError> {
+        let reply: WriteReply = self.request(subject, &req).await?;
+        if self.json {
+            print_json(&reply);
+            return Ok(());
+        }
+        match reply.status {
+            WriteStatus::Pending => println!(
+                "write {} is pending: the knowledge stream is not reachable; it is kept and applied when it is (cadre context writes {})",
+                reply.write_id, reply.write_id
+            ),
+            _ => match (&reply.key, reply.version) {
+                (Some(key), Some(v)) => println!("{key} is at version {v}"),
+                _ if !reply.changed.is_empty() => {
+                    for kv in &reply.changed {
+                        println!("{} is at version {}", kv.key, kv.version);
+                    }
+                }
+                _ => println!("done (stream sequence {})", reply.seq.unwrap_or(0)),
+            },
+        }
+        Ok(())
+    }
+
+    pub async fn context_history(&self, key: &str, limit: Option<usize>) -> Result<(), CliError> {
+        let req = serde_json::json!({"key": key, "limit": limit});
+        let reply: ContextHistoryReply = self.request(kp::CONTEXT_HISTORY, &req).await?;
+        if self.json {
+            print_json(&reply);
+            return Ok(());
+        }
+        for e in &reply.versions {
+            print_entry(e);
+        }
+        Ok(())
+    }
+
+    pub async fn context_list(
+        &self,
+        prefix: Option<String>,
+        limit: Option<usize>,
+    ) -> Result<(), CliError> {
+        let req = serde_json::json!({"prefix": prefix, "limit": limit});
+        let reply: ContextListReply = self.request(kp::CONTEXT_LIST, &req).await?;
+        if self.json {
+            print_json(&reply);
+            return Ok(());
+        }
+        for e in &reply.entries {
+            print_entry(e);
+        }
+        if let Some(next) = &reply.next {
+            println!("(more after {next})");
+        }
+        Ok(())
+    }
+
+    pub async fn context_writes(&self, write_id: Option<String>) -> Result<(), CliError> {
+        let req = serde_json::json!({"write_id": write_id});
+        let reply: WritesReply = self.request(kp::CONTEXT_WRITES, &req).await?;
+        if self.json {
+            print_json(&reply);
+            return Ok(());
+        }
+        for w in &reply.writes {
+            let status = serde_json::to_value(w.status).unwrap_or_default();
+            println!(
+                "{}  {}  {} {}{}{}",
+                w.write_id,
+                status.as_str().unwrap_or(""),
+                w.op,
+                w.name,
+                w.version.map(|v| format!("  v{v}")).unwrap_or_default(),
+                w.error
+                    .as_ref()
+                    .map(|e| format!("  — {e}"))
+                    .unwrap_or_default()
+            );
+        }
+        Ok(())
+    }
+
+    pub async fn memory_search(
+        &self,
+        query: &str,
+        top_k: Option<usize>,
+        chars_max: Option<usize>,
+    ) -> Result<(), CliError> {
+        let req = serde_json::json!({"query": query, "top_k": top_k, "chars_max": chars_max});
+        let reply: MemorySearchReply = self.request(kp::MEMORY_SEARCH, &req).await?;
+        if self.json {
+            print_json(&reply);
+            return Ok(());
+        }
+        for f in &reply.facts {
+            println!(
+                "{:>6.2}  {}  {}  (confidence {:.2}, confirmed {}x)",
+                f.score.unwrap_or(0.0),
+                f.topic,
+                f.text,
+                f.confidence,
+                f.confirmations
+            );
+        }
+        if reply.truncated {
+            println!("(more matched than the top-k and character budget allow)");
+        }
+        Ok(())
+    }
+
+    pub async fn memory_history(&self, topic: &str) -> Result<(), CliError> {
+        let reply: MemoryHistoryReply = self
+            .request(kp::MEMORY_HISTORY, &serde_json::json!({"topic": topic}))
+            .await?;
+        if self.json {
+            print_json(&reply);
+            return Ok(());
+        }
+        for f in &reply.facts {
+            let state = match &f.superseded_by {
+                Some(by) => format!("superseded by {by}"),
+                None => "current".into(),
+            };
+            println!(
+                "{}  {}  {}  ({state}; sources {})",
+                f.id,
+                clock(f.created_at_ms),
+                f.text,
+                f.sources.join(", ")
+            );
+        }
+        Ok(())
+    }
+}

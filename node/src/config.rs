@@ -80,6 +80,17 @@ pub struct Config {
     /// How often the node writes its heartbeat to the `CADRE_NODES` bucket; a node not
     /// heard of for three heartbeats is reported as gone.
     pub heartbeat_ms: u64,
+    /// Episodes (summaries of verified tasks) kept at most; the oldest go first.
+    pub episodes_max: usize,
+    /// …and at most this many bytes of them.
+    pub episodes_bytes_max: u64,
+    /// …and none older than this.
+    pub episode_age_days_max: u64,
+    /// How often the retention caps are applied.
+    pub episode_prune_interval_ms: u64,
+    /// How long `cadre.context.put` waits for its write to be applied before answering
+    /// `pending` (the write is kept and applied when the stream can be reached).
+    pub knowledge_write_wait_ms: u64,
     /// Run as one node of a cluster: tasks are owned under leases in the `CADRE_LEASES`
     /// bucket, checkpoints are replicated through JetStream, and a node takes over the
     /// tasks of one that stopped renewing. Needs JetStream on the NATS system.
@@ -147,6 +158,11 @@ impl Default for Config {
             budget_playbook_day_usd: Vec::new(),
             tags: Vec::new(),
             heartbeat_ms: 5_000,
+            episodes_max: 10_000,
+            episodes_bytes_max: 256 << 20,
+            episode_age_days_max: 90,
+            episode_prune_interval_ms: 60_000,
+            knowledge_write_wait_ms: 5_000,
             cluster: false,
             lease_ttl_ms: 6_000,
             mailbox_depth_max: 4_096,
@@ -362,6 +378,17 @@ impl Config {
         }
         if let Err(e) = self.persona() {
             problems.push(e);
+        }
+        for (name, value) in [
+            ("episodes_max", self.episodes_max as u64),
+            ("episodes_bytes_max", self.episodes_bytes_max),
+            ("episode_age_days_max", self.episode_age_days_max),
+            ("episode_prune_interval_ms", self.episode_prune_interval_ms),
+            ("knowledge_write_wait_ms", self.knowledge_write_wait_ms),
+        ] {
+            if value == 0 {
+                problems.push(format!("{name} must be greater than 0"));
+            }
         }
         if self.heartbeat_ms == 0 {
             problems.push("heartbeat_ms must be greater than 0".into());

@@ -49,6 +49,93 @@ enum Command {
     /// Declare Cadre's JetStream streams on a NATS system, so tasks enqueued before any
     /// node starts are kept.
     Setup(ClientOpts),
+    /// The versioned context store: read (at a version or a time), write, history,
+    /// checkpoints and rollback.
+    Context(ContextArgs),
+    /// Consolidated memory: bounded search and a topic's history.
+    Memory(MemoryArgs),
+}
+
+#[derive(Args)]
+struct ContextArgs {
+    #[command(flatten)]
+    opts: ClientOpts,
+    #[command(subcommand)]
+    command: ContextCommand,
+}
+
+#[derive(Subcommand)]
+enum ContextCommand {
+    /// A key's latest version, or the one at `--version`, or the one in force `--at`.
+    Get {
+        key: String,
+        #[arg(long, conflicts_with = "at")]
+        version: Option<u64>,
+        /// Unix time in milliseconds.
+        #[arg(long)]
+        at: Option<u64>,
+    },
+    /// Write a new version. VALUE is JSON (`42`, `"text"`, `{"a":1}`); anything that is
+    /// not JSON is taken as a string. `null` deletes.
+    Put {
+        key: String,
+        value: String,
+        /// Write only if the key is at this version now (0: absent).
+        #[arg(long)]
+        expect: Option<u64>,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Versions, newest first.
+    History {
+        key: String,
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+    /// Latest versions of the keys under a prefix.
+    List {
+        prefix: Option<String>,
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+    /// Name the store's state now.
+    Checkpoint {
+        name: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Write, for every key changed since the checkpoint, a new version with its value
+    /// then (nothing is destroyed).
+    Rollback {
+        checkpoint: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// What became of a write; without an id, this node's pending and latest rejected
+    /// writes.
+    Writes { write_id: Option<String> },
+}
+
+#[derive(Args)]
+struct MemoryArgs {
+    #[command(flatten)]
+    opts: ClientOpts,
+    #[command(subcommand)]
+    command: MemoryCommand,
+}
+
+#[derive(Subcommand)]
+enum MemoryCommand {
+    /// Current facts ranked by relevance and recency, bounded.
+    Search {
+        query: String,
+        #[arg(long)]
+        top_k: Option<usize>,
+        #[arg(long)]
+        chars_max: Option<usize>,
+    },
+    /// Every fact held on a topic, superseded ones included.
+    History { topic: String },
 }
 
 #[derive(Subcommand)]
@@ -383,6 +470,22 @@ fn main() {
                 .await
             }
             Command::Setup(opts) => client_main(opts, |c| async move { setup(&c).await }).await,
+            Command::Context(ContextArgs { opts, command }) => {
+                client_main(opts, |c| async move { context(&c, command).await }).await
+            }
+            Command::Memory(MemoryArgs { opts, command }) => {
+                client_main(opts, |c| async move {
+                    match command {
+                        MemoryCommand::Search {
+                            query,
+                            top_k,
+                            chars_max,
+                        } => c.memory_search(&query, top_k, chars_max).await,
+                        MemoryCommand::History { topic } => c.memory_history(&topic).await,
+                    }
+                })
+                .await
+            }
             Command::Killswitch(KillSwitchArgs {
                 opts,
                 action,
@@ -436,6 +539,41 @@ fn main() {
         }
     });
     std::process::exit(code);
+}
+
+async fn context(c: &Client, command: ContextCommand) -> Result<(), CliError> {
+    use actors::protocol::knowledge as kp;
+    match command {
+        ContextCommand::Get { key, version, at } => c.context_get(&key, version, at).await,
+        ContextCommand::Put {
+            key,
+            value,
+            expect,
+            reason,
+        } => {
+            let value: Value = serde_json::from_str(&value).unwrap_or(Value::String(value));
+            let req =
+                json!({"key": key, "value": value, "expected_version": expect, "reason": reason});
+            c.context_write(kp::CONTEXT_PUT, req).await
+        }
+        ContextCommand::History { key, limit } => c.context_history(&key, limit).await,
+        ContextCommand::List { prefix, limit } => c.context_list(prefix, limit).await,
+        ContextCommand::Checkpoint { name, reason } => {
+            c.context_write(
+                kp::CONTEXT_CHECKPOINT,
+                json!({"name": name, "reason": reason}),
+            )
+            .await
+        }
+        ContextCommand::Rollback { checkpoint, reason } => {
+            c.context_write(
+                kp::CONTEXT_ROLLBACK,
+                json!({"checkpoint": checkpoint, "reason": reason}),
+            )
+            .await
+        }
+        ContextCommand::Writes { write_id } => c.context_writes(write_id).await,
+    }
 }
 
 async fn client_main<F, Fut>(opts: ClientOpts, f: F) -> i32

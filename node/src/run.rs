@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actors::clock::{Clock, SystemClock};
-use actors::context::{NodeContext, Settings};
+use actors::context::{KnowledgeSettings, NodeContext, Settings};
 use actors::machine::Limits;
 use actors::metrics::Metrics;
 use actors::model::ApprovalDecision;
@@ -17,6 +17,7 @@ use actors::roles::audit::{AuditArgs, AuditLog};
 use actors::roles::executor::{EffectsInFlight, Executor, ExecutorArgs, ExecutorMsg};
 use actors::roles::governor::{Governor, GovernorArgs};
 use actors::roles::intake::{Intake, IntakeArgs};
+use actors::roles::knowledge::{Knowledge, KnowledgeArgs};
 use actors::roles::leases::{LeaseKeeper, LeaseKeeperArgs};
 use actors::roles::membership::{Membership, MembershipArgs};
 use actors::roles::planner::{Planner, PlannerArgs};
@@ -133,7 +134,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         ctx.set_ownership(Arc::new(ownership));
         tracing::info!(lease_ttl = ?ttl, "running as a cluster node");
     }
-    let tool_set = tools::build(&ctx.settings.tools)?;
+    // Derived from the store (rebuilt when behind it), so it lives beside it.
+    let index =
+        actors::knowledge::index::MemoryIndex::open(Some(&config.data_dir.join("memory-index")))
+            .context("cannot open the memory index")?;
+    let knowledge = Arc::new(actors::knowledge::Shared::new(index));
+    ctx.set_knowledge(knowledge.clone());
+    let tool_set = tools::build(&ctx.settings.tools, ctx.nats.clone())?;
     let catalog = Arc::new(catalog);
     let tool_names: Vec<&str> = tool_set.iter().map(|t| t.info().name).collect();
     metrics.init_labels(&config.node_id, &catalog.names(), &tool_names);
@@ -163,7 +170,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         .await
         .with_context(|| format!("cannot listen on metrics_addr {}", config.metrics_addr))?;
     let (fatal_tx, mut fatal_rx) = mpsc::unbounded_channel();
-    let children = child_specs(&ctx, &catalog, &tool_set);
+    let children = child_specs(&ctx, &catalog, &tool_set, &knowledge);
     let (root, root_handle) = Actor::spawn(
         Some(actor_name("root", &config.node_id)),
         NodeSupervisor,
@@ -276,6 +283,15 @@ fn settings(config: &Config, seed: u64, step_defaults: StepDefaults) -> Settings
             config.fault_panic_max,
             seed,
         )),
+        knowledge: KnowledgeSettings {
+            retention: actors::knowledge::Retention {
+                age_ms_max: config.episode_age_days_max.saturating_mul(86_400_000),
+                count_max: config.episodes_max,
+                bytes_max: config.episodes_bytes_max,
+            },
+            prune_interval: Duration::from_millis(config.episode_prune_interval_ms),
+            write_wait: Duration::from_millis(config.knowledge_write_wait_ms),
+        },
     }
 }
 
@@ -290,6 +306,7 @@ fn child_specs(
     ctx: &Arc<NodeContext>,
     catalog: &Arc<Catalog>,
     tools: &[Arc<dyn tools::Tool>],
+    knowledge: &Arc<actors::knowledge::Shared>,
 ) -> Vec<ChildSpec> {
     let node = &ctx.settings.node_id;
     let (c, cat, t) = (ctx.clone(), catalog.clone(), tools.to_vec());
@@ -343,8 +360,18 @@ fn child_specs(
             move || VerifierArgs { ctx: ctx.clone() }
         }),
         spec(roles::ARCHIVIST, node, Archivist, {
-            let ctx = c.clone();
-            move || ArchivistArgs { ctx: ctx.clone() }
+            let (ctx, catalog) = (c.clone(), cat.clone());
+            move || ArchivistArgs {
+                ctx: ctx.clone(),
+                catalog: catalog.clone(),
+            }
+        }),
+        spec(roles::KNOWLEDGE, node, Knowledge, {
+            let (ctx, shared) = (c.clone(), knowledge.clone());
+            move || KnowledgeArgs {
+                ctx: ctx.clone(),
+                shared: shared.clone(),
+            }
         }),
         spec(roles::INTAKE, node, Intake, {
             let ctx = c.clone();

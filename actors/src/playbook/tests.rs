@@ -67,7 +67,7 @@ fn errors_name_file_step_and_problem() {
     assert!(err(&format!("name = \"x\"\n{eight}")).contains("has 8 steps"));
     let unknown_tool = OK.replace("http.request", "http.get");
     assert!(err(&unknown_tool).contains(
-        "pb.toml: step `b`: unknown tool `http.get` (known: file.write, http.request, shell.run)"
+        "pb.toml: step `b`: unknown tool `http.get` (known: file.write, http.request, shell.run, context.put)"
     ));
     let bad_dep = OK.replace("depends_on = [\"a\"]", "depends_on = [\"zz\"]");
     assert_eq!(
@@ -273,4 +273,80 @@ verify = { file_exists = true }
         panic!("loaded");
     };
     assert!(e.to_string().contains("persona has name, business"), "{e}");
+}
+
+#[test]
+fn knowledge_templates_are_checked_at_load() {
+    let base = r#"
+name = "k"
+[[steps]]
+id = "a"
+tool = "file.write"
+params = { path = "/r/x", content = "{{context.pref.tone}} {{recall.text}}" }
+verify = { file_exists = true }
+"#;
+    let Err(e) = parse(base) else {
+        panic!("recall without [recall] loads")
+    };
+    assert!(e.to_string().contains("no [recall] section"), "{e}");
+    let with_recall = format!("{base}[recall]\nquery = \"{{{{input.client}}}}\"\ntop_k = 3\n");
+    let pb = parse(&with_recall).unwrap();
+    assert_eq!(pb.context_paths(), ["pref.tone"]);
+    // Planned with what the Planner gathered; at intake (nothing gathered) they stay.
+    let known = Known {
+        context: Some(json!({"pref": {"tone": "warm"}})),
+        recall: Some(json!({"text": "- a fact"})),
+    };
+    let (steps, _) = pb
+        .plan_with("t", &json!({"client": "acme"}), &Value::Null, &known)
+        .unwrap();
+    assert_eq!(
+        steps[0].params.to_value().unwrap()["content"],
+        "warm - a fact"
+    );
+    let (steps, _) = pb
+        .plan("t", &json!({"client": "acme"}), &Value::Null)
+        .unwrap();
+    assert_eq!(
+        steps[0].params.to_value().unwrap()["content"],
+        "{{context.pref.tone}} {{recall.text}}"
+    );
+    let (query, bounds) = pb
+        .recall_query("t", &json!({"client": "acme"}), &Value::Null)
+        .unwrap()
+        .unwrap();
+    assert_eq!((query.as_str(), bounds.top_k), ("acme", 3));
+
+    for (text, problem) in [
+        (
+            base.replace("{{recall.text}}", "{{context.client.x}}"),
+            "start with a namespace",
+        ),
+        (
+            format!(
+                "{}\n[[remember]]\ntopic = \"t\"\ntext = \"{{{{context.pref.tone}}}}\"\n",
+                base.replace(" {{recall.text}}", "")
+            ),
+            "what to remember reads",
+        ),
+        (
+            format!(
+                "{}\n[[remember]]\ntopic = \"t\"\ntext = \"x\"\nconfidence = 2.0\n",
+                base.replace(" {{recall.text}}", "")
+            ),
+            "confidence 2",
+        ),
+        (
+            format!(
+                "{}\n[[steps]]\nid = \"b\"\ntool = \"file.write\"\ndepends_on = [\"a\"]\nparams = {{ path = \"/r/y\", content = \"{{{{steps.a.output.path}}}} {{{{context.pref.tone}}}}\" }}\nverify = {{ file_exists = true }}\n",
+                base.replace(" {{recall.text}}", "")
+            ),
+            "may read input.* and task.* only",
+        ),
+    ] {
+        let Err(e) = parse(&text) else {
+            panic!("loaded: {text}")
+        };
+        assert!(e.to_string().contains(problem), "{e}");
+    }
 }

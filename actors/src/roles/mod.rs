@@ -7,6 +7,7 @@ pub mod audit;
 pub mod executor;
 pub mod governor;
 pub mod intake;
+pub mod knowledge;
 pub mod leases;
 pub mod membership;
 pub mod planner;
@@ -42,9 +43,10 @@ pub const AUDIT: &str = "audit";
 pub const GOVERNOR: &str = "governor";
 pub const MEMBERSHIP: &str = "membership";
 pub const LEASES: &str = "leases";
+pub const KNOWLEDGE: &str = "knowledge";
 
 /// Every singleton a node runs: all must be up for the node to be ready.
 pub const NODE_ROLES: &[&str] = &[
     RELAY, AUDIT, GOVERNOR, TASKS, LEASES, PLANNER, EXECUTOR, VERIFIER, ARCHIVIST, INTAKE,
-    TASK_API, MEMBERSHIP,
+    TASK_API, MEMBERSHIP, KNOWLEDGE,
 ];

@@ -7,7 +7,10 @@ use tokio::task::JoinHandle;
 
 use crate::bus::{self, Inbound};
 use crate::context::NodeContext;
-use crate::playbook::Catalog;
+use serde_json::{Map, Value};
+
+use crate::knowledge::{self, recall};
+use crate::playbook::{Catalog, Known, Playbook};
 use crate::protocol::{ErrorCode, PlanReply, PlanRequest, subject};
 
 #[derive(Clone, Copy)]
@@ -66,7 +69,7 @@ impl Actor for Planner {
         let PlannerMsg::Request(inbound) = msg;
         state.ctx.settings.faults.maybe_panic(super::PLANNER);
         let reply = match storage::codec::from_wire::<PlanRequest>(&inbound.msg.payload) {
-            Ok(req) => plan(&state.catalog, &req),
+            Ok(req) => plan(&state.ctx, &state.catalog, &req),
             Err(e) => PlanReply::Rejected {
                 code: ErrorCode::InvalidRequest,
                 message: format!("undecodable plan request: {e}"),
@@ -94,7 +97,7 @@ impl Actor for Planner {
     }
 }
 
-pub fn plan(catalog: &Catalog, req: &PlanRequest) -> PlanReply {
+pub fn plan(ctx: &NodeContext, catalog: &Catalog, req: &PlanRequest) -> PlanReply {
     let Some(playbook) = catalog.get(&req.playbook) else {
         return PlanReply::Rejected {
             code: ErrorCode::UnknownPlaybook,
@@ -114,7 +117,16 @@ pub fn plan(catalog: &Catalog, req: &PlanRequest) -> PlanReply {
             };
         }
     };
-    match playbook.plan(&req.task_id, &input, catalog.persona()) {
+    let known = match gather(ctx, playbook, &req.task_id, &input, catalog.persona()) {
+        Ok(k) => k,
+        Err(message) => {
+            return PlanReply::Rejected {
+                code: ErrorCode::InvalidInput,
+                message,
+            };
+        }
+    };
+    match playbook.plan_with(&req.task_id, &input, catalog.persona(), &known) {
         Ok((steps, checks)) => PlanReply::Planned {
             steps,
             checks,
@@ -126,4 +138,67 @@ pub fn plan(catalog: &Catalog, req: &PlanRequest) -> PlanReply {
             message: e.to_string(),
         },
     }
+}
+
+/// What the plan reads from knowledge: the context keys its templates name (latest
+/// versions, from this node's copy) and its `[recall]` retrieval — bounded, never the
+/// full history.
+fn gather(
+    ctx: &NodeContext,
+    playbook: &Playbook,
+    task_id: &str,
+    input: &Value,
+    persona: &Value,
+) -> Result<Known, String> {
+    let mut known = Known::default();
+    if !playbook.context_paths().is_empty() {
+        let mut root = Map::new();
+        for path in playbook.context_paths() {
+            // The longest prefix of the path that is a key; the rest reads into its value.
+            let tokens: Vec<&str> = path.split('.').collect();
+            for n in (2..=tokens.len()).rev() {
+                let key = tokens[..n].join(".");
+                if let Some(value) =
+                    knowledge::value(&ctx.store, &key).map_err(|e| e.to_string())?
+                {
+                    insert_at(&mut root, &tokens[..n], value);
+                    break;
+                }
+            }
+        }
+        known.context = Some(Value::Object(root));
+    }
+    if let Some((query, bounds)) = playbook
+        .recall_query(task_id, input, persona)
+        .map_err(|e| e.to_string())?
+    {
+        let shared = ctx
+            .knowledge()
+            .ok_or("memory is not open on this node yet")?;
+        let timer = ctx.metrics.memory_search_seconds.start_timer();
+        let reply = recall::search(&ctx.store, &shared.index, &query, bounds, ctx.now_ms())
+            .map_err(|e| format!("recall: {e}"))?;
+        timer.observe_duration();
+        known.recall = Some(recall::to_template_value(&reply));
+    }
+    Ok(known)
+}
+
+/// Puts `value` at the dotted `path` in `root`, making objects on the way.
+fn insert_at(root: &mut Map<String, Value>, path: &[&str], value: Value) {
+    let Some((last, parents)) = path.split_last() else {
+        return;
+    };
+    let mut map = root;
+    for p in parents {
+        let slot = map
+            .entry(p.to_string())
+            .or_insert_with(|| Value::Object(Map::new()));
+        if !slot.is_object() {
+            *slot = Value::Object(Map::new());
+        }
+        let Value::Object(next) = slot else { return };
+        map = next;
+    }
+    map.insert(last.to_string(), value);
 }

@@ -13,10 +13,12 @@ use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+mod context_put;
 mod file_write;
 mod http_request;
 mod shell_run;
 
+pub use context_put::ContextPut;
 pub use file_write::FileWrite;
 pub use http_request::HttpRequest;
 pub use shell_run::ShellRun;
@@ -61,6 +63,13 @@ pub const CATALOG: &[ToolInfo] = &[
         description: "Run an allowed program with argv (never a shell string); captures exit code and output",
         required_params: &["program"],
         optional_params: &["args", "cwd", "env", "timeout_ms"],
+    },
+    ToolInfo {
+        name: "context.put",
+        class: IdempotencyClass::Keyed,
+        description: "Write a key of the context store (a new version, with the task and step as author); the step's key is the write id, so a retry writes once",
+        required_params: &["key", "value"],
+        optional_params: &["expected_version", "reason"],
     },
 ];
 
@@ -156,8 +165,9 @@ pub struct ToolConfig {
 }
 
 /// The tools this node runs.
-pub fn build(config: &ToolConfig) -> anyhow::Result<Vec<Arc<dyn Tool>>> {
+pub fn build(config: &ToolConfig, nats: async_nats::Client) -> anyhow::Result<Vec<Arc<dyn Tool>>> {
     Ok(vec![
+        Arc::new(ContextPut::new(nats)),
         Arc::new(FileWrite::new(config.file_roots.clone(), config.file_fsync)),
         Arc::new(HttpRequest::new(config.output_bytes_max)?),
         Arc::new(ShellRun::new(
