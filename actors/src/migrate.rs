@@ -8,7 +8,10 @@
 use serde::{Deserialize, Serialize};
 use storage::{Batch, Cf, Store, StoreError};
 
-use crate::model::{Approval, Criteria, JsonText, Step, StepSpec, StepStatus, Task, TaskStatus};
+use crate::model::{
+    Approval, Criteria, Episode, EpisodeStep, JsonText, Step, StepSpec, StepStatus, Task,
+    TaskStatus,
+};
 use crate::protocol::{TaskCheck, Verdict};
 
 /// Layout of the records in `Cf::Tasks`: 2 added approvals, cost, persona and
@@ -72,7 +75,90 @@ pub async fn run(store: &Store) -> Result<usize, MigrateError> {
         batch.put(Cf::Meta, META_RECORDS_KEY, &RECORDS_VERSION)?;
         store.commit(batch).await?;
     }
+    Ok(rewritten + run_episodes(store).await?)
+}
+
+/// Layout of the records in `Cf::Episodes`: 2 added the plan (params as sent), verdicts,
+/// attempts and per-step timestamps.
+pub const EPISODES_VERSION: u32 = 2;
+const META_EPISODES_KEY: &[u8] = b"episodes_version";
+
+/// Brings every episode to [`EPISODES_VERSION`]; what layout 1 did not keep stays
+/// empty (`null` params, no verdicts).
+async fn run_episodes(store: &Store) -> Result<usize, MigrateError> {
+    let found = store.get::<u32>(Cf::Meta, META_EPISODES_KEY)?.unwrap_or(1);
+    if found > EPISODES_VERSION {
+        return Err(MigrateError::TooNew { found });
+    }
+    if found == EPISODES_VERSION {
+        return Ok(0);
+    }
+    let mut rewritten = 0;
+    let keys = store.keys(Cf::Episodes)?;
+    for chunk in keys.chunks(BATCH_RECORDS) {
+        let mut batch = Batch::new();
+        for key in chunk {
+            let old: Option<EpisodeV1> =
+                store
+                    .get(Cf::Episodes, key)
+                    .map_err(|source| MigrateError::Record {
+                        key: String::from_utf8_lossy(key).into_owned(),
+                        version: found,
+                        source,
+                    })?;
+            if let Some(old) = old {
+                batch.put(Cf::Episodes, key.clone(), &old.into_current())?;
+                rewritten += 1;
+            }
+        }
+        store.commit(batch).await?;
+    }
+    let mut batch = Batch::new();
+    batch.put(Cf::Meta, META_EPISODES_KEY, &EPISODES_VERSION)?;
+    store.commit(batch).await?;
     Ok(rewritten)
+}
+
+/// `Episode` as layout 1 stored it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct EpisodeV1 {
+    task_id: String,
+    playbook: String,
+    input: JsonText,
+    /// `(step_id, tool, output)`.
+    steps: Vec<(String, String, JsonText)>,
+    started_at_ms: u64,
+    finished_at_ms: u64,
+    archived_at_ms: u64,
+}
+
+impl EpisodeV1 {
+    fn into_current(self) -> Episode {
+        Episode {
+            task_id: self.task_id,
+            playbook: self.playbook,
+            playbook_version: String::new(),
+            input: self.input,
+            steps: self
+                .steps
+                .into_iter()
+                .map(|(id, tool, output)| EpisodeStep {
+                    id,
+                    tool,
+                    params: JsonText::null(),
+                    output,
+                    verdict: None,
+                    attempts: 0,
+                    started_at_ms: None,
+                    finished_at_ms: None,
+                })
+                .collect(),
+            task_verdict: None,
+            started_at_ms: self.started_at_ms,
+            finished_at_ms: self.finished_at_ms,
+            archived_at_ms: self.archived_at_ms,
+        }
+    }
 }
 
 /// `StepSpec` as layout 1 stored it.
@@ -370,6 +456,42 @@ mod tests {
         assert_eq!(task.steps[0].attempts, 2);
         assert_eq!(task.steps[0].approval, None);
         // Stamped: a second open rewrites nothing.
+        assert_eq!(run(&store).await.unwrap_or_else(|e| panic!("{e}")), 0);
+    }
+
+    #[tokio::test]
+    async fn layout_1_episodes_are_rewritten_with_what_they_had() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let store = Store::open(dir.path(), &Default::default()).unwrap_or_else(|e| panic!("{e}"));
+        let old = EpisodeV1 {
+            task_id: "T1".into(),
+            playbook: "pb".into(),
+            input: JsonText("{\"a\":1}".into()),
+            steps: vec![(
+                "s1".into(),
+                "file.write".into(),
+                JsonText("{\"ok\":true}".into()),
+            )],
+            started_at_ms: 1,
+            finished_at_ms: 2,
+            archived_at_ms: 3,
+        };
+        let mut batch = Batch::new();
+        batch
+            .put(Cf::Episodes, b"T1".to_vec(), &old)
+            .unwrap_or_else(|e| panic!("{e}"));
+        store.commit(batch).await.unwrap_or_else(|e| panic!("{e}"));
+        assert!(store.get::<Episode>(Cf::Episodes, b"T1").is_err());
+        assert_eq!(run(&store).await.unwrap_or_else(|e| panic!("{e}")), 1);
+        let ep: Episode = store
+            .get(Cf::Episodes, b"T1")
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|| panic!("T1 gone"));
+        assert_eq!(
+            (ep.steps[0].id.as_str(), ep.steps[0].output.0.as_str()),
+            ("s1", "{\"ok\":true}")
+        );
+        assert_eq!((ep.started_at_ms, ep.archived_at_ms), (1, 3));
         assert_eq!(run(&store).await.unwrap_or_else(|e| panic!("{e}")), 0);
     }
 

@@ -477,15 +477,58 @@ pub fn task_of_approval(approval_id: &str) -> Option<&str> {
     (!task.is_empty() && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())).then_some(task)
 }
 
-/// An episode: the archived summary of a verified task.
+/// An episode: a verified task as memory keeps it — input, plan, outcomes, verdicts and
+/// timestamps — under the retention caps (`episodes_max`, …). Layout 2 (see
+/// `migrate.rs` for layout 1).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Episode {
     pub task_id: String,
     pub playbook: String,
+    pub playbook_version: String,
     pub input: JsonText,
-    /// `(step_id, tool, output)` in plan order.
-    pub steps: Vec<(String, String, JsonText)>,
+    /// In plan order.
+    pub steps: Vec<EpisodeStep>,
+    pub task_verdict: Option<Verdict>,
     pub started_at_ms: u64,
     pub finished_at_ms: u64,
     pub archived_at_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpisodeStep {
+    pub id: String,
+    pub tool: String,
+    /// The params as sent.
+    pub params: JsonText,
+    pub output: JsonText,
+    pub verdict: Option<Verdict>,
+    pub attempts: u32,
+    pub started_at_ms: Option<u64>,
+    pub finished_at_ms: Option<u64>,
+}
+
+impl Episode {
+    /// As `cadre.memory.episode` answers it (JSON values parsed back).
+    pub fn view(&self) -> Value {
+        serde_json::json!({
+            "task_id": self.task_id,
+            "playbook": self.playbook,
+            "playbook_version": self.playbook_version,
+            "input": self.input.to_value_lossy(),
+            "steps": self.steps.iter().map(|s| serde_json::json!({
+                "id": s.id,
+                "tool": s.tool,
+                "params": s.params.to_value_lossy(),
+                "output": s.output.to_value_lossy(),
+                "verdict": s.verdict,
+                "attempts": s.attempts,
+                "started_at_ms": s.started_at_ms,
+                "finished_at_ms": s.finished_at_ms,
+            })).collect::<Vec<_>>(),
+            "task_verdict": self.task_verdict,
+            "started_at_ms": self.started_at_ms,
+            "finished_at_ms": self.finished_at_ms,
+            "archived_at_ms": self.archived_at_ms,
+        })
+    }
 }

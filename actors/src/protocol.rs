@@ -1000,8 +1000,10 @@ pub struct Verdict {
 pub struct ArchiveRequest {
     pub task_id: String,
     pub playbook: String,
+    pub playbook_version: String,
     pub input: JsonText,
-    pub steps: Vec<(String, String, JsonText)>,
+    pub steps: Vec<crate::model::EpisodeStep>,
+    pub task_verdict: Option<Verdict>,
     pub started_at_ms: u64,
     pub finished_at_ms: u64,
 }

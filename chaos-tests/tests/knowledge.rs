@@ -375,14 +375,34 @@ async fn a_second_run_uses_what_the_first_one_archived() -> anyhow::Result<()> {
         json!({"actor": "executor", "task_id": ids[2], "step_id": "progress"})
     );
 
-    // Three verified runs (the early failure has no episode): the count cap keeps two.
-    let metrics = node.metrics_addr().unwrap_or_default().to_string();
-    eventually(WITHIN, "episodes pruned to the cap", || async {
-        let (_, text) = chaos_tests::http_get(&metrics, "/metrics").await.ok()?;
-        (chaos_tests::metric(&text, "cadre_episodes_pruned_total{cap=\"count\"}") == 1.0)
-            .then_some(())
+    // An episode keeps the run's input, plan, outcomes, verdicts and timestamps.
+    let third = ask(&client, "cadre.memory.episode", json!({"task_id": ids[2]})).await?;
+    assert_eq!(third["input"]["headline"], "a price freeze", "{third:#}");
+    let steps = third["steps"].as_array().cloned().unwrap_or_default();
+    assert_eq!(steps.len(), 2, "{third:#}");
+    assert_eq!(steps[0]["params"]["path"], format!("{roots}/issue-3.md"));
+    assert_eq!(steps[1]["output"]["version"], 3);
+    for s in &steps {
+        assert_eq!(s["verdict"]["passed"], true, "{s}");
+        assert!(s["started_at_ms"].as_u64() <= s["finished_at_ms"].as_u64());
+    }
+    // Three verified runs (the early failure has no episode): the count cap keeps two,
+    // the newest.
+    eventually(WITHIN, "the oldest episode pruned", || async {
+        let first = ask(&client, "cadre.memory.episode", json!({"task_id": ids[0]}))
+            .await
+            .ok()?;
+        (first["error"]["code"] == "not_found").then_some(())
     })
     .await?;
+    let second = ask(&client, "cadre.memory.episode", json!({"task_id": ids[1]})).await?;
+    assert_eq!(second["task_id"], json!(ids[1]), "{second}");
+    let (_, text) =
+        chaos_tests::http_get(node.metrics_addr().unwrap_or_default(), "/metrics").await?;
+    assert_eq!(
+        chaos_tests::metric(&text, "cadre_episodes_pruned_total{cap=\"count\"}"),
+        1.0
+    );
     node.terminate(WITHIN)?;
     Ok(())
 }

@@ -136,6 +136,8 @@ enum MemoryCommand {
     },
     /// Every fact held on a topic, superseded ones included.
     History { topic: String },
+    /// A verified task's episode (input, plan, outcomes, verdicts, timestamps), as JSON.
+    Episode { task_id: String },
 }
 
 #[derive(Subcommand)]
@@ -482,6 +484,16 @@ fn main() {
                             chars_max,
                         } => c.memory_search(&query, top_k, chars_max).await,
                         MemoryCommand::History { topic } => c.memory_history(&topic).await,
+                        MemoryCommand::Episode { task_id } => {
+                            let episode: Value = c
+                                .request(
+                                    actors::protocol::knowledge::MEMORY_EPISODE,
+                                    &json!({"task_id": task_id}),
+                                )
+                                .await?;
+                            node::cli::print_json(&episode);
+                            Ok(())
+                        }
                     }
                 })
                 .await

@@ -17,6 +17,9 @@ pub const CONTEXT_ROLLBACK: &str = "cadre.context.rollback";
 pub const CONTEXT_WRITES: &str = "cadre.context.writes";
 pub const MEMORY_SEARCH: &str = "cadre.memory.search";
 pub const MEMORY_HISTORY: &str = "cadre.memory.history";
+/// `{"task_id"}` → the episode of a verified task (as `Episode::view`), while the
+/// retention caps keep it; `not_found` after.
+pub const MEMORY_EPISODE: &str = "cadre.memory.episode";
 pub const QUEUE_KNOWLEDGE: &str = "cadre-knowledge";
 
 /// The JetStream stream every knowledge write goes through, in order, to every node.

@@ -110,8 +110,10 @@ fn archive(ctx: &NodeContext, catalog: &Catalog, req: ArchiveRequest) -> Archive
     let episode = Episode {
         task_id: req.task_id,
         playbook: req.playbook,
+        playbook_version: req.playbook_version,
         input: req.input,
         steps: req.steps,
+        task_verdict: req.task_verdict,
         started_at_ms: req.started_at_ms,
         finished_at_ms: req.finished_at_ms,
         archived_at_ms: ctx.now_ms(),
@@ -165,7 +167,7 @@ fn lessons(
     let steps: Map<String, Value> = req
         .steps
         .iter()
-        .map(|(id, _, output)| (id.clone(), json!({"output": output.to_value_lossy()})))
+        .map(|s| (s.id.clone(), json!({"output": s.output.to_value_lossy()})))
         .collect();
     let steps = Value::Object(steps);
     let scope: &[(&str, &Value)] = &[

@@ -29,7 +29,9 @@ use crate::protocol::knowledge::{
     MemoryHistoryReply, MemoryHistoryRequest, MemorySearchRequest, RollbackRequest, WriteOp,
     WriteReply, WriteStatus, WriteView, WritesReply, WritesRequest,
 };
-use crate::protocol::{ErrorCode, ErrorReply, LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX, subject};
+use crate::protocol::{
+    ErrorCode, ErrorReply, LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX, TaskRef, subject,
+};
 use crate::roles::intake::parse_json;
 
 /// Writes the publisher sends before awaiting their acknowledgements.
@@ -95,6 +97,7 @@ impl Actor for Knowledge {
             kp::CONTEXT_WRITES,
             kp::MEMORY_SEARCH,
             kp::MEMORY_HISTORY,
+            kp::MEMORY_EPISODE,
         ] {
             let sub = ctx
                 .nats
@@ -220,6 +223,10 @@ async fn handle_request(state: &mut KnowledgeState, inbound: Inbound) {
             let r = parse_json::<MemorySearchRequest>(payload, max)
                 .and_then(|r| memory_search(&ctx, &state.shared, r));
             ctx.respond(kp::MEMORY_SEARCH, msg.reply, r).await
+        }
+        kp::MEMORY_EPISODE => {
+            let r = parse_json::<TaskRef>(payload, max).and_then(|r| episode(&ctx, r));
+            ctx.respond(kp::MEMORY_EPISODE, msg.reply, r).await
         }
         kp::MEMORY_HISTORY => {
             let r = parse_json::<MemoryHistoryRequest>(payload, max)
@@ -364,6 +371,23 @@ fn memory_search(
     timer.observe_duration();
     ctx.metrics.memory_facts.set(shared.index.len() as i64);
     Ok(reply)
+}
+
+fn episode(ctx: &NodeContext, r: TaskRef) -> Result<serde_json::Value, ErrorReply> {
+    match ctx
+        .store
+        .get::<crate::model::Episode>(Cf::Episodes, r.task_id.as_bytes())
+    {
+        Ok(Some(e)) => Ok(e.view()),
+        Ok(None) => Err(ErrorReply::new(
+            ErrorCode::NotFound,
+            format!(
+                "no episode of task `{}` on this node (not verified here, or past the retention caps)",
+                r.task_id
+            ),
+        )),
+        Err(e) => Err(internal(e)),
+    }
 }
 
 fn memory_history(

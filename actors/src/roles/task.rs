@@ -23,7 +23,8 @@ use crate::governance::{Governor, step_params};
 use crate::machine::{self, Action, Input, Rejected};
 use crate::metrics::reason;
 use crate::model::{
-    ApprovalDecision, ApprovalState, DecisionKind, JsonText, StepStatus, Task, TaskStatus,
+    ApprovalDecision, ApprovalState, DecisionKind, EpisodeStep, JsonText, StepStatus, Task,
+    TaskStatus,
 };
 use crate::protocol::{
     ArchiveReply, ArchiveRequest, AuditRecord, ExecReply, ExecRequest, FailureKind, PlanReply,
@@ -852,19 +853,26 @@ impl TaskState {
                 let req = ArchiveRequest {
                     task_id: self.task.id.clone(),
                     playbook: self.task.playbook.clone(),
+                    playbook_version: self.task.playbook_version.clone(),
                     input: self.task.input.clone(),
                     steps: self
                         .task
                         .steps
                         .iter()
-                        .map(|s| {
-                            (
-                                s.spec.id.clone(),
-                                s.spec.tool.clone(),
-                                s.output.clone().unwrap_or_else(JsonText::null),
-                            )
+                        .enumerate()
+                        .map(|(i, s)| EpisodeStep {
+                            id: s.spec.id.clone(),
+                            tool: s.spec.tool.clone(),
+                            params: crate::governance::step_params(&self.task, i)
+                                .unwrap_or_else(|_| s.spec.params.clone()),
+                            output: s.output.clone().unwrap_or_else(JsonText::null),
+                            verdict: s.verdict.clone(),
+                            attempts: s.attempts,
+                            started_at_ms: s.started_at_ms,
+                            finished_at_ms: s.finished_at_ms,
                         })
                         .collect(),
+                    task_verdict: self.task.task_verdict.clone(),
                     started_at_ms: self.task.created_at_ms,
                     finished_at_ms: self.task.updated_at_ms,
                 };
