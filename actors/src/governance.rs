@@ -118,6 +118,8 @@ fn describe(facts: &mut StepFacts, params: &Value, file_roots: &[std::path::Path
             facts.path = text("path").to_string();
             facts.within_roots = within_roots(Path::new(&facts.path), file_roots);
         }
+        // The key a step writes in the context store.
+        "context.put" => facts.path = text("key").to_string(),
         "shell.run" => {
             facts.program = text("program").to_string();
             let args: Vec<String> = match params.get("args") {

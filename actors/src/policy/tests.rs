@@ -63,6 +63,20 @@ fn the_defaults_gate_shell_writes_and_non_get_http() {
         outside.reasons,
         ["file.write outside the configured file roots"]
     );
+    let context = |key: &str| StepFacts {
+        path: key.into(),
+        ..facts("context.put")
+    };
+    assert_eq!(
+        p.decide(&context("project.acme.status")).ruling,
+        Ruling::Allow
+    );
+    let safety = p.decide(&context("safety.no_mail_after_hours"));
+    assert_eq!(safety.ruling, Ruling::RequireApproval);
+    assert_eq!(
+        safety.reasons,
+        ["context.put to a safety.* key needs an operator's approval"]
+    );
 }
 
 #[test]
@@ -192,5 +206,5 @@ fn a_directory_loads_in_name_order_and_needs_a_policy() {
     std::fs::write(dir.path().join("README.md"), "not a policy").unwrap_or_else(|e| panic!("{e}"));
     let p = Policies::load_dir(dir.path()).unwrap_or_else(|e| panic!("{e:?}"));
     assert_eq!(p.files().len(), 1);
-    assert_eq!(p.len(), 4);
+    assert_eq!(p.len(), 5);
 }
