@@ -249,6 +249,25 @@ pub fn cadre_bin() -> anyhow::Result<PathBuf> {
     Ok(bin)
 }
 
+/// Under `dir`: a `files` directory for `file.write` and a `playbooks` directory holding
+/// `playbooks` (`(name, toml)`). Returns both paths as a node's config takes them: the
+/// files root (canonical) and the playbooks directory.
+pub fn files_and_playbooks(
+    dir: &Path,
+    playbooks: &[(&str, &str)],
+) -> anyhow::Result<(String, String)> {
+    let (files, books) = (dir.join("files"), dir.join("playbooks"));
+    std::fs::create_dir_all(&files)?;
+    std::fs::create_dir_all(&books)?;
+    for (name, text) in playbooks {
+        std::fs::write(books.join(format!("{name}.toml")), text)?;
+    }
+    Ok((
+        files.canonicalize()?.display().to_string(),
+        books.display().to_string(),
+    ))
+}
+
 /// The repository's `playbooks/` directory.
 pub fn shipped_playbooks() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../playbooks")

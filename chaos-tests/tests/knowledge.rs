@@ -234,13 +234,7 @@ async fn a_second_run_uses_what_the_first_one_archived() -> anyhow::Result<()> {
     let nats = NatsServer::start()?;
     let client = nats.client().await?;
     let dir = tempfile::tempdir()?;
-    let files = dir.path().join("files");
-    let playbooks = dir.path().join("playbooks");
-    std::fs::create_dir_all(&files)?;
-    std::fs::create_dir_all(&playbooks)?;
-    std::fs::write(playbooks.join("newsletter.toml"), NEWSLETTER)?;
-    let roots = files.canonicalize()?.display().to_string();
-    let pb = playbooks.display().to_string();
+    let (roots, pb) = chaos_tests::files_and_playbooks(dir.path(), &[("newsletter", NEWSLETTER)])?;
     let mut node = CadreNode::start(
         "n1",
         &dir.path().join("data"),

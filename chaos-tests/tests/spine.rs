@@ -545,21 +545,15 @@ async fn the_persona_signs_what_the_playbooks_write() -> anyhow::Result<()> {
     let nats = NatsServer::start()?;
     let client = nats.client().await?;
     let dir = tempfile::tempdir()?;
-    let files = dir.path().join("files");
-    let playbooks = dir.path().join("playbooks");
-    std::fs::create_dir_all(&files)?;
-    std::fs::create_dir_all(&playbooks)?;
-    std::fs::write(
-        playbooks.join("thanks.toml"),
-        r#"
+    let thanks = r#"
 name = "thanks"
 [[steps]]
 id = "note"
 tool = "file.write"
 params = { path = "{{input.root}}/{{input.client}}.txt", content = "Thank you, {{input.client}}.\n{{persona.signature}} <{{persona.contacts.email}}>" }
 verify = { file_exists = true }
-"#,
-    )?;
+"#;
+    let (roots, pb) = chaos_tests::files_and_playbooks(dir.path(), &[("thanks", thanks)])?;
     let persona = dir.path().join("persona.toml");
     std::fs::write(
         &persona,
@@ -571,11 +565,7 @@ signature = "Ada Moreau, Moreau Consulting"
 email = "ada@example.com"
 "#,
     )?;
-    let roots = files.canonicalize()?.display().to_string();
-    let (pb, persona_path) = (
-        playbooks.display().to_string(),
-        persona.display().to_string(),
-    );
+    let persona_path = persona.display().to_string();
     let env = [
         ("CADRE_FILE_ROOTS", roots.as_str()),
         ("CADRE_PLAYBOOKS_DIR", pb.as_str()),
@@ -589,7 +579,7 @@ email = "ada@example.com"
     let task = chaos_tests::wait_task(&client, &id, WITHIN, chaos_tests::is_terminal).await?;
     assert_eq!(task["status"], "succeeded", "{task:#}");
     assert_eq!(
-        std::fs::read_to_string(files.join("acme.txt"))?,
+        std::fs::read_to_string(Path::new(&roots).join("acme.txt"))?,
         "Thank you, acme.\nAda Moreau, Moreau Consulting <ada@example.com>"
     );
     node.terminate(Duration::from_secs(10))?;
