@@ -51,6 +51,7 @@ pub struct Metrics {
     pub checkpoint_publish_failures_total: IntCounter,
     /// Moved from the store's own counters at scrape time (see [`Metrics::sync_store`]).
     pub store_commits_total: IntCounter,
+    pub store_written_commits_total: IntCounter,
     pub store_fsyncs_total: IntCounter,
     pub store_write_stall_seconds_total: prometheus::Counter,
     pub store_size_bytes: IntGauge,
@@ -178,6 +179,10 @@ impl Metrics {
             }
         };
         advance(&self.store_commits_total, stats.commits.load(Relaxed));
+        advance(
+            &self.store_written_commits_total,
+            stats.written_commits.load(Relaxed),
+        );
         advance(&self.store_fsyncs_total, stats.syncs.load(Relaxed));
         let base = self.audit_base.load(Relaxed);
         advance(
@@ -481,14 +486,21 @@ impl Metrics {
                 r,
                 IntCounter::new(
                     "cadre_store_commits_total",
-                    "Synced commits requested (one per state transition).",
+                    "Commits answered once synced (intake, decisions, a task's end, …).",
+                )?,
+            )?,
+            store_written_commits_total: register(
+                r,
+                IntCounter::new(
+                    "cadre_store_written_commits_total",
+                    "Commits answered once written, their fsync right after (a task's own progress).",
                 )?,
             )?,
             store_fsyncs_total: register(
                 r,
                 IntCounter::new(
                     "cadre_store_fsyncs_total",
-                    "fsyncs issued by the group-commit writer (≤ commits).",
+                    "fsyncs of the WAL, each covering every commit written before it.",
                 )?,
             )?,
             store_write_stall_seconds_total: register(

@@ -19,6 +19,10 @@ use crate::codec::{self, CodecError};
 /// knowledge families `context`, `facts` and `knowledge_outbox`.
 pub const SCHEMA_VERSION: u32 = 4;
 const META_SCHEMA_KEY: &[u8] = b"schema_version";
+/// How long the syncer gathers groups that were only written (no commit waits for their
+/// fsync) before syncing them: fewer fsyncs under load, and a synced commit arriving
+/// meanwhile is not queued behind one.
+const WRITTEN_SYNC_WINDOW: std::time::Duration = std::time::Duration::from_millis(2);
 /// Upper bound on batches the writer folds into one synced write.
 const GROUP_BATCHES_MAX: usize = 2048;
 
@@ -254,8 +258,11 @@ pub struct ScanPage<T> {
 /// Counters the node exports and the benchmark reads.
 #[derive(Debug, Default)]
 pub struct StoreStats {
-    /// Synced commits requested (one per state transition).
+    /// Synced commits requested: the caller waited for the fsync.
     pub commits: AtomicU64,
+    /// Written commits requested ([`Store::commit_written`]): the caller went on once the
+    /// batch was in the WAL; the fsync followed.
+    pub written_commits: AtomicU64,
     /// fsyncs actually issued by the group-commit writer (≤ commits).
     pub syncs: AtomicU64,
     /// Unsynced writes (made durable by the next sync: RocksDB has one WAL).
@@ -266,7 +273,18 @@ pub struct StoreStats {
 
 struct CommitRequest {
     batch: Batch,
-    done: oneshot::Sender<Result<(), String>>,
+    /// Answer once the batch is synced (else once it is written).
+    synced: bool,
+    /// The group's ticket: [`Store::wait_synced`] with it waits for its fsync.
+    done: oneshot::Sender<Result<u64, String>>,
+}
+
+/// A written group handed to the syncer: its ticket, the audit head it reached, and who
+/// waits for its fsync.
+struct SyncJob {
+    ticket: u64,
+    audit_head: u64,
+    waiters: Vec<oneshot::Sender<Result<u64, String>>>,
 }
 
 /// A node's RocksDB. Cheap to clone; the writer thread stops when the last clone drops.
@@ -280,9 +298,12 @@ struct Inner {
     path: PathBuf,
     writer: Option<mpsc::Sender<CommitRequest>>,
     writer_thread: Option<std::thread::JoinHandle<()>>,
+    syncer_thread: Option<std::thread::JoinHandle<()>>,
     stats: Arc<StoreStats>,
-    /// The audit chain's head sequence, moved by the writer after each commit.
+    /// The audit chain's head sequence, moved once the links are synced.
     audit_head: tokio::sync::watch::Receiver<u64>,
+    /// The last group ticket whose fsync completed.
+    synced: tokio::sync::watch::Receiver<u64>,
     /// Kept for its statistics (write-stall time).
     db_opts: Options,
 }
@@ -292,7 +313,11 @@ impl Drop for Inner {
     /// so the store can be reopened (RocksDB holds a file lock) as soon as this returns.
     fn drop(&mut self) {
         self.writer.take();
-        if let Some(thread) = self.writer_thread.take() {
+        // The writer ends, dropping the syncer's channel; the syncer ends after it.
+        for thread in [self.writer_thread.take(), self.syncer_thread.take()]
+            .into_iter()
+            .flatten()
+        {
             let _ = thread.join();
         }
     }
@@ -328,14 +353,26 @@ impl Store {
         let head = read_audit_head(&db)?;
         let (head_tx, head_rx) = tokio::sync::watch::channel(head.seq);
         let (tx, rx) = mpsc::channel(GROUP_BATCHES_MAX * 4);
-        let writer_thread = {
-            let db = db.clone();
-            let stats = stats.clone();
-            let writer = GroupWriter {
-                db,
-                stats,
-                head,
+        let (synced_tx, synced_rx) = tokio::sync::watch::channel(0);
+        let (jobs_tx, jobs_rx) = std::sync::mpsc::channel();
+        let syncer_thread = {
+            let syncer = Syncer {
+                db: db.clone(),
+                stats: stats.clone(),
                 head_tx,
+                synced_tx,
+            };
+            std::thread::Builder::new()
+                .name("cadre-sync".into())
+                .spawn(move || syncer.run(jobs_rx))
+                .map_err(StoreError::WriterThread)?
+        };
+        let writer_thread = {
+            let writer = GroupWriter {
+                db: db.clone(),
+                head,
+                ticket: 0,
+                jobs: jobs_tx,
             };
             std::thread::Builder::new()
                 .name("cadre-commit".into())
@@ -348,8 +385,10 @@ impl Store {
                 path: path.to_path_buf(),
                 writer: Some(tx),
                 writer_thread: Some(writer_thread),
+                syncer_thread: Some(syncer_thread),
                 stats,
                 audit_head: head_rx,
+                synced: synced_rx,
                 db_opts,
             }),
         };
@@ -371,14 +410,17 @@ impl Store {
         let db = Arc::new(DB::open_cf_for_read_only(&db_opts, path, names, false)?);
         let head = read_audit_head(&db)?;
         let (_, head_rx) = tokio::sync::watch::channel(head.seq);
+        let (_, synced) = tokio::sync::watch::channel(0);
         let store = Store {
             inner: Arc::new(Inner {
                 db,
                 path: path.to_path_buf(),
                 writer: None,
                 writer_thread: None,
+                syncer_thread: None,
                 stats: Arc::new(StoreStats::default()),
                 audit_head: head_rx,
+                synced,
                 db_opts,
             }),
         };
@@ -425,17 +467,52 @@ impl Store {
             return Ok(());
         }
         self.inner.stats.commits.fetch_add(1, Ordering::Relaxed);
+        self.send(batch, true).await.map(|_| ())
+    }
+
+    /// Commits `batch` like [`Self::commit`] — atomically, in commit order, audit links
+    /// chained — but answers once it is in the WAL, before its fsync (which the syncer
+    /// issues right after, for the whole group). It survives a process crash at once (the
+    /// OS has it) and a power loss once synced. Returns the ticket to wait for
+    /// ([`Self::wait_synced`]): what must not be seen before it is durable (published
+    /// events) waits for it.
+    pub async fn commit_written(&self, batch: Batch) -> Result<u64, StoreError> {
+        if batch.is_empty() {
+            return Ok(*self.inner.synced.borrow());
+        }
+        self.inner
+            .stats
+            .written_commits
+            .fetch_add(1, Ordering::Relaxed);
+        self.send(batch, false).await
+    }
+
+    async fn send(&self, batch: Batch, synced: bool) -> Result<u64, StoreError> {
         let (done, wait) = oneshot::channel();
         let writer = self.inner.writer.as_ref().ok_or(StoreError::WriterGone)?;
         writer
-            .send(CommitRequest { batch, done })
+            .send(CommitRequest {
+                batch,
+                synced,
+                done,
+            })
             .await
             .map_err(|_| StoreError::WriterGone)?;
         match wait.await {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(ticket)) => Ok(ticket),
             Ok(Err(message)) => Err(StoreError::Commit(message)),
             Err(_) => Err(StoreError::WriterGone),
         }
+    }
+
+    /// Waits until the group with `ticket` (from [`Self::commit_written`]) is synced.
+    pub async fn wait_synced(&self, ticket: u64) -> Result<(), StoreError> {
+        let mut synced = self.inner.synced.clone();
+        synced
+            .wait_for(|s| *s >= ticket)
+            .await
+            .map(|_| ())
+            .map_err(|_| StoreError::WriterGone)
     }
 
     /// Writes `batch` to the WAL without fsync. It survives a process crash (the OS has
@@ -794,14 +871,16 @@ fn read_audit_head(db: &DB) -> Result<Head, StoreError> {
 }
 
 /// The `cadre-commit` thread: drains every pending commit into one `WriteBatch`,
-/// chains their audit records, syncs once, then releases all waiters. One thread, so
-/// fsyncs never queue behind each other inside RocksDB and the audit chain has one
-/// writer.
+/// chains their audit records, writes it to the WAL, answers the commits that asked only
+/// for that, and hands the group to the `cadre-sync` thread. One writer, so the audit
+/// chain has one author and its order is the commit order; the fsync on its own thread,
+/// so writing the next group never waits for the last one's fsync.
 struct GroupWriter {
     db: Arc<DB>,
-    stats: Arc<StoreStats>,
     head: Head,
-    head_tx: tokio::sync::watch::Sender<u64>,
+    /// Groups written so far.
+    ticket: u64,
+    jobs: std::sync::mpsc::Sender<SyncJob>,
 }
 
 impl GroupWriter {
@@ -823,19 +902,38 @@ impl GroupWriter {
                 if staged.is_ok() {
                     staged = self.stage(&mut wb, req.batch);
                 }
-                waiters.push(req.done);
+                waiters.push((req.synced, req.done));
             }
             // A link that cannot be encoded fails the whole group: never write a chain
             // with a hole in it.
             let result = staged.and_then(|()| self.write(wb));
-            if result.is_err() {
+            if let Err(e) = result {
                 self.head = before;
-            } else if self.head.seq != before.seq {
-                let _ = self.head_tx.send(self.head.seq);
+                for (_, done) in waiters {
+                    // A waiter that went away (its task stopped) needs no answer.
+                    let _ = done.send(Err(e.clone()));
+                }
+                continue;
             }
-            for done in waiters {
-                // A waiter that went away (its task stopped) needs no answer.
-                let _ = done.send(result.clone());
+            self.ticket += 1;
+            let ticket = self.ticket;
+            let mut for_sync = Vec::new();
+            for (synced, done) in waiters {
+                if synced {
+                    for_sync.push(done);
+                } else {
+                    let _ = done.send(Ok(ticket));
+                }
+            }
+            let job = SyncJob {
+                ticket,
+                audit_head: self.head.seq,
+                waiters: for_sync,
+            };
+            if let Err(std::sync::mpsc::SendError(job)) = self.jobs.send(job) {
+                for done in job.waiters {
+                    let _ = done.send(Err("the store's syncer has stopped".into()));
+                }
             }
         }
     }
@@ -870,16 +968,63 @@ impl GroupWriter {
         flush(wb, run)
     }
 
+    /// To the WAL, not synced: the syncer makes it durable.
     fn write(&self, wb: WriteBatch) -> Result<(), String> {
         let mut opts = WriteOptions::default();
-        opts.set_sync(true);
-        let started = Instant::now();
-        let result = self.db.write_opt(wb, &opts).map_err(|e| e.to_string());
-        self.stats
-            .sync_micros
-            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-        self.stats.syncs.fetch_add(1, Ordering::Relaxed);
-        result
+        opts.set_sync(false);
+        self.db.write_opt(wb, &opts).map_err(|e| e.to_string())
+    }
+}
+
+/// The `cadre-sync` thread: one fsync of the WAL for every group written meanwhile
+/// (RocksDB lets writes go on during it), then it answers the synced commits of those
+/// groups and moves the synced ticket and the audit head (links are published only once
+/// durable).
+struct Syncer {
+    db: Arc<DB>,
+    stats: Arc<StoreStats>,
+    head_tx: tokio::sync::watch::Sender<u64>,
+    synced_tx: tokio::sync::watch::Sender<u64>,
+}
+
+impl Syncer {
+    fn run(self, rx: std::sync::mpsc::Receiver<SyncJob>) {
+        while let Ok(first) = rx.recv() {
+            let mut jobs = vec![first];
+            // Nobody waits for groups that were only written: gather more for one fsync,
+            // until a synced commit arrives or the window closes.
+            let window = Instant::now() + WRITTEN_SYNC_WINDOW;
+            while jobs.iter().all(|j| j.waiters.is_empty()) {
+                let left = window.saturating_duration_since(Instant::now());
+                match rx.recv_timeout(left) {
+                    Ok(job) => jobs.push(job),
+                    Err(_) => break,
+                }
+            }
+            jobs.extend(rx.try_iter());
+            let started = Instant::now();
+            let result = self.db.flush_wal(true).map_err(|e| e.to_string());
+            self.stats
+                .sync_micros
+                .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+            self.stats.syncs.fetch_add(1, Ordering::Relaxed);
+            // The watches first: a commit answered sees its own links and ticket synced.
+            if let (Ok(()), Some(last)) = (&result, jobs.last()) {
+                let head = last.audit_head;
+                self.head_tx.send_if_modified(|h| {
+                    let moved = *h != head;
+                    *h = head;
+                    moved
+                });
+                self.synced_tx.send_replace(last.ticket);
+            }
+            for job in jobs {
+                let answer = result.clone().map(|()| job.ticket);
+                for done in job.waiters {
+                    let _ = done.send(answer.clone());
+                }
+            }
+        }
     }
 }
 
@@ -950,6 +1095,32 @@ mod tests {
             last_two.iter().map(|(_, v)| *v).collect::<Vec<_>>(),
             vec![199, 198]
         );
+    }
+
+    #[tokio::test]
+    async fn a_written_commit_is_visible_at_once_and_synced_right_after() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+            let mut batch = Batch::new();
+            batch.put(Cf::Tasks, "t1", &7u32).unwrap();
+            batch.append_audit(&"a1", Some(b"t1")).unwrap();
+            let ticket = store.commit_written(batch).await.unwrap();
+            assert_eq!(store.get::<u32>(Cf::Tasks, b"t1").unwrap(), Some(7));
+            store.wait_synced(ticket).await.unwrap();
+            // The audit head moves once its links are synced.
+            assert_eq!(store.audit_seq(), 1);
+            let mut batch = Batch::new();
+            batch.put(Cf::Tasks, "t2", &8u32).unwrap();
+            store.commit(batch).await.unwrap();
+            let stats = store.stats();
+            assert_eq!(stats.written_commits.load(Ordering::Relaxed), 1);
+            assert_eq!(stats.commits.load(Ordering::Relaxed), 1);
+            assert!((1..=2).contains(&stats.syncs.load(Ordering::Relaxed)));
+        }
+        let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        assert_eq!(store.get::<u32>(Cf::Tasks, b"t1").unwrap(), Some(7));
+        assert_eq!(store.verify_audit().unwrap().head_seq, 1);
     }
 
     #[tokio::test]

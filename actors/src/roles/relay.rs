@@ -29,6 +29,9 @@ pub struct RelayState {
 
 pub enum RelayMsg {
     Publish(Vec<(u64, OutboxEntry)>),
+    /// Entries of a commit answered before its fsync: published once it is synced, so
+    /// nothing goes out that a power loss could take back.
+    PublishWhenSynced(u64, Vec<(u64, OutboxEntry)>),
     /// Flush the connection, then delete what was published.
     Flush,
 }
@@ -64,6 +67,11 @@ impl Actor for Relay {
         match msg {
             RelayMsg::Publish(entries) => {
                 state.ctx.settings.faults.maybe_panic(super::RELAY);
+                publish(state, &myself, entries).await
+            }
+            RelayMsg::PublishWhenSynced(ticket, entries) => {
+                state.ctx.settings.faults.maybe_panic(super::RELAY);
+                state.ctx.store.wait_synced(ticket).await?;
                 publish(state, &myself, entries).await
             }
             RelayMsg::Flush => flush(state).await,

@@ -383,7 +383,15 @@ impl TaskState {
             let mut events = std::mem::take(&mut self.held_events);
             events.extend(transition.events);
             let records = std::mem::take(&mut self.held_audit);
-            self.commit(&events, &records).await?;
+            // What the task's own work can redo after a power loss commits once written
+            // (its fsync follows at once, and its events wait for it); what a person was
+            // told, a parked task and the task's end wait for the fsync. In a cluster every
+            // commit waits: its checkpoint is replicated next.
+            let redoable = self.ctx.ownership().is_none()
+                && actor != "operator"
+                && !self.task.status.is_terminal()
+                && !is_parked(&self.task);
+            self.commit(&events, &records, redoable).await?;
             if let Err(why) = self.replicate().await {
                 self.stand_down(myself, why.clone(), true);
                 return Ok(Err(Rejected(format!("{why}; retry"))));
@@ -405,6 +413,7 @@ impl TaskState {
         &mut self,
         events: &[TaskEvent],
         records: &[AuditRecord],
+        written_is_enough: bool,
     ) -> Result<(), ActorProcessingErr> {
         let ctx = &self.ctx;
         let task = &self.task;
@@ -457,7 +466,12 @@ impl TaskState {
             batch.append_audit(record, Some(task.id.as_bytes()))?;
         }
         let started = Instant::now();
-        ctx.store.commit(batch).await?;
+        let ticket = if written_is_enough {
+            Some(ctx.store.commit_written(batch).await?)
+        } else {
+            ctx.store.commit(batch).await?;
+            None
+        };
         ctx.metrics
             .commit_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -476,7 +490,10 @@ impl TaskState {
         }
         if let Some(relay) = lookup::<RelayMsg>(RELAY, &ctx.settings.node_id) {
             // If the relay is restarting, it sends these from the outbox when it starts.
-            let _ = relay.cast(RelayMsg::Publish(outgoing));
+            let _ = relay.cast(match ticket {
+                Some(ticket) => RelayMsg::PublishWhenSynced(ticket, outgoing),
+                None => RelayMsg::Publish(outgoing),
+            });
         }
         let usd = crate::budget::usd;
         for (day, cost) in &charges {
