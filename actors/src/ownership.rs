@@ -212,8 +212,15 @@ impl Ownership {
         let revision = match self.write_lease(task_id, &lease, expected).await {
             Ok(r) => r,
             Err(OwnershipError::Lost) => {
-                // Another node got there first: name it.
+                // Another node got there first: name it. Or this node's own renewal, sent
+                // before the task actor restarted and slow to land, moved the revision
+                // after it was read: not owned elsewhere, so claim again shortly.
                 let (owner, token) = self.owner_of(task_id).await?.unwrap_or_default();
+                if owner == self.node_id {
+                    return Err(unavailable(format!(
+                        "this node's lease on {task_id} moved while claiming it"
+                    )));
+                }
                 return Err(OwnershipError::HeldBy { owner, token });
             }
             Err(e) => return Err(e),
