@@ -40,6 +40,12 @@ echo
 echo "== timeline of the onboarding task (its audit records) =="
 "$CADRE" task trace "$("$CADRE" task list --playbook client-onboarding --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["tasks"][0]["task_id"])')"
 echo
+echo "== the context store: versions, a stale writer refused, history =="
+"$CADRE" context put pref.newsletter.day '"Tuesday"' --reason "readers open mail on Tuesdays"
+"$CADRE" context put pref.newsletter.day '"Thursday"' --expect 1 --reason "moved after a survey"
+"$CADRE" context put pref.newsletter.day '"Friday"' --expect 1 || echo "(refused: a writer that read version 1 loses)"
+"$CADRE" context history pref.newsletter.day
+echo
 echo "== the node's audit chain =="
 "$CADRE" audit verify --node laptop
 echo "== a few series from /metrics =="
