@@ -61,15 +61,8 @@ impl Rig {
     pub async fn new() -> anyhow::Result<Rig> {
         let sink = HttpSink::start().await?;
         let dir = tempfile::tempdir()?;
-        let files = dir.path().join("files");
-        std::fs::create_dir_all(&files)?;
-        let roots = files.canonicalize()?.display().to_string();
         let (script, record) = crate::unsafe_recorder(dir.path())?;
-        let playbooks = dir.path().join("playbooks");
-        std::fs::create_dir_all(&playbooks)?;
-        std::fs::write(
-            playbooks.join("chaos.toml"),
-            r#"
+        let chaos = r#"
 name = "chaos"
 [[steps]]
 id = "note"
@@ -88,14 +81,14 @@ tool = "shell.run"
 depends_on = ["crm"]
 params = { program = "{{input.script}}", args = ["{{task.id}}", "{{input.record}}"] }
 verify = { exit_code = 0 }
-"#,
-        )?;
+"#;
+        let (roots, playbooks) = crate::files_and_playbooks(dir.path(), &[("chaos", chaos)])?;
         Ok(Rig {
             sink,
             roots,
             script: script.display().to_string(),
             record: record.display().to_string(),
-            playbooks: playbooks.display().to_string(),
+            playbooks,
             dir,
         })
     }

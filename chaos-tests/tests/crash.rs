@@ -28,16 +28,9 @@ async fn kill_9_at_random_points_loses_nothing_and_never_repeats_an_unsafe_effec
     let client = nats.client().await?;
     let sink = HttpSink::start().await?;
     let dir = tempfile::tempdir()?;
-    let files = dir.path().join("files");
-    std::fs::create_dir_all(&files)?;
-    let files = files.canonicalize()?;
     // The unsafe effect: appends the task id to a log, so the test can count runs.
     let (script, record) = chaos_tests::unsafe_recorder(dir.path())?;
-    let playbooks = dir.path().join("playbooks");
-    std::fs::create_dir_all(&playbooks)?;
-    std::fs::write(
-        playbooks.join("crashy.toml"),
-        r#"
+    let crashy = r#"
 name = "crashy"
 [[steps]]
 id = "a"
@@ -62,13 +55,12 @@ tool = "file.write"
 depends_on = ["unsafe"]
 params = { path = "{{input.root}}/{{input.name}}/b.txt", content = "{{input.body}}" }
 verify = { file_exists = true }
-"#,
-    )?;
+"#;
+    let (roots, pb) = chaos_tests::files_and_playbooks(dir.path(), &[("crashy", crashy)])?;
+    let files = std::path::PathBuf::from(&roots);
     let body: String = (0..64 * 1024)
         .map(|i| char::from(b'a' + (i % 26) as u8))
         .collect();
-    let roots = files.display().to_string();
-    let pb = playbooks.display().to_string();
     let allow = script.display().to_string();
     let env = [
         ("CADRE_FILE_ROOTS", roots.as_str()),
