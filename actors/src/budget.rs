@@ -107,6 +107,26 @@ impl Ledger {
         Ok(())
     }
 
+    /// Adds `cost` to today's spend without a cap check: a call that reported its cost
+    /// after it ran (LLM tokens). Caps are checked before each dispatch, so one such
+    /// call may cross a cap by at most its own cost.
+    pub fn record(&self, day: &str, playbook: &str, cost: u64) {
+        if cost == 0 {
+            return;
+        }
+        let mut spent = match self.spent.lock() {
+            Ok(s) => s,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        spent.retain(|k, _| k.starts_with(day));
+        for key in keys(day, playbook) {
+            let now = *spent
+                .entry(key.clone())
+                .or_insert_with(|| self.store.counter(Cf::Spend, key.as_bytes()).unwrap_or(0));
+            spent.insert(key, now + cost);
+        }
+    }
+
     /// Spent today by `playbook` (`*`: by all).
     pub fn spent(&self, day: &str, scope: &str) -> u64 {
         let key = format!("{day}/{scope}");

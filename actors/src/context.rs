@@ -97,6 +97,8 @@ pub struct NodeContext {
     ownership: std::sync::OnceLock<Arc<crate::ownership::Ownership>>,
     /// The search index and the knowledge publisher's wake-up (set once, at start).
     knowledge: std::sync::OnceLock<Arc<crate::knowledge::Shared>>,
+    /// The LLM provider, on a node configured with one (set once, at start).
+    llm: std::sync::OnceLock<Arc<crate::llm::Provider>>,
 }
 
 impl NodeContext {
@@ -142,6 +144,7 @@ impl NodeContext {
             ledger: crate::budget::Ledger::new(ledger_store),
             ownership: std::sync::OnceLock::new(),
             knowledge: std::sync::OnceLock::new(),
+            llm: std::sync::OnceLock::new(),
         }))
     }
 
@@ -160,6 +163,15 @@ impl NodeContext {
                 crate::bus::reply_json(&self.nats, reply, &e).await;
             }
         }
+    }
+
+    pub fn set_llm(&self, provider: Arc<crate::llm::Provider>) {
+        let _ = self.llm.set(provider);
+    }
+
+    /// The LLM provider, if this node has one configured.
+    pub fn llm(&self) -> Option<&Arc<crate::llm::Provider>> {
+        self.llm.get()
     }
 
     /// This node's name for one of its roles: `executor@laptop`.

@@ -6,6 +6,9 @@ use serde_json::Value;
 use crate::model::Criteria;
 use crate::protocol::Verdict;
 
+/// The verdict line of a step with no rule to check (an `llm_judge` alone).
+pub const NO_CRITERIA: &str = "ok: no criteria";
+
 /// Largest file `file_contains` reads.
 const FILE_READ_BYTES_MAX: u64 = 16 << 20;
 
@@ -74,7 +77,7 @@ pub fn check(criteria: &Criteria, params: &Value, output: &Value) -> Verdict {
         );
     }
     if reasons.is_empty() {
-        reasons.push("ok: no criteria".into());
+        reasons.push(NO_CRITERIA.into());
     }
     Verdict { passed, reasons }
 }
@@ -93,7 +96,7 @@ fn read_bounded(path: &str) -> std::io::Result<String> {
 }
 
 /// The text a human would call the output: stdout, a text body, or the JSON.
-fn output_text(output: &Value) -> String {
+pub fn output_text(output: &Value) -> String {
     for key in ["stdout", "body", "text"] {
         if let Some(Value::String(s)) = output.get(key) {
             return s.clone();

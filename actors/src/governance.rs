@@ -102,6 +102,34 @@ impl Gate for Governor<'_> {
     }
 }
 
+/// What the policies say of a step before any task runs it: the LLM planner's
+/// pre-check, so a plan with a step the policies deny is sent back for repair.
+/// (`require_approval` passes: the step will wait for a person when dispatched.)
+pub struct Precheck<'a> {
+    pub ctx: &'a NodeContext,
+    pub persona: &'a str,
+    pub task_id: &'a str,
+    pub playbook: &'a str,
+}
+
+impl Precheck<'_> {
+    pub fn decide(&self, step_id: &str, tool: &str, params: &Value) -> crate::policy::Decision {
+        let mut facts = StepFacts {
+            persona: self.persona.to_string(),
+            task_id: self.task_id.to_string(),
+            step_id: step_id.to_string(),
+            playbook: self.playbook.to_string(),
+            tool: tool.to_string(),
+            node: self.ctx.settings.node_id.clone(),
+            cost_micros: self.ctx.settings.tool_costs.get(tool).copied().unwrap_or(0),
+            now_ms: self.ctx.now_ms(),
+            ..StepFacts::default()
+        };
+        describe(&mut facts, params, &self.ctx.settings.tools.file_roots);
+        self.ctx.policies().decide(&facts)
+    }
+}
+
 /// Fills in what the params say, by tool: method, host, path, program, recipient.
 fn describe(facts: &mut StepFacts, params: &Value, file_roots: &[std::path::PathBuf]) {
     let text = |key: &str| params.get(key).and_then(Value::as_str).unwrap_or("");

@@ -18,6 +18,7 @@ pub mod criteria;
 pub mod faults;
 pub mod governance;
 pub mod knowledge;
+pub mod llm;
 pub mod machine;
 pub mod metrics;
 pub mod migrate;

@@ -99,6 +99,8 @@ pub enum Input {
         verdict: Verdict,
         /// The task's verdict, when the last step was verified with the task's checks.
         task_verdict: Option<Verdict>,
+        /// What judging cost (an LLM judge), in millionths of a US dollar.
+        cost_micros: u64,
     },
     VerifyUnavailable {
         step: String,
@@ -201,6 +203,10 @@ pub struct Transition {
     pub events: Vec<TaskEvent>,
     /// False when nothing durable changed (a stale reply, an in-memory step).
     pub commit: bool,
+    /// Cost that calls reported after the fact (LLM planning, an `llm.generate`
+    /// outcome, an LLM judge), in millionths of a US dollar: already on the task, not
+    /// yet on the budget ledger (the gate charged dispatches itself).
+    pub reported_cost_micros: u64,
 }
 
 /// A request that the task's state does not allow (answered as `conflict`).
@@ -298,7 +304,8 @@ impl Cx<'_> {
                 attempt,
                 verdict,
                 task_verdict,
-            } => self.verified(&step, attempt, verdict, task_verdict),
+                cost_micros,
+            } => self.verified(&step, attempt, verdict, task_verdict, cost_micros),
             Input::VerifyUnavailable {
                 step,
                 attempt,
@@ -395,7 +402,9 @@ impl Cx<'_> {
                 checks,
                 playbook_version,
                 persona,
+                planning,
             } => {
+                self.report_planning(planning);
                 self.task.steps = steps.into_iter().map(Step::new).collect();
                 self.task.persona = persona;
                 self.task.checks = checks;
@@ -405,10 +414,22 @@ impl Cx<'_> {
                 self.set_status(TaskStatus::Running, Some(detail));
                 self.dispatch_ready();
             }
-            PlanReply::Rejected { code, message } => {
+            PlanReply::Rejected {
+                code,
+                message,
+                planning,
+            } => {
+                self.report_planning(planning);
                 self.fail(format!("planner rejected the task ({code:?}): {message}"));
             }
         }
+    }
+
+    fn report_planning(&mut self, planning: Option<crate::model::Planning>) {
+        if let Some(p) = &planning {
+            self.out.reported_cost_micros += p.cost_micros;
+        }
+        self.task.planning = planning;
     }
 
     fn cancel(&mut self, reason: String) -> Result<(), Rejected> {
@@ -975,6 +996,15 @@ impl Cx<'_> {
         match reply {
             ExecReply::Done { output, .. } => {
                 let step = &mut self.task.steps[i];
+                // What the call itself reported costing (LLM tokens), charged as the
+                // task records the outcome: once, replayed or not.
+                if crate::tools::reports_cost(&step.spec.tool)
+                    && let Ok(value) = output.to_value()
+                {
+                    let cost = crate::tools::output_cost_micros(&step.spec.tool, &value);
+                    step.cost_micros += cost;
+                    self.out.reported_cost_micros += cost;
+                }
                 step.output = Some(output);
                 step.error = None;
                 step.redeliveries = 0;
@@ -1085,10 +1115,13 @@ impl Cx<'_> {
         attempt: u32,
         verdict: Verdict,
         task_verdict: Option<Verdict>,
+        cost_micros: u64,
     ) {
         let Some(i) = self.current(step_id, attempt, StepStatus::Verifying) else {
             return;
         };
+        self.task.steps[i].cost_micros += cost_micros;
+        self.out.reported_cost_micros += cost_micros;
         if verdict.passed {
             let step = &mut self.task.steps[i];
             step.status = StepStatus::Succeeded;

@@ -66,6 +66,16 @@ pub struct Metrics {
     pub memory_facts: IntGauge,
     pub memory_search_seconds: Histogram,
     pub episodes_pruned_total: IntCounterVec,
+    /// LLM calls: by role, model and outcome (ok, retried, refused, unavailable).
+    pub llm_requests_total: IntCounterVec,
+    pub llm_tokens_total: IntCounterVec,
+    pub llm_cost_usd_total: CounterVec,
+    pub llm_request_seconds: HistogramVec,
+    pub llm_in_flight: IntGauge,
+    /// Calls to a model the price table does not name (they cost 0: a gap to fix).
+    pub llm_unpriced_total: IntCounterVec,
+    /// LLM plans by outcome: `valid` (first try), `repaired`, `invalid`.
+    pub llm_plans_total: IntCounterVec,
     /// Value of the audit head when this process started counting.
     audit_base: std::sync::atomic::AtomicU64,
     /// Serializes [`Metrics::sync_store`]: it advances counters by read-then-add, and two
@@ -412,6 +422,52 @@ impl Metrics {
                         .buckets(LATENCY_BUCKETS.to_vec()),
                 )?,
             )?,
+            llm_requests_total: counter(
+                "cadre_llm_requests_total",
+                "Chat-completion requests, by role, model and outcome (ok, retried, refused, unavailable).",
+                &["role", "model", "outcome"],
+            )?,
+            llm_tokens_total: counter(
+                "cadre_llm_tokens_total",
+                "Tokens used, by role, model and kind (prompt, completion), as providers report them.",
+                &["role", "model", "kind"],
+            )?,
+            llm_cost_usd_total: register(
+                r,
+                CounterVec::new(
+                    Opts::new(
+                        "cadre_llm_cost_usd_total",
+                        "What LLM calls cost, by role and model (tokens × the price table).",
+                    ),
+                    &["role", "model"],
+                )?,
+            )?,
+            llm_request_seconds: histogram(
+                "cadre_llm_request_seconds",
+                "One chat-completion request, by role.",
+                &["role"],
+                LATENCY_BUCKETS,
+            )?,
+            llm_in_flight: gauge(
+                "cadre_llm_in_flight",
+                "Chat-completion requests on the wire now (at most llm_concurrency_max).",
+            )?,
+            llm_unpriced_total: counter(
+                "cadre_llm_unpriced_total",
+                "Calls to a model the price table does not name: they were counted as free.",
+                &["model"],
+            )?,
+            llm_plans_total: {
+                let c = counter(
+                    "cadre_llm_plans_total",
+                    "Plans asked of the LLM planner, by outcome (valid, repaired, invalid, unavailable).",
+                    &["outcome"],
+                )?;
+                for o in ["valid", "repaired", "invalid", "unavailable"] {
+                    c.with_label_values(&[o]);
+                }
+                c
+            },
             cost_usd_total: register(
                 r,
                 CounterVec::new(

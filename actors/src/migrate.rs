@@ -9,14 +9,15 @@ use serde::{Deserialize, Serialize};
 use storage::{Batch, Cf, Store, StoreError};
 
 use crate::model::{
-    Approval, Criteria, Episode, EpisodeStep, JsonText, Step, StepSpec, StepStatus, Task,
-    TaskStatus,
+    Approval, Criteria, Episode, EpisodeStep, JsonPathEquals, JsonText, Placement, Step, StepSpec,
+    StepStatus, Task, TaskStatus,
 };
 use crate::protocol::{TaskCheck, Verdict};
 
 /// Layout of the records in `Cf::Tasks`: 2 added approvals, cost, persona and
-/// compensation; 3 added a step's placement.
-pub const RECORDS_VERSION: u32 = 3;
+/// compensation; 3 added a step's placement; 4 added the LLM judge criterion, a task's
+/// free-text goal and its planning record.
+pub const RECORDS_VERSION: u32 = 4;
 const META_RECORDS_KEY: &[u8] = b"records_version";
 /// Records rewritten per synced batch.
 const BATCH_RECORDS: usize = 256;
@@ -55,12 +56,19 @@ pub async fn run(store: &Store) -> Result<usize, MigrateError> {
                     version: found,
                     source,
                 };
-                let task = if found < 2 {
-                    let old: Option<TaskV1> = store.get(Cf::Tasks, key).map_err(read)?;
-                    old.map(|t| t.into_v2().into_current())
-                } else {
-                    let old: Option<TaskV2> = store.get(Cf::Tasks, key).map_err(read)?;
-                    old.map(TaskV2::into_current)
+                let task = match found {
+                    ..2 => {
+                        let old: Option<TaskV1> = store.get(Cf::Tasks, key).map_err(read)?;
+                        old.map(|t| t.into_v2().into_v3().into_current())
+                    }
+                    2 => {
+                        let old: Option<TaskV2> = store.get(Cf::Tasks, key).map_err(read)?;
+                        old.map(|t| t.into_v3().into_current())
+                    }
+                    _ => {
+                        let old: Option<TaskV3> = store.get(Cf::Tasks, key).map_err(read)?;
+                        old.map(TaskV3::into_current)
+                    }
                 };
                 if let Some(task) = task {
                     batch.put(Cf::Tasks, key.clone(), &task)?;
@@ -168,7 +176,7 @@ struct StepSpecV1 {
     tool: String,
     params: JsonText,
     params_template: Option<JsonText>,
-    verify: Criteria,
+    verify: CriteriaV3,
     depends_on: Vec<String>,
     max_attempts: u32,
     timeout_ms: u64,
@@ -203,7 +211,7 @@ struct TaskV1 {
     created_at_ms: u64,
     updated_at_ms: u64,
     steps: Vec<StepV1>,
-    checks: Vec<TaskCheck>,
+    checks: Vec<TaskCheckV3>,
     task_verdict: Option<Verdict>,
     failure: Option<String>,
     attention: Option<(String, String)>,
@@ -274,7 +282,7 @@ struct StepSpecV2 {
     tool: String,
     params: JsonText,
     params_template: Option<JsonText>,
-    verify: Criteria,
+    verify: CriteriaV3,
     depends_on: Vec<String>,
     max_attempts: u32,
     timeout_ms: u64,
@@ -283,8 +291,8 @@ struct StepSpecV2 {
 }
 
 impl StepSpecV2 {
-    fn into_current(self) -> StepSpec {
-        StepSpec {
+    fn into_v3(self) -> StepSpecV3 {
+        StepSpecV3 {
             id: self.id,
             tool: self.tool,
             params: self.params,
@@ -293,7 +301,7 @@ impl StepSpecV2 {
             depends_on: self.depends_on,
             max_attempts: self.max_attempts,
             timeout_ms: self.timeout_ms,
-            compensate: self.compensate.map(|c| Box::new(c.into_current())),
+            compensate: self.compensate.map(|c| Box::new(c.into_v3())),
             compensates: self.compensates,
             // Steps planned before placement existed ran on any node.
             placement: None,
@@ -332,7 +340,7 @@ struct TaskV2 {
     created_at_ms: u64,
     updated_at_ms: u64,
     steps: Vec<StepV2>,
-    checks: Vec<TaskCheck>,
+    checks: Vec<TaskCheckV3>,
     task_verdict: Option<Verdict>,
     failure: Option<String>,
     attention: Option<(String, String)>,
@@ -344,6 +352,158 @@ struct TaskV2 {
 }
 
 impl TaskV2 {
+    fn into_v3(self) -> TaskV3 {
+        TaskV3 {
+            id: self.id,
+            playbook: self.playbook,
+            playbook_version: self.playbook_version,
+            input: self.input,
+            idempotency_key: self.idempotency_key,
+            node_id: self.node_id,
+            status: self.status,
+            created_at_ms: self.created_at_ms,
+            updated_at_ms: self.updated_at_ms,
+            steps: self
+                .steps
+                .into_iter()
+                .map(|s| StepV3 {
+                    spec: s.spec.into_v3(),
+                    status: s.status,
+                    attempts: s.attempts,
+                    redeliveries: s.redeliveries,
+                    output: s.output,
+                    error: s.error,
+                    verdict: s.verdict,
+                    started_at_ms: s.started_at_ms,
+                    finished_at_ms: s.finished_at_ms,
+                    retry_at_ms: s.retry_at_ms,
+                    next_attempt: s.next_attempt,
+                    approval: s.approval,
+                    cost_micros: s.cost_micros,
+                })
+                .collect(),
+            checks: self.checks,
+            task_verdict: self.task_verdict,
+            failure: self.failure,
+            attention: self.attention,
+            event_seq: self.event_seq,
+            hop_retries: self.hop_retries,
+            persona: self.persona,
+            ends_as: self.ends_as,
+            approvals_requested: self.approvals_requested,
+        }
+    }
+}
+
+/// `Criteria` as layouts 1 to 3 stored it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct CriteriaV3 {
+    exit_code: Option<i64>,
+    status_in: Option<Vec<u16>>,
+    file_exists: Option<bool>,
+    file_contains: Option<String>,
+    json_path_equals: Option<JsonPathEquals>,
+    output_contains: Option<String>,
+}
+
+impl CriteriaV3 {
+    fn into_current(self) -> Criteria {
+        Criteria {
+            exit_code: self.exit_code,
+            status_in: self.status_in,
+            file_exists: self.file_exists,
+            file_contains: self.file_contains,
+            json_path_equals: self.json_path_equals,
+            output_contains: self.output_contains,
+            llm_judge: None,
+        }
+    }
+}
+
+/// `TaskCheck` as layouts 1 to 3 stored it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct TaskCheckV3 {
+    step: String,
+    criteria: CriteriaV3,
+}
+
+/// `StepSpec` as layout 3 stored it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StepSpecV3 {
+    id: String,
+    tool: String,
+    params: JsonText,
+    params_template: Option<JsonText>,
+    verify: CriteriaV3,
+    depends_on: Vec<String>,
+    max_attempts: u32,
+    timeout_ms: u64,
+    compensate: Option<Box<StepSpecV3>>,
+    compensates: Option<String>,
+    placement: Option<Placement>,
+}
+
+impl StepSpecV3 {
+    fn into_current(self) -> StepSpec {
+        StepSpec {
+            id: self.id,
+            tool: self.tool,
+            params: self.params,
+            params_template: self.params_template,
+            verify: self.verify.into_current(),
+            depends_on: self.depends_on,
+            max_attempts: self.max_attempts,
+            timeout_ms: self.timeout_ms,
+            compensate: self.compensate.map(|c| Box::new(c.into_current())),
+            compensates: self.compensates,
+            placement: self.placement,
+        }
+    }
+}
+
+/// `Step` as layout 3 stored it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StepV3 {
+    spec: StepSpecV3,
+    status: StepStatus,
+    attempts: u32,
+    redeliveries: u32,
+    output: Option<JsonText>,
+    error: Option<String>,
+    verdict: Option<Verdict>,
+    started_at_ms: Option<u64>,
+    finished_at_ms: Option<u64>,
+    retry_at_ms: Option<u64>,
+    next_attempt: u32,
+    approval: Option<Approval>,
+    cost_micros: u64,
+}
+
+/// `Task` as layout 3 stored it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct TaskV3 {
+    id: String,
+    playbook: String,
+    playbook_version: String,
+    input: JsonText,
+    idempotency_key: Option<String>,
+    node_id: String,
+    status: TaskStatus,
+    created_at_ms: u64,
+    updated_at_ms: u64,
+    steps: Vec<StepV3>,
+    checks: Vec<TaskCheckV3>,
+    task_verdict: Option<Verdict>,
+    failure: Option<String>,
+    attention: Option<(String, String)>,
+    event_seq: u64,
+    hop_retries: u32,
+    persona: String,
+    ends_as: Option<TaskStatus>,
+    approvals_requested: u32,
+}
+
+impl TaskV3 {
     fn into_current(self) -> Task {
         Task {
             id: self.id,
@@ -374,7 +534,14 @@ impl TaskV2 {
                     cost_micros: s.cost_micros,
                 })
                 .collect(),
-            checks: self.checks,
+            checks: self
+                .checks
+                .into_iter()
+                .map(|c| TaskCheck {
+                    step: c.step,
+                    criteria: c.criteria.into_current(),
+                })
+                .collect(),
             task_verdict: self.task_verdict,
             failure: self.failure,
             attention: self.attention,
@@ -383,6 +550,9 @@ impl TaskV2 {
             persona: self.persona,
             ends_as: self.ends_as,
             approvals_requested: self.approvals_requested,
+            // Tasks from before LLM planning ran playbooks.
+            goal: None,
+            planning: None,
         }
     }
 }
@@ -408,7 +578,7 @@ mod tests {
                     tool: "file.write".into(),
                     params: JsonText("{}".into()),
                     params_template: None,
-                    verify: Criteria::default(),
+                    verify: CriteriaV3::default(),
                     depends_on: vec![],
                     max_attempts: 3,
                     timeout_ms: 1000,
@@ -493,6 +663,42 @@ mod tests {
         );
         assert_eq!((ep.started_at_ms, ep.archived_at_ms), (1, 3));
         assert_eq!(run(&store).await.unwrap_or_else(|e| panic!("{e}")), 0);
+    }
+
+    #[tokio::test]
+    async fn layout_3_tasks_keep_their_criteria_and_gain_no_goal() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let store = Store::open(dir.path(), &Default::default()).unwrap_or_else(|e| panic!("{e}"));
+        let mut old = v1("T1").into_v2().into_v3();
+        old.steps[0].spec.verify.output_contains = Some("done".into());
+        old.steps[0].spec.placement = Some(Placement::Node("laptop".into()));
+        old.checks.push(TaskCheckV3 {
+            step: "s1".into(),
+            criteria: CriteriaV3 {
+                status_in: Some(vec![201]),
+                ..Default::default()
+            },
+        });
+        let mut batch = Batch::new();
+        batch
+            .put(Cf::Tasks, b"T1".to_vec(), &old)
+            .unwrap_or_else(|e| panic!("{e}"));
+        batch
+            .put(Cf::Meta, META_RECORDS_KEY, &3u32)
+            .unwrap_or_else(|e| panic!("{e}"));
+        store.commit(batch).await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(run(&store).await.unwrap_or_else(|e| panic!("{e}")), 1);
+        let task: Task = store
+            .get(Cf::Tasks, b"T1")
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|| panic!("T1 gone"));
+        let spec = &task.steps[0].spec;
+        assert_eq!(spec.verify.output_contains.as_deref(), Some("done"));
+        assert_eq!(spec.verify.llm_judge, None);
+        assert_eq!(spec.placement, Some(Placement::Node("laptop".into())));
+        assert_eq!(task.checks[0].criteria.status_in, Some(vec![201]));
+        assert_eq!((task.goal, task.planning), (None, None));
+        assert_eq!(task.event_seq, 7);
     }
 
     #[tokio::test]

@@ -180,6 +180,47 @@ pub struct Criteria {
     pub json_path_equals: Option<JsonPathEquals>,
     #[serde(default)]
     pub output_contains: Option<String>,
+    /// A rubric an LLM judges the output against, for what rules cannot check (brand
+    /// voice). Its score, verdict and reasoning are kept in the step's verdict.
+    #[serde(default)]
+    pub llm_judge: Option<Judge>,
+}
+
+/// An LLM judge's criterion: the output passes if the judge scores it at least
+/// `threshold` (0 to 1) against `rubric`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Judge {
+    pub rubric: String,
+    #[serde(default = "Judge::default_threshold")]
+    pub threshold: f64,
+    /// Empty: the node's judge model.
+    #[serde(default)]
+    pub model: String,
+}
+
+impl Judge {
+    pub const DEFAULT_THRESHOLD: f64 = 0.7;
+    fn default_threshold() -> f64 {
+        Judge::DEFAULT_THRESHOLD
+    }
+}
+
+/// How an LLM plan was made: the model, the drafts it took, what they cost. Kept with
+/// the task whether the plan was accepted or not (a refused plan cost tokens too).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Planning {
+    pub model: String,
+    /// Drafts asked for: 1, plus one per repair.
+    pub drafts: u32,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    /// Millionths of a US dollar.
+    pub cost_micros: u64,
+    /// Why each refused draft was refused, oldest first.
+    pub refused: Vec<String>,
+    /// Characters of the first draft's prompt (capped by `llm_prompt_chars_max`).
+    pub prompt_chars: u64,
 }
 
 impl Criteria {
@@ -410,7 +451,15 @@ pub struct Task {
     pub ends_as: Option<TaskStatus>,
     /// Approvals requested so far: numbers the next approval id.
     pub approvals_requested: u32,
+    /// A goal in plain words, planned by the LLM planner (playbook [`GOAL_PLAYBOOK`]).
+    pub goal: Option<String>,
+    /// How the LLM planner made the plan, when it did.
+    pub planning: Option<Planning>,
 }
+
+/// The playbook name of tasks submitted as a free-text `goal`: budgets, metrics and
+/// lists count them under it. No playbook file may take the name.
+pub const GOAL_PLAYBOOK: &str = "goal";
 
 impl Task {
     pub fn new(
@@ -441,6 +490,8 @@ impl Task {
             persona: String::new(),
             ends_as: None,
             approvals_requested: 0,
+            goal: None,
+            planning: None,
         }
     }
 
@@ -458,9 +509,10 @@ impl Task {
         format!("{}.{}", self.id, step_id)
     }
 
-    /// Cost charged so far, over all steps.
+    /// Cost charged so far: its planning and all its steps.
     pub fn cost_micros(&self) -> u64 {
-        self.steps.iter().map(|s| s.cost_micros).sum()
+        self.planning.as_ref().map_or(0, |p| p.cost_micros)
+            + self.steps.iter().map(|s| s.cost_micros).sum::<u64>()
     }
 
     /// The step whose pending or latest approval is `approval_id`.

@@ -43,6 +43,36 @@ struct PlaybookFile {
     /// What the plan reads from memory, bounded.
     #[serde(default)]
     recall: Option<RecallFile>,
+    /// A goal template instead of `[[steps]]`: the LLM planner fills in the steps.
+    #[serde(default)]
+    goal: Option<String>,
+    /// Model routing and the LLM planner's tools, for this playbook.
+    #[serde(default)]
+    llm: Option<LlmFile>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LlmFile {
+    #[serde(default)]
+    planner_model: Option<String>,
+    #[serde(default)]
+    executor_model: Option<String>,
+    #[serde(default)]
+    judge_model: Option<String>,
+    /// Tools the LLM planner may use for this playbook's goal.
+    #[serde(default)]
+    tools: Option<Vec<String>>,
+}
+
+/// A playbook's model routing: empty strings fall back to the node's models.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LlmRouting {
+    pub planner_model: String,
+    pub executor_model: String,
+    pub judge_model: String,
+    /// Empty: the node's `llm_plan_tools`.
+    pub tools: Vec<String>,
 }
 
 /// One fact a verified run yields. Templates read `input.*`, `task.*`, `persona.*` and
@@ -131,6 +161,17 @@ struct CriteriaFile {
     file_contains: Option<String>,
     json_path_equals: Option<JsonPathFile>,
     output_contains: Option<String>,
+    llm_judge: Option<JudgeFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JudgeFile {
+    rubric: String,
+    #[serde(default)]
+    threshold: Option<f64>,
+    #[serde(default)]
+    model: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -167,6 +208,9 @@ pub struct Playbook {
     pub recall: Option<RecallRule>,
     /// What its templates read from the context store (after `context.`).
     context_paths: Vec<String>,
+    /// A goal template (no fixed steps): the LLM planner plans each run.
+    pub goal: Option<String>,
+    pub llm: LlmRouting,
 }
 
 /// A `[[remember]]` rule, its templates unrendered.
@@ -239,15 +283,75 @@ impl Playbook {
         };
         let raw: PlaybookFile =
             toml::from_str(text).map_err(|e| err(e.to_string().trim_end().to_string()))?;
+        if raw.name == crate::model::GOAL_PLAYBOOK {
+            return Err(err(format!(
+                "name `{}` is reserved for tasks submitted as a free-text goal",
+                raw.name
+            )));
+        }
+        Playbook::validate(raw, text, file, defaults)
+    }
+
+    /// A plan the LLM planner drafted (`{"steps": [...]}`), checked as a playbook of
+    /// that name would be: known tools, params, dependencies, templates, criteria.
+    pub fn from_plan(
+        name: &str,
+        persona: &str,
+        plan: &Value,
+        defaults: &StepDefaults,
+    ) -> Result<Playbook, String> {
+        let steps = plan
+            .get("steps")
+            .and_then(Value::as_array)
+            .ok_or("the plan has no `steps` array")?;
+        let mut files = Vec::with_capacity(steps.len());
+        for (n, step) in steps.iter().enumerate() {
+            let at = |problem: String| format!("steps[{n}]: {problem}");
+            let step = json_to_toml(&without_nulls(step)).map_err(at)?;
+            files.push(StepFile::deserialize(step).map_err(|e| at(e.to_string()))?);
+        }
+        let raw = PlaybookFile {
+            name: name.to_string(),
+            description: String::new(),
+            version: Some("llm".into()),
+            persona: Some(persona.to_string()),
+            steps: files,
+            checks: Vec::new(),
+            remember: Vec::new(),
+            recall: None,
+            goal: None,
+            llm: None,
+        };
+        Playbook::validate(raw, &plan.to_string(), Path::new("plan"), defaults)
+            .map_err(|e| e.problem)
+    }
+
+    fn validate(
+        raw: PlaybookFile,
+        text: &str,
+        file: &Path,
+        defaults: &StepDefaults,
+    ) -> Result<Playbook, PlaybookError> {
+        let file_name = file.display().to_string();
+        let err = |problem: String| PlaybookError {
+            file: file_name.clone(),
+            problem,
+        };
         if !subject::is_token(&raw.name) {
             return Err(err(format!(
                 "name `{}` must be letters, digits, `-` or `_`",
                 raw.name
             )));
         }
-        if raw.steps.is_empty() || raw.steps.len() > STEPS_MAX {
+        if raw.goal.is_some() {
+            if !raw.steps.is_empty() || !raw.checks.is_empty() {
+                return Err(err(
+                    "has a `goal` and [[steps]]: the LLM planner makes the steps of a goal; give one or the other".into(),
+                ));
+            }
+        } else if raw.steps.is_empty() || raw.steps.len() > STEPS_MAX {
             return Err(err(format!(
-                "has {} steps; a playbook has 1 to {STEPS_MAX} steps",
+                "has {} steps; a playbook has 1 to {STEPS_MAX} steps (or a `goal` for the LLM planner)",
                 raw.steps.len()
             )));
         }
@@ -292,6 +396,7 @@ impl Playbook {
                 .verify
                 .as_ref()
                 .ok_or_else(|| at("has no `verify` criteria".into()))?;
+            check_judge(verify).map_err(at)?;
             let verify = criteria_json(verify);
             if verify.as_object().is_some_and(|m| m.is_empty()) {
                 return Err(at("`verify` sets no criterion".into()));
@@ -324,6 +429,9 @@ impl Playbook {
                     }
                     check_one_pass(&refs).map_err(at)?;
                     context_paths.extend(context_paths_of(&refs));
+                    if let Some(v) = &c.verify {
+                        check_judge(v).map_err(at)?;
+                    }
                     let verify = c.verify.as_ref().map(criteria_json).unwrap_or(json!({}));
                     check_criteria_references(&verify).map_err(at)?;
                     let (max_attempts, timeout_ms) =
@@ -362,6 +470,12 @@ impl Playbook {
             if !ids.contains(&c.step.as_str()) {
                 return Err(err(format!(
                     "check names step `{}`, which is not a step",
+                    c.step
+                )));
+            }
+            if c.verify.llm_judge.is_some() {
+                return Err(err(format!(
+                    "check on `{}`: llm_judge judges a step's own output; put it in the step's `verify`",
                     c.step
                 )));
             }
@@ -434,6 +548,39 @@ impl Playbook {
                 })
             }
         };
+        if let Some(goal) = &raw.goal {
+            let at = |problem: String| err(format!("goal: {problem}"));
+            if goal.trim().is_empty() {
+                return Err(at("is empty".into()));
+            }
+            for reference in
+                template::references(&Value::String(goal.clone())).map_err(|e| at(e.to_string()))?
+            {
+                if !["input.", "task.", "persona."]
+                    .iter()
+                    .any(|p| reference.starts_with(p))
+                {
+                    return Err(at(format!(
+                        "`{{{{{reference}}}}}`: a goal reads input.*, task.* and persona.*"
+                    )));
+                }
+                check_reference(&reference, &[], false).map_err(at)?;
+            }
+        }
+        let llm = raw.llm.unwrap_or_default();
+        if let Some(tools) = &llm.tools {
+            for t in tools {
+                if tools::info(t).is_none() {
+                    return Err(err(format!("[llm] tools: unknown tool `{t}`")));
+                }
+            }
+        }
+        let llm = LlmRouting {
+            planner_model: llm.planner_model.unwrap_or_default(),
+            executor_model: llm.executor_model.unwrap_or_default(),
+            judge_model: llm.judge_model.unwrap_or_default(),
+            tools: llm.tools.unwrap_or_default(),
+        };
         context_paths.sort();
         context_paths.dedup();
         let hash = hex::encode(&Sha256::digest(text.as_bytes())[..4]);
@@ -448,7 +595,36 @@ impl Playbook {
             remember,
             recall,
             context_paths,
+            goal: raw.goal,
+            llm,
         })
+    }
+
+    /// The goal template rendered for this input (a goal playbook only).
+    pub fn goal_text(
+        &self,
+        task_id: &str,
+        input: &Value,
+        persona: &Value,
+    ) -> Result<Option<String>, InputError> {
+        let Some(goal) = &self.goal else {
+            return Ok(None);
+        };
+        if !input.is_object() {
+            return Err(InputError::NotAnObject);
+        }
+        let task = json!({"id": task_id, "playbook": self.name});
+        let scope: &[(&str, &Value)] = &[("input", input), ("task", &task), ("persona", persona)];
+        let text = template::render(&Value::String(goal.clone()), scope).map_err(|source| {
+            InputError::Template {
+                step: "goal".into(),
+                source,
+            }
+        })?;
+        Ok(Some(match text {
+            Value::String(s) => s,
+            other => other.to_string(),
+        }))
     }
 
     /// What the templates read from the context store: paths after `context.`, each a
@@ -783,6 +959,12 @@ fn criteria_json(c: &CriteriaFile) -> Value {
     if let Some(v) = &c.output_contains {
         m.insert("output_contains".into(), json!(v));
     }
+    if let Some(j) = &c.llm_judge {
+        m.insert(
+            "llm_judge".into(),
+            json!({"rubric": j.rubric, "threshold": j.threshold, "model": j.model}),
+        );
+    }
     Value::Object(m)
 }
 
@@ -812,6 +994,77 @@ fn criteria_from_json(v: &Value) -> Criteria {
             value: JsonText::from_value(j.get("value").unwrap_or(&Value::Null)),
         }),
         output_contains: text("output_contains"),
+        llm_judge: v.get("llm_judge").map(|j| crate::model::Judge {
+            rubric: j
+                .get("rubric")
+                .map(|r| {
+                    r.as_str()
+                        .map(str::to_string)
+                        .unwrap_or_else(|| r.to_string())
+                })
+                .unwrap_or_default(),
+            threshold: j
+                .get("threshold")
+                .and_then(Value::as_f64)
+                .unwrap_or(crate::model::Judge::DEFAULT_THRESHOLD),
+            model: j
+                .get("model")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string(),
+        }),
+    }
+}
+
+/// A judge as written, checked: a rubric, a threshold between 0 and 1.
+fn check_judge(c: &CriteriaFile) -> Result<(), String> {
+    let Some(j) = &c.llm_judge else {
+        return Ok(());
+    };
+    if j.rubric.trim().is_empty() {
+        return Err("llm_judge needs a `rubric`".into());
+    }
+    if let Some(t) = j.threshold
+        && !(0.0..=1.0).contains(&t)
+    {
+        return Err(format!("llm_judge threshold {t} must be between 0 and 1"));
+    }
+    Ok(())
+}
+
+/// JSON as TOML, for plans the LLM drafted (TOML has no null: strip them first).
+fn json_to_toml(v: &Value) -> Result<toml::Value, String> {
+    Ok(match v {
+        Value::Null => return Err("null is not a value here".into()),
+        Value::Bool(b) => toml::Value::Boolean(*b),
+        Value::Number(n) => match n.as_i64() {
+            Some(i) => toml::Value::Integer(i),
+            None => toml::Value::Float(n.as_f64().unwrap_or(0.0)),
+        },
+        Value::String(s) => toml::Value::String(s.clone()),
+        Value::Array(a) => {
+            toml::Value::Array(a.iter().map(json_to_toml).collect::<Result<_, _>>()?)
+        }
+        Value::Object(m) => toml::Value::Table(
+            m.iter()
+                .map(|(k, v)| Ok((k.clone(), json_to_toml(v)?)))
+                .collect::<Result<_, String>>()?,
+        ),
+    })
+}
+
+/// `v` with every `null` member of an object left out (models write absent optional
+/// fields as null).
+fn without_nulls(v: &Value) -> Value {
+    match v {
+        Value::Object(m) => Value::Object(
+            m.iter()
+                .filter(|(_, v)| !v.is_null())
+                .map(|(k, v)| (k.clone(), without_nulls(v)))
+                .collect(),
+        ),
+        Value::Array(a) => Value::Array(a.iter().map(without_nulls).collect()),
+        other => other.clone(),
     }
 }
 

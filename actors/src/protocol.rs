@@ -213,8 +213,8 @@ pub mod subject {
 pub struct SubmitRequest {
     #[serde(default)]
     pub playbook: Option<String>,
-    /// A goal in plain words, for the LLM planner (not available yet: answered with
-    /// `goal_not_supported`).
+    /// A goal in plain words, planned by the LLM planner (without a `playbook`). A node
+    /// with no LLM configured answers `goal_not_supported`.
     #[serde(default)]
     pub goal: Option<String>,
     #[serde(default = "empty_object")]
@@ -474,8 +474,42 @@ pub struct TaskView {
     /// Present while the task waits for an operator: which step and why.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub attention: Option<Attention>,
-    /// Cost charged so far, over all steps.
+    /// Cost charged so far: planning and all steps.
     pub cost_usd: f64,
+    /// The goal, for a task submitted as one.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub goal: Option<String>,
+    /// How the LLM planner made the plan, if it did.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub planning: Option<PlanningView>,
+}
+
+/// An LLM plan's making, as `cadre.tasks.get` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PlanningView {
+    pub model: String,
+    pub drafts: u32,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub cost_usd: f64,
+    /// Why each refused draft was refused, oldest first.
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub refused: Vec<String>,
+    pub prompt_chars: u64,
+}
+
+impl From<&crate::model::Planning> for PlanningView {
+    fn from(p: &crate::model::Planning) -> Self {
+        PlanningView {
+            model: p.model.clone(),
+            drafts: p.drafts,
+            prompt_tokens: p.prompt_tokens,
+            completion_tokens: p.completion_tokens,
+            cost_usd: crate::budget::usd(p.cost_micros),
+            refused: p.refused.clone(),
+            prompt_chars: p.prompt_chars,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -812,7 +846,7 @@ pub enum ErrorCode {
     /// The input does not satisfy the playbook (a template names a missing field).
     InvalidInput,
     PayloadTooLarge,
-    /// A free-text goal needs the LLM planner, which this node does not have.
+    /// A free-text goal needs the LLM planner, and this node has no LLM configured.
     GoalNotSupported,
     NotFound,
     /// The request conflicts with the task's state (e.g. resolving a step that is not
@@ -821,6 +855,10 @@ pub enum ErrorCode {
     /// The node is shutting down or a dependency is unreachable; retry later.
     Unavailable,
     Internal,
+    /// The LLM planner's plan stayed invalid through its repairs.
+    PlanInvalid,
+    /// A budget cap is already reached: the work would only add to it.
+    OverBudget,
 }
 
 impl ErrorCode {
@@ -837,6 +875,8 @@ impl ErrorCode {
             ErrorCode::Conflict => "conflict",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
+            ErrorCode::PlanInvalid => "plan_invalid",
+            ErrorCode::OverBudget => "over_budget",
         }
     }
 }
@@ -863,6 +903,8 @@ pub struct PlanRequest {
     pub task_id: String,
     pub playbook: String,
     pub input: JsonText,
+    /// A free-text goal (playbook `goal`): the LLM planner makes the plan.
+    pub goal: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -873,10 +915,14 @@ pub enum PlanReply {
         playbook_version: String,
         /// Who the plan acts as, for the policies.
         persona: String,
+        /// How the LLM planner made it, if it did.
+        planning: Option<crate::model::Planning>,
     },
     Rejected {
         code: ErrorCode,
         message: String,
+        /// What the LLM planner tried, if it did: refused drafts cost tokens too.
+        planning: Option<crate::model::Planning>,
     },
 }
 
@@ -986,6 +1032,10 @@ pub struct VerifyReply {
     pub verdict: Verdict,
     /// The task's verdict, when asked for with a passing step.
     pub task: Option<Verdict>,
+    /// What judging cost (an LLM judge's tokens), in millionths of a US dollar.
+    pub cost_micros: u64,
+    /// No verdict could be reached now (the LLM judge is unreachable): ask again later.
+    pub unavailable: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -1038,6 +1088,8 @@ mod tests {
             ErrorCode::Conflict,
             ErrorCode::Unavailable,
             ErrorCode::Internal,
+            ErrorCode::PlanInvalid,
+            ErrorCode::OverBudget,
         ] {
             assert_eq!(serde_json::to_value(code).unwrap(), code.as_str());
         }

@@ -19,9 +19,11 @@ use bytes::Bytes;
 use serde_json::Value;
 
 pub mod link;
+pub mod llm_server;
 pub mod sink;
 pub mod workload;
 pub use link::Link;
+pub use llm_server::LlmServer;
 pub use sink::HttpSink;
 
 /// A free TCP port on loopback (bound, then released for the child to take).

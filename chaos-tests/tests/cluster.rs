@@ -80,7 +80,13 @@ async fn nodes_announce_themselves_and_a_dead_node_is_reported_gone() -> anyhow:
         .unwrap_or_default();
     assert_eq!(
         tools,
-        BTreeSet::from(["context.put", "file.write", "http.request", "shell.run"])
+        BTreeSet::from([
+            "context.put",
+            "file.write",
+            "http.request",
+            "llm.generate",
+            "shell.run"
+        ])
     );
     let (code, text, err) = cadre_cli(&nats.url, &["cluster", "status"])?;
     assert_eq!(code, 0, "{err}");

@@ -107,13 +107,16 @@ impl Client {
             .map_err(|e| CliError::Unreachable(format!("unexpected reply on {subject}: {e}")))
     }
 
+    /// Submits `playbook`'s task, or with `goal` a goal for the LLM planner.
     pub async fn submit(
         &self,
-        playbook: &str,
+        playbook: Option<&str>,
+        goal: Option<&str>,
         input: Value,
         key: Option<String>,
     ) -> Result<SubmitReply, CliError> {
-        let req = serde_json::json!({"playbook": playbook, "input": input, "idempotency_key": key});
+        let req = serde_json::json!({"playbook": playbook, "goal": goal, "input": input, "idempotency_key": key});
+        let playbook = playbook.unwrap_or(actors::model::GOAL_PLAYBOOK);
         let reply: SubmitReply = self.request(subject::TASKS_SUBMIT, &req).await?;
         if self.json {
             print_json(&reply);

@@ -121,6 +121,42 @@ pub struct Config {
     pub fault_panic: Vec<String>,
     /// At most this many injected panics per role per run.
     pub fault_panic_max: u32,
+    /// The LLM provider's OpenAI-compatible API: `https://api.openai.com/v1`, Ollama's
+    /// `http://localhost:11434/v1`. Empty: no LLM (no goals, no `llm.generate`, no judge).
+    pub llm_base_url: String,
+    /// Its API key (env `CADRE_LLM_API_KEY`). Never logged or printed.
+    pub llm_api_key: String,
+    /// …or a file holding it (mode 0600 is advised), read at start.
+    pub llm_api_key_file: PathBuf,
+    /// The model every role uses unless routed below.
+    pub llm_model: String,
+    /// Routing by role: a larger model plans, a cheaper one runs `llm.generate` steps
+    /// and judges. Empty: `llm_model`. A playbook's `[llm]` section routes its own.
+    pub llm_planner_model: String,
+    pub llm_executor_model: String,
+    pub llm_judge_model: String,
+    /// One attempt of one call.
+    pub llm_timeout_ms: u64,
+    /// Calls in flight at once to the provider.
+    pub llm_concurrency_max: usize,
+    /// Retries of a 429, 5xx or timeout (honouring `Retry-After`) before a call fails.
+    pub llm_retries_max: u32,
+    pub llm_retry_delay_ms_base: u64,
+    pub llm_retry_delay_ms_max: u64,
+    /// Prices by model, US dollars per million input/output tokens:
+    /// `gpt-4o-mini=0.15/0.6` (env: comma-separated). Usage × price is each call's cost.
+    pub llm_prices: Vec<String>,
+    /// Times an invalid LLM plan is sent back with its errors before the task fails.
+    pub llm_plan_repairs_max: u32,
+    /// Hard cap on a planning prompt, in characters.
+    pub llm_prompt_chars_max: usize,
+    /// Steps an LLM plan has at least (at most 7).
+    pub llm_plan_steps_min: usize,
+    /// Tools the LLM planner may use (env: comma-separated). `shell.run` is left out
+    /// unless named: a model choosing programs to run deserves a deliberate opt-in.
+    pub llm_plan_tools: Vec<String>,
+    /// Context keys, by prefix, whose latest values the planning prompt shows.
+    pub llm_context_prefixes: Vec<String>,
 }
 
 impl Default for Config {
@@ -175,6 +211,26 @@ impl Default for Config {
             seed: 0,
             fault_panic: Vec::new(),
             fault_panic_max: 3,
+            llm_base_url: String::new(),
+            llm_api_key: String::new(),
+            llm_api_key_file: PathBuf::new(),
+            llm_model: String::new(),
+            llm_planner_model: String::new(),
+            llm_executor_model: String::new(),
+            llm_judge_model: String::new(),
+            llm_timeout_ms: 60_000,
+            llm_concurrency_max: 4,
+            llm_retries_max: 4,
+            llm_retry_delay_ms_base: 500,
+            llm_retry_delay_ms_max: 30_000,
+            llm_prices: Vec::new(),
+            llm_plan_repairs_max: 2,
+            llm_prompt_chars_max: 24_000,
+            llm_plan_steps_min: 3,
+            llm_plan_tools: ["llm.generate", "file.write", "http.request", "context.put"]
+                .map(String::from)
+                .to_vec(),
+            llm_context_prefixes: vec!["pref.".into(), "project.".into()],
         }
     }
 }
@@ -379,6 +435,9 @@ impl Config {
         if let Err(e) = self.persona() {
             problems.push(e);
         }
+        if let Err(e) = self.llm() {
+            problems.push(e);
+        }
         for (name, value) in [
             ("episodes_max", self.episodes_max as u64),
             ("episodes_bytes_max", self.episodes_bytes_max),
@@ -470,6 +529,96 @@ impl Config {
 }
 
 impl Config {
+    /// The LLM provider's settings, checked; `None` without `llm_base_url`.
+    pub fn llm(&self) -> Result<Option<actors::llm::LlmSettings>, String> {
+        if self.llm_base_url.is_empty() {
+            return Ok(None);
+        }
+        if !self.llm_base_url.starts_with("http://") && !self.llm_base_url.starts_with("https://") {
+            return Err(format!(
+                "llm_base_url `{}` must be an http:// or https:// URL, e.g. http://localhost:11434/v1",
+                self.llm_base_url
+            ));
+        }
+        if self.llm_model.is_empty() {
+            return Err("llm_base_url is set but llm_model is not (CADRE_LLM_MODEL)".into());
+        }
+        let api_key = match (
+            self.llm_api_key.is_empty(),
+            self.llm_api_key_file.as_os_str().is_empty(),
+        ) {
+            (false, false) => {
+                return Err("set llm_api_key or llm_api_key_file, not both".into());
+            }
+            (false, true) => Some(actors::llm::ApiKey::new(self.llm_api_key.clone())),
+            (true, false) => {
+                let text = std::fs::read_to_string(&self.llm_api_key_file).map_err(|e| {
+                    format!(
+                        "llm_api_key_file `{}`: {e}",
+                        self.llm_api_key_file.display()
+                    )
+                })?;
+                Some(actors::llm::ApiKey::new(text.trim().to_string()))
+            }
+            // Ollama and most local servers need none.
+            (true, true) => None,
+        };
+        let mut prices = std::collections::HashMap::new();
+        for text in &self.llm_prices {
+            let (model, price) = text.split_once('=').ok_or_else(|| {
+                format!("llm_prices entry `{text}` must look like `gpt-4o-mini=0.15/0.6`")
+            })?;
+            let price = actors::llm::Price::parse(price)
+                .map_err(|e| format!("llm_prices entry `{text}`: {e}"))?;
+            prices.insert(model.trim().to_string(), price);
+        }
+        for t in &self.llm_plan_tools {
+            if actors::tools::info(t).is_none() {
+                return Err(format!("llm_plan_tools: {}", unknown_tool(t)));
+            }
+        }
+        if !(1..=actors::playbook::STEPS_MAX).contains(&self.llm_plan_steps_min) {
+            return Err(format!(
+                "llm_plan_steps_min {} must be 1 to {}",
+                self.llm_plan_steps_min,
+                actors::playbook::STEPS_MAX
+            ));
+        }
+        for (name, value) in [
+            ("llm_timeout_ms", self.llm_timeout_ms),
+            ("llm_concurrency_max", self.llm_concurrency_max as u64),
+            ("llm_prompt_chars_max", self.llm_prompt_chars_max as u64),
+        ] {
+            if value == 0 {
+                return Err(format!("{name} must be greater than 0"));
+            }
+        }
+        if self.llm_retry_delay_ms_base > self.llm_retry_delay_ms_max {
+            return Err("llm_retry_delay_ms_base must not exceed llm_retry_delay_ms_max".into());
+        }
+        Ok(Some(actors::llm::LlmSettings {
+            base_url: self.llm_base_url.clone(),
+            api_key,
+            models: actors::llm::Models {
+                default: self.llm_model.clone(),
+                planner: self.llm_planner_model.clone(),
+                executor: self.llm_executor_model.clone(),
+                judge: self.llm_judge_model.clone(),
+            },
+            timeout: std::time::Duration::from_millis(self.llm_timeout_ms),
+            concurrency_max: self.llm_concurrency_max,
+            retries_max: self.llm_retries_max,
+            retry_delay_base: std::time::Duration::from_millis(self.llm_retry_delay_ms_base),
+            retry_delay_max: std::time::Duration::from_millis(self.llm_retry_delay_ms_max),
+            prices,
+            plan_repairs_max: self.llm_plan_repairs_max,
+            prompt_chars_max: self.llm_prompt_chars_max,
+            plan_steps_min: self.llm_plan_steps_min,
+            plan_tools: self.llm_plan_tools.clone(),
+            context_prefixes: self.llm_context_prefixes.clone(),
+        }))
+    }
+
     /// The persona file, loaded and checked; `None` without one.
     pub fn persona(&self) -> Result<Option<actors::persona::Persona>, String> {
         if self.persona_file.as_os_str().is_empty() {

@@ -351,9 +351,14 @@ enum AuditCommand {
 
 #[derive(Subcommand)]
 enum TaskCommand {
-    /// Submit a task; `--wait` follows it to the end.
+    /// Submit a task (a playbook, or `--goal` for the LLM planner); `--wait` follows it
+    /// to the end.
     Submit {
-        playbook: String,
+        #[arg(required_unless_present = "goal")]
+        playbook: Option<String>,
+        /// A goal in plain words instead of a playbook (needs an LLM: CADRE_LLM_*).
+        #[arg(long, conflicts_with = "playbook")]
+        goal: Option<String>,
         /// Input as a JSON object.
         #[arg(long, conflicts_with = "input_file")]
         input: Option<String>,
@@ -617,6 +622,7 @@ async fn task(c: Client, command: TaskCommand) -> Result<(), CliError> {
     match command {
         TaskCommand::Submit {
             playbook,
+            goal,
             input,
             input_file,
             key,
@@ -632,7 +638,9 @@ async fn task(c: Client, command: TaskCommand) -> Result<(), CliError> {
                 }
                 (None, None) => json!({}),
             };
-            let reply = c.submit(&playbook, input, key).await?;
+            let reply = c
+                .submit(playbook.as_deref(), goal.as_deref(), input, key)
+                .await?;
             if wait {
                 c.watch(&reply.task_id).await?;
             }
@@ -837,6 +845,11 @@ async fn node_run(args: NodeRunArgs) -> i32 {
         // The URL may carry a password: never print it.
         let shown = Config {
             nats_url: node::nats_url::display(&config.nats_url),
+            llm_api_key: if config.llm_api_key.is_empty() {
+                String::new()
+            } else {
+                "<redacted>".into()
+            },
             ..config.clone()
         };
         match toml::to_string(&shown) {

@@ -140,7 +140,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             .context("cannot open the memory index")?;
     let knowledge = Arc::new(actors::knowledge::Shared::new(index));
     ctx.set_knowledge(knowledge.clone());
-    let tool_set = tools::build(&ctx.settings.tools, ctx.nats.clone())?;
+    // Validated with the config.
+    let llm = match config.llm().map_err(anyhow::Error::msg)? {
+        Some(settings) => {
+            tracing::info!(base_url = %settings.base_url, model = %settings.models.default, "LLM provider configured");
+            let provider = Arc::new(actors::llm::Provider::new(settings, metrics.clone())?);
+            ctx.set_llm(provider.clone());
+            Some(provider)
+        }
+        None => None,
+    };
+    let tool_set = tools::build(&ctx.settings.tools, ctx.nats.clone(), llm)?;
     let catalog = Arc::new(catalog);
     let tool_names: Vec<&str> = tool_set.iter().map(|t| t.info().name).collect();
     metrics.init_labels(&config.node_id, &catalog.names(), &tool_names);

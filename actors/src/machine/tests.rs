@@ -58,6 +58,7 @@ fn planned(t: &mut Task, steps: Vec<StepSpec>) -> Transition {
             checks: vec![],
             playbook_version: "1@x".into(),
             persona: "operator".into(),
+            planning: None,
         }),
     )
 }
@@ -133,6 +134,7 @@ fn happy_path_commits_every_transition_and_numbers_events() {
             attempt: 1,
             verdict: pass(),
             task_verdict: None,
+            cost_micros: 0,
         },
     );
     assert_eq!(kinds(&tr), ["step_succeeded", "step_started"]);
@@ -153,6 +155,7 @@ fn happy_path_commits_every_transition_and_numbers_events() {
             attempt: 1,
             verdict: pass(),
             task_verdict: None,
+            cost_micros: 0,
         },
     );
     assert_eq!(t.status, TaskStatus::Verifying);
@@ -190,6 +193,7 @@ fn independent_steps_run_in_parallel() {
             attempt: 1,
             verdict: pass(),
             task_verdict: None,
+            cost_micros: 0,
         },
     );
     assert!(tr.actions.is_empty(), "c still waits for b");
@@ -293,6 +297,7 @@ fn failed_verdict_retries_and_permanent_failure_does_not() {
             attempt: 1,
             verdict,
             task_verdict: None,
+            cost_micros: 0,
         },
     );
     assert!(matches!(
@@ -343,6 +348,7 @@ fn stale_replies_are_ignored() {
             attempt: 1,
             verdict: pass(),
             task_verdict: None,
+            cost_micros: 0,
         },
     );
     assert!(
@@ -605,6 +611,7 @@ fn planner_rejection_and_hop_failures_fail_the_task_after_bounded_retries() {
         Input::Planned(PlanReply::Rejected {
             code: ErrorCode::InvalidInput,
             message: "`input.x` is missing".into(),
+            planning: None,
         }),
     );
     assert_eq!(r.status, TaskStatus::Failed);
@@ -632,6 +639,7 @@ fn task_level_check_failure_fails_the_task() {
             checks,
             playbook_version: "1".into(),
             persona: "operator".into(),
+            planning: None,
         }),
     );
     go(
@@ -649,6 +657,7 @@ fn task_level_check_failure_fails_the_task() {
             attempt: 1,
             verdict: pass(),
             task_verdict: None,
+            cost_micros: 0,
         },
     );
     go(
@@ -815,6 +824,7 @@ fn the_last_steps_verify_can_carry_the_task_verdict_into_one_commit() {
             attempt: 1,
             verdict: pass(),
             task_verdict: Some(pass()),
+            cost_micros: 0,
         },
     );
     assert!(tr.commit);
@@ -843,6 +853,7 @@ fn the_last_steps_verify_can_carry_the_task_verdict_into_one_commit() {
             attempt: 1,
             verdict: pass(),
             task_verdict: Some(no),
+            cost_micros: 0,
         },
     );
     assert_eq!(kinds(&tr), ["step_succeeded", "verifying", "failed"]);
@@ -915,6 +926,7 @@ fn planned_with(t: &mut Task, steps: Vec<StepSpec>, gate: &Rules) -> Transition 
             checks: vec![],
             playbook_version: "1@x".into(),
             persona: "operator".into(),
+            planning: None,
         }),
         2_000,
         gate,
@@ -1196,6 +1208,7 @@ fn succeed(t: &mut Task, step: &str, now_ms: u64, gate: &Rules) -> Transition {
         attempt,
         verdict: pass(),
         task_verdict: None,
+        cost_micros: 0,
     };
     gated(t, verified, now_ms, gate)
 }

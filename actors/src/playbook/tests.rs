@@ -61,13 +61,13 @@ fn a_valid_playbook_plans_with_input() {
 fn errors_name_file_step_and_problem() {
     assert_eq!(
         err("name = \"x\"\n"),
-        "pb.toml: has 0 steps; a playbook has 1 to 7 steps"
+        "pb.toml: has 0 steps; a playbook has 1 to 7 steps (or a `goal` for the LLM planner)"
     );
     let eight: String = (0..8).map(|i| format!("[[steps]]\nid = \"s{i}\"\ntool = \"file.write\"\nparams = {{ path = \"/a\", content = \"\" }}\nverify = {{ file_exists = true }}\n")).collect();
     assert!(err(&format!("name = \"x\"\n{eight}")).contains("has 8 steps"));
     let unknown_tool = OK.replace("http.request", "http.get");
     assert!(err(&unknown_tool).contains(
-        "pb.toml: step `b`: unknown tool `http.get` (known: file.write, http.request, shell.run, context.put)"
+        "pb.toml: step `b`: unknown tool `http.get` (known: file.write, http.request, shell.run, context.put, llm.generate)"
     ));
     let bad_dep = OK.replace("depends_on = [\"a\"]", "depends_on = [\"zz\"]");
     assert_eq!(
@@ -349,4 +349,116 @@ verify = { file_exists = true }
         };
         assert!(e.to_string().contains(problem), "{e}");
     }
+}
+
+#[test]
+fn a_goal_playbook_has_a_template_and_routing_instead_of_steps() {
+    let pb = parse(
+        r#"
+name = "newsletter-goal"
+goal = "Draft the newsletter about {{input.topic}} for {{persona.name}}"
+[llm]
+planner_model = "big"
+executor_model = "small"
+tools = ["llm.generate", "file.write"]
+"#,
+    )
+    .unwrap();
+    assert_eq!(pb.step_count(), 0);
+    assert_eq!(pb.llm.executor_model, "small");
+    let persona = serde_json::json!({"name": "Ada"});
+    assert_eq!(
+        pb.goal_text("t", &serde_json::json!({"topic": "pricing"}), &persona)
+            .unwrap()
+            .as_deref(),
+        Some("Draft the newsletter about pricing for Ada")
+    );
+    assert!(
+        pb.goal_text("t", &serde_json::json!({}), &persona).is_err(),
+        "a missing input field is the submitter's error"
+    );
+    let both = format!("goal = \"x\"\n{OK}");
+    assert!(
+        err(&both).contains("has a `goal` and [[steps]]"),
+        "{}",
+        err(&both)
+    );
+    assert!(err("name = \"g\"\ngoal = \"{{steps.a.output.x}}\"").contains("a goal reads input.*"));
+    assert!(
+        err("name = \"g\"\ngoal = \"x\"\n[llm]\ntools = [\"mail.send\"]")
+            .contains("unknown tool `mail.send`")
+    );
+    assert!(
+        err("name = \"goal\"\ngoal = \"x\"")
+            .contains("reserved for tasks submitted as a free-text goal")
+    );
+}
+
+#[test]
+fn a_judge_needs_a_rubric_a_threshold_in_range_and_a_step() {
+    let step = |verify: &str| {
+        format!(
+            "name = \"j\"\n[[steps]]\nid = \"a\"\ntool = \"llm.generate\"\nparams = {{ prompt = \"p\" }}\nverify = {verify}\n"
+        )
+    };
+    let pb = parse(&step(
+        "{ llm_judge = { rubric = \"warm, in {{persona.voice}}\" } }",
+    ))
+    .unwrap();
+    let (steps, _) = pb
+        .plan(
+            "t",
+            &serde_json::json!({}),
+            &serde_json::json!({"voice": "plain words"}),
+        )
+        .unwrap();
+    let judge = steps[0].verify.llm_judge.clone().unwrap();
+    assert_eq!(judge.rubric, "warm, in plain words");
+    assert_eq!(judge.threshold, crate::model::Judge::DEFAULT_THRESHOLD);
+    assert!(err(&step("{ llm_judge = { rubric = \"\" } }")).contains("needs a `rubric`"));
+    assert!(
+        err(&step("{ llm_judge = { rubric = \"r\", threshold = 1.5 } }"))
+            .contains("must be between 0 and 1")
+    );
+    let in_checks = format!(
+        "{}[[checks]]\nstep = \"a\"\nverify = {{ llm_judge = {{ rubric = \"r\" }} }}\n",
+        step("{ output_contains = \"x\" }")
+    );
+    assert!(err(&in_checks).contains("put it in the step's `verify`"));
+}
+
+#[test]
+fn an_llm_plan_is_checked_like_a_playbook() {
+    let plan = serde_json::json!({"steps": [
+        {"id": "draft", "tool": "llm.generate", "params": {"prompt": "Hi {{input.client}}", "model": null},
+         "verify": {"output_contains": "Hi"}},
+        {"id": "save", "tool": "file.write", "depends_on": ["draft"],
+         "params": {"path": "/r/x.md", "content": "{{steps.draft.output.text}}"},
+         "verify": {"file_exists": true}},
+    ]});
+    let pb = Playbook::from_plan("goal", "operator", &plan, &defaults()).unwrap();
+    let (steps, _) = pb
+        .plan("t", &serde_json::json!({"client": "Acme"}), &Value::Null)
+        .unwrap();
+    assert_eq!(steps[0].params.to_value().unwrap()["prompt"], "Hi Acme");
+    assert!(steps[1].params_template.is_some(), "rendered at dispatch");
+    assert_eq!(pb.persona, "operator");
+
+    let mut no_dep = plan.clone();
+    no_dep["steps"][1]["depends_on"] = serde_json::json!([]);
+    let e = Playbook::from_plan("goal", "operator", &no_dep, &defaults()).unwrap_err();
+    assert!(
+        e.contains("step `save`") && e.contains("must be in depends_on"),
+        "{e}"
+    );
+    let mut extra = plan.clone();
+    extra["steps"][0]["why"] = serde_json::json!("because");
+    let e = Playbook::from_plan("goal", "operator", &extra, &defaults()).unwrap_err();
+    assert!(
+        e.contains("steps[0]") && e.contains("unknown field `why`"),
+        "{e}"
+    );
+    let e =
+        Playbook::from_plan("goal", "operator", &serde_json::json!({}), &defaults()).unwrap_err();
+    assert_eq!(e, "the plan has no `steps` array");
 }

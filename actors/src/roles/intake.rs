@@ -23,7 +23,7 @@ use tokio::task::JoinHandle;
 
 use crate::bus::{self, Inbound};
 use crate::context::NodeContext;
-use crate::model::{JsonText, Task, TaskStatus};
+use crate::model::{GOAL_PLAYBOOK, JsonText, Task, TaskStatus};
 use crate::playbook::Catalog;
 use crate::protocol::{
     ErrorCode, ErrorReply, IntakeRejected, SubmitReply, SubmitRequest, TaskEvent, subject,
@@ -34,6 +34,8 @@ use crate::roles::{RELAY, TASKS, lookup};
 
 /// Longest client idempotency key accepted.
 pub const IDEMPOTENCY_KEY_BYTES_MAX: usize = 256;
+/// Longest free-text goal, in characters.
+pub const GOAL_CHARS_MAX: usize = 8_000;
 
 #[derive(Clone, Copy)]
 pub struct Intake;
@@ -219,12 +221,45 @@ impl IntakeState {
     fn validate(&self, payload: &[u8]) -> Result<(SubmitRequest, String), ErrorReply> {
         let req: SubmitRequest = parse_json(payload, self.ctx.settings.payload_bytes_max)?;
         let name = match (&req.playbook, &req.goal) {
-            (Some(name), _) => name.clone(),
-            (None, Some(_)) => {
+            (Some(_), Some(_)) => {
                 return Err(ErrorReply::new(
-                    ErrorCode::GoalNotSupported,
-                    "free-text goals need the LLM planner, which this node does not have; name a `playbook`",
+                    ErrorCode::InvalidRequest,
+                    "give a `playbook` or a `goal`, not both (a playbook may carry its own goal template)",
                 ));
+            }
+            (Some(name), None) => name.clone(),
+            (None, Some(goal)) => {
+                if self.ctx.llm().is_none() {
+                    return Err(ErrorReply::new(
+                        ErrorCode::GoalNotSupported,
+                        format!(
+                            "free-text goals need the LLM planner: {}; or name a `playbook`",
+                            crate::llm::LlmError::NotConfigured
+                        ),
+                    ));
+                }
+                let chars = goal.chars().count();
+                if goal.trim().is_empty() || chars > GOAL_CHARS_MAX {
+                    return Err(ErrorReply::new(
+                        ErrorCode::InvalidRequest,
+                        format!("goal must be 1 to {GOAL_CHARS_MAX} characters (it has {chars})"),
+                    ));
+                }
+                if !req.input.is_object() {
+                    return Err(ErrorReply::new(
+                        ErrorCode::InvalidInput,
+                        "input must be a JSON object",
+                    ));
+                }
+                if let Some(key) = &req.idempotency_key
+                    && (key.is_empty() || key.len() > IDEMPOTENCY_KEY_BYTES_MAX)
+                {
+                    return Err(ErrorReply::new(
+                        ErrorCode::InvalidRequest,
+                        format!("idempotency_key must be 1 to {IDEMPOTENCY_KEY_BYTES_MAX} bytes"),
+                    ));
+                }
+                return Ok((req, GOAL_PLAYBOOK.to_string()));
             }
             (None, None) => {
                 return Err(ErrorReply::new(
@@ -253,8 +288,18 @@ impl IntakeState {
         // Render the plan once now so a missing input field is the submitter's error,
         // not a failed task later.
         let persona = self.catalog.persona();
+        if playbook.goal.is_some() && self.ctx.llm().is_none() {
+            return Err(ErrorReply::new(
+                ErrorCode::GoalNotSupported,
+                format!(
+                    "playbook `{name}` is a goal for the LLM planner: {}",
+                    crate::llm::LlmError::NotConfigured
+                ),
+            ));
+        }
         playbook
-            .plan("validation", &req.input, persona)
+            .goal_text("validation", &req.input, persona)
+            .and_then(|_| playbook.plan("validation", &req.input, persona))
             .map_err(|e| {
                 ErrorReply::new(ErrorCode::InvalidInput, format!("playbook `{name}`: {e}"))
             })?;
@@ -304,6 +349,9 @@ impl IntakeState {
             now,
         );
         task.event_seq = 1;
+        if playbook == GOAL_PLAYBOOK {
+            task.goal = req.goal.clone();
+        }
         let event = TaskEvent {
             task_id: task_id.clone(),
             seq: 1,

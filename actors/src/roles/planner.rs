@@ -10,7 +10,7 @@ use crate::context::NodeContext;
 use serde_json::{Map, Value};
 
 use crate::knowledge::{self, recall};
-use crate::playbook::{Catalog, Known, Playbook};
+use crate::playbook::{Catalog, Known, LlmRouting, Playbook};
 use crate::protocol::{ErrorCode, PlanReply, PlanRequest, subject};
 
 #[derive(Clone, Copy)]
@@ -69,10 +69,24 @@ impl Actor for Planner {
         let PlannerMsg::Request(inbound) = msg;
         state.ctx.settings.faults.maybe_panic(super::PLANNER);
         let reply = match storage::codec::from_wire::<PlanRequest>(&inbound.msg.payload) {
+            // An LLM plan takes seconds to minutes: planned off the actor, so playbook
+            // plans are never queued behind it.
+            Ok(req) if needs_llm(&state.catalog, &req) => {
+                let ctx = state.ctx.clone();
+                let catalog = state.catalog.clone();
+                tokio::spawn(async move {
+                    let Inbound { msg, permit } = inbound;
+                    let reply = plan_with_llm(&ctx, &catalog, &req).await;
+                    bus::reply_wire(&ctx.nats, msg.reply, &reply, &ctx.from(super::PLANNER)).await;
+                    drop(permit);
+                });
+                return Ok(());
+            }
             Ok(req) => plan(&state.ctx, &state.catalog, &req),
             Err(e) => PlanReply::Rejected {
                 code: ErrorCode::InvalidRequest,
                 message: format!("undecodable plan request: {e}"),
+                planning: None,
             },
         };
         bus::reply_wire(
@@ -97,6 +111,71 @@ impl Actor for Planner {
     }
 }
 
+/// A free-text goal, or a playbook with a goal template.
+fn needs_llm(catalog: &Catalog, req: &PlanRequest) -> bool {
+    req.goal.is_some() || catalog.get(&req.playbook).is_some_and(|p| p.goal.is_some())
+}
+
+/// Plans a goal with the LLM planner: the free-text goal as given, or the playbook's
+/// goal template rendered for the input, with the playbook's routing and recall.
+async fn plan_with_llm(ctx: &NodeContext, catalog: &Catalog, req: &PlanRequest) -> PlanReply {
+    let rejected = |code, message: String| PlanReply::Rejected {
+        code,
+        message,
+        planning: None,
+    };
+    let Some(provider) = ctx.llm() else {
+        return rejected(
+            ErrorCode::GoalNotSupported,
+            crate::llm::LlmError::NotConfigured.to_string(),
+        );
+    };
+    let input = match req.input.to_value() {
+        Ok(v) => v,
+        Err(e) => return rejected(ErrorCode::InvalidInput, format!("input is not JSON: {e}")),
+    };
+    let free_text = LlmRouting::default();
+    let (text, routing, persona_name, recall) = match (&req.goal, catalog.get(&req.playbook)) {
+        (Some(goal), _) => (goal.clone(), &free_text, "operator", None),
+        (None, Some(pb)) => {
+            let text = match pb.goal_text(&req.task_id, &input, catalog.persona()) {
+                Ok(Some(t)) => t,
+                Ok(None) => {
+                    return rejected(ErrorCode::Internal, "the playbook has no goal".into());
+                }
+                Err(e) => return rejected(ErrorCode::InvalidInput, e.to_string()),
+            };
+            let recall = match pb.recall_query(&req.task_id, &input, catalog.persona()) {
+                Ok(r) => r,
+                Err(e) => return rejected(ErrorCode::InvalidInput, e.to_string()),
+            };
+            (text, &pb.llm, pb.persona.as_str(), recall)
+        }
+        (None, None) => {
+            return rejected(
+                ErrorCode::UnknownPlaybook,
+                format!("no playbook named `{}`", req.playbook),
+            );
+        }
+    };
+    crate::llm::plan::plan(
+        ctx,
+        provider,
+        &ctx.settings.step_defaults,
+        crate::llm::plan::Goal {
+            task_id: &req.task_id,
+            playbook: &req.playbook,
+            persona_name,
+            text,
+            input: &input,
+            persona: catalog.persona(),
+            routing,
+            recall,
+        },
+    )
+    .await
+}
+
 pub fn plan(ctx: &NodeContext, catalog: &Catalog, req: &PlanRequest) -> PlanReply {
     let Some(playbook) = catalog.get(&req.playbook) else {
         return PlanReply::Rejected {
@@ -106,6 +185,7 @@ pub fn plan(ctx: &NodeContext, catalog: &Catalog, req: &PlanRequest) -> PlanRepl
                 req.playbook,
                 catalog.names().join(", ")
             ),
+            planning: None,
         };
     };
     let input = match req.input.to_value() {
@@ -114,6 +194,7 @@ pub fn plan(ctx: &NodeContext, catalog: &Catalog, req: &PlanRequest) -> PlanRepl
             return PlanReply::Rejected {
                 code: ErrorCode::InvalidInput,
                 message: format!("input is not JSON: {e}"),
+                planning: None,
             };
         }
     };
@@ -123,19 +204,29 @@ pub fn plan(ctx: &NodeContext, catalog: &Catalog, req: &PlanRequest) -> PlanRepl
             return PlanReply::Rejected {
                 code: ErrorCode::InvalidInput,
                 message,
+                planning: None,
             };
         }
     };
     match playbook.plan_with(&req.task_id, &input, catalog.persona(), &known) {
-        Ok((steps, checks)) => PlanReply::Planned {
-            steps,
-            checks,
-            playbook_version: playbook.version.clone(),
-            persona: playbook.persona.clone(),
-        },
+        Ok((mut steps, checks)) => {
+            crate::llm::plan::route_models(
+                &mut steps,
+                &playbook.llm.executor_model,
+                &playbook.llm.judge_model,
+            );
+            PlanReply::Planned {
+                steps,
+                checks,
+                playbook_version: playbook.version.clone(),
+                persona: playbook.persona.clone(),
+                planning: None,
+            }
+        }
         Err(e) => PlanReply::Rejected {
             code: ErrorCode::InvalidInput,
             message: e.to_string(),
+            planning: None,
         },
     }
 }
@@ -143,7 +234,7 @@ pub fn plan(ctx: &NodeContext, catalog: &Catalog, req: &PlanRequest) -> PlanRepl
 /// What the plan reads from knowledge: the context keys its templates name (latest
 /// versions, from this node's copy) and its `[recall]` retrieval — bounded, never the
 /// full history.
-fn gather(
+pub(crate) fn gather(
     ctx: &NodeContext,
     playbook: &Playbook,
     task_id: &str,

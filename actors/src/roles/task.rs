@@ -301,6 +301,7 @@ impl TaskState {
         let now = self.ctx.now_ms();
         let jitter: f64 = self.rng.random();
         let cost_before: Vec<u64> = self.task.steps.iter().map(|s| s.cost_micros).collect();
+        let total_before = self.task.cost_micros();
         let gate = Governor { ctx: &self.ctx };
         let transition = match machine::apply(
             &mut self.task,
@@ -338,7 +339,16 @@ impl TaskState {
             })
             .filter(|(_, c)| *c > 0)
             .collect();
-        let total: u64 = charged.values().sum();
+        let total = self.task.cost_micros().saturating_sub(total_before);
+        if transition.reported_cost_micros > 0 {
+            // The gate charged dispatches as it allowed them; what calls reported
+            // afterwards joins today's spend now, so the next cap check sees it.
+            self.ctx.ledger.record(
+                &crate::budget::day_of(now),
+                &self.task.playbook,
+                transition.reported_cost_micros,
+            );
+        }
         if total > 0 {
             self.uncommitted_charges
                 .push((crate::budget::day_of(now), total));
@@ -707,13 +717,19 @@ impl TaskState {
                     task_id: self.task.id.clone(),
                     playbook: self.task.playbook.clone(),
                     input: self.task.input.clone(),
+                    goal: self.task.goal.clone(),
+                };
+                // An LLM plan takes drafts, each a call that may be retried.
+                let timeout = match ctx.llm() {
+                    Some(llm) => hop_timeout + crate::llm::plan::budget(llm.settings()),
+                    None => hop_timeout,
                 };
                 hop(
                     ctx,
                     myself,
                     subject::plan_on_node(&ctx.settings.node_id),
                     req,
-                    hop_timeout,
+                    timeout,
                     |r: Result<PlanReply, HopError>| match r {
                         Ok(reply) => Input::Planned(reply),
                         Err(e) => Input::PlanUnavailable(e.to_string()),
@@ -828,18 +844,31 @@ impl TaskState {
                     Some(node) if reads_disk => subject::verify_on_node(node),
                     _ => subject::verify_on_node(&ctx.settings.node_id),
                 };
+                let timeout = match (&s.spec.verify.llm_judge, ctx.llm()) {
+                    (Some(_), Some(llm)) => hop_timeout + llm.settings().call_budget(),
+                    _ => hop_timeout,
+                };
                 hop(
                     ctx,
                     myself,
                     subject,
                     req,
-                    hop_timeout,
+                    timeout,
                     move |r: Result<VerifyReply, HopError>| match r {
+                        Ok(VerifyReply {
+                            unavailable: Some(error),
+                            ..
+                        }) => Input::VerifyUnavailable {
+                            step,
+                            attempt,
+                            error,
+                        },
                         Ok(reply) => Input::Verified {
                             step,
                             attempt,
                             verdict: reply.verdict,
                             task_verdict: reply.task,
+                            cost_micros: reply.cost_micros,
                         },
                         Err(e) => Input::VerifyUnavailable {
                             step,

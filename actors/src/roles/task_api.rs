@@ -1000,6 +1000,8 @@ pub fn view(task: &Task) -> TaskView {
             reason: reason.clone(),
         }),
         cost_usd: usd(task.cost_micros()),
+        goal: task.goal.clone(),
+        planning: task.planning.as_ref().map(Into::into),
     }
 }
 

@@ -68,11 +68,30 @@ impl Actor for Verifier {
         tokio::spawn(async move {
             let Inbound { msg, permit } = inbound;
             let verdict = match storage::codec::from_wire::<VerifyRequest>(&msg.payload) {
-                // Only file criteria touch the disk; the rest is cheap enough to run here.
-                Ok(req) if !reads_files(&req) => verify(&req),
-                Ok(req) => tokio::task::spawn_blocking(move || verify(&req))
-                    .await
-                    .unwrap_or_else(|e| failed(format!("verifier crashed: {e}"))),
+                Ok(req) => {
+                    let judge = match &req {
+                        VerifyRequest::Step { criteria, .. } => criteria.llm_judge.clone(),
+                        VerifyRequest::Task { .. } => None,
+                    };
+                    let output = match &req {
+                        VerifyRequest::Step { output, .. } => Some(output.to_value_lossy()),
+                        VerifyRequest::Task { .. } => None,
+                    };
+                    // Only file criteria touch the disk; the rest is cheap enough to run here.
+                    let reply = if reads_files(&req) {
+                        tokio::task::spawn_blocking(move || verify(&req))
+                            .await
+                            .unwrap_or_else(|e| failed(format!("verifier crashed: {e}")))
+                    } else {
+                        verify(&req)
+                    };
+                    match (judge, output) {
+                        (Some(judge), Some(output)) => {
+                            with_judge(&ctx, reply, &judge, &output).await
+                        }
+                        _ => reply,
+                    }
+                }
                 Err(e) => failed(format!("undecodable verify request: {e}")),
             };
             bus::reply_wire(&ctx.nats, msg.reply, &verdict, &ctx.from(super::VERIFIER)).await;
@@ -105,11 +124,18 @@ pub fn verify(req: &VerifyRequest) -> VerifyReply {
             let verdict =
                 criteria::check(criteria, &params.to_value_lossy(), &output.to_value_lossy());
             let task = task.as_ref().filter(|_| verdict.passed).map(verify_task);
-            VerifyReply { verdict, task }
+            VerifyReply {
+                verdict,
+                task,
+                cost_micros: 0,
+                unavailable: None,
+            }
         }
         VerifyRequest::Task { task, .. } => VerifyReply {
             verdict: verify_task(task),
             task: None,
+            cost_micros: 0,
+            unavailable: None,
         },
     }
 }
@@ -139,6 +165,53 @@ fn verify_task(task: &TaskChecks) -> Verdict {
     Verdict { passed, reasons }
 }
 
+/// The rules' verdict, completed by the LLM judge when the rules passed (a failed rule
+/// is not worth the tokens). The task's verdict holds only if the step's does.
+async fn with_judge(
+    ctx: &NodeContext,
+    mut reply: VerifyReply,
+    judge: &crate::model::Judge,
+    output: &Value,
+) -> VerifyReply {
+    if !reply.verdict.passed {
+        return reply;
+    }
+    reply.verdict.reasons.retain(|r| r != criteria::NO_CRITERIA);
+    let Some(provider) = ctx.llm() else {
+        reply.verdict.passed = false;
+        reply.task = None;
+        reply.verdict.reasons.push(format!(
+            "FAILED: llm_judge: {}",
+            crate::llm::LlmError::NotConfigured
+        ));
+        return reply;
+    };
+    match crate::llm::judge::judge(provider, judge, &criteria::output_text(output)).await {
+        Ok(finding) => {
+            reply.cost_micros += finding.usage.cost_micros;
+            reply.verdict.reasons.push(finding.line);
+            if !finding.passed {
+                reply.verdict.passed = false;
+                reply.task = None;
+            }
+            reply
+        }
+        Err(crate::llm::LlmError::Unavailable(e)) => VerifyReply {
+            unavailable: Some(format!("llm_judge: {e}")),
+            ..reply
+        },
+        Err(e) => {
+            reply.verdict.passed = false;
+            reply.task = None;
+            reply
+                .verdict
+                .reasons
+                .push(format!("FAILED: llm_judge: {e}"));
+            reply
+        }
+    }
+}
+
 fn reads_files(req: &VerifyRequest) -> bool {
     let reads = |c: &crate::model::Criteria| c.file_exists.is_some() || c.file_contains.is_some();
     match req {
@@ -159,5 +232,7 @@ fn failed(reason: String) -> VerifyReply {
             reasons: vec![reason],
         },
         task: None,
+        cost_micros: 0,
+        unavailable: None,
     }
 }

@@ -16,11 +16,13 @@ use serde_json::Value;
 mod context_put;
 mod file_write;
 mod http_request;
+mod llm_generate;
 mod shell_run;
 
 pub use context_put::ContextPut;
 pub use file_write::FileWrite;
 pub use http_request::HttpRequest;
+pub use llm_generate::LlmGenerate;
 pub use shell_run::ShellRun;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,6 +42,16 @@ pub struct ToolInfo {
     pub description: &'static str,
     pub required_params: &'static [&'static str],
     pub optional_params: &'static [&'static str],
+    /// Its params as a JSON Schema (the subset `llm::schema` checks): what the LLM
+    /// planner is shown, and what its plans are checked against.
+    pub params_schema: &'static str,
+}
+
+impl ToolInfo {
+    pub fn schema(&self) -> Value {
+        // The schemas are constants of this file, checked by a test.
+        serde_json::from_str(self.params_schema).unwrap_or(Value::Null)
+    }
 }
 
 pub const CATALOG: &[ToolInfo] = &[
@@ -49,6 +61,10 @@ pub const CATALOG: &[ToolInfo] = &[
         description: "Write a whole file atomically (temp file + rename) under a configured root",
         required_params: &["path", "content"],
         optional_params: &[],
+        params_schema: r#"{"type":"object","properties":{
+            "path":{"type":"string","minLength":1,"description":"absolute path under a configured root"},
+            "content":{"type":"string","description":"the whole file"}},
+            "required":["path","content"],"additionalProperties":false}"#,
     },
     ToolInfo {
         name: "http.request",
@@ -56,6 +72,14 @@ pub const CATALOG: &[ToolInfo] = &[
         description: "HTTP request with an Idempotency-Key header; 5xx, 429 and timeouts retry",
         required_params: &["url"],
         optional_params: &["method", "headers", "json", "body", "timeout_ms"],
+        params_schema: r#"{"type":"object","properties":{
+            "url":{"type":"string","minLength":1},
+            "method":{"enum":["GET","POST","PUT","PATCH","DELETE","HEAD"]},
+            "headers":{"type":"object","additionalProperties":{"type":"string"}},
+            "json":{"description":"a JSON body"},
+            "body":{"type":"string","description":"a text body (not with json)"},
+            "timeout_ms":{"type":"integer","minimum":1}},
+            "required":["url"],"additionalProperties":false}"#,
     },
     ToolInfo {
         name: "shell.run",
@@ -63,6 +87,13 @@ pub const CATALOG: &[ToolInfo] = &[
         description: "Run an allowed program with argv (never a shell string); captures exit code and output",
         required_params: &["program"],
         optional_params: &["args", "cwd", "env", "timeout_ms"],
+        params_schema: r#"{"type":"object","properties":{
+            "program":{"type":"string","minLength":1},
+            "args":{"type":"array","items":{"type":"string"}},
+            "cwd":{"type":"string"},
+            "env":{"type":"object","additionalProperties":{"type":"string"}},
+            "timeout_ms":{"type":"integer","minimum":1}},
+            "required":["program"],"additionalProperties":false}"#,
     },
     ToolInfo {
         name: "context.put",
@@ -70,8 +101,48 @@ pub const CATALOG: &[ToolInfo] = &[
         description: "Write a key of the context store (a new version, with the task and step as author); the step's key is the write id, so a retry writes once",
         required_params: &["key", "value"],
         optional_params: &["expected_version", "reason"],
+        params_schema: r#"{"type":"object","properties":{
+            "key":{"type":"string","minLength":3,"description":"namespaced: fact.*, pref.*, project.*, action.*, safety.*"},
+            "value":{"description":"any JSON; null deletes the key"},
+            "expected_version":{"type":"integer","minimum":0},
+            "reason":{"type":"string"}},
+            "required":["key","value"],"additionalProperties":false}"#,
+    },
+    ToolInfo {
+        name: "llm.generate",
+        class: IdempotencyClass::Idempotent,
+        description: "Ask the executor's LLM for text (a draft, a summary, a social snippet); the output's `text` is the answer",
+        required_params: &["prompt"],
+        optional_params: &["system", "model", "max_tokens", "temperature"],
+        params_schema: r#"{"type":"object","properties":{
+            "prompt":{"type":"string","minLength":1},
+            "system":{"type":"string"},
+            "model":{"type":"string","minLength":1},
+            "max_tokens":{"type":"integer","minimum":1,"maximum":32768},
+            "temperature":{"type":"number","minimum":0,"maximum":2}},
+            "required":["prompt"],"additionalProperties":false}"#,
     },
 ];
+
+/// Whether a successful call of `tool` reports what it cost beyond its configured estimate, read from its
+/// output, in millionths of a US dollar: `llm.generate` reports its tokens priced
+/// (`cost_usd`). Charged once, when the task records the outcome.
+pub fn reports_cost(tool: &str) -> bool {
+    tool == "llm.generate"
+}
+
+/// See [`reports_cost`].
+pub fn output_cost_micros(tool: &str, output: &Value) -> u64 {
+    match tool {
+        "llm.generate" => output
+            .get("cost_usd")
+            .and_then(Value::as_f64)
+            .filter(|c| c.is_finite() && *c >= 0.0)
+            .map(crate::budget::micros)
+            .unwrap_or(0),
+        _ => 0,
+    }
+}
 
 pub fn info(name: &str) -> Option<&'static ToolInfo> {
     CATALOG.iter().find(|t| t.name == name)
@@ -165,9 +236,14 @@ pub struct ToolConfig {
 }
 
 /// The tools this node runs.
-pub fn build(config: &ToolConfig, nats: async_nats::Client) -> anyhow::Result<Vec<Arc<dyn Tool>>> {
+pub fn build(
+    config: &ToolConfig,
+    nats: async_nats::Client,
+    llm: Option<Arc<crate::llm::Provider>>,
+) -> anyhow::Result<Vec<Arc<dyn Tool>>> {
     Ok(vec![
         Arc::new(ContextPut::new(nats)),
+        Arc::new(LlmGenerate::new(llm)),
         Arc::new(FileWrite::new(config.file_roots.clone(), config.file_fsync)),
         Arc::new(HttpRequest::new(config.output_bytes_max)?),
         Arc::new(ShellRun::new(
@@ -204,4 +280,27 @@ fn bounded_text(bytes: &[u8], max: usize) -> (String, bool) {
         end -= 1;
     }
     (text[..end].to_string(), true)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_tool_has_a_schema_naming_its_params() {
+        for tool in super::CATALOG {
+            let schema = tool.schema();
+            let props = schema["properties"]
+                .as_object()
+                .unwrap_or_else(|| panic!("{}: schema has no properties", tool.name));
+            let mut named: Vec<&str> = props.keys().map(String::as_str).collect();
+            let mut declared: Vec<&str> = tool
+                .required_params
+                .iter()
+                .chain(tool.optional_params)
+                .copied()
+                .collect();
+            named.sort_unstable();
+            declared.sort_unstable();
+            assert_eq!(named, declared, "{}", tool.name);
+        }
+    }
 }
