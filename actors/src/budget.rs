@@ -41,7 +41,8 @@ impl Ledger {
 
     /// Charges `cost` to `playbook` on `day` if that stays within every cap (or
     /// `over_cap_approved`: an operator approved crossing it). `task_spent` is what the
-    /// step's task has spent before it.
+    /// step's task has spent before it. With `charge` false the cost is only checked
+    /// against the caps (an estimate of what a call will report having cost).
     pub fn try_charge(
         &self,
         caps: &Caps,
@@ -49,6 +50,7 @@ impl Ledger {
         playbook: &str,
         task_spent: u64,
         cost: u64,
+        charge: bool,
         over_cap_approved: bool,
     ) -> Result<(), Breach> {
         if cost == 0 {
@@ -101,8 +103,10 @@ impl Ledger {
                 )));
             }
         }
-        for key in keys {
-            *spent.entry(key).or_insert(0) += cost;
+        if charge {
+            for key in keys {
+                *spent.entry(key).or_insert(0) += cost;
+            }
         }
         Ok(())
     }
@@ -204,26 +208,47 @@ mod tests {
             playbook_day: HashMap::from([("news".to_string(), 500)]),
         };
         let day = "2026-11-24";
-        assert_eq!(ledger.try_charge(&caps, day, "news", 0, 200, false), Ok(()));
-        let task = ledger.try_charge(&caps, day, "news", 200, 200, false);
-        assert!(task.is_err_and(|b| b.0.contains("task cap $0.0003")));
-        assert_eq!(ledger.try_charge(&caps, day, "news", 0, 300, false), Ok(()));
-        let pb = ledger.try_charge(&caps, day, "news", 0, 100, false);
-        assert!(pb.is_err_and(|b| b.0.contains("news's daily cap")));
         assert_eq!(
-            ledger.try_charge(&caps, day, "other", 0, 300, false),
+            ledger.try_charge(&caps, day, "news", 0, 200, true, false),
             Ok(())
         );
-        let all = ledger.try_charge(&caps, day, "other", 0, 250, false);
+        let task = ledger.try_charge(&caps, day, "news", 200, 200, true, false);
+        assert!(task.is_err_and(|b| b.0.contains("task cap $0.0003")));
+        assert_eq!(
+            ledger.try_charge(&caps, day, "news", 0, 300, true, false),
+            Ok(())
+        );
+        let pb = ledger.try_charge(&caps, day, "news", 0, 100, true, false);
+        assert!(pb.is_err_and(|b| b.0.contains("news's daily cap")));
+        assert_eq!(
+            ledger.try_charge(&caps, day, "other", 0, 300, true, false),
+            Ok(())
+        );
+        let all = ledger.try_charge(&caps, day, "other", 0, 250, true, false);
         assert!(all.is_err_and(|b| b.0.contains("the daily cap $0.0010")));
         // Approved: charged over the cap.
-        assert_eq!(ledger.try_charge(&caps, day, "other", 0, 250, true), Ok(()));
+        assert_eq!(
+            ledger.try_charge(&caps, day, "other", 0, 250, true, true),
+            Ok(())
+        );
         assert_eq!(ledger.spent(day, "*"), 1_050);
         assert_eq!(ledger.spent(day, "news"), 500);
         // A new day starts from zero.
         assert_eq!(
-            ledger.try_charge(&caps, "2026-11-25", "news", 0, 250, false),
+            ledger.try_charge(&caps, "2026-11-25", "news", 0, 250, true, false),
             Ok(())
         );
+        // Checked, not charged: the estimate of a call that reports its cost once it
+        // ran, which `record` then adds.
+        let later = "2026-11-26";
+        assert_eq!(
+            ledger.try_charge(&caps, later, "llm", 0, 250, false, false),
+            Ok(())
+        );
+        assert_eq!(ledger.spent(later, "*"), 0);
+        ledger.record(later, "llm", 900);
+        assert_eq!(ledger.spent(later, "llm"), 900);
+        let crossed = ledger.try_charge(&caps, later, "llm", 0, 200, false, false);
+        assert!(crossed.is_err_and(|b| b.0.contains("the daily cap")));
     }
 }

@@ -24,13 +24,6 @@ impl Gate for Governor<'_> {
     fn check(&self, task: &Task, step: usize, now_ms: u64) -> Gated {
         let policies = self.ctx.policies();
         let spec = &task.steps[step].spec;
-        let cost_micros = self
-            .ctx
-            .settings
-            .tool_costs
-            .get(&spec.tool)
-            .copied()
-            .unwrap_or(0);
         let params = match step_params(task, step) {
             Ok(p) => p,
             // Nothing will be sent: the dispatch fails the step permanently with this
@@ -42,10 +35,20 @@ impl Gate for Governor<'_> {
                     policy_version: policies.version().to_string(),
                     args_hash: String::new(),
                     cost_micros: 0,
+                    charged_micros: 0,
                 };
             }
         };
         let value = params.to_value().unwrap_or(Value::Null);
+        // A tool that reports what it cost is charged when it has run; before, its
+        // estimate is only held against the caps.
+        let reports = crate::tools::reports_cost(&spec.tool);
+        let configured = self.ctx.settings.tool_costs.get(&spec.tool).copied();
+        let cost_micros = match configured {
+            Some(c) => c,
+            None if reports => self.llm_estimate(&value),
+            None => 0,
+        };
         let mut facts = StepFacts {
             persona: task.persona.clone(),
             task_id: task.id.clone(),
@@ -75,6 +78,7 @@ impl Gate for Governor<'_> {
             policy_version: decision.policy_version,
             args_hash,
             cost_micros,
+            charged_micros: if reports { 0 } else { cost_micros },
         };
         // The step would run (allowed, or approved as it is): charge its cost, unless that
         // crosses a cap nobody approved crossing; then it waits for an approval instead.
@@ -91,6 +95,7 @@ impl Gate for Governor<'_> {
                 &task.playbook,
                 task.cost_micros(),
                 cost_micros,
+                !reports,
                 approved,
             );
             if let Err(breach) = charged {
@@ -99,6 +104,35 @@ impl Gate for Governor<'_> {
             }
         }
         gated
+    }
+}
+
+impl Governor<'_> {
+    /// An `llm.generate` call's cost before it is made, at its model's price: the
+    /// prompt (about four characters a token) and the whole `max_tokens` (1,024 when
+    /// unset). 0 without a provider or a price, which leaves the caps unchecked until
+    /// the call reports its cost.
+    fn llm_estimate(&self, params: &Value) -> u64 {
+        let Some(provider) = self.ctx.llm() else {
+            return 0;
+        };
+        let model = params
+            .get("model")
+            .and_then(Value::as_str)
+            .unwrap_or_else(|| provider.model_for(crate::llm::Role::Executor));
+        let Some(price) = provider.price(model) else {
+            return 0;
+        };
+        let chars: usize = ["prompt", "system"]
+            .iter()
+            .filter_map(|k| params.get(*k).and_then(Value::as_str))
+            .map(str::len)
+            .sum();
+        let completion = params
+            .get("max_tokens")
+            .and_then(Value::as_u64)
+            .unwrap_or(1_024);
+        price.cost_micros(chars as u64 / 4 + 1, completion)
     }
 }
 

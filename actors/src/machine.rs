@@ -36,8 +36,12 @@ pub struct Gated {
     pub policy_version: String,
     /// sha256 of the params that would be sent.
     pub args_hash: String,
-    /// Estimated cost of the attempt, in millionths of a US dollar.
+    /// Estimated cost of the attempt, in millionths of a US dollar: what the policies
+    /// and an approval request see.
     pub cost_micros: u64,
+    /// What the gate charged for it: the estimate, or 0 for a tool that reports its
+    /// cost once it ran (`llm.generate`), which is charged then.
+    pub charged_micros: u64,
 }
 
 /// Consulted by the machine before every dispatch (`crate::governance::Governor`). It
@@ -57,6 +61,7 @@ impl Gate for AllowAll {
             policy_version: "none".into(),
             args_hash: String::new(),
             cost_micros: 0,
+            charged_micros: 0,
         }
     }
 }
@@ -717,7 +722,7 @@ impl Cx<'_> {
         step.redeliveries = 0;
         step.retry_at_ms = None;
         step.started_at_ms.get_or_insert(now);
-        step.cost_micros += gated.cost_micros;
+        step.cost_micros += gated.charged_micros;
         let id = step.spec.id.clone();
         self.event("step_started", Some(&id), Some(attempt), Some(detail));
         self.out.actions.push(Action::Exec { step: id, attempt });

@@ -46,8 +46,16 @@ planner_model = "plan-small"
 executor_model = "small"
 tools = ["llm.generate"]
 "#;
-    let (files, playbooks) =
-        chaos_tests::files_and_playbooks(dir.path(), &[("welcome-goal", welcome_goal)])?;
+    let burn = r#"
+name = "burn"
+goal = "Write {{input.n}} notes"
+[llm]
+tools = ["llm.generate"]
+"#;
+    let (files, playbooks) = chaos_tests::files_and_playbooks(
+        dir.path(),
+        &[("welcome-goal", welcome_goal), ("burn", burn)],
+    )?;
     let mut node = CadreNode::start(
         "n1",
         &dir.path().join("data"),
@@ -67,6 +75,7 @@ tools = ["llm.generate"]
                 "big-model=10/30,base-model=1/2,plan-small=2/4,small=3/5",
             ),
             ("CADRE_LLM_CONCURRENCY_MAX", "2"),
+            ("CADRE_BUDGET_PLAYBOOK_DAY_USD", "burn=0.002"),
             ("CADRE_LLM_RETRY_DELAY_MS_BASE", "50"),
             ("CADRE_LLM_RETRY_DELAY_MS_MAX", "5000"),
         ],
@@ -316,7 +325,8 @@ tools = ["llm.generate"]
         "one call per draft, nothing ran"
     );
 
-    // --- A playbook's goal template, its own routing, the concurrency cap ----------
+    // --- A playbook's goal template, its own routing, a 429 storm on its LLM steps
+    // held to the provider's concurrency cap ------------------------------------------
     llm.set_delay(Duration::from_millis(400));
     let notes: Vec<Value> = (1..=4)
         .map(|n| {
@@ -337,6 +347,18 @@ tools = ["llm.generate"]
         .as_str()
         .unwrap_or_default()
         .to_string();
+    // The plan is decided when its request arrives and answered 400 ms later: the storm
+    // is queued in between, so it falls on the steps' calls.
+    chaos_tests::eventually(WITHIN, "the plan request", || async {
+        llm.calls()
+            .iter()
+            .skip(calls_before)
+            .any(|c| c.schema_name.is_some() && c.status == 200)
+            .then_some(())
+    })
+    .await?;
+    llm.fail_next(4, 429, Some("1"));
+    llm.fail_next(2, 503, None);
     let done = wait_task(&client, &pb_id, WITHIN, chaos_tests::is_terminal).await?;
     assert_eq!(done["status"], "succeeded", "{done}\n{}", node.log_tail());
     assert_eq!(done["playbook"], "welcome-goal");
@@ -364,9 +386,15 @@ tools = ["llm.generate"]
     );
     let generated: Vec<_> = new_calls
         .iter()
-        .filter(|c| c.schema_name.is_none())
+        .filter(|c| c.schema_name.is_none() && c.status == 200)
         .collect();
     assert_eq!(generated.len(), 4);
+    let storm = |status: u16| new_calls.iter().filter(|c| c.status == status).count();
+    assert_eq!(
+        (storm(429), storm(503)),
+        (4, 2),
+        "the storm reached the steps' calls, which came through it"
+    );
     assert!(
         generated.iter().all(|c| c.model == "small"),
         "executor routing"
@@ -375,6 +403,65 @@ tools = ["llm.generate"]
         llm.max_in_flight(),
         2,
         "at most llm_concurrency_max calls at once"
+    );
+
+    // --- Budgets: planning is charged at once, an LLM step's estimate is held against
+    // the cap before it runs, and a playbook over its cap is not planned at all -------
+    llm.set_delay(Duration::ZERO);
+    let notes: Vec<Value> = (1..=3)
+        .map(|n| {
+            json!({"id": format!("n{n}"), "tool": "llm.generate",
+                   "params": {"prompt": format!("Note {n}")}, "verify": {"output_contains": "Note"}})
+        })
+        .collect();
+    llm.push_json("cadre_plan", json!({ "steps": notes }));
+    let submitted = request(
+        &client,
+        "cadre.tasks.submit",
+        json!({"playbook": "burn", "input": {"n": 3}}).to_string(),
+    )
+    .await?;
+    let burn_id = submitted["task_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let held = wait_task(&client, &burn_id, WITHIN, |s| {
+        s == "awaiting_approval" || chaos_tests::is_terminal(s)
+    })
+    .await?;
+    assert_eq!(held["status"], "awaiting_approval", "{held}");
+    assert!(
+        held["planning"]["cost_usd"].as_f64().unwrap_or_default() > 0.002,
+        "planning alone crossed burn's cap: {}",
+        held["planning"]
+    );
+    let reasons = held["steps"].to_string();
+    assert!(
+        reasons.contains("budget: this step")
+            && reasons.contains("would cross burn's daily cap $0.0020"),
+        "{reasons}"
+    );
+    let before = llm.calls().len();
+    let submitted = request(
+        &client,
+        "cadre.tasks.submit",
+        json!({"playbook": "burn", "input": {"n": 1}}).to_string(),
+    )
+    .await?;
+    let refused_id = submitted["task_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let refused = wait_task(&client, &refused_id, WITHIN, chaos_tests::is_terminal).await?;
+    let why = refused["failure"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("OverBudget") && why.contains("the LLM planner was not asked"),
+        "{refused}"
+    );
+    assert_eq!(
+        llm.calls().len(),
+        before,
+        "no call for a playbook over its cap"
     );
 
     // --- The key went to the provider and nowhere else ------------------------------

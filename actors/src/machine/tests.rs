@@ -895,6 +895,7 @@ impl Gate for Rules {
             policy_version: self.version.borrow().clone(),
             args_hash: format!("hash-of-{}", task.steps[step].spec.params.0),
             cost_micros: 1_500,
+            charged_micros: 1_500,
         }
     }
 }
