@@ -294,12 +294,13 @@ tools = ["llm.generate"]
         llm.push_json("cadre_plan", too_short.clone());
     }
     let before = llm.calls().len();
-    let submitted = request(
-        &client,
-        "cadre.tasks.submit",
-        json!({"goal": "Do something vague", "input": {}}).to_string(),
-    )
-    .await?;
+    // Through the CLI this time: `cadre task submit --goal`.
+    let (code, out, err) = chaos_tests::cadre_cli(
+        &nats.url,
+        &["task", "submit", "--goal", "Do something vague", "--json"],
+    )?;
+    assert_eq!(code, 0, "{out}{err}");
+    let submitted: Value = serde_json::from_str(&out)?;
     let failed_id = submitted["task_id"]
         .as_str()
         .unwrap_or_default()
