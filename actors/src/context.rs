@@ -56,6 +56,10 @@ pub struct Settings {
     pub faults: Arc<crate::faults::Faults>,
     /// Knowledge: episode retention and how long a write waits to be applied.
     pub knowledge: KnowledgeSettings,
+    /// How often the scheduler looks for due firings.
+    pub schedule_tick: Duration,
+    /// A firing found this late is missed (and follows its schedule's policy).
+    pub schedule_grace: Duration,
 }
 
 #[derive(Debug, Clone)]

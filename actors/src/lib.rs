@@ -31,5 +31,6 @@ pub mod protocol;
 pub mod rate;
 pub mod redact;
 pub mod roles;
+pub mod schedule;
 pub mod template;
 pub mod tools;

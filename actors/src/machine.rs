@@ -337,7 +337,17 @@ impl Cx<'_> {
 
     fn start(&mut self) {
         match self.task.status {
-            TaskStatus::Accepted => {
+            TaskStatus::Accepted | TaskStatus::Scheduled
+                if self.task.not_before_ms.is_some_and(|t| t > self.now_ms) =>
+            {
+                let at_ms = self.task.not_before_ms.unwrap_or(self.now_ms);
+                if self.task.status == TaskStatus::Accepted {
+                    let detail = format!("runs at {}", crate::schedule::show_utc(at_ms));
+                    self.set_status(TaskStatus::Scheduled, Some(detail));
+                }
+                self.out.actions.push(Action::HopAt { at_ms });
+            }
+            TaskStatus::Accepted | TaskStatus::Scheduled => {
                 // Not committed on its own: planning is effect-free and redone after a
                 // crash. Its event is held and committed with the plan (or the failure).
                 self.set_status(TaskStatus::Planning, None);
@@ -375,6 +385,16 @@ impl Cx<'_> {
                     self.out.actions.push(Action::RetryAt {
                         step: id,
                         attempt: step.next_attempt,
+                        at_ms,
+                    });
+                }
+                // A durable timer: re-armed for the time it was set for, however long
+                // the node was down (a time already past fires at once).
+                StepStatus::Waiting => {
+                    let at_ms = step.retry_at_ms.unwrap_or(self.now_ms);
+                    self.out.actions.push(Action::RetryAt {
+                        step: id,
+                        attempt: step.attempts,
                         at_ms,
                     });
                 }
@@ -699,6 +719,10 @@ impl Cx<'_> {
     /// Dispatches attempt `attempt` of step `i` if the Governor allows it: its ruling,
     /// or an approval of exactly this action, is committed with `step_started`.
     fn begin_attempt(&mut self, i: usize, attempt: u32) {
+        if self.task.steps[i].spec.tool == crate::tools::WAIT {
+            self.begin_wait(i, attempt);
+            return;
+        }
         let gated = self.gate.check(self.task, i, self.now_ms);
         let granted = self.task.steps[i]
             .approval
@@ -726,6 +750,64 @@ impl Cx<'_> {
         let id = step.spec.id.clone();
         self.event("step_started", Some(&id), Some(attempt), Some(detail));
         self.out.actions.push(Action::Exec { step: id, attempt });
+    }
+
+    /// A `wait` step: no effect, so no gate and no executor. Its wake time is fixed
+    /// now and committed, so a restart re-arms the same timer.
+    fn begin_wait(&mut self, i: usize, attempt: u32) {
+        let now = self.now_ms;
+        let params = self.task.steps[i]
+            .spec
+            .params
+            .to_value()
+            .unwrap_or_default();
+        let id = self.task.steps[i].spec.id.clone();
+        match crate::schedule::wake_at(&params, now) {
+            Ok(at_ms) => {
+                let step = &mut self.task.steps[i];
+                step.status = StepStatus::Waiting;
+                step.attempts = attempt;
+                step.started_at_ms.get_or_insert(now);
+                step.retry_at_ms = Some(at_ms);
+                let detail = format!("until {}", crate::schedule::show_utc(at_ms));
+                self.event("step_waiting", Some(&id), Some(attempt), Some(detail));
+                self.out.actions.push(Action::RetryAt {
+                    step: id,
+                    attempt,
+                    at_ms,
+                });
+            }
+            Err(e) => {
+                let step = &mut self.task.steps[i];
+                step.status = StepStatus::Failed;
+                step.attempts = attempt;
+                step.finished_at_ms = Some(now);
+                step.error = Some(e.clone());
+                self.event("step_failed", Some(&id), Some(attempt), Some(e.clone()));
+                self.step_gave_up(i, format!("step `{id}` failed: {e}"));
+            }
+        }
+    }
+
+    /// A `wait` step's time came: it succeeded.
+    fn wait_over(&mut self, i: usize) {
+        let now = self.now_ms;
+        let step = &mut self.task.steps[i];
+        let until = step.retry_at_ms.take().unwrap_or(now);
+        step.status = StepStatus::Succeeded;
+        step.finished_at_ms = Some(now);
+        step.output = Some(JsonText::from_value(
+            &serde_json::json!({"waited_until_ms": until, "woke_at_ms": now}),
+        ));
+        let line = format!("ok: waited until {}", crate::schedule::show_utc(until));
+        step.verdict = Some(Verdict {
+            passed: true,
+            reasons: vec![line],
+        });
+        let (id, attempt) = (step.spec.id.clone(), step.attempts);
+        self.out.commit = true;
+        self.event("step_succeeded", Some(&id), Some(attempt), None);
+        self.advance(None);
     }
 
     /// The policies forbid the step: it fails without running, and so does the task.
@@ -1191,6 +1273,10 @@ impl Cx<'_> {
             return;
         };
         let step = &self.task.steps[i];
+        if step.status == StepStatus::Waiting && step.attempts == attempt {
+            self.wait_over(i);
+            return;
+        }
         if step.status != StepStatus::RetryWait || step.next_attempt != attempt {
             return;
         }
@@ -1282,6 +1368,8 @@ impl Cx<'_> {
 
     fn hop_due(&mut self) {
         match self.task.status {
+            // A delayed task's time came (or a restart found it come): plan it.
+            TaskStatus::Scheduled => self.start(),
             TaskStatus::Planning => self.out.actions.push(Action::RequestPlan),
             TaskStatus::Verifying => self.out.actions.push(Action::VerifyTask),
             TaskStatus::Archiving => self.out.actions.push(Action::Archive),

@@ -76,6 +76,8 @@ pub struct Metrics {
     pub llm_unpriced_total: IntCounterVec,
     /// LLM plans by outcome: `valid` (first try), `repaired`, `invalid`.
     pub llm_plans_total: IntCounterVec,
+    /// Schedule firings by outcome: `fired`, `caught_up`, `skipped`.
+    pub schedule_firings_total: IntCounterVec,
     /// Value of the audit head when this process started counting.
     audit_base: std::sync::atomic::AtomicU64,
     /// Serializes [`Metrics::sync_store`]: it advances counters by read-then-add, and two
@@ -422,6 +424,17 @@ impl Metrics {
                         .buckets(LATENCY_BUCKETS.to_vec()),
                 )?,
             )?,
+            schedule_firings_total: {
+                let c = counter(
+                    "cadre_schedule_firings_total",
+                    "Schedule firings on this node, by outcome (fired on time, caught_up once for missed ones, skipped).",
+                    &["outcome"],
+                )?;
+                for o in ["fired", "caught_up", "skipped"] {
+                    c.with_label_values(&[o]);
+                }
+                c
+            },
             llm_requests_total: counter(
                 "cadre_llm_requests_total",
                 "Chat-completion requests, by role, model and outcome (ok, retried, refused, unavailable).",

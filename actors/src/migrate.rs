@@ -16,8 +16,8 @@ use crate::protocol::{TaskCheck, Verdict};
 
 /// Layout of the records in `Cf::Tasks`: 2 added approvals, cost, persona and
 /// compensation; 3 added a step's placement; 4 added the LLM judge criterion, a task's
-/// free-text goal and its planning record.
-pub const RECORDS_VERSION: u32 = 4;
+/// free-text goal and its planning record; 5 added a task's `not_before_ms`.
+pub const RECORDS_VERSION: u32 = 5;
 const META_RECORDS_KEY: &[u8] = b"records_version";
 /// Records rewritten per synced batch.
 const BATCH_RECORDS: usize = 256;
@@ -59,15 +59,19 @@ pub async fn run(store: &Store) -> Result<usize, MigrateError> {
                 let task = match found {
                     ..2 => {
                         let old: Option<TaskV1> = store.get(Cf::Tasks, key).map_err(read)?;
-                        old.map(|t| t.into_v2().into_v3().into_current())
+                        old.map(|t| t.into_v2().into_v3().into_v4().into_current())
                     }
                     2 => {
                         let old: Option<TaskV2> = store.get(Cf::Tasks, key).map_err(read)?;
-                        old.map(|t| t.into_v3().into_current())
+                        old.map(|t| t.into_v3().into_v4().into_current())
+                    }
+                    3 => {
+                        let old: Option<TaskV3> = store.get(Cf::Tasks, key).map_err(read)?;
+                        old.map(|t| t.into_v4().into_current())
                     }
                     _ => {
-                        let old: Option<TaskV3> = store.get(Cf::Tasks, key).map_err(read)?;
-                        old.map(TaskV3::into_current)
+                        let old: Option<TaskV4> = store.get(Cf::Tasks, key).map_err(read)?;
+                        old.map(TaskV4::into_current)
                     }
                 };
                 if let Some(task) = task {
@@ -504,8 +508,8 @@ struct TaskV3 {
 }
 
 impl TaskV3 {
-    fn into_current(self) -> Task {
-        Task {
+    fn into_v4(self) -> TaskV4 {
+        TaskV4 {
             id: self.id,
             playbook: self.playbook,
             playbook_version: self.playbook_version,
@@ -553,6 +557,62 @@ impl TaskV3 {
             // Tasks from before LLM planning ran playbooks.
             goal: None,
             planning: None,
+        }
+    }
+}
+
+/// `Task` as layout 4 stored it (its steps and checks are today's).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct TaskV4 {
+    id: String,
+    playbook: String,
+    playbook_version: String,
+    input: JsonText,
+    idempotency_key: Option<String>,
+    node_id: String,
+    status: TaskStatus,
+    created_at_ms: u64,
+    updated_at_ms: u64,
+    steps: Vec<Step>,
+    checks: Vec<TaskCheck>,
+    task_verdict: Option<Verdict>,
+    failure: Option<String>,
+    attention: Option<(String, String)>,
+    event_seq: u64,
+    hop_retries: u32,
+    persona: String,
+    ends_as: Option<TaskStatus>,
+    approvals_requested: u32,
+    goal: Option<String>,
+    planning: Option<crate::model::Planning>,
+}
+
+impl TaskV4 {
+    fn into_current(self) -> Task {
+        Task {
+            id: self.id,
+            playbook: self.playbook,
+            playbook_version: self.playbook_version,
+            input: self.input,
+            idempotency_key: self.idempotency_key,
+            node_id: self.node_id,
+            status: self.status,
+            created_at_ms: self.created_at_ms,
+            updated_at_ms: self.updated_at_ms,
+            steps: self.steps,
+            checks: self.checks,
+            task_verdict: self.task_verdict,
+            failure: self.failure,
+            attention: self.attention,
+            event_seq: self.event_seq,
+            hop_retries: self.hop_retries,
+            persona: self.persona,
+            ends_as: self.ends_as,
+            approvals_requested: self.approvals_requested,
+            goal: self.goal,
+            planning: self.planning,
+            // Tasks from before delayed submission ran at once.
+            not_before_ms: None,
         }
     }
 }
@@ -663,6 +723,30 @@ mod tests {
         );
         assert_eq!((ep.started_at_ms, ep.archived_at_ms), (1, 3));
         assert_eq!(run(&store).await.unwrap_or_else(|e| panic!("{e}")), 0);
+    }
+
+    #[tokio::test]
+    async fn layout_4_tasks_keep_their_goal_and_gain_no_delay() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let store = Store::open(dir.path(), &Default::default()).unwrap_or_else(|e| panic!("{e}"));
+        let mut old = v1("T1").into_v2().into_v3().into_v4();
+        old.goal = Some("Welcome Acme".into());
+        let mut batch = Batch::new();
+        batch
+            .put(Cf::Tasks, b"T1".to_vec(), &old)
+            .unwrap_or_else(|e| panic!("{e}"));
+        batch
+            .put(Cf::Meta, META_RECORDS_KEY, &4u32)
+            .unwrap_or_else(|e| panic!("{e}"));
+        store.commit(batch).await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(run(&store).await.unwrap_or_else(|e| panic!("{e}")), 1);
+        let task: Task = store
+            .get(Cf::Tasks, b"T1")
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|| panic!("T1 gone"));
+        assert_eq!(task.goal.as_deref(), Some("Welcome Acme"));
+        assert_eq!(task.not_before_ms, None);
+        assert_eq!(task.steps.len(), 1);
     }
 
     #[tokio::test]

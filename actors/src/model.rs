@@ -54,6 +54,8 @@ pub enum TaskStatus {
     /// Cancelled or failed: the `compensate` actions of the done steps run, newest first;
     /// then the task ends as `Task::ends_as`.
     Compensating,
+    /// Submitted with `run_at`/`run_after`: waits for `Task::not_before_ms` to plan.
+    Scheduled,
 }
 
 impl TaskStatus {
@@ -77,6 +79,7 @@ impl TaskStatus {
             TaskStatus::Cancelled => "cancelled",
             TaskStatus::AwaitingApproval => "awaiting_approval",
             TaskStatus::Compensating => "compensating",
+            TaskStatus::Scheduled => "scheduled",
         }
     }
 
@@ -87,7 +90,7 @@ impl TaskStatus {
     /// Order along the happy path; used to check that a task never moves backwards.
     pub fn rank(self) -> u8 {
         match self {
-            TaskStatus::Accepted => 0,
+            TaskStatus::Accepted | TaskStatus::Scheduled => 0,
             TaskStatus::Planning => 1,
             TaskStatus::Running
             | TaskStatus::AwaitingOperator
@@ -124,6 +127,8 @@ pub enum StepStatus {
     Skipped,
     /// The policies require an operator's approval before it is dispatched.
     AwaitingApproval,
+    /// A `wait` step: parked until `retry_at_ms`, then it succeeds.
+    Waiting,
 }
 
 impl StepStatus {
@@ -139,6 +144,7 @@ impl StepStatus {
             StepStatus::OutcomeUnknown => "outcome_unknown",
             StepStatus::Skipped => "skipped",
             StepStatus::AwaitingApproval => "awaiting_approval",
+            StepStatus::Waiting => "waiting",
         }
     }
 
@@ -455,6 +461,8 @@ pub struct Task {
     pub goal: Option<String>,
     /// How the LLM planner made the plan, when it did.
     pub planning: Option<Planning>,
+    /// Not planned before this time (`run_at`/`run_after` on submit).
+    pub not_before_ms: Option<u64>,
 }
 
 /// The playbook name of tasks submitted as a free-text `goal`: budgets, metrics and
@@ -492,6 +500,7 @@ impl Task {
             approvals_requested: 0,
             goal: None,
             planning: None,
+            not_before_ms: None,
         }
     }
 

@@ -49,6 +49,31 @@ struct PlaybookFile {
     /// Model routing and the LLM planner's tools, for this playbook.
     #[serde(default)]
     llm: Option<LlmFile>,
+    /// Run it on a cron schedule.
+    #[serde(default)]
+    schedule: Option<ScheduleFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScheduleFile {
+    cron: String,
+    #[serde(default)]
+    tz: Option<String>,
+    #[serde(default)]
+    missed: Option<crate::protocol::Missed>,
+    #[serde(default = "empty_table")]
+    input: toml::Value,
+}
+
+/// A playbook's `[schedule]`, checked: registered as the schedule named for the
+/// playbook when a node starts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScheduleRule {
+    pub cron: String,
+    pub tz: String,
+    pub missed: crate::protocol::Missed,
+    pub input: Value,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -211,6 +236,7 @@ pub struct Playbook {
     /// A goal template (no fixed steps): the LLM planner plans each run.
     pub goal: Option<String>,
     pub llm: LlmRouting,
+    pub schedule: Option<ScheduleRule>,
 }
 
 /// A `[[remember]]` rule, its templates unrendered.
@@ -321,6 +347,7 @@ impl Playbook {
             recall: None,
             goal: None,
             llm: None,
+            schedule: None,
         };
         Playbook::validate(raw, &plan.to_string(), Path::new("plan"), defaults)
             .map_err(|e| e.problem)
@@ -392,13 +419,21 @@ impl Playbook {
                     return Err(at("depends on itself".into()));
                 }
             }
-            let verify = s
-                .verify
-                .as_ref()
-                .ok_or_else(|| at("has no `verify` criteria".into()))?;
-            check_judge(verify).map_err(at)?;
-            let verify = criteria_json(verify);
-            if verify.as_object().is_some_and(|m| m.is_empty()) {
+            let is_wait = s.tool == tools::WAIT;
+            let verify = match (&s.verify, is_wait) {
+                (Some(v), false) => {
+                    check_judge(v).map_err(at)?;
+                    criteria_json(v)
+                }
+                (None, false) => return Err(at("has no `verify` criteria".into())),
+                (Some(_), true) => {
+                    return Err(at(
+                        "a `wait` step has no `verify`: it succeeds when its time comes".into(),
+                    ));
+                }
+                (None, true) => json!({}),
+            };
+            if !is_wait && verify.as_object().is_some_and(|m| m.is_empty()) {
                 return Err(at("`verify` sets no criterion".into()));
             }
             let param_refs = template::references(&params).map_err(|e| at(e.to_string()))?;
@@ -406,6 +441,9 @@ impl Playbook {
                 check_reference(r, &s.depends_on, has_recall).map_err(at)?;
             }
             check_one_pass(&param_refs).map_err(at)?;
+            if is_wait {
+                check_wait(&params, &param_refs).map_err(at)?;
+            }
             context_paths.extend(context_paths_of(&param_refs));
             check_criteria_references(&verify).map_err(at)?;
             let reads_steps = param_refs.iter().any(|r| r.starts_with("steps."));
@@ -581,6 +619,20 @@ impl Playbook {
             judge_model: llm.judge_model.unwrap_or_default(),
             tools: llm.tools.unwrap_or_default(),
         };
+        let schedule = match &raw.schedule {
+            None => None,
+            Some(s) => {
+                let at = |problem: String| err(format!("schedule: {problem}"));
+                let tz = s.tz.clone().unwrap_or_default();
+                crate::schedule::Cron::parse(&s.cron, &tz).map_err(at)?;
+                Some(ScheduleRule {
+                    cron: s.cron.clone(),
+                    tz,
+                    missed: s.missed.unwrap_or_default(),
+                    input: toml_to_json(&s.input),
+                })
+            }
+        };
         context_paths.sort();
         context_paths.dedup();
         let hash = hex::encode(&Sha256::digest(text.as_bytes())[..4]);
@@ -597,6 +649,7 @@ impl Playbook {
             context_paths,
             goal: raw.goal,
             llm,
+            schedule,
         })
     }
 
@@ -1014,6 +1067,21 @@ fn criteria_from_json(v: &Value) -> Criteria {
                 .to_string(),
         }),
     }
+}
+
+/// A `wait` step's params: `for` or `until`, fixed when the plan is made (the wake time
+/// is committed when the step starts, so it cannot read other steps' outputs); checked
+/// now unless a template fills them.
+fn check_wait(params: &Value, refs: &[String]) -> Result<(), String> {
+    if refs.iter().any(|r| r.starts_with("steps.")) {
+        return Err("a `wait` step reads input.*, task.*, persona.* and context.* only".into());
+    }
+    if refs.is_empty() {
+        crate::schedule::wake_at(params, 0)?;
+    } else if params.get("for").is_some() == params.get("until").is_some() {
+        return Err("wait: give `for` (a duration) or `until` (a time)".into());
+    }
+    Ok(())
 }
 
 /// A judge as written, checked: a rubric, a threshold between 0 and 1.

@@ -190,6 +190,18 @@ pub mod subject {
     pub const QUEUE_TASKS: &str = "cadre-tasks";
     pub const QUEUE_ROLES: &str = "cadre-roles";
 
+    /// Requests on schedules (`ScheduleSpec`, `ScheduleRef`, `{}` for list).
+    pub const SCHEDULES_LIST: &str = "cadre.schedules.list";
+    pub const SCHEDULES_ADD: &str = "cadre.schedules.add";
+    pub const SCHEDULES_PAUSE: &str = "cadre.schedules.pause";
+    pub const SCHEDULES_RESUME: &str = "cadre.schedules.resume";
+    pub const SCHEDULES_REMOVE: &str = "cadre.schedules.remove";
+    pub const QUEUE_SCHEDULES: &str = "cadre-schedules";
+    /// JetStream KV bucket of schedules (`ScheduleRecord`, JSON, keyed by name) and the
+    /// scheduler's lease (`SCHEDULER_LEASE_KEY`, a `Lease`).
+    pub const SCHEDULES_BUCKET: &str = "CADRE_SCHEDULES";
+    pub const SCHEDULER_LEASE_KEY: &str = "_lease";
+
     /// JetStream stream and durable consumer that hold `cadre.tasks.enqueue`.
     pub const INTAKE_STREAM: &str = "CADRE_INTAKE";
     pub const INTAKE_CONSUMER: &str = "cadre-intake";
@@ -221,6 +233,17 @@ pub struct SubmitRequest {
     pub input: Value,
     #[serde(default)]
     pub idempotency_key: Option<String>,
+    /// Plan it no earlier than this: RFC 3339 text or milliseconds since the epoch. The
+    /// task is `scheduled` until then.
+    #[serde(default)]
+    pub run_at: Option<Value>,
+    /// …or this long from now: `90s`, `10m`, `2h`, `3d`, or milliseconds.
+    #[serde(default)]
+    pub run_after: Option<Value>,
+    /// Why the task exists, for its `accepted` event and trace (a schedule's firing, a
+    /// webhook's delivery); at most 500 characters.
+    #[serde(default)]
+    pub reason: Option<String>,
 }
 
 fn empty_object() -> Value {
@@ -479,6 +502,9 @@ pub struct TaskView {
     /// The goal, for a task submitted as one.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub goal: Option<String>,
+    /// A delayed task is not planned before this (`run_at`/`run_after`).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub not_before_ms: Option<u64>,
     /// How the LLM planner made the plan, if it did.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub planning: Option<PlanningView>,
@@ -818,6 +844,96 @@ pub struct ClusterPolicies {
 pub struct IntakeRejected {
     pub stream_sequence: Option<u64>,
     pub error: ErrorBody,
+}
+
+/// What a schedule does with firings missed while no node could fire them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Missed {
+    /// Fire once, for the latest missed time, and say how many were missed.
+    #[default]
+    CatchUpOnce,
+    /// Fire none of them; the next firing is the next on the schedule.
+    Skip,
+}
+
+/// `cadre.schedules.add`: a recurring task. The same name again replaces the schedule
+/// (keeping when it last fired).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleSpec {
+    /// One subject token.
+    pub name: String,
+    pub playbook: String,
+    /// 5 fields (`min hour day month weekday`), or 6 with seconds first.
+    pub cron: String,
+    /// IANA time zone the cron is read in; `UTC` when empty.
+    #[serde(default)]
+    pub tz: String,
+    #[serde(default = "empty_object")]
+    pub input: Value,
+    #[serde(default)]
+    pub missed: Missed,
+}
+
+/// `cadre.schedules.pause|resume|remove`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleRef {
+    pub name: String,
+}
+
+/// A schedule as the `CADRE_SCHEDULES` bucket keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScheduleRecord {
+    #[serde(flatten)]
+    pub spec: ScheduleSpecStored,
+    pub paused: bool,
+    /// `playbook` (its `[schedule]` section) or `operator` (`cadre schedule add`).
+    pub source: String,
+    pub created_at_ms: u64,
+    /// The scheduled time of the last firing handled (fired or skipped).
+    pub last_fire_ms: u64,
+    pub fired: u64,
+    pub skipped: u64,
+    /// What the last tick that did something did, in words.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_note: Option<String>,
+}
+
+/// The spec inside a stored record (the same fields, without `deny_unknown_fields`, so
+/// a record with later fields still reads).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScheduleSpecStored {
+    pub name: String,
+    pub playbook: String,
+    pub cron: String,
+    #[serde(default)]
+    pub tz: String,
+    #[serde(default = "empty_object")]
+    pub input: Value,
+    #[serde(default)]
+    pub missed: Missed,
+}
+
+/// A schedule with its next firing, as `cadre.schedules.list` answers it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ScheduleView {
+    #[serde(flatten)]
+    pub record: ScheduleRecord,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_fire_ms: Option<u64>,
+    /// The next firing in the schedule's time zone (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_fire: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ScheduleListReply {
+    pub schedules: Vec<ScheduleView>,
+    /// The node holding the scheduler's lease (the one that fires), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fired_by: Option<String>,
 }
 
 /// Every error reply on every subject: `{"error": {"code": "...", "message": "..."}}`.

@@ -107,16 +107,12 @@ impl Client {
             .map_err(|e| CliError::Unreachable(format!("unexpected reply on {subject}: {e}")))
     }
 
-    /// Submits `playbook`'s task, or with `goal` a goal for the LLM planner.
-    pub async fn submit(
-        &self,
-        playbook: Option<&str>,
-        goal: Option<&str>,
-        input: Value,
-        key: Option<String>,
-    ) -> Result<SubmitReply, CliError> {
-        let req = serde_json::json!({"playbook": playbook, "goal": goal, "input": input, "idempotency_key": key});
-        let playbook = playbook.unwrap_or(actors::model::GOAL_PLAYBOOK);
+    /// Submits a `SubmitRequest` (a playbook's task, or a goal for the LLM planner).
+    pub async fn submit(&self, req: Value) -> Result<SubmitReply, CliError> {
+        let playbook = req["playbook"]
+            .as_str()
+            .unwrap_or(actors::model::GOAL_PLAYBOOK)
+            .to_string();
         let reply: SubmitReply = self.request(subject::TASKS_SUBMIT, &req).await?;
         if self.json {
             print_json(&reply);
@@ -501,6 +497,68 @@ impl Client {
                 gone.join(", ")
             )))
         }
+    }
+
+    /// `cadre schedule list`.
+    pub async fn schedules(&self) -> Result<(), CliError> {
+        let reply: actors::protocol::ScheduleListReply = self
+            .request(subject::SCHEDULES_LIST, &serde_json::json!({}))
+            .await?;
+        if self.json {
+            print_json(&reply);
+            return Ok(());
+        }
+        println!(
+            "fired by: {}",
+            reply
+                .fired_by
+                .as_deref()
+                .unwrap_or("(no node holds the lease)")
+        );
+        for v in &reply.schedules {
+            let r = &v.record;
+            let tz = if r.spec.tz.is_empty() {
+                "UTC"
+            } else {
+                &r.spec.tz
+            };
+            println!(
+                "{:<24} {:<24} {:<18} {:<16} {}  next {}  fired {} skipped {}  missed: {}",
+                r.spec.name,
+                r.spec.playbook,
+                r.spec.cron,
+                tz,
+                if r.paused { "paused " } else { "active " },
+                v.next_fire.as_deref().unwrap_or("-"),
+                r.fired,
+                r.skipped,
+                serde_json::to_value(r.spec.missed)
+                    .ok()
+                    .and_then(|m| m.as_str().map(str::to_string))
+                    .unwrap_or_default()
+            );
+            if let Some(note) = &r.last_note {
+                println!("    last: {note}");
+            }
+        }
+        Ok(())
+    }
+
+    /// `cadre schedule add|pause|resume|remove`: prints the schedule as it now stands.
+    pub async fn schedule_change(&self, subject: &str, req: Value) -> Result<(), CliError> {
+        let record: actors::protocol::ScheduleRecord = self.request(subject, &req).await?;
+        if self.json {
+            print_json(&record);
+        } else {
+            println!(
+                "schedule {} ({} on `{}`){}",
+                record.spec.name,
+                record.spec.playbook,
+                record.spec.cron,
+                if record.paused { ", paused" } else { "" }
+            );
+        }
+        Ok(())
     }
 
     /// `cadre budget`.

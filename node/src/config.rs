@@ -157,6 +157,12 @@ pub struct Config {
     pub llm_plan_tools: Vec<String>,
     /// Context keys, by prefix, whose latest values the planning prompt shows.
     pub llm_context_prefixes: Vec<String>,
+    /// How often the scheduler looks for due firings (the node holding the schedules'
+    /// lease fires them).
+    pub schedule_tick_ms: u64,
+    /// A firing found later than this (the cluster was down) is missed and follows its
+    /// schedule's `missed` policy: `catch_up_once` or `skip`.
+    pub schedule_grace_ms: u64,
 }
 
 impl Default for Config {
@@ -231,6 +237,8 @@ impl Default for Config {
                 .map(String::from)
                 .to_vec(),
             llm_context_prefixes: vec!["pref.".into(), "project.".into()],
+            schedule_tick_ms: 1_000,
+            schedule_grace_ms: 60_000,
         }
     }
 }
@@ -444,6 +452,8 @@ impl Config {
             ("episode_age_days_max", self.episode_age_days_max),
             ("episode_prune_interval_ms", self.episode_prune_interval_ms),
             ("knowledge_write_wait_ms", self.knowledge_write_wait_ms),
+            ("schedule_tick_ms", self.schedule_tick_ms),
+            ("schedule_grace_ms", self.schedule_grace_ms),
         ] {
             if value == 0 {
                 problems.push(format!("{name} must be greater than 0"));

@@ -54,6 +54,49 @@ enum Command {
     Context(ContextArgs),
     /// Consolidated memory: bounded search and a topic's history.
     Memory(MemoryArgs),
+    /// Recurring tasks on cron schedules: list, add, pause, resume, remove.
+    Schedule(ScheduleArgs),
+}
+
+#[derive(Args)]
+struct ScheduleArgs {
+    #[command(flatten)]
+    opts: ClientOpts,
+    #[command(subcommand)]
+    command: ScheduleCommand,
+}
+
+#[derive(Subcommand)]
+enum ScheduleCommand {
+    /// Every schedule with its next firing and the node that fires.
+    List,
+    /// Add (or replace) a schedule: run PLAYBOOK on CRON in TZ.
+    Add {
+        name: String,
+        playbook: String,
+        /// 5 fields (`min hour day month weekday`: `0 9 * * MON`), or 6 with seconds.
+        #[arg(long)]
+        cron: String,
+        /// IANA time zone (`Europe/London`); UTC by default.
+        #[arg(long, default_value = "")]
+        tz: String,
+        /// Input as a JSON object.
+        #[arg(long)]
+        input: Option<String>,
+        /// Firings missed while no node ran: `catch_up_once` (default) or `skip`.
+        #[arg(long, default_value = "catch_up_once")]
+        missed: String,
+    },
+    Pause {
+        name: String,
+    },
+    /// Resume: firings that fell due while paused are not made up.
+    Resume {
+        name: String,
+    },
+    Remove {
+        name: String,
+    },
 }
 
 #[derive(Args)]
@@ -359,6 +402,12 @@ enum TaskCommand {
         /// A goal in plain words instead of a playbook (needs an LLM: CADRE_LLM_*).
         #[arg(long, conflicts_with = "playbook")]
         goal: Option<String>,
+        /// Plan it no earlier than this RFC 3339 time (it is `scheduled` until then).
+        #[arg(long, conflicts_with = "run_after")]
+        run_at: Option<String>,
+        /// …or this long from now: `90s`, `10m`, `2h`, `3d`.
+        #[arg(long)]
+        run_after: Option<String>,
         /// Input as a JSON object.
         #[arg(long, conflicts_with = "input_file")]
         input: Option<String>,
@@ -477,6 +526,9 @@ fn main() {
                 .await
             }
             Command::Setup(opts) => client_main(opts, |c| async move { setup(&c).await }).await,
+            Command::Schedule(ScheduleArgs { opts, command }) => {
+                client_main(opts, |c| async move { schedule(&c, command).await }).await
+            }
             Command::Context(ContextArgs { opts, command }) => {
                 client_main(opts, |c| async move { context(&c, command).await }).await
             }
@@ -593,6 +645,45 @@ async fn context(c: &Client, command: ContextCommand) -> Result<(), CliError> {
     }
 }
 
+async fn schedule(c: &Client, command: ScheduleCommand) -> Result<(), CliError> {
+    use actors::protocol::subject;
+    match command {
+        ScheduleCommand::List => c.schedules().await,
+        ScheduleCommand::Add {
+            name,
+            playbook,
+            cron,
+            tz,
+            input,
+            missed,
+        } => {
+            let input = match input {
+                Some(text) => parse_input(&text)?,
+                None => json!({}),
+            };
+            if !matches!(missed.as_str(), "catch_up_once" | "skip") {
+                return Err(CliError::Usage(format!(
+                    "--missed `{missed}` must be catch_up_once or skip"
+                )));
+            }
+            let req = json!({"name": name, "playbook": playbook, "cron": cron, "tz": tz, "input": input, "missed": missed});
+            c.schedule_change(subject::SCHEDULES_ADD, req).await
+        }
+        ScheduleCommand::Pause { name } => {
+            c.schedule_change(subject::SCHEDULES_PAUSE, json!({"name": name}))
+                .await
+        }
+        ScheduleCommand::Resume { name } => {
+            c.schedule_change(subject::SCHEDULES_RESUME, json!({"name": name}))
+                .await
+        }
+        ScheduleCommand::Remove { name } => {
+            c.schedule_change(subject::SCHEDULES_REMOVE, json!({"name": name}))
+                .await
+        }
+    }
+}
+
 async fn client_main<F, Fut>(opts: ClientOpts, f: F) -> i32
 where
     F: FnOnce(Client) -> Fut,
@@ -623,6 +714,8 @@ async fn task(c: Client, command: TaskCommand) -> Result<(), CliError> {
         TaskCommand::Submit {
             playbook,
             goal,
+            run_at,
+            run_after,
             input,
             input_file,
             key,
@@ -639,7 +732,10 @@ async fn task(c: Client, command: TaskCommand) -> Result<(), CliError> {
                 (None, None) => json!({}),
             };
             let reply = c
-                .submit(playbook.as_deref(), goal.as_deref(), input, key)
+                .submit(serde_json::json!({
+                    "playbook": playbook, "goal": goal, "input": input,
+                    "idempotency_key": key, "run_at": run_at, "run_after": run_after,
+                }))
                 .await?;
             if wait {
                 c.watch(&reply.task_id).await?;

@@ -22,6 +22,7 @@ use actors::roles::leases::{LeaseKeeper, LeaseKeeperArgs};
 use actors::roles::membership::{Membership, MembershipArgs};
 use actors::roles::planner::{Planner, PlannerArgs};
 use actors::roles::relay::{Relay, RelayArgs};
+use actors::roles::scheduler::{Scheduler, SchedulerArgs};
 use actors::roles::supervisor::{
     ChildSpec, NodeSupervisor, NodeSupervisorArgs, NodeSupervisorMsg, RestartPolicy,
 };
@@ -302,6 +303,8 @@ fn settings(config: &Config, seed: u64, step_defaults: StepDefaults) -> Settings
             prune_interval: Duration::from_millis(config.episode_prune_interval_ms),
             write_wait: Duration::from_millis(config.knowledge_write_wait_ms),
         },
+        schedule_tick: Duration::from_millis(config.schedule_tick_ms),
+        schedule_grace: Duration::from_millis(config.schedule_grace_ms),
     }
 }
 
@@ -394,6 +397,13 @@ fn child_specs(
         spec(roles::TASK_API, node, TaskApi, {
             let ctx = c.clone();
             move || TaskApiArgs { ctx: ctx.clone() }
+        }),
+        spec(roles::SCHEDULER, node, Scheduler, {
+            let (ctx, catalog) = (c.clone(), catalog.clone());
+            move || SchedulerArgs {
+                ctx: ctx.clone(),
+                catalog: catalog.clone(),
+            }
         }),
         // Last: a node announces itself once it can serve.
         spec(roles::MEMBERSHIP, node, Membership, {

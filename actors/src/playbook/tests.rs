@@ -67,7 +67,7 @@ fn errors_name_file_step_and_problem() {
     assert!(err(&format!("name = \"x\"\n{eight}")).contains("has 8 steps"));
     let unknown_tool = OK.replace("http.request", "http.get");
     assert!(err(&unknown_tool).contains(
-        "pb.toml: step `b`: unknown tool `http.get` (known: file.write, http.request, shell.run, context.put, llm.generate)"
+        "pb.toml: step `b`: unknown tool `http.get` (known: file.write, http.request, shell.run, context.put, llm.generate, wait)"
     ));
     let bad_dep = OK.replace("depends_on = [\"a\"]", "depends_on = [\"zz\"]");
     assert_eq!(
@@ -461,4 +461,31 @@ fn an_llm_plan_is_checked_like_a_playbook() {
     let e =
         Playbook::from_plan("goal", "operator", &serde_json::json!({}), &defaults()).unwrap_err();
     assert_eq!(e, "the plan has no `steps` array");
+}
+
+#[test]
+fn a_wait_step_and_a_schedule_are_checked_when_loaded() {
+    let wait = |params: &str, extra: &str| {
+        format!(
+            "name = \"w\"\n[[steps]]\nid = \"a\"\ntool = \"file.write\"\nparams = {{ path = \"/x\", content = \"\" }}\nverify = {{ file_exists = true }}\n[[steps]]\nid = \"p\"\ntool = \"wait\"\ndepends_on = [\"a\"]\nparams = {params}\n{extra}"
+        )
+    };
+    assert!(parse(&wait("{ for = \"3d\" }", "")).is_ok());
+    assert!(parse(&wait("{ until = \"{{input.when}}\" }", "")).is_ok());
+    assert!(err(&wait("{ for = \"soon\" }", "")).contains("must start with a whole number"));
+    assert!(err(&wait("{}", "")).contains("give `for`"));
+    assert!(
+        err(&wait("{ for = \"{{steps.a.output.bytes}}\" }", "")).contains("a `wait` step reads")
+    );
+    assert!(
+        err(&wait("{ for = \"1s\" }", "verify = { file_exists = true }"))
+            .contains("has no `verify`")
+    );
+    let scheduled = "name = \"s\"\n[schedule]\ncron = \"0 9 * * MON\"\ntz = \"Europe/London\"\nmissed = \"skip\"\ninput = { topic = \"pricing\" }\n[[steps]]\nid = \"p\"\ntool = \"wait\"\nparams = { for = \"0s\" }\n";
+    let pb = parse(scheduled).unwrap();
+    let rule = pb.schedule.unwrap();
+    assert_eq!(rule.missed, crate::protocol::Missed::Skip);
+    assert_eq!(rule.input, serde_json::json!({"topic": "pricing"}));
+    let bad_tz = scheduled.replace("Europe/London", "Europe/Atlantis");
+    assert!(err(&bad_tz).contains("schedule: time zone `Europe/Atlantis`"));
 }

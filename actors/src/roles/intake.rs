@@ -220,6 +220,14 @@ impl IntakeState {
     /// Parses and validates a submission; `Err` is the reply to send.
     fn validate(&self, payload: &[u8]) -> Result<(SubmitRequest, String), ErrorReply> {
         let req: SubmitRequest = parse_json(payload, self.ctx.settings.payload_bytes_max)?;
+        not_before(&req, self.ctx.now_ms())
+            .map_err(|e| ErrorReply::new(ErrorCode::InvalidRequest, e))?;
+        if req.reason.as_ref().is_some_and(|r| r.chars().count() > 500) {
+            return Err(ErrorReply::new(
+                ErrorCode::InvalidRequest,
+                "reason must be at most 500 characters",
+            ));
+        }
         let name = match (&req.playbook, &req.goal) {
             (Some(_), Some(_)) => {
                 return Err(ErrorReply::new(
@@ -339,6 +347,11 @@ impl IntakeState {
             }
         }
         let now = self.ctx.now_ms();
+        let not_before = match not_before(&req, now) {
+            Ok(t) => t,
+            // Checked in `validate`; a request reaching here parses.
+            Err(_) => None,
+        };
         let task_id = ulid::Ulid::from_parts(now, self.rng.random::<u128>()).to_string();
         let mut task = Task::new(
             task_id.clone(),
@@ -352,6 +365,11 @@ impl IntakeState {
         if playbook == GOAL_PLAYBOOK {
             task.goal = req.goal.clone();
         }
+        task.not_before_ms = not_before;
+        let detail = match &req.reason {
+            Some(why) => format!("playbook {playbook}; {why}"),
+            None => format!("playbook {playbook}"),
+        };
         let event = TaskEvent {
             task_id: task_id.clone(),
             seq: 1,
@@ -359,7 +377,7 @@ impl IntakeState {
             status: TaskStatus::Accepted,
             step_id: None,
             attempt: None,
-            detail: Some(format!("playbook {playbook}")),
+            detail: Some(detail),
             at_ms: now,
             node_id: task.node_id.clone(),
         };
@@ -469,6 +487,26 @@ async fn fail(ctx: &NodeContext, waiter: Waiter) {
         // Not acked: JetStream redelivers it.
         Waiter::Ack(_) => {}
     }
+}
+
+/// Farthest ahead a task may be delayed: a year.
+const DELAY_MS_MAX: u64 = 366 * 86_400_000;
+
+/// When a submitted task may be planned: `run_at`, or `run_after` from `now_ms`; `None`
+/// for at once (or a time already past).
+fn not_before(req: &SubmitRequest, now_ms: u64) -> Result<Option<u64>, String> {
+    let at = match (&req.run_at, &req.run_after) {
+        (Some(_), Some(_)) => return Err("give `run_at` or `run_after`, not both".into()),
+        (Some(t), None) => crate::schedule::parse_instant(t).map_err(|e| format!("run_at: {e}"))?,
+        (None, Some(d)) => now_ms.saturating_add(
+            crate::schedule::parse_duration(d).map_err(|e| format!("run_after: {e}"))?,
+        ),
+        (None, None) => return Ok(None),
+    };
+    if at > now_ms.saturating_add(DELAY_MS_MAX) {
+        return Err("run_at/run_after is more than a year ahead; use a schedule".into());
+    }
+    Ok((at > now_ms).then_some(at))
 }
 
 fn msg_id(headers: Option<&HeaderMap>) -> Option<String> {

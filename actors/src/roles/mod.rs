@@ -12,6 +12,7 @@ pub mod leases;
 pub mod membership;
 pub mod planner;
 pub mod relay;
+pub mod scheduler;
 pub mod supervisor;
 pub mod task;
 pub mod task_api;
@@ -44,9 +45,10 @@ pub const GOVERNOR: &str = "governor";
 pub const MEMBERSHIP: &str = "membership";
 pub const LEASES: &str = "leases";
 pub const KNOWLEDGE: &str = "knowledge";
+pub const SCHEDULER: &str = "scheduler";
 
 /// Every singleton a node runs: all must be up for the node to be ready.
 pub const NODE_ROLES: &[&str] = &[
     RELAY, AUDIT, GOVERNOR, TASKS, LEASES, PLANNER, EXECUTOR, VERIFIER, ARCHIVIST, INTAKE,
-    TASK_API, MEMBERSHIP, KNOWLEDGE,
+    TASK_API, MEMBERSHIP, KNOWLEDGE, SCHEDULER,
 ];

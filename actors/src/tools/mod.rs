@@ -122,7 +122,21 @@ pub const CATALOG: &[ToolInfo] = &[
             "temperature":{"type":"number","minimum":0,"maximum":2}},
             "required":["prompt"],"additionalProperties":false}"#,
     },
+    ToolInfo {
+        name: WAIT,
+        class: IdempotencyClass::Idempotent,
+        description: "Wait, durably: `for` a duration (`90s`, `3d`) or `until` a time (RFC 3339); the task costs nothing meanwhile and resumes on time after any restart",
+        required_params: &[],
+        optional_params: &["for", "until"],
+        params_schema: r#"{"type":"object","properties":{
+            "for":{"type":["string","integer"],"description":"90s, 10m, 2h, 3d, or milliseconds"},
+            "until":{"type":["string","integer"],"description":"RFC 3339 time, or milliseconds since the epoch"}},
+            "additionalProperties":false}"#,
+    },
 ];
+
+/// The durable timer: run by the task itself, never sent to an executor.
+pub const WAIT: &str = "wait";
 
 /// Whether a successful call of `tool` reports what it cost beyond its configured estimate, read from its
 /// output, in millionths of a US dollar: `llm.generate` reports its tokens priced
