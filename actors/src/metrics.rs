@@ -78,6 +78,8 @@ pub struct Metrics {
     pub llm_plans_total: IntCounterVec,
     /// Schedule firings by outcome: `fired`, `caught_up`, `skipped`.
     pub schedule_firings_total: IntCounterVec,
+    /// Webhook deliveries by hook and outcome.
+    pub webhooks_total: IntCounterVec,
     /// Value of the audit head when this process started counting.
     audit_base: std::sync::atomic::AtomicU64,
     /// Serializes [`Metrics::sync_store`]: it advances counters by read-then-add, and two
@@ -423,6 +425,11 @@ impl Metrics {
                     HistogramOpts::new("cadre_commit_seconds", "Synced commit of one transition.")
                         .buckets(LATENCY_BUCKETS.to_vec()),
                 )?,
+            )?,
+            webhooks_total: counter(
+                "cadre_webhooks_total",
+                "POST /hooks/<name> deliveries, by hook (`unknown` for a name no playbook has) and outcome (accepted, duplicate, bad_signature, refused).",
+                &["hook", "outcome"],
             )?,
             schedule_firings_total: {
                 let c = counter(

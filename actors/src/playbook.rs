@@ -52,6 +52,50 @@ struct PlaybookFile {
     /// Run it on a cron schedule.
     #[serde(default)]
     schedule: Option<ScheduleFile>,
+    /// Start it from a signed `POST /hooks/<name>`.
+    #[serde(default)]
+    webhook: Option<WebhookFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WebhookFile {
+    name: String,
+    #[serde(default)]
+    secret_file: Option<PathBuf>,
+    #[serde(default)]
+    secret_env: Option<String>,
+    #[serde(default)]
+    signature_header: Option<String>,
+    #[serde(default)]
+    delivery_header: Option<String>,
+    /// Input field → JSON pointer into the body (`/data/object/email`); without it the
+    /// body (an object) is the input.
+    #[serde(default)]
+    input: Option<std::collections::BTreeMap<String, String>>,
+}
+
+/// Where a webhook's shared secret is read from, on every delivery (so replacing the
+/// file or variable rotates it without a restart). Never logged.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SecretSource {
+    File(PathBuf),
+    Env(String),
+}
+
+/// A playbook's `[webhook]`, checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WebhookRule {
+    /// `POST /hooks/<name>`.
+    pub name: String,
+    pub secret: SecretSource,
+    /// Carries `sha256=<hex HMAC-SHA256 of the raw body>`; `X-Cadre-Signature` by
+    /// default (`X-Hub-Signature-256` for GitHub's).
+    pub signature_header: String,
+    /// Carries the delivery id, the task's idempotency key; `X-Cadre-Delivery` by
+    /// default (`X-GitHub-Delivery` for GitHub's).
+    pub delivery_header: String,
+    pub input: Option<std::collections::BTreeMap<String, String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -237,6 +281,7 @@ pub struct Playbook {
     pub goal: Option<String>,
     pub llm: LlmRouting,
     pub schedule: Option<ScheduleRule>,
+    pub webhook: Option<WebhookRule>,
 }
 
 /// A `[[remember]]` rule, its templates unrendered.
@@ -348,6 +393,7 @@ impl Playbook {
             goal: None,
             llm: None,
             schedule: None,
+            webhook: None,
         };
         Playbook::validate(raw, &plan.to_string(), Path::new("plan"), defaults)
             .map_err(|e| e.problem)
@@ -633,6 +679,43 @@ impl Playbook {
                 })
             }
         };
+        let webhook = match &raw.webhook {
+            None => None,
+            Some(w) => {
+                let at = |problem: String| err(format!("webhook: {problem}"));
+                if !subject::is_token(&w.name) {
+                    return Err(at(format!(
+                        "name `{}` must be letters, digits, `-` or `_`",
+                        w.name
+                    )));
+                }
+                let secret = match (&w.secret_file, &w.secret_env) {
+                    (Some(f), None) => SecretSource::File(f.clone()),
+                    (None, Some(e)) => SecretSource::Env(e.clone()),
+                    _ => return Err(at("give `secret_file` or `secret_env` (one of them)".into())),
+                };
+                for (field, pointer) in w.input.iter().flatten() {
+                    if !pointer.is_empty() && !pointer.starts_with('/') {
+                        return Err(at(format!(
+                            "input `{field}`: `{pointer}` must be a JSON pointer (`/data/email`)"
+                        )));
+                    }
+                }
+                Some(WebhookRule {
+                    name: w.name.clone(),
+                    secret,
+                    signature_header: w
+                        .signature_header
+                        .clone()
+                        .unwrap_or_else(|| "X-Cadre-Signature".into()),
+                    delivery_header: w
+                        .delivery_header
+                        .clone()
+                        .unwrap_or_else(|| "X-Cadre-Delivery".into()),
+                    input: w.input.clone(),
+                })
+            }
+        };
         context_paths.sort();
         context_paths.dedup();
         let hash = hex::encode(&Sha256::digest(text.as_bytes())[..4]);
@@ -650,6 +733,7 @@ impl Playbook {
             goal: raw.goal,
             llm,
             schedule,
+            webhook,
         })
     }
 
@@ -1174,7 +1258,22 @@ impl Catalog {
             };
             match Playbook::parse(&text, &path, defaults) {
                 Ok(pb) => {
-                    if let Some(other) = catalog.playbooks.get(&pb.name) {
+                    let hook_taken = pb.webhook.as_ref().and_then(|w| {
+                        catalog
+                            .playbooks
+                            .values()
+                            .find(|o| o.webhook.as_ref().is_some_and(|x| x.name == w.name))
+                    });
+                    if let (Some(other), Some(w)) = (hook_taken, &pb.webhook) {
+                        errors.push(PlaybookError {
+                            file,
+                            problem: format!(
+                                "webhook `{}` is also used by {}",
+                                w.name,
+                                other.path.display()
+                            ),
+                        });
+                    } else if let Some(other) = catalog.playbooks.get(&pb.name) {
                         errors.push(PlaybookError {
                             file,
                             problem: format!(
@@ -1209,6 +1308,13 @@ impl Catalog {
 
     pub fn persona(&self) -> &Value {
         &self.persona
+    }
+
+    /// The playbook that `POST /hooks/<name>` starts.
+    pub fn by_webhook(&self, name: &str) -> Option<&Arc<Playbook>> {
+        self.playbooks
+            .values()
+            .find(|p| p.webhook.as_ref().is_some_and(|w| w.name == name))
     }
 
     pub fn names(&self) -> Vec<&str> {

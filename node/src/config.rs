@@ -163,6 +163,8 @@ pub struct Config {
     /// A firing found later than this (the cluster was down) is missed and follows its
     /// schedule's `missed` policy: `catch_up_once` or `skip`.
     pub schedule_grace_ms: u64,
+    /// Largest body `POST /hooks/<name>` takes.
+    pub webhook_body_bytes_max: usize,
 }
 
 impl Default for Config {
@@ -239,6 +241,7 @@ impl Default for Config {
             llm_context_prefixes: vec!["pref.".into(), "project.".into()],
             schedule_tick_ms: 1_000,
             schedule_grace_ms: 60_000,
+            webhook_body_bytes_max: 256 << 10,
         }
     }
 }
@@ -454,6 +457,7 @@ impl Config {
             ("knowledge_write_wait_ms", self.knowledge_write_wait_ms),
             ("schedule_tick_ms", self.schedule_tick_ms),
             ("schedule_grace_ms", self.schedule_grace_ms),
+            ("webhook_body_bytes_max", self.webhook_body_bytes_max as u64),
         ] {
             if value == 0 {
                 problems.push(format!("{name} must be greater than 0"));

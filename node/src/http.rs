@@ -1,5 +1,6 @@
 //! The node's HTTP server: `/metrics` (Prometheus text), `/healthz` (the process
-//! answers), `/readyz` (NATS connected, store open, every role's actor up).
+//! answers), `/readyz` (NATS connected, store open, every role's actor up), and
+//! `POST /hooks/<name>` (signed webhooks, `crate::hooks`).
 
 use std::sync::Arc;
 
@@ -9,16 +10,27 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::routing::{get, post};
 use prometheus::{Encoder, TextEncoder};
 use storage::Cf;
 
-pub async fn serve(listener: tokio::net::TcpListener, ctx: Arc<NodeContext>) {
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    ctx: Arc<NodeContext>,
+    hooks: Arc<crate::hooks::Hooks>,
+) {
+    // Room above the cap, so a body slightly over it gets the hook's own JSON 413.
+    let limit = hooks.body_bytes_max.saturating_mul(2).saturating_add(4096);
+    let hook_routes = Router::new()
+        .route("/hooks/{name}", post(crate::hooks::deliver))
+        .layer(axum::extract::DefaultBodyLimit::max(limit))
+        .with_state(hooks);
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
-        .with_state(ctx);
+        .with_state(ctx)
+        .merge(hook_routes);
     if let Err(e) = axum::serve(listener, app).await {
         tracing::error!(error = %e, "http server stopped");
     }

@@ -202,7 +202,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             .ok(),
         None => None,
     };
-    let http_task = tokio::spawn(http::serve(listener, ctx.clone()));
+    let hooks = Arc::new(crate::hooks::Hooks {
+        catalog: catalog.clone(),
+        nats: nats.clone(),
+        metrics: metrics.clone(),
+        body_bytes_max: config.webhook_body_bytes_max,
+    });
+    let http_task = tokio::spawn(http::serve(listener, ctx.clone(), hooks));
     let trim_task = tokio::spawn(return_freed_memory());
     tracing::info!(node_id = %config.node_id, nats = %crate::nats_url::display(&url), resumed = ?resumed, playbooks = catalog.len(), "node ready");
 
