@@ -103,6 +103,8 @@ pub struct NodeContext {
     knowledge: std::sync::OnceLock<Arc<crate::knowledge::Shared>>,
     /// The LLM provider, on a node configured with one (set once, at start).
     llm: std::sync::OnceLock<Arc<crate::llm::Provider>>,
+    /// The node's sealed secrets (set once, at start).
+    secrets: std::sync::OnceLock<Arc<crate::secrets::SecretStore>>,
 }
 
 impl NodeContext {
@@ -149,6 +151,7 @@ impl NodeContext {
             ownership: std::sync::OnceLock::new(),
             knowledge: std::sync::OnceLock::new(),
             llm: std::sync::OnceLock::new(),
+            secrets: std::sync::OnceLock::new(),
         }))
     }
 
@@ -167,6 +170,14 @@ impl NodeContext {
                 crate::bus::reply_json(&self.nats, reply, &e).await;
             }
         }
+    }
+
+    pub fn set_secrets(&self, secrets: Arc<crate::secrets::SecretStore>) {
+        let _ = self.secrets.set(secrets);
+    }
+
+    pub fn secrets(&self) -> Option<&Arc<crate::secrets::SecretStore>> {
+        self.secrets.get()
     }
 
     pub fn set_llm(&self, provider: Arc<crate::llm::Provider>) {

@@ -32,5 +32,6 @@ pub mod rate;
 pub mod redact;
 pub mod roles;
 pub mod schedule;
+pub mod secrets;
 pub mod template;
 pub mod tools;

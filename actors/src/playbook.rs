@@ -375,6 +375,16 @@ impl Playbook {
             .get("steps")
             .and_then(Value::as_array)
             .ok_or("the plan has no `steps` array")?;
+        // A model never chooses where a secret goes: only an operator's playbook does.
+        if let Some(r) = template::references(plan)
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .find(|r| r.starts_with("secret."))
+        {
+            return Err(format!(
+                "`{{{{{r}}}}}`: a plan may not use secrets; a playbook written by the operator may"
+            ));
+        }
         let mut files = Vec::with_capacity(steps.len());
         for (n, step) in steps.iter().enumerate() {
             let at = |problem: String| format!("steps[{n}]: {problem}");
@@ -579,7 +589,10 @@ impl Playbook {
                 .unwrap_or_else(|| Value::String(r.text.clone()));
             let rule = json!({"topic": r.topic, "text": r.text, "value": value});
             for reference in template::references(&rule).map_err(|e| at(e.to_string()))? {
-                if reference.starts_with("context.") || reference.starts_with("recall.") {
+                if ["context.", "recall.", "secret."]
+                    .iter()
+                    .any(|p| reference.starts_with(p))
+                {
                     return Err(at(format!(
                         "`{{{{{reference}}}}}`: what to remember reads input.*, task.*, persona.* and steps.<id>.output.*"
                     )));
@@ -985,6 +998,15 @@ fn check_reference(path: &str, depends_on: &[String], has_recall: bool) -> Resul
                 "`{{{{{path}}}}}`: persona has name, business, roles, voice, signature, contacts and working_hours"
             )),
         },
+        Some("secret") => {
+            let name = parts.next().unwrap_or_default();
+            match (crate::secrets::check_name(name), parts.next()) {
+                (Ok(()), None) => Ok(()),
+                _ => Err(format!(
+                    "`{{{{{path}}}}}`: a secret is `secret.<name>`, a name of letters, digits, `-` or `_`"
+                )),
+            }
+        }
         Some("task") => match parts.next() {
             Some("id" | "playbook") => Ok(()),
             _ => Err(format!(
@@ -1015,6 +1037,11 @@ fn check_reference(path: &str, depends_on: &[String], has_recall: bool) -> Resul
 /// and `persona.*` only; a step's own result is what they check.
 fn check_criteria_references(verify: &Value) -> Result<(), String> {
     for r in template::references(verify).map_err(|e| e.to_string())? {
+        if r.starts_with("secret.") {
+            return Err(format!(
+                "`{{{{{r}}}}}` in `verify`: secrets go in params only (criteria are stored and shown)"
+            ));
+        }
         if r.starts_with("steps.") {
             return Err(format!(
                 "`{{{{{r}}}}}` in `verify`: criteria read input.*, task.* and persona.* only (they check the step's own output)"

@@ -146,6 +146,12 @@ pub mod subject {
     /// Header on a forwarded request: handle it here, do not forward it again.
     pub const FORWARDED_HEADER: &str = "Cadre-Forwarded";
 
+    /// A node's secrets: `cadre.node.<id>.secrets.set|rotate|list|delete` (secrets are
+    /// per node; only that node answers).
+    pub fn secrets(node_id: &str, op: &str) -> String {
+        format!("cadre.node.{node_id}.secrets.{op}")
+    }
+
     /// A node's own status endpoint, in the micro service (`{}` → `NodeStatus`).
     pub fn node_status(node_id: &str) -> String {
         format!("cadre.node.{node_id}.status")
@@ -844,6 +850,48 @@ pub struct ClusterPolicies {
 pub struct IntakeRejected {
     pub stream_sequence: Option<u64>,
     pub error: ErrorBody,
+}
+
+/// `cadre.node.<id>.secrets.set|rotate`: the value travels once, to the node that keeps
+/// it, and is never answered back.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretPut {
+    pub name: String,
+    pub value: String,
+    /// Who (recorded in the node's log; never the value).
+    #[serde(default)]
+    pub by: Option<String>,
+}
+
+impl std::fmt::Debug for SecretPut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecretPut")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `cadre.node.<id>.secrets.delete`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretRef {
+    pub name: String,
+}
+
+/// A secret as `list` shows it: its name, version and age, never its value.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SecretInfo {
+    pub name: String,
+    pub version: u32,
+    pub created_at_ms: u64,
+    pub rotated_at_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SecretListReply {
+    pub node_id: String,
+    pub secrets: Vec<SecretInfo>,
 }
 
 /// What a schedule does with firings missed while no node could fire them.

@@ -66,7 +66,7 @@ fn render_str(s: &str, scope: &(impl Scope + ?Sized)) -> Result<Value, TemplateE
     let pieces = split(s)?;
     if let [Piece::Ref(path)] = pieces.as_slice() {
         return Ok(match lookup(path, scope)? {
-            Some(v) => v.clone(),
+            Some(v) => defused(v),
             None => Value::String(s.to_string()),
         });
     }
@@ -75,8 +75,8 @@ fn render_str(s: &str, scope: &(impl Scope + ?Sized)) -> Result<Value, TemplateE
         match piece {
             Piece::Text(t) => out.push_str(t),
             Piece::Ref(path) => match lookup(path, scope)? {
-                Some(Value::String(v)) => out.push_str(v),
-                Some(v) => out.push_str(&v.to_string()),
+                Some(Value::String(v)) => out.push_str(&defuse(v)),
+                Some(v) => out.push_str(&defuse(&v.to_string())),
                 None => {
                     out.push_str("{{");
                     out.push_str(path);
@@ -86,6 +86,30 @@ fn render_str(s: &str, scope: &(impl Scope + ?Sized)) -> Result<Value, TemplateE
         }
     }
     Ok(Value::String(out))
+}
+
+/// A secret reference is opened by the Executor in what reaches it, so one must come
+/// from the playbook's own text: in a value rendered in from elsewhere (an input, a
+/// webhook body, a tool's output) it is broken up, and stays text.
+const SECRET_REF: &str = "{{secret.";
+
+fn defuse(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.contains(SECRET_REF) {
+        std::borrow::Cow::Owned(s.replace(SECRET_REF, "{ {secret."))
+    } else {
+        std::borrow::Cow::Borrowed(s)
+    }
+}
+
+fn defused(v: &Value) -> Value {
+    match v {
+        Value::String(s) => Value::String(defuse(s).into_owned()),
+        Value::Array(items) => Value::Array(items.iter().map(defused).collect()),
+        Value::Object(map) => {
+            Value::Object(map.iter().map(|(k, v)| (k.clone(), defused(v))).collect())
+        }
+        other => other.clone(),
+    }
 }
 
 /// `Ok(None)` when the root is not in scope (left for later); an error when the root

@@ -499,6 +499,51 @@ impl Client {
         }
     }
 
+    /// `cadre secret list`: names, versions and ages.
+    pub async fn secrets_list(&self, subject: &str) -> Result<(), CliError> {
+        let reply: actors::protocol::SecretListReply =
+            self.request(subject, &serde_json::json!({})).await?;
+        if self.json {
+            print_json(&reply);
+            return Ok(());
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let age = |ms: u64| {
+            let s = now.saturating_sub(ms) / 1000;
+            match s {
+                0..60 => format!("{s}s"),
+                60..3600 => format!("{}m", s / 60),
+                3600..86_400 => format!("{}h", s / 3600),
+                _ => format!("{}d", s / 86_400),
+            }
+        };
+        println!("node {}", reply.node_id);
+        for s in &reply.secrets {
+            println!(
+                "  {:<32} v{:<4} set {} ago, last rotated {} ago",
+                s.name,
+                s.version,
+                age(s.created_at_ms),
+                age(s.rotated_at_ms)
+            );
+        }
+        Ok(())
+    }
+
+    /// `cadre secret set|rotate|delete`: the secret's name and version, never its value.
+    pub async fn secret_change(&self, subject: &str, req: Value) -> Result<(), CliError> {
+        let info: actors::protocol::SecretInfo = self.request(subject, &req).await?;
+        if self.json {
+            print_json(&info);
+        } else {
+            println!("secret {} (version {})", info.name, info.version);
+        }
+        Ok(())
+    }
+
     /// `cadre schedule list`.
     pub async fn schedules(&self) -> Result<(), CliError> {
         let reply: actors::protocol::ScheduleListReply = self

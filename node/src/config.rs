@@ -165,6 +165,10 @@ pub struct Config {
     pub schedule_grace_ms: u64,
     /// Largest body `POST /hooks/<name>` takes.
     pub webhook_body_bytes_max: usize,
+    /// The 32-byte key that seals this node's secrets; empty: `<data_dir>/secrets.key`,
+    /// made (mode 0600) at first start. Back it up with the store: without it the
+    /// secrets cannot be opened.
+    pub secrets_key_file: PathBuf,
 }
 
 impl Default for Config {
@@ -242,6 +246,7 @@ impl Default for Config {
             schedule_tick_ms: 1_000,
             schedule_grace_ms: 60_000,
             webhook_body_bytes_max: 256 << 10,
+            secrets_key_file: PathBuf::new(),
         }
     }
 }

@@ -56,6 +56,37 @@ enum Command {
     Memory(MemoryArgs),
     /// Recurring tasks on cron schedules: list, add, pause, resume, remove.
     Schedule(ScheduleArgs),
+    /// A node's sealed secrets (`{{secret.<name>}}` in params): set, rotate, list,
+    /// delete. Values are read from stdin and never printed.
+    Secret(SecretArgs),
+}
+
+#[derive(Args)]
+struct SecretArgs {
+    #[command(flatten)]
+    opts: ClientOpts,
+    /// The node that keeps the secret (secrets are per node).
+    #[arg(long, env = "CADRE_NODE_ID", default_value = "node-1", global = true)]
+    node: String,
+    #[command(subcommand)]
+    command: SecretCommand,
+}
+
+#[derive(Subcommand)]
+enum SecretCommand {
+    /// A new secret; its value is read from stdin (`printf %s "$TOKEN" | cadre secret set crm_token`).
+    Set {
+        name: String,
+    },
+    /// A new value for an existing secret, from stdin; steps dispatched from now use it.
+    Rotate {
+        name: String,
+    },
+    /// Names, versions and ages; never values.
+    List,
+    Delete {
+        name: String,
+    },
 }
 
 #[derive(Args)]
@@ -526,6 +557,32 @@ fn main() {
                 .await
             }
             Command::Setup(opts) => client_main(opts, |c| async move { setup(&c).await }).await,
+            Command::Secret(SecretArgs {
+                opts,
+                node,
+                command,
+            }) => {
+                // Read before connecting: a value typed at a prompt ends with a newline,
+                // which is not part of it.
+                let value = match &command {
+                    SecretCommand::Set { .. } | SecretCommand::Rotate { .. } => {
+                        let mut text = String::new();
+                        if let Err(e) =
+                            std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+                        {
+                            eprintln!("cadre: cannot read the value from stdin: {e}");
+                            return 2;
+                        }
+                        Some(text.trim_end_matches(['\r', '\n']).to_string())
+                    }
+                    _ => None,
+                };
+                client_main(
+                    opts,
+                    |c| async move { secret(&c, &node, command, value).await },
+                )
+                .await
+            }
             Command::Schedule(ScheduleArgs { opts, command }) => {
                 client_main(opts, |c| async move { schedule(&c, command).await }).await
             }
@@ -643,6 +700,29 @@ async fn context(c: &Client, command: ContextCommand) -> Result<(), CliError> {
         }
         ContextCommand::Writes { write_id } => c.context_writes(write_id).await,
     }
+}
+
+async fn secret(
+    c: &Client,
+    node: &str,
+    command: SecretCommand,
+    value: Option<String>,
+) -> Result<(), CliError> {
+    use actors::protocol::subject;
+    let by = std::env::var("USER").ok();
+    let (op, req) = match command {
+        SecretCommand::Set { name } => (
+            "set",
+            json!({"name": name, "value": value.unwrap_or_default(), "by": by}),
+        ),
+        SecretCommand::Rotate { name } => (
+            "rotate",
+            json!({"name": name, "value": value.unwrap_or_default(), "by": by}),
+        ),
+        SecretCommand::Delete { name } => ("delete", json!({"name": name})),
+        SecretCommand::List => return c.secrets_list(&subject::secrets(node, "list")).await,
+    };
+    c.secret_change(&subject::secrets(node, op), req).await
 }
 
 async fn schedule(c: &Client, command: ScheduleCommand) -> Result<(), CliError> {

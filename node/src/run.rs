@@ -23,6 +23,7 @@ use actors::roles::membership::{Membership, MembershipArgs};
 use actors::roles::planner::{Planner, PlannerArgs};
 use actors::roles::relay::{Relay, RelayArgs};
 use actors::roles::scheduler::{Scheduler, SchedulerArgs};
+use actors::roles::secrets::{Secrets, SecretsArgs};
 use actors::roles::supervisor::{
     ChildSpec, NodeSupervisor, NodeSupervisorArgs, NodeSupervisorMsg, RestartPolicy,
 };
@@ -141,6 +142,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             .context("cannot open the memory index")?;
     let knowledge = Arc::new(actors::knowledge::Shared::new(index));
     ctx.set_knowledge(knowledge.clone());
+    let key_path = if config.secrets_key_file.as_os_str().is_empty() {
+        config.data_dir.join("secrets.key")
+    } else {
+        config.secrets_key_file.clone()
+    };
+    let secrets = actors::secrets::SecretStore::open(store.clone(), &key_path)
+        .context("cannot open the secrets store")?;
+    ctx.set_secrets(Arc::new(secrets));
     // Validated with the config.
     let llm = match config.llm().map_err(anyhow::Error::msg)? {
         Some(settings) => {
@@ -403,6 +412,10 @@ fn child_specs(
         spec(roles::TASK_API, node, TaskApi, {
             let ctx = c.clone();
             move || TaskApiArgs { ctx: ctx.clone() }
+        }),
+        spec(roles::SECRETS, node, Secrets, {
+            let ctx = c.clone();
+            move || SecretsArgs { ctx: ctx.clone() }
         }),
         spec(roles::SCHEDULER, node, Scheduler, {
             let (ctx, catalog) = (c.clone(), catalog.clone());

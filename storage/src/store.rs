@@ -16,8 +16,8 @@ use crate::codec::{self, CodecError};
 /// newer binary is refused rather than misread.
 /// History: 1 — the spine; 2 — adds the `audit` and `audit_index` families (created
 /// on open, so migrating from 1 is stamping the new version); 3 — `spend`; 4 — the
-/// knowledge families `context`, `facts` and `knowledge_outbox`.
-pub const SCHEMA_VERSION: u32 = 4;
+/// knowledge families `context`, `facts` and `knowledge_outbox`; 5 — `secrets`.
+pub const SCHEMA_VERSION: u32 = 5;
 const META_SCHEMA_KEY: &[u8] = b"schema_version";
 /// How long the syncer gathers groups that were only written (no commit waits for their
 /// fsync) before syncing them: fewer fsyncs under load, and a synced commit arriving
@@ -64,10 +64,12 @@ pub enum Cf {
     /// `<write id>` → a knowledge write not yet acknowledged by the stream (ids are
     /// ULIDs, so key order is the order they were made).
     KnowledgeOutbox,
+    /// `<name>` → a sealed secret (ciphertext and nonce; never the value in clear).
+    Secrets,
 }
 
 impl Cf {
-    pub const ALL: [Cf; 13] = [
+    pub const ALL: [Cf; 14] = [
         Cf::Tasks,
         Cf::Active,
         Cf::Outbox,
@@ -81,6 +83,7 @@ impl Cf {
         Cf::Context,
         Cf::Facts,
         Cf::KnowledgeOutbox,
+        Cf::Secrets,
     ];
 
     pub fn name(self) -> &'static str {
@@ -98,6 +101,7 @@ impl Cf {
             Cf::Context => "context",
             Cf::Facts => "facts",
             Cf::KnowledgeOutbox => "knowledge_outbox",
+            Cf::Secrets => "secrets",
         }
     }
 }

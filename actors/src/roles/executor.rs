@@ -9,6 +9,7 @@
 //! `unsafe` is reported to the task, which waits for an operator. `idempotent` tools
 //! keep no ledger: running them again is the definition of safe.
 
+use serde_json::Value;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -322,6 +323,12 @@ async fn run(
         Ok(v) => v,
         Err(e) => return failed(FailureKind::Permanent, format!("params are not JSON: {e}")),
     };
+    // Secrets are opened here, at the last moment, only where the params still say
+    // `{{secret.<name>}}`; the ledger, the audit and the reply keep the reference.
+    let (params, opened) = match open_secrets(&ctx, params) {
+        Ok(p) => p,
+        Err(e) => return failed(FailureKind::Permanent, e),
+    };
     let mut effect = Effect {
         tool: req.tool.clone(),
         class: info.class,
@@ -437,21 +444,27 @@ async fn run(
         return reply;
     };
     let duration_us = started.elapsed().as_micros() as u64;
+    // Whatever the tool returns (an echo, an error quoting a header) is scrubbed of the
+    // secrets it was given before anything keeps it.
+    let clean = |mut v: Value| {
+        crate::secrets::scrub(&mut v, &opened);
+        JsonText::from_value(&v)
+    };
     let reply = match result {
         Ok(output) => ExecReply::Done {
-            output: JsonText::from_value(&output),
+            output: clean(output),
             duration_us,
             replayed: false,
         },
         Err(ToolError::Retryable { message, output }) => ExecReply::Failed {
             kind: FailureKind::Retryable,
-            message,
-            output: output.as_ref().map(JsonText::from_value),
+            message: crate::secrets::scrub_text(&message, &opened),
+            output: output.map(clean),
         },
         Err(ToolError::Permanent { message, output }) => ExecReply::Failed {
             kind: FailureKind::Permanent,
-            message,
-            output: output.as_ref().map(JsonText::from_value),
+            message: crate::secrets::scrub_text(&message, &opened),
+            output: output.map(clean),
         },
     };
     effect.outcome = Some(reply.clone());
@@ -470,6 +483,37 @@ async fn run(
         tracing::error!(ledger_key, error = %e, "cannot record outcome");
     }
     reply
+}
+
+/// `params` with each `{{secret.<name>}}` rendered from this node's secrets, and the
+/// values opened (to scrub what comes back).
+fn open_secrets(
+    ctx: &NodeContext,
+    params: Value,
+) -> Result<(Value, Vec<(String, String)>), String> {
+    let names = crate::secrets::referenced(&params);
+    if names.is_empty() {
+        return Ok((params, Vec::new()));
+    }
+    let store = ctx
+        .secrets()
+        .ok_or_else(|| format!("node {} has no secrets store", ctx.settings.node_id))?;
+    let mut opened = Vec::with_capacity(names.len());
+    for name in names {
+        let value = store
+            .open_value(&name)
+            .map_err(|e| format!("{e} (node {}: `cadre secret set`)", ctx.settings.node_id))?;
+        opened.push((name, value));
+    }
+    let scope = Value::Object(
+        opened
+            .iter()
+            .map(|(n, v)| (n.clone(), Value::String(v.clone())))
+            .collect(),
+    );
+    let rendered = crate::template::render(&params, &[("secret", &scope)][..])
+        .map_err(|e| format!("secrets: {e}"))?;
+    Ok((rendered, opened))
 }
 
 /// Waits until the tool's and the target host's buckets both have a token, within the

@@ -13,6 +13,7 @@ pub mod membership;
 pub mod planner;
 pub mod relay;
 pub mod scheduler;
+pub mod secrets;
 pub mod supervisor;
 pub mod task;
 pub mod task_api;
@@ -46,9 +47,10 @@ pub const MEMBERSHIP: &str = "membership";
 pub const LEASES: &str = "leases";
 pub const KNOWLEDGE: &str = "knowledge";
 pub const SCHEDULER: &str = "scheduler";
+pub const SECRETS: &str = "secrets";
 
 /// Every singleton a node runs: all must be up for the node to be ready.
 pub const NODE_ROLES: &[&str] = &[
     RELAY, AUDIT, GOVERNOR, TASKS, LEASES, PLANNER, EXECUTOR, VERIFIER, ARCHIVIST, INTAKE,
-    TASK_API, MEMBERSHIP, KNOWLEDGE, SCHEDULER,
+    TASK_API, MEMBERSHIP, KNOWLEDGE, SCHEDULER, SECRETS,
 ];
