@@ -182,6 +182,18 @@ fn describe(facts: &mut StepFacts, params: &Value, file_roots: &[std::path::Path
         }
         // The key a step writes in the context store.
         "context.put" => facts.path = text("key").to_string(),
+        // Who a mail goes to (the first recipient; policies can match on it).
+        "email.send" => {
+            facts.recipient = match params.get("to") {
+                Some(Value::String(s)) => s.clone(),
+                Some(Value::Array(items)) => items
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                _ => String::new(),
+            }
+        }
         "shell.run" => {
             facts.program = text("program").to_string();
             let args: Vec<String> = match params.get("args") {

@@ -82,6 +82,7 @@ async fn nodes_announce_themselves_and_a_dead_node_is_reported_gone() -> anyhow:
         tools,
         BTreeSet::from([
             "context.put",
+            "email.send",
             "file.write",
             "http.request",
             "llm.generate",

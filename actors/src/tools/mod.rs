@@ -14,12 +14,14 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 mod context_put;
+mod email_send;
 mod file_write;
 mod http_request;
 mod llm_generate;
 mod shell_run;
 
 pub use context_put::ContextPut;
+pub use email_send::{EmailSend, SmtpConfig, SmtpTls};
 pub use file_write::FileWrite;
 pub use http_request::HttpRequest;
 pub use llm_generate::LlmGenerate;
@@ -132,6 +134,21 @@ pub const CATALOG: &[ToolInfo] = &[
             "for":{"type":["string","integer"],"description":"90s, 10m, 2h, 3d, or milliseconds"},
             "until":{"type":["string","integer"],"description":"RFC 3339 time, or milliseconds since the epoch"}},
             "additionalProperties":false}"#,
+    },
+    ToolInfo {
+        name: "email.send",
+        class: IdempotencyClass::Keyed,
+        description: "Send a plain-text mail over the node's SMTP server; its Message-ID comes from the step's key, so a retried send is recognisably the same mail",
+        required_params: &["to", "subject", "text"],
+        optional_params: &["from", "cc", "reply_to"],
+        params_schema: r#"{"type":"object","properties":{
+            "to":{"type":["string","array"],"items":{"type":"string"},"description":"an address, or a list"},
+            "subject":{"type":"string","minLength":1},
+            "text":{"type":"string"},
+            "from":{"type":"string","description":"default: the node's mail_from"},
+            "cc":{"type":["string","array"],"items":{"type":"string"}},
+            "reply_to":{"type":"string"}},
+            "required":["to","subject","text"],"additionalProperties":false}"#,
     },
 ];
 
@@ -246,6 +263,8 @@ pub struct ToolConfig {
     pub file_fsync: bool,
     /// Programs `shell.run` may start, as given (names looked up on PATH, or absolute).
     pub shell_allow: Vec<String>,
+    /// `email.send`'s server; `None`: the tool refuses every send.
+    pub smtp: Option<SmtpConfig>,
     pub output_bytes_max: usize,
 }
 
@@ -254,9 +273,11 @@ pub fn build(
     config: &ToolConfig,
     nats: async_nats::Client,
     llm: Option<Arc<crate::llm::Provider>>,
+    secrets: Option<Arc<crate::secrets::SecretStore>>,
 ) -> anyhow::Result<Vec<Arc<dyn Tool>>> {
     Ok(vec![
         Arc::new(ContextPut::new(nats)),
+        Arc::new(EmailSend::new(config.smtp.clone(), secrets)),
         Arc::new(LlmGenerate::new(llm)),
         Arc::new(FileWrite::new(config.file_roots.clone(), config.file_fsync)),
         Arc::new(HttpRequest::new(config.output_bytes_max)?),
