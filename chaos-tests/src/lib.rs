@@ -642,10 +642,41 @@ pub fn is_terminal(status: &str) -> bool {
 /// `GET path` on `addr` over plain HTTP/1.0 (so the server closes the connection and
 /// sends no chunked encoding); returns status and body.
 pub async fn http_get(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
+    http_call(addr, "GET", path, &[], b"").await
+}
+
+/// `POST path` with a JSON `body` and extra `headers`, like [`http_get`].
+pub async fn http_post(
+    addr: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> anyhow::Result<(u16, String)> {
+    http_call(addr, "POST", path, headers, body).await
+}
+
+async fn http_call(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> anyhow::Result<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await?;
-    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
-    stream.write_all(request.as_bytes()).await?;
+    let mut head = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\n");
+    if method != "GET" {
+        head.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
+    }
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body).await?;
     let mut text = String::new();
     stream.read_to_string(&mut text).await?;
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
