@@ -60,6 +60,10 @@ pub struct Settings {
     pub schedule_tick: Duration,
     /// A firing found this late is missed (and follows its schedule's policy).
     pub schedule_grace: Duration,
+    /// Low-priority tasks start at multiples of this (their batch window)…
+    pub low_priority_window: Duration,
+    /// …and at most this many run at once on this node.
+    pub low_priority_concurrency_max: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -105,6 +109,8 @@ pub struct NodeContext {
     llm: std::sync::OnceLock<Arc<crate::llm::Provider>>,
     /// The node's sealed secrets (set once, at start).
     secrets: std::sync::OnceLock<Arc<crate::secrets::SecretStore>>,
+    /// Slots of low-priority tasks: one held from planning to the task's end.
+    pub low_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl NodeContext {
@@ -134,6 +140,9 @@ impl NodeContext {
                 .set(limit.per_second());
         }
         let ledger_store = store.clone();
+        let low_slots = Arc::new(tokio::sync::Semaphore::new(
+            settings.low_priority_concurrency_max.max(1),
+        ));
         Ok(Arc::new(NodeContext {
             settings,
             nats,
@@ -152,6 +161,7 @@ impl NodeContext {
             knowledge: std::sync::OnceLock::new(),
             llm: std::sync::OnceLock::new(),
             secrets: std::sync::OnceLock::new(),
+            low_slots,
         }))
     }
 

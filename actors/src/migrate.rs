@@ -16,8 +16,9 @@ use crate::protocol::{TaskCheck, Verdict};
 
 /// Layout of the records in `Cf::Tasks`: 2 added approvals, cost, persona and
 /// compensation; 3 added a step's placement; 4 added the LLM judge criterion, a task's
-/// free-text goal and its planning record; 5 added a task's `not_before_ms`.
-pub const RECORDS_VERSION: u32 = 5;
+/// free-text goal and its planning record; 5 added a task's `not_before_ms`; 6 its
+/// `priority`.
+pub const RECORDS_VERSION: u32 = 6;
 const META_RECORDS_KEY: &[u8] = b"records_version";
 /// Records rewritten per synced batch.
 const BATCH_RECORDS: usize = 256;
@@ -59,19 +60,23 @@ pub async fn run(store: &Store) -> Result<usize, MigrateError> {
                 let task = match found {
                     ..2 => {
                         let old: Option<TaskV1> = store.get(Cf::Tasks, key).map_err(read)?;
-                        old.map(|t| t.into_v2().into_v3().into_v4().into_current())
+                        old.map(|t| t.into_v2().into_v3().into_v4().into_v5().into_current())
                     }
                     2 => {
                         let old: Option<TaskV2> = store.get(Cf::Tasks, key).map_err(read)?;
-                        old.map(|t| t.into_v3().into_v4().into_current())
+                        old.map(|t| t.into_v3().into_v4().into_v5().into_current())
                     }
                     3 => {
                         let old: Option<TaskV3> = store.get(Cf::Tasks, key).map_err(read)?;
-                        old.map(|t| t.into_v4().into_current())
+                        old.map(|t| t.into_v4().into_v5().into_current())
+                    }
+                    4 => {
+                        let old: Option<TaskV4> = store.get(Cf::Tasks, key).map_err(read)?;
+                        old.map(|t| t.into_v5().into_current())
                     }
                     _ => {
-                        let old: Option<TaskV4> = store.get(Cf::Tasks, key).map_err(read)?;
-                        old.map(TaskV4::into_current)
+                        let old: Option<TaskV5> = store.get(Cf::Tasks, key).map_err(read)?;
+                        old.map(TaskV5::into_current)
                     }
                 };
                 if let Some(task) = task {
@@ -588,8 +593,8 @@ struct TaskV4 {
 }
 
 impl TaskV4 {
-    fn into_current(self) -> Task {
-        Task {
+    fn into_v5(self) -> TaskV5 {
+        TaskV5 {
             id: self.id,
             playbook: self.playbook,
             playbook_version: self.playbook_version,
@@ -613,6 +618,64 @@ impl TaskV4 {
             planning: self.planning,
             // Tasks from before delayed submission ran at once.
             not_before_ms: None,
+        }
+    }
+}
+
+/// `Task` as layout 5 stored it (its steps and checks are today's).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct TaskV5 {
+    id: String,
+    playbook: String,
+    playbook_version: String,
+    input: JsonText,
+    idempotency_key: Option<String>,
+    node_id: String,
+    status: TaskStatus,
+    created_at_ms: u64,
+    updated_at_ms: u64,
+    steps: Vec<Step>,
+    checks: Vec<TaskCheck>,
+    task_verdict: Option<Verdict>,
+    failure: Option<String>,
+    attention: Option<(String, String)>,
+    event_seq: u64,
+    hop_retries: u32,
+    persona: String,
+    ends_as: Option<TaskStatus>,
+    approvals_requested: u32,
+    goal: Option<String>,
+    planning: Option<crate::model::Planning>,
+    not_before_ms: Option<u64>,
+}
+
+impl TaskV5 {
+    fn into_current(self) -> Task {
+        Task {
+            id: self.id,
+            playbook: self.playbook,
+            playbook_version: self.playbook_version,
+            input: self.input,
+            idempotency_key: self.idempotency_key,
+            node_id: self.node_id,
+            status: self.status,
+            created_at_ms: self.created_at_ms,
+            updated_at_ms: self.updated_at_ms,
+            steps: self.steps,
+            checks: self.checks,
+            task_verdict: self.task_verdict,
+            failure: self.failure,
+            attention: self.attention,
+            event_seq: self.event_seq,
+            hop_retries: self.hop_retries,
+            persona: self.persona,
+            ends_as: self.ends_as,
+            approvals_requested: self.approvals_requested,
+            goal: self.goal,
+            planning: self.planning,
+            not_before_ms: self.not_before_ms,
+            // Tasks from before priorities were all normal.
+            priority: crate::model::Priority::Normal,
         }
     }
 }
@@ -746,6 +809,7 @@ mod tests {
             .unwrap_or_else(|| panic!("T1 gone"));
         assert_eq!(task.goal.as_deref(), Some("Welcome Acme"));
         assert_eq!(task.not_before_ms, None);
+        assert_eq!(task.priority, crate::model::Priority::Normal);
         assert_eq!(task.steps.len(), 1);
     }
 

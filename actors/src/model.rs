@@ -461,8 +461,31 @@ pub struct Task {
     pub goal: Option<String>,
     /// How the LLM planner made the plan, when it did.
     pub planning: Option<Planning>,
-    /// Not planned before this time (`run_at`/`run_after` on submit).
+    /// Not planned before this time (`run_at`/`run_after` on submit, or a low-priority
+    /// task's batch window).
     pub not_before_ms: Option<u64>,
+    pub priority: Priority,
+}
+
+/// How urgent a task is. `low` work waits for the next batch window and runs under its
+/// own concurrency cap, so background work never holds up the operator's tasks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Priority {
+    High,
+    #[default]
+    Normal,
+    Low,
+}
+
+impl Priority {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::High => "high",
+            Priority::Normal => "normal",
+            Priority::Low => "low",
+        }
+    }
 }
 
 /// The playbook name of tasks submitted as a free-text `goal`: budgets, metrics and
@@ -501,6 +524,7 @@ impl Task {
             goal: None,
             planning: None,
             not_before_ms: None,
+            priority: Priority::Normal,
         }
     }
 

@@ -55,6 +55,9 @@ struct PlaybookFile {
     /// Start it from a signed `POST /hooks/<name>`.
     #[serde(default)]
     webhook: Option<WebhookFile>,
+    /// Its tasks' priority unless a submission says otherwise.
+    #[serde(default)]
+    priority: Option<crate::model::Priority>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -282,6 +285,7 @@ pub struct Playbook {
     pub llm: LlmRouting,
     pub schedule: Option<ScheduleRule>,
     pub webhook: Option<WebhookRule>,
+    pub priority: crate::model::Priority,
 }
 
 /// A `[[remember]]` rule, its templates unrendered.
@@ -404,6 +408,7 @@ impl Playbook {
             llm: None,
             schedule: None,
             webhook: None,
+            priority: None,
         };
         Playbook::validate(raw, &plan.to_string(), Path::new("plan"), defaults)
             .map_err(|e| e.problem)
@@ -747,6 +752,7 @@ impl Playbook {
             llm,
             schedule,
             webhook,
+            priority: raw.priority.unwrap_or_default(),
         })
     }
 

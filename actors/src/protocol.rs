@@ -250,6 +250,9 @@ pub struct SubmitRequest {
     /// webhook's delivery); at most 500 characters.
     #[serde(default)]
     pub reason: Option<String>,
+    /// `high`, `normal` or `low`; default: the playbook's `priority`, else `normal`.
+    #[serde(default)]
+    pub priority: Option<crate::model::Priority>,
 }
 
 fn empty_object() -> Value {
@@ -508,9 +511,11 @@ pub struct TaskView {
     /// The goal, for a task submitted as one.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub goal: Option<String>,
-    /// A delayed task is not planned before this (`run_at`/`run_after`).
+    /// A delayed task is not planned before this (`run_at`/`run_after`, or a low
+    /// priority's batch window).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub not_before_ms: Option<u64>,
+    pub priority: crate::model::Priority,
     /// How the LLM planner made the plan, if it did.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub planning: Option<PlanningView>,

@@ -400,3 +400,99 @@ fn now_ms() -> u64 {
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn low_priority_work_waits_for_its_window_and_runs_under_its_cap() -> anyhow::Result<()> {
+    const WINDOW: u64 = 4_000;
+    let nats = NatsServer::start()?;
+    let client = nats.client().await?;
+    let dir = tempfile::tempdir()?;
+    let background = r#"
+name = "background"
+priority = "low"
+[[steps]]
+id = "work"
+tool = "wait"
+params = { for = "1s" }
+"#;
+    let urgent = r#"
+name = "urgent"
+[[steps]]
+id = "work"
+tool = "wait"
+params = { for = "0s" }
+"#;
+    let (_, playbooks) = chaos_tests::files_and_playbooks(
+        dir.path(),
+        &[("background", background), ("urgent", urgent)],
+    )?;
+    let window = WINDOW.to_string();
+    let mut node = CadreNode::start(
+        "n1",
+        &dir.path().join("data"),
+        &nats.url,
+        &[
+            ("CADRE_PLAYBOOKS_DIR", playbooks.as_str()),
+            ("CADRE_LOW_PRIORITY_WINDOW_MS", window.as_str()),
+            ("CADRE_LOW_PRIORITY_CONCURRENCY_MAX", "2"),
+        ],
+    )?;
+    node.wait_ready(&client).await?;
+    // Start just after a window boundary, so the whole batch falls in one window and
+    // the urgent task has most of a window to show it does not wait.
+    let into = now_ms() % WINDOW;
+    tokio::time::sleep(Duration::from_millis(WINDOW - into + 50)).await;
+    let submitted_at = now_ms();
+    let mut low = Vec::new();
+    for n in 0..5 {
+        let reply = request(
+            &client,
+            "cadre.tasks.submit",
+            json!({"playbook": "background", "input": {"n": n}}).to_string(),
+        )
+        .await?;
+        low.push(reply["task_id"].as_str().unwrap_or_default().to_string());
+    }
+    let reply = request(
+        &client,
+        "cadre.tasks.submit",
+        json!({"playbook": "urgent", "priority": "high"}).to_string(),
+    )
+    .await?;
+    let urgent_id = reply["task_id"].as_str().unwrap_or_default().to_string();
+    let boundary = submitted_at.div_ceil(WINDOW) * WINDOW;
+
+    let urgent_done = wait_task(&client, &urgent_id, WITHIN, chaos_tests::is_terminal).await?;
+    assert_eq!(urgent_done["status"], "succeeded");
+    assert_eq!(urgent_done["priority"], "high");
+    let urgent_end = step(&urgent_done, "work")["finished_at_ms"]
+        .as_u64()
+        .unwrap_or(u64::MAX);
+    assert!(
+        urgent_end < boundary,
+        "the urgent task waited for the low batch"
+    );
+
+    let mut spans = Vec::new();
+    for id in &low {
+        let t = wait_task(&client, id, WITHIN, chaos_tests::is_terminal).await?;
+        assert_eq!(t["status"], "succeeded", "{t}");
+        assert_eq!(t["priority"], "low", "the playbook's priority");
+        assert_eq!(t["not_before_ms"].as_u64(), Some(boundary), "{t}");
+        let work = step(&t, "work");
+        let (start, end) = (
+            work["started_at_ms"].as_u64().unwrap_or(0),
+            work["finished_at_ms"].as_u64().unwrap_or(0),
+        );
+        assert!(start >= boundary, "a low task ran before its window");
+        spans.push((start, end));
+    }
+    // At any moment at most two ran (the cap), and two did run together (a batch).
+    let most = spans
+        .iter()
+        .map(|&(s, _)| spans.iter().filter(|&&(a, b)| a <= s && s < b).count())
+        .max()
+        .unwrap_or(0);
+    assert_eq!(most, 2, "{spans:?}");
+    Ok(())
+}

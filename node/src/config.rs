@@ -180,6 +180,10 @@ pub struct Config {
     pub smtp_password_secret: String,
     /// The default `From` of `email.send`: `Ops <ops@example.com>`.
     pub mail_from: String,
+    /// Low-priority tasks wait for the next multiple of this (their batch window)…
+    pub low_priority_window_ms: u64,
+    /// …and at most this many run at once on a node.
+    pub low_priority_concurrency_max: usize,
 }
 
 impl Default for Config {
@@ -264,6 +268,8 @@ impl Default for Config {
             smtp_user: String::new(),
             smtp_password_secret: "smtp_password".into(),
             mail_from: String::new(),
+            low_priority_window_ms: 60_000,
+            low_priority_concurrency_max: 2,
         }
     }
 }
@@ -483,6 +489,11 @@ impl Config {
             ("schedule_tick_ms", self.schedule_tick_ms),
             ("schedule_grace_ms", self.schedule_grace_ms),
             ("webhook_body_bytes_max", self.webhook_body_bytes_max as u64),
+            ("low_priority_window_ms", self.low_priority_window_ms),
+            (
+                "low_priority_concurrency_max",
+                self.low_priority_concurrency_max as u64,
+            ),
         ] {
             if value == 0 {
                 problems.push(format!("{name} must be greater than 0"));

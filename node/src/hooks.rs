@@ -129,6 +129,7 @@ async fn handle(
         run_at: None,
         run_after: None,
         reason: Some(format!("webhook `{name}` delivery {delivery}")),
+        priority: None,
     };
     submit(hooks, &req).await
 }

@@ -439,6 +439,9 @@ enum TaskCommand {
         /// …or this long from now: `90s`, `10m`, `2h`, `3d`.
         #[arg(long)]
         run_after: Option<String>,
+        /// `high`, `normal` or `low` (default: the playbook's).
+        #[arg(long)]
+        priority: Option<String>,
         /// Input as a JSON object.
         #[arg(long, conflicts_with = "input_file")]
         input: Option<String>,
@@ -796,6 +799,7 @@ async fn task(c: Client, command: TaskCommand) -> Result<(), CliError> {
             goal,
             run_at,
             run_after,
+            priority,
             input,
             input_file,
             key,
@@ -815,6 +819,7 @@ async fn task(c: Client, command: TaskCommand) -> Result<(), CliError> {
                 .submit(serde_json::json!({
                     "playbook": playbook, "goal": goal, "input": input,
                     "idempotency_key": key, "run_at": run_at, "run_after": run_after,
+                    "priority": priority,
                 }))
                 .await?;
             if wait {

@@ -327,6 +327,8 @@ fn settings(config: &Config, seed: u64, step_defaults: StepDefaults) -> Settings
         },
         schedule_tick: Duration::from_millis(config.schedule_tick_ms),
         schedule_grace: Duration::from_millis(config.schedule_grace_ms),
+        low_priority_window: Duration::from_millis(config.low_priority_window_ms),
+        low_priority_concurrency_max: config.low_priority_concurrency_max,
     }
 }
 

@@ -365,7 +365,20 @@ impl IntakeState {
         if playbook == GOAL_PLAYBOOK {
             task.goal = req.goal.clone();
         }
-        task.not_before_ms = not_before;
+        task.priority = req
+            .priority
+            .or_else(|| self.catalog.get(&playbook).map(|p| p.priority))
+            .unwrap_or_default();
+        // Low priority waits for the next batch window: low tasks start together, at
+        // window boundaries, under their own cap (the TaskActor's low slot).
+        task.not_before_ms = match task.priority {
+            crate::model::Priority::Low => {
+                let window = (self.ctx.settings.low_priority_window.as_millis() as u64).max(1);
+                let from = not_before.unwrap_or(now);
+                Some(from.div_ceil(window) * window).filter(|t| *t > now)
+            }
+            _ => not_before,
+        };
         let detail = match &req.reason {
             Some(why) => format!("playbook {playbook}; {why}"),
             None => format!("playbook {playbook}"),

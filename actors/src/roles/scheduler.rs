@@ -420,6 +420,7 @@ impl SchedulerState {
             run_at: None,
             run_after: None,
             reason: Some(reason.to_string()),
+            priority: None,
         };
         let body = serde_json::to_vec(&req).map_err(|e| e.to_string())?;
         let mut headers = async_nats::HeaderMap::new();

@@ -72,6 +72,9 @@ pub struct TaskState {
     me: String,
     /// Set when another node owns the task: the actor issues nothing more and stops.
     standing_down: bool,
+    /// A low-priority task's slot, held from planning until the actor stops (dropped
+    /// with it): at most `low_priority_concurrency_max` such tasks run at once.
+    low_slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// An attempt in flight.
@@ -92,6 +95,8 @@ pub enum TaskMsg {
     /// NATS reconnected: re-send the hops in flight, whose requests or replies may have
     /// been lost with the connection (the executor's ledger makes a re-send safe).
     Reconnected,
+    /// A low-priority slot came free for this task: plan it now.
+    LowSlot(tokio::sync::OwnedSemaphorePermit),
     /// Another node owns the task (or this node could not claim it yet, `retry`): issue
     /// nothing more and stop. The checkpoint stays; only its `active` mark goes, unless
     /// the claim is to be tried again.
@@ -171,6 +176,7 @@ impl Actor for TaskActor {
             facts,
             me,
             standing_down: false,
+            low_slot: None,
         })
     }
 
@@ -222,6 +228,10 @@ impl Actor for TaskActor {
                     let _ = state.apply(&myself, input, from).await?;
                 }
                 TaskMsg::Released => state.send_held(&myself),
+                TaskMsg::LowSlot(permit) => {
+                    state.low_slot = Some(permit);
+                    state.act(&myself, Action::RequestPlan, None);
+                }
                 TaskMsg::Reconnected => state.resend_in_flight(&myself),
                 TaskMsg::Cancel { reason, reply } => {
                     let result = state.apply(&myself, Input::Cancel { reason }, None).await?;
@@ -713,6 +723,21 @@ impl TaskState {
         let hop_timeout = ctx.settings.hop_timeout;
         match action {
             Action::RequestPlan => {
+                if self.task.priority == crate::model::Priority::Low && self.low_slot.is_none() {
+                    match ctx.low_slots.clone().try_acquire_owned() {
+                        Ok(permit) => self.low_slot = Some(permit),
+                        // All slots busy: wait for one, then plan (`TaskMsg::LowSlot`).
+                        Err(_) => {
+                            let (slots, me) = (ctx.low_slots.clone(), myself.clone());
+                            tokio::spawn(async move {
+                                if let Ok(permit) = slots.acquire_owned().await {
+                                    let _ = me.cast(TaskMsg::LowSlot(permit));
+                                }
+                            });
+                            return;
+                        }
+                    }
+                }
                 let req = PlanRequest {
                     task_id: self.task.id.clone(),
                     playbook: self.task.playbook.clone(),

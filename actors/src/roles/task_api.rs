@@ -1002,6 +1002,7 @@ pub fn view(task: &Task) -> TaskView {
         cost_usd: usd(task.cost_micros()),
         goal: task.goal.clone(),
         not_before_ms: task.not_before_ms,
+        priority: task.priority,
         planning: task.planning.as_ref().map(Into::into),
     }
 }
