@@ -147,6 +147,12 @@ pub enum Input {
         by: String,
         note: Option<String>,
     },
+    /// An event for a `wait` step that waits for it.
+    Signal {
+        event: String,
+        payload: Option<serde_json::Value>,
+        by: String,
+    },
     /// An approval request's expiry is due.
     ApprovalDue {
         step: String,
@@ -292,6 +298,7 @@ impl Cx<'_> {
                 );
             }
             Input::ApprovalDue { step, approval_id } => self.approval_due(&step, &approval_id),
+            Input::Signal { event, payload, by } => return self.signal(&event, payload, &by),
             Input::Planned(reply) => self.planned(reply),
             Input::PlanUnavailable(error) => self.hop_failed(TaskStatus::Planning, error),
             Input::Executed {
@@ -789,17 +796,77 @@ impl Cx<'_> {
         }
     }
 
-    /// A `wait` step's time came: it succeeded.
+    /// An event a waiting step waits for: the step succeeds with it, before its timeout.
+    fn signal(
+        &mut self,
+        event: &str,
+        payload: Option<serde_json::Value>,
+        by: &str,
+    ) -> Result<(), Rejected> {
+        let waits_for = |s: &Step| {
+            s.status == StepStatus::Waiting
+                && s.spec
+                    .params
+                    .to_value()
+                    .ok()
+                    .and_then(|p| p.get("event").and_then(|e| e.as_str()).map(|e| e == event))
+                    == Some(true)
+        };
+        let Some(i) = self.task.steps.iter().position(waits_for) else {
+            return Err(Rejected(format!(
+                "no step of this task waits for event `{event}` now"
+            )));
+        };
+        let now = self.now_ms;
+        let step = &mut self.task.steps[i];
+        step.retry_at_ms = None;
+        step.status = StepStatus::Succeeded;
+        step.finished_at_ms = Some(now);
+        step.output = Some(JsonText::from_value(&serde_json::json!({
+            "arrived": true, "event": event, "payload": payload, "at_ms": now, "by": by,
+        })));
+        step.verdict = Some(Verdict {
+            passed: true,
+            reasons: vec![format!("ok: event `{event}` arrived")],
+        });
+        let (id, attempt) = (step.spec.id.clone(), step.attempts);
+        self.event(
+            "step_succeeded",
+            Some(&id),
+            Some(attempt),
+            Some(format!("event `{event}` from {by}")),
+        );
+        self.advance(None);
+        Ok(())
+    }
+
+    /// A `wait` step's time came: it succeeded (an event wait, without its event).
     fn wait_over(&mut self, i: usize) {
         let now = self.now_ms;
         let step = &mut self.task.steps[i];
         let until = step.retry_at_ms.take().unwrap_or(now);
+        let event = step
+            .spec
+            .params
+            .to_value()
+            .ok()
+            .and_then(|p| p.get("event").and_then(|e| e.as_str()).map(str::to_string));
         step.status = StepStatus::Succeeded;
         step.finished_at_ms = Some(now);
-        step.output = Some(JsonText::from_value(
-            &serde_json::json!({"waited_until_ms": until, "woke_at_ms": now}),
-        ));
-        let line = format!("ok: waited until {}", crate::schedule::show_utc(until));
+        let output = match &event {
+            Some(e) => {
+                serde_json::json!({"arrived": false, "event": e, "timed_out": true, "waited_until_ms": until, "woke_at_ms": now})
+            }
+            None => serde_json::json!({"waited_until_ms": until, "woke_at_ms": now}),
+        };
+        step.output = Some(JsonText::from_value(&output));
+        let line = match &event {
+            Some(e) => format!(
+                "ok: event `{e}` did not come by {}: timed out",
+                crate::schedule::show_utc(until)
+            ),
+            None => format!("ok: waited until {}", crate::schedule::show_utc(until)),
+        };
         step.verdict = Some(Verdict {
             passed: true,
             reasons: vec![line],

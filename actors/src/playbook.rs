@@ -1195,7 +1195,9 @@ fn check_wait(params: &Value, refs: &[String]) -> Result<(), String> {
     }
     if refs.is_empty() {
         crate::schedule::wake_at(params, 0)?;
-    } else if params.get("for").is_some() == params.get("until").is_some() {
+    } else if params.get("event").is_none()
+        && params.get("for").is_some() == params.get("until").is_some()
+    {
         return Err("wait: give `for` (a duration) or `until` (a time)".into());
     }
     Ok(())

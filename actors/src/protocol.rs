@@ -25,6 +25,8 @@ pub mod subject {
     pub const TASKS_CANCEL: &str = "cadre.tasks.cancel";
     pub const TASKS_RESOLVE: &str = "cadre.tasks.resolve";
     pub const TASKS_TRACE: &str = "cadre.tasks.trace";
+    /// Request: an event for a task's `wait` step (`SignalRequest` → `TaskStatusReply`).
+    pub const TASKS_SIGNAL: &str = "cadre.tasks.signal";
     /// Request: an operator decides an approval (`DecideRequest` → `DecideReply`).
     pub const APPROVALS_DECIDE: &str = "cadre.approvals.decide";
     /// Request: approvals of this node's active tasks (`ApprovalListRequest`).
@@ -332,6 +334,21 @@ pub struct ResolveRequest {
     pub by: Option<String>,
     #[serde(default)]
     pub note: Option<String>,
+}
+
+/// `cadre.tasks.signal`: the event a `wait` step of the task waits for (a reply came,
+/// a payment cleared). Committed with the step, so it is not lost to a crash.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignalRequest {
+    pub task_id: String,
+    /// The `event` the wait step names.
+    pub event: String,
+    /// What came with it: the step's output carries it (`steps.<id>.output.payload`).
+    #[serde(default)]
+    pub payload: Option<Value>,
+    #[serde(default)]
+    pub by: Option<String>,
 }
 
 /// `cadre.approvals.decide`: an operator's decision on an approval request.

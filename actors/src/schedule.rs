@@ -183,11 +183,29 @@ pub fn show_utc(ms: u64) -> String {
 /// When a `wait` step started at `started_ms` wakes: `for` a duration, or `until` an
 /// instant (whichever its params give; not both).
 pub fn wake_at(params: &Value, started_ms: u64) -> Result<u64, String> {
+    if let Some(event) = params.get("event") {
+        // Until an event comes, or its timeout.
+        let name = event.as_str().unwrap_or_default();
+        if !crate::protocol::subject::is_token(name) {
+            return Err(format!(
+                "wait: event {event} must be a name (letters, digits, `-`, `_`)"
+            ));
+        }
+        let timeout = params
+            .get("timeout")
+            .ok_or("wait: an `event` wait needs a `timeout` (`3d`)")?;
+        if params.get("for").is_some() || params.get("until").is_some() {
+            return Err("wait: give `event` with `timeout`, or `for`, or `until`".into());
+        }
+        return Ok(started_ms.saturating_add(parse_duration(timeout)?));
+    }
     match (params.get("for"), params.get("until")) {
         (Some(d), None) => Ok(started_ms.saturating_add(parse_duration(d)?)),
         (None, Some(t)) => parse_instant(t),
         (Some(_), Some(_)) => Err("wait: give `for` or `until`, not both".into()),
-        (None, None) => Err("wait: give `for` (a duration) or `until` (a time)".into()),
+        (None, None) => Err(
+            "wait: give `for` (a duration), `until` (a time), or `event` with a `timeout`".into(),
+        ),
     }
 }
 

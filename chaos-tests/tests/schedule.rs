@@ -496,3 +496,100 @@ params = { for = "0s" }
     assert_eq!(most, 2, "{spans:?}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_for_an_event_resumes_on_the_event_or_its_timeout_across_kill_9()
+-> anyhow::Result<()> {
+    let nats = NatsServer::start()?;
+    let client = nats.client().await?;
+    let dir = tempfile::tempdir()?;
+    let await_reply = r#"
+name = "await-reply"
+[[steps]]
+id = "reply"
+tool = "wait"
+params = { event = "reply", timeout = "{{input.timeout}}" }
+[[steps]]
+id = "log"
+tool = "file.write"
+params = { path = "{{input.root}}/{{task.id}}.md", content = "{{steps.reply.output}}" }
+verify = { file_exists = true }
+depends_on = ["reply"]
+"#;
+    let (files, playbooks) =
+        chaos_tests::files_and_playbooks(dir.path(), &[("await-reply", await_reply)])?;
+    let mut node = CadreNode::start(
+        "n1",
+        &dir.path().join("data"),
+        &nats.url,
+        &[
+            ("CADRE_PLAYBOOKS_DIR", playbooks.as_str()),
+            ("CADRE_FILE_ROOTS", files.as_str()),
+        ],
+    )?;
+    node.wait_ready(&client).await?;
+    let submit = |timeout: &'static str| {
+        let (client, files) = (client.clone(), files.clone());
+        async move {
+            let r = request(
+                &client,
+                "cadre.tasks.submit",
+                json!({"playbook": "await-reply", "input": {"root": files, "timeout": timeout}})
+                    .to_string(),
+            )
+            .await?;
+            anyhow::Ok(r["task_id"].as_str().unwrap_or_default().to_string())
+        }
+    };
+    let answered = submit("60s").await?;
+    let unanswered = submit("2s").await?;
+    for id in [&answered, &unanswered] {
+        eventually(WITHIN, "the wait to start", || async {
+            let t = get(&client, id).await.ok()?;
+            (step(&t, "reply")["status"] == "waiting").then_some(())
+        })
+        .await?;
+    }
+    // An event nobody waits for is refused.
+    let wrong = request(
+        &client,
+        "cadre.tasks.signal",
+        json!({"task_id": answered, "event": "payment"}).to_string(),
+    )
+    .await?;
+    assert_eq!(wrong["error"]["code"], "conflict", "{wrong}");
+
+    // The waiting survives kill -9; the event arrives after the restart.
+    node.kill9();
+    node.restart()?;
+    node.wait_ready(&client).await?;
+    let signalled = request(
+        &client,
+        "cadre.tasks.signal",
+        json!({"task_id": answered, "event": "reply", "payload": {"text": "yes please"}, "by": "mailbox"})
+            .to_string(),
+    )
+    .await?;
+    assert!(signalled["error"].is_null(), "{signalled}");
+    let done = wait_task(&client, &answered, WITHIN, chaos_tests::is_terminal).await?;
+    assert_eq!(done["status"], "succeeded", "{done}\n{}", node.log_tail());
+    let out = &step(&done, "reply")["output"];
+    assert_eq!(
+        (out["arrived"].as_bool(), out["payload"]["text"].as_str()),
+        (Some(true), Some("yes please")),
+        "{out}"
+    );
+    let logged = std::fs::read_to_string(format!("{files}/{answered}.md"))?;
+    assert!(logged.contains("yes please"), "{logged}");
+
+    // No event: the timeout resumes it, saying so.
+    let timed = wait_task(&client, &unanswered, WITHIN, chaos_tests::is_terminal).await?;
+    assert_eq!(timed["status"], "succeeded", "{timed}");
+    let out = &step(&timed, "reply")["output"];
+    assert_eq!(
+        (out["arrived"].as_bool(), out["timed_out"].as_bool()),
+        (Some(false), Some(true)),
+        "{out}"
+    );
+    Ok(())
+}

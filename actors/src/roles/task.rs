@@ -95,6 +95,13 @@ pub enum TaskMsg {
     /// NATS reconnected: re-send the hops in flight, whose requests or replies may have
     /// been lost with the connection (the executor's ledger makes a re-send safe).
     Reconnected,
+    /// An event for a waiting step (`cadre.tasks.signal`).
+    Signal {
+        event: String,
+        payload: Option<serde_json::Value>,
+        by: String,
+        reply: RpcReplyPort<Result<TaskStatus, Rejected>>,
+    },
     /// A low-priority slot came free for this task: plan it now.
     LowSlot(tokio::sync::OwnedSemaphorePermit),
     /// Another node owns the task (or this node could not claim it yet, `retry`): issue
@@ -228,6 +235,16 @@ impl Actor for TaskActor {
                     let _ = state.apply(&myself, input, from).await?;
                 }
                 TaskMsg::Released => state.send_held(&myself),
+                TaskMsg::Signal {
+                    event,
+                    payload,
+                    by,
+                    reply,
+                } => {
+                    let input = Input::Signal { event, payload, by };
+                    let result = state.apply(&myself, input, None).await?;
+                    let _ = reply.send(result.map(|()| state.task.status));
+                }
                 TaskMsg::LowSlot(permit) => {
                     state.low_slot = Some(permit);
                     state.act(&myself, Action::RequestPlan, None);
@@ -302,7 +319,7 @@ impl TaskState {
         let why = failure_reason(&input);
         let (actor, operator) = match &input {
             Input::Cancel { .. } => ("operator".to_string(), None),
-            Input::Resolve { by, .. } | Input::Decide { by, .. } => {
+            Input::Resolve { by, .. } | Input::Decide { by, .. } | Input::Signal { by, .. } => {
                 ("operator".to_string(), Some(by.clone()))
             }
             Input::Abandon { .. } => (self.ctx.from(crate::roles::TASKS), None),

@@ -18,7 +18,7 @@ use crate::protocol::{
     ApprovalListReply, ApprovalListRequest, ApprovalRef, ApprovalView, Attention, BudgetReply,
     BudgetRequest, CancelRequest, DecideReply, DecideRequest, ErrorCode, ErrorReply,
     LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX, ListReply, ListRequest, PlaybookBudget, ResolveRequest,
-    StepView, TaskRef, TaskStatusReply, TaskSummary, TaskView, TraceReply, subject,
+    SignalRequest, StepView, TaskRef, TaskStatusReply, TaskSummary, TaskView, TraceReply, subject,
 };
 use crate::roles::intake::parse_json;
 use crate::roles::task_supervisor::{ControlError, TaskSupervisorMsg};
@@ -46,6 +46,7 @@ pub enum TaskApiMsg {
     List(Inbound),
     Cancel(Inbound),
     Resolve(Inbound),
+    Signal(Inbound),
     Trace(Inbound),
     Decide(Inbound),
     ApprovalsList(Inbound),
@@ -93,6 +94,12 @@ impl Actor for TaskApi {
                 TaskApiMsg::Resolve,
             ),
             bus::spawn_pump(
+                nats.queue_subscribe(subject::TASKS_SIGNAL, q()).await?,
+                myself.clone(),
+                depth,
+                TaskApiMsg::Signal,
+            ),
+            bus::spawn_pump(
                 nats.queue_subscribe(subject::TASKS_TRACE, q()).await?,
                 myself.clone(),
                 depth,
@@ -129,9 +136,10 @@ impl Actor for TaskApi {
         // is asked of every node's copy.
         if ctx.ownership().is_some() {
             let node = &ctx.settings.node_id;
-            let owned: [(&str, fn(Inbound) -> TaskApiMsg); 6] = [
+            let owned: [(&str, fn(Inbound) -> TaskApiMsg); 7] = [
                 (subject::TASKS_CANCEL, TaskApiMsg::Cancel),
                 (subject::TASKS_RESOLVE, TaskApiMsg::Resolve),
+                (subject::TASKS_SIGNAL, TaskApiMsg::Signal),
                 (subject::APPROVALS_DECIDE, TaskApiMsg::Decide),
                 // Lists and traces are gathered from every node by whichever answers.
                 (subject::TASKS_LIST, TaskApiMsg::List),
@@ -202,6 +210,9 @@ impl Actor for TaskApi {
             }
             TaskApiMsg::Resolve(inbound) => {
                 spawn_control::<ResolveRequest>(ctx, inbound, subject::TASKS_RESOLVE)
+            }
+            TaskApiMsg::Signal(inbound) => {
+                spawn_control::<SignalRequest>(ctx, inbound, subject::TASKS_SIGNAL)
             }
             TaskApiMsg::Trace(inbound) => {
                 let request = parse_json::<TaskRef>(&inbound.msg.payload, max);
@@ -702,6 +713,24 @@ impl ControlRequest for ResolveRequest {
             decision: self.decision,
             by: self.by.unwrap_or_default(),
             note: self.note,
+            reply,
+        }
+    }
+}
+
+impl ControlRequest for SignalRequest {
+    fn task_id(&self) -> &str {
+        &self.task_id
+    }
+    fn into_msg(
+        self,
+        reply: ractor::RpcReplyPort<Result<TaskStatus, ControlError>>,
+    ) -> TaskSupervisorMsg {
+        TaskSupervisorMsg::Signal {
+            task_id: self.task_id,
+            event: self.event,
+            payload: self.payload,
+            by: self.by.unwrap_or_else(|| "operator".into()),
             reply,
         }
     }

@@ -67,6 +67,13 @@ pub enum TaskSupervisorMsg {
         note: Option<String>,
         reply: ControlReply,
     },
+    Signal {
+        task_id: String,
+        event: String,
+        payload: Option<serde_json::Value>,
+        by: String,
+        reply: ControlReply,
+    },
     Decide {
         task_id: String,
         approval_id: String,
@@ -144,6 +151,22 @@ impl Actor for TaskSupervisor {
                 state
                     .control(&myself, &task_id, reply, move |port| TaskMsg::Cancel {
                         reason,
+                        reply: port,
+                    })
+                    .await;
+            }
+            TaskSupervisorMsg::Signal {
+                task_id,
+                event,
+                payload,
+                by,
+                reply,
+            } => {
+                state
+                    .control(&myself, &task_id, reply, move |port| TaskMsg::Signal {
+                        event,
+                        payload,
+                        by,
                         reply: port,
                     })
                     .await;

@@ -129,10 +129,12 @@ pub const CATALOG: &[ToolInfo] = &[
         class: IdempotencyClass::Idempotent,
         description: "Wait, durably: `for` a duration (`90s`, `3d`) or `until` a time (RFC 3339); the task costs nothing meanwhile and resumes on time after any restart",
         required_params: &[],
-        optional_params: &["for", "until"],
+        optional_params: &["for", "until", "event", "timeout"],
         params_schema: r#"{"type":"object","properties":{
             "for":{"type":["string","integer"],"description":"90s, 10m, 2h, 3d, or milliseconds"},
-            "until":{"type":["string","integer"],"description":"RFC 3339 time, or milliseconds since the epoch"}},
+            "until":{"type":["string","integer"],"description":"RFC 3339 time, or milliseconds since the epoch"},
+            "event":{"type":"string","description":"wait for this event (cadre.tasks.signal), at most `timeout`"},
+            "timeout":{"type":["string","integer"],"description":"with `event`: how long at most"}},
             "additionalProperties":false}"#,
     },
     ToolInfo {
