@@ -2,10 +2,12 @@
 user, every accepted message written whole to a directory. Prints `ready <port>` once
 it listens; runs until killed.
 
-    python3 smtp_sink.py --port 2525 --dir /tmp/mails --user cadre --password s3cret
+    python3 smtp_sink.py --port 2525 --dir /tmp/mails --user cadre --password s3cret \
+        [--tls-cert cert.pem --tls-key key.pem]   # STARTTLS required, AUTH only after it
 """
 import argparse
 import pathlib
+import ssl
 import time
 
 from aiosmtpd.controller import Controller
@@ -43,15 +45,24 @@ def main():
     ap.add_argument("--dir", required=True)
     ap.add_argument("--user", required=True)
     ap.add_argument("--password", required=True)
+    ap.add_argument("--tls-cert")
+    ap.add_argument("--tls-key")
     args = ap.parse_args()
+    tls = {}
+    if args.tls_cert:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(args.tls_cert, args.tls_key)
+        tls = {"tls_context": context, "require_starttls": True, "auth_require_tls": True}
+    else:
+        # Plain SMTP on loopback; Cadre's own default is STARTTLS.
+        tls = {"auth_require_tls": False}
     controller = Controller(
         Save(args.dir),
         hostname="127.0.0.1",
         port=args.port,
         authenticator=authenticator(args.user, args.password),
         auth_required=True,
-        # The test talks plain SMTP on loopback; Cadre's own default is STARTTLS.
-        auth_require_tls=False,
+        **tls,
     )
     controller.start()
     print(f"ready {args.port}", flush=True)

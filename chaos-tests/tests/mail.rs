@@ -21,6 +21,16 @@ struct SmtpSink {
 
 impl SmtpSink {
     fn start(dir: &std::path::Path, user: &str, password: &str) -> anyhow::Result<SmtpSink> {
+        SmtpSink::start_with(dir, user, password, &[])
+    }
+
+    /// `extra`: `--tls-cert`/`--tls-key` to require STARTTLS.
+    fn start_with(
+        dir: &std::path::Path,
+        user: &str,
+        password: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<SmtpSink> {
         let port = free_port()?;
         let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/smtp_sink.py");
         let mut child = Command::new("python3")
@@ -32,6 +42,7 @@ impl SmtpSink {
                 &dir.display().to_string(),
             ])
             .args(["--user", user, "--password", password])
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()?;
@@ -198,5 +209,162 @@ max_attempts = 1
             "the SMTP password leaked into {what}"
         );
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starttls_is_required_and_verified() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    // A CA of the test's own, and a certificate for localhost signed by it.
+    let (ca, ca_key, cert, key) = (
+        dir.path().join("ca.pem"),
+        dir.path().join("ca.key"),
+        dir.path().join("cert.pem"),
+        dir.path().join("cert.key"),
+    );
+    let openssl = |args: &[&str]| -> anyhow::Result<()> {
+        let out = Command::new("openssl").args(args).output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    };
+    let p = |p: &std::path::Path| p.display().to_string();
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=cadre test CA",
+        "-keyout",
+        &p(&ca_key),
+        "-out",
+        &p(&ca),
+    ])?;
+    let csr = dir.path().join("cert.csr");
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=localhost",
+        "-keyout",
+        &p(&key),
+        "-out",
+        &p(&csr),
+    ])?;
+    let ext = dir.path().join("ext.cnf");
+    std::fs::write(&ext, "subjectAltName=DNS:localhost\n")?;
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        &p(&csr),
+        "-CA",
+        &p(&ca),
+        "-CAkey",
+        &p(&ca_key),
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        &p(&ext),
+        "-out",
+        &p(&cert),
+    ])?;
+
+    let inbox = dir.path().join("inbox");
+    std::fs::create_dir_all(&inbox)?;
+    let password = "tls-pass-canary-31f0";
+    let tls_sink = SmtpSink::start_with(
+        &inbox,
+        "cadre",
+        password,
+        &["--tls-cert", &p(&cert), "--tls-key", &p(&key)],
+    )?;
+    let plain_inbox = dir.path().join("plain");
+    std::fs::create_dir_all(&plain_inbox)?;
+    let plain_sink = SmtpSink::start(&plain_inbox, "cadre", password)?;
+
+    let nats = NatsServer::start()?;
+    let client = nats.client().await?;
+    let mail = r#"
+name = "mail"
+[[steps]]
+id = "send"
+tool = "email.send"
+params = { to = "ada@acme.test", subject = "Over TLS", text = "sealed" }
+verify = { json_path_equals = { path = "$.accepted", value = true } }
+max_attempts = 1
+"#;
+    let (_, playbooks) = chaos_tests::files_and_playbooks(dir.path(), &[("mail", mail)])?;
+    let run = |port: u16, name: &'static str, trust: bool| {
+        let (client, data, nats_url, playbooks, ca) = (
+            client.clone(),
+            dir.path().join(format!("{name}-node")),
+            nats.url.clone(),
+            playbooks.clone(),
+            if trust { p(&ca) } else { String::new() },
+        );
+        async move {
+            let port = port.to_string();
+            let mut node = CadreNode::start(
+                name,
+                &data,
+                &nats_url,
+                &[
+                    ("CADRE_PLAYBOOKS_DIR", playbooks.as_str()),
+                    ("CADRE_SMTP_HOST", "localhost"),
+                    ("CADRE_SMTP_PORT", port.as_str()),
+                    ("CADRE_SMTP_TLS", "starttls"),
+                    ("CADRE_SMTP_CA_FILE", ca.as_str()),
+                    ("CADRE_SMTP_USER", "cadre"),
+                    ("CADRE_MAIL_FROM", "ops@cadre.test"),
+                ],
+            )?;
+            node.wait_ready(&client).await?;
+            request(
+                &client,
+                &format!("cadre.node.{name}.secrets.set"),
+                json!({"name": "smtp_password", "value": password}).to_string(),
+            )
+            .await?;
+            let reply = request(
+                &client,
+                "cadre.tasks.submit",
+                json!({"playbook": "mail"}).to_string(),
+            )
+            .await?;
+            let id = reply["task_id"].as_str().unwrap_or_default().to_string();
+            let task = wait_task(&client, &id, WITHIN, chaos_tests::is_terminal).await?;
+            node.terminate(Duration::from_secs(10))?;
+            anyhow::Ok(task)
+        }
+    };
+    // STARTTLS with a certificate the node trusts (smtp_ca_file): delivered.
+    let sent = run(tls_sink.port, "tls", true).await?;
+    assert_eq!(sent["status"], "succeeded", "{sent}");
+    assert_eq!(mails(&inbox).len(), 1);
+    // A server that cannot upgrade gets nothing: no plaintext fallback, no password sent.
+    let refused = run(plain_sink.port, "plain", true).await?;
+    assert_eq!(refused["status"], "failed", "{refused}");
+    assert!(
+        refused["failure"]
+            .as_str()
+            .is_some_and(|f| f.contains("STARTTLS is not supported")),
+        "{refused}"
+    );
+    assert!(mails(&plain_inbox).is_empty(), "mail went out in plaintext");
+    // A certificate the node does not trust (no smtp_ca_file): refused, nothing sent.
+    let untrusted = run(tls_sink.port, "untrusting", false).await?;
+    assert_eq!(untrusted["status"], "failed", "{untrusted}");
+    assert_eq!(mails(&inbox).len(), 1, "mail went to an unverified server");
     Ok(())
 }

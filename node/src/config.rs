@@ -180,6 +180,8 @@ pub struct Config {
     pub smtp_password_secret: String,
     /// The default `From` of `email.send`: `Ops <ops@example.com>`.
     pub mail_from: String,
+    /// A PEM CA to trust for the SMTP server besides the system's; empty: none.
+    pub smtp_ca_file: PathBuf,
     /// Low-priority tasks wait for the next multiple of this (their batch window)…
     pub low_priority_window_ms: u64,
     /// …and at most this many run at once on a node.
@@ -268,6 +270,7 @@ impl Default for Config {
             smtp_user: String::new(),
             smtp_password_secret: "smtp_password".into(),
             mail_from: String::new(),
+            smtp_ca_file: PathBuf::new(),
             low_priority_window_ms: 60_000,
             low_priority_concurrency_max: 2,
         }
@@ -607,6 +610,15 @@ impl Config {
             password_secret: self.smtp_password_secret.clone(),
             from: self.mail_from.clone(),
             timeout: std::time::Duration::from_millis(self.step_timeout_ms),
+            ca_pem: if self.smtp_ca_file.as_os_str().is_empty() {
+                None
+            } else {
+                Some(
+                    std::fs::read(&self.smtp_ca_file).map_err(|e| {
+                        format!("smtp_ca_file `{}`: {e}", self.smtp_ca_file.display())
+                    })?,
+                )
+            },
         }))
     }
 

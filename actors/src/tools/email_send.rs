@@ -10,6 +10,7 @@ use futures::future::BoxFuture;
 use lettre::message::header::ContentType;
 use lettre::message::{Mailbox, Mailboxes};
 use lettre::transport::smtp::authentication::Credentials;
+use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use serde_json::{Value, json};
 
@@ -39,6 +40,8 @@ pub struct SmtpConfig {
     /// The default `From`.
     pub from: String,
     pub timeout: Duration,
+    /// A PEM CA to trust besides the system's (a relay with your own CA).
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 pub struct EmailSend {
@@ -121,14 +124,24 @@ impl EmailSend {
         config: &SmtpConfig,
         timeout: Duration,
     ) -> Result<AsyncSmtpTransport<Tokio1Executor>, ToolError> {
+        let tls = || {
+            let mut params = TlsParameters::builder(config.host.clone());
+            if let Some(pem) = &config.ca_pem {
+                let ca = Certificate::from_pem(pem)
+                    .map_err(|e| ToolError::permanent(format!("smtp_ca_file: {e}")))?;
+                params = params.add_root_certificate(ca);
+            }
+            params
+                .build()
+                .map_err(|e| ToolError::permanent(format!("SMTP TLS for `{}`: {e}", config.host)))
+        };
+        let builder = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&config.host);
         let builder = match config.tls {
-            SmtpTls::StartTls => AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(&config.host),
-            SmtpTls::Tls => AsyncSmtpTransport::<Tokio1Executor>::relay(&config.host),
-            SmtpTls::None => Ok(AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(
-                &config.host,
-            )),
-        }
-        .map_err(|e| ToolError::permanent(format!("SMTP host `{}`: {e}", config.host)))?;
+            // Required, not opportunistic: a server that cannot upgrade gets nothing.
+            SmtpTls::StartTls => builder.tls(Tls::Required(tls()?)),
+            SmtpTls::Tls => builder.tls(Tls::Wrapper(tls()?)),
+            SmtpTls::None => builder.tls(Tls::None),
+        };
         let mut builder = builder
             .port(config.port)
             .timeout(Some(timeout.min(config.timeout)));
