@@ -49,6 +49,11 @@ if ! nats_ok; then
   hash -r
 fi
 nats_ok || { echo "install-deps: nats-server >= 2.10 not found on PATH after install" >&2; exit 1; }
+# The STARTTLS mail test makes its own CA with the openssl CLI.
+if ! command -v openssl >/dev/null 2>&1; then
+  echo "install-deps: installing openssl (for the mail test's CA)"
+  apt_install openssl
+fi
 # The mail test's SMTP server (chaos-tests/scripts/smtp_sink.py).
 if ! python3 -c 'import aiosmtpd' >/dev/null 2>&1; then
   echo "install-deps: installing aiosmtpd (pip, for the mail test)"
