@@ -629,19 +629,7 @@ impl Playbook {
             None => None,
             Some(r) => {
                 let at = |problem: String| err(format!("recall: {problem}"));
-                for reference in template::references(&Value::String(r.query.clone()))
-                    .map_err(|e| at(e.to_string()))?
-                {
-                    if !["input.", "task.", "persona."]
-                        .iter()
-                        .any(|p| reference.starts_with(p))
-                    {
-                        return Err(at(format!(
-                            "`{{{{{reference}}}}}`: the query reads input.*, task.* and persona.*"
-                        )));
-                    }
-                    check_reference(&reference, &[], false).map_err(at)?;
-                }
+                check_request_text(&r.query, "the query").map_err(at)?;
                 let bounds =
                     crate::knowledge::recall::Bounds::new(r.top_k, r.chars_max).map_err(at)?;
                 Some(RecallRule {
@@ -655,19 +643,7 @@ impl Playbook {
             if goal.trim().is_empty() {
                 return Err(at("is empty".into()));
             }
-            for reference in
-                template::references(&Value::String(goal.clone())).map_err(|e| at(e.to_string()))?
-            {
-                if !["input.", "task.", "persona."]
-                    .iter()
-                    .any(|p| reference.starts_with(p))
-                {
-                    return Err(at(format!(
-                        "`{{{{{reference}}}}}`: a goal reads input.*, task.* and persona.*"
-                    )));
-                }
-                check_reference(&reference, &[], false).map_err(at)?;
-            }
+            check_request_text(goal, "a goal").map_err(at)?;
         }
         let llm = raw.llm.unwrap_or_default();
         if let Some(tools) = &llm.tools {
@@ -769,18 +745,33 @@ impl Playbook {
         if !input.is_object() {
             return Err(InputError::NotAnObject);
         }
+        self.render_text(goal, "goal", task_id, input, persona)
+            .map(Some)
+    }
+
+    /// `text` (a goal, a recall query) rendered over the request: `input.*`, `task.*`,
+    /// `persona.*`; errors name `what`.
+    fn render_text(
+        &self,
+        text: &str,
+        what: &str,
+        task_id: &str,
+        input: &Value,
+        persona: &Value,
+    ) -> Result<String, InputError> {
         let task = json!({"id": task_id, "playbook": self.name});
         let scope: &[(&str, &Value)] = &[("input", input), ("task", &task), ("persona", persona)];
-        let text = template::render(&Value::String(goal.clone()), scope).map_err(|source| {
-            InputError::Template {
-                step: "goal".into(),
-                source,
-            }
-        })?;
-        Ok(Some(match text {
+        let rendered =
+            template::render(&Value::String(text.to_string()), scope).map_err(|source| {
+                InputError::Template {
+                    step: what.into(),
+                    source,
+                }
+            })?;
+        Ok(match rendered {
             Value::String(s) => s,
             other => other.to_string(),
-        }))
+        })
     }
 
     /// What the templates read from the context store: paths after `context.`, each a
@@ -799,19 +790,7 @@ impl Playbook {
         let Some(rule) = &self.recall else {
             return Ok(None);
         };
-        let task = json!({"id": task_id, "playbook": self.name});
-        let scope: &[(&str, &Value)] = &[("input", input), ("task", &task), ("persona", persona)];
-        let query =
-            template::render(&Value::String(rule.query.clone()), scope).map_err(|source| {
-                InputError::Template {
-                    step: "recall".into(),
-                    source,
-                }
-            })?;
-        let query = match query {
-            Value::String(s) => s,
-            other => other.to_string(),
-        };
+        let query = self.render_text(&rule.query, "recall", task_id, input, persona)?;
         Ok(Some((query, rule.bounds)))
     }
 
@@ -1199,6 +1178,25 @@ fn check_wait(params: &Value, refs: &[String]) -> Result<(), String> {
         && params.get("for").is_some() == params.get("until").is_some()
     {
         return Err("wait: give `for` (a duration) or `until` (a time)".into());
+    }
+    Ok(())
+}
+
+/// Text rendered from the request alone (a goal, a recall query): its templates read
+/// `input.*`, `task.*` and `persona.*`, nothing gathered or produced later.
+fn check_request_text(text: &str, what: &str) -> Result<(), String> {
+    for reference in
+        template::references(&Value::String(text.to_string())).map_err(|e| e.to_string())?
+    {
+        if !["input.", "task.", "persona."]
+            .iter()
+            .any(|p| reference.starts_with(p))
+        {
+            return Err(format!(
+                "`{{{{{reference}}}}}`: {what} reads input.*, task.* and persona.*"
+            ));
+        }
+        check_reference(&reference, &[], false)?;
     }
     Ok(())
 }
