@@ -325,9 +325,14 @@ async fn run(
     };
     // Secrets are opened here, at the last moment, only where the params still say
     // `{{secret.<name>}}`; the ledger, the audit and the reply keep the reference.
-    let (params, opened) = match open_secrets(&ctx, params) {
-        Ok(p) => p,
-        Err(e) => return failed(FailureKind::Permanent, e),
+    // Most steps name no secret: a scan of the text spares walking their params.
+    let (params, opened) = if req.params.0.contains("{{secret.") {
+        match open_secrets(&ctx, params) {
+            Ok(p) => p,
+            Err(e) => return failed(FailureKind::Permanent, e),
+        }
+    } else {
+        (params, Vec::new())
     };
     let mut effect = Effect {
         tool: req.tool.clone(),

@@ -225,7 +225,7 @@ fn new_record(spec: ScheduleSpecStored, source: &str, now_ms: u64) -> ScheduleRe
 /// over exactly `revision` (failing if anyone wrote since).
 async fn put(kv: &kv::Store, record: &ScheduleRecord, revision: Option<u64>) -> Result<(), String> {
     let bytes = Bytes::from(serde_json::to_vec(record).map_err(|e| e.to_string())?);
-    let written = match revision {
+    match revision {
         None => kv
             .create(&record.spec.name, bytes)
             .await
@@ -236,8 +236,7 @@ async fn put(kv: &kv::Store, record: &ScheduleRecord, revision: Option<u64>) -> 
             .await
             .map(drop)
             .map_err(|e| e.to_string()),
-    };
-    written
+    }
 }
 
 impl SchedulerState {
