@@ -140,10 +140,10 @@ impl Actor for Intake {
             IntakeMsg::Submit(inbound) => {
                 let msg = inbound.msg;
                 match state.validate(&msg.payload) {
-                    Ok((req, pb_name)) => {
+                    Ok((req, pb_name, run_at)) => {
                         let key = req.idempotency_key.clone();
                         state
-                            .accept(&myself, req, pb_name, key, Waiter::Reply(msg.reply))
+                            .accept(&myself, req, pb_name, run_at, key, Waiter::Reply(msg.reply))
                             .await?;
                     }
                     Err(e) => {
@@ -153,7 +153,7 @@ impl Actor for Intake {
                 }
             }
             IntakeMsg::Enqueued(msg) => match state.validate(&msg.payload) {
-                Ok((req, pb_name)) => {
+                Ok((req, pb_name, run_at)) => {
                     // Dedupe key: the client's, else the Nats-Msg-Id, else the stream
                     // sequence (so a redelivery after a crash never makes a second task).
                     let key = req
@@ -170,7 +170,14 @@ impl Actor for Intake {
                             })
                         });
                     state
-                        .accept(&myself, req, pb_name, key, Waiter::Ack(Box::new(msg)))
+                        .accept(
+                            &myself,
+                            req,
+                            pb_name,
+                            run_at,
+                            key,
+                            Waiter::Ack(Box::new(msg)),
+                        )
                         .await?;
                 }
                 Err(e) => {
@@ -217,10 +224,11 @@ impl Actor for Intake {
 }
 
 impl IntakeState {
-    /// Parses and validates a submission; `Err` is the reply to send.
-    fn validate(&self, payload: &[u8]) -> Result<(SubmitRequest, String), ErrorReply> {
+    /// Parses and validates a submission: the request, its playbook's name and when it
+    /// may run (`run_at`/`run_after`, read once, here); `Err` is the reply to send.
+    fn validate(&self, payload: &[u8]) -> Result<(SubmitRequest, String, Option<u64>), ErrorReply> {
         let req: SubmitRequest = parse_json(payload, self.ctx.settings.payload_bytes_max)?;
-        not_before(&req, self.ctx.now_ms())
+        let run_at = not_before(&req, self.ctx.now_ms())
             .map_err(|e| ErrorReply::new(ErrorCode::InvalidRequest, e))?;
         if req.reason.as_ref().is_some_and(|r| r.chars().count() > 500) {
             return Err(ErrorReply::new(
@@ -267,7 +275,7 @@ impl IntakeState {
                         format!("idempotency_key must be 1 to {IDEMPOTENCY_KEY_BYTES_MAX} bytes"),
                     ));
                 }
-                return Ok((req, GOAL_PLAYBOOK.to_string()));
+                return Ok((req, GOAL_PLAYBOOK.to_string(), run_at));
             }
             (None, None) => {
                 return Err(ErrorReply::new(
@@ -311,7 +319,7 @@ impl IntakeState {
             .map_err(|e| {
                 ErrorReply::new(ErrorCode::InvalidInput, format!("playbook `{name}`: {e}"))
             })?;
-        Ok((req, name))
+        Ok((req, name, run_at))
     }
 
     fn rejected(&self, subject: &str, e: &ErrorReply) {
@@ -323,6 +331,7 @@ impl IntakeState {
         myself: &ActorRef<IntakeMsg>,
         req: SubmitRequest,
         playbook: String,
+        run_at: Option<u64>,
         key: Option<String>,
         waiter: Waiter,
     ) -> Result<(), ActorProcessingErr> {
@@ -347,11 +356,6 @@ impl IntakeState {
             }
         }
         let now = self.ctx.now_ms();
-        let not_before = match not_before(&req, now) {
-            Ok(t) => t,
-            // Checked in `validate`; a request reaching here parses.
-            Err(_) => None,
-        };
         let task_id = ulid::Ulid::from_parts(now, self.rng.random::<u128>()).to_string();
         let mut task = Task::new(
             task_id.clone(),
@@ -374,10 +378,10 @@ impl IntakeState {
         task.not_before_ms = match task.priority {
             crate::model::Priority::Low => {
                 let window = (self.ctx.settings.low_priority_window.as_millis() as u64).max(1);
-                let from = not_before.unwrap_or(now);
+                let from = run_at.unwrap_or(now);
                 Some(from.div_ceil(window) * window).filter(|t| *t > now)
             }
-            _ => not_before,
+            _ => run_at,
         };
         let detail = match &req.reason {
             Some(why) => format!("playbook {playbook}; {why}"),
