@@ -182,12 +182,7 @@ fn info(name: &str, s: &Sealed) -> SecretInfo {
 }
 
 pub fn check_name(name: &str) -> Result<(), SecretError> {
-    if name.is_empty()
-        || name.len() > 64
-        || !name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    {
+    if name.len() > 64 || !crate::protocol::subject::is_token(name) {
         return Err(SecretError::BadName(name.into()));
     }
     Ok(())
