@@ -74,14 +74,11 @@ async fn handle(
     headers: &HeaderMap,
     body: &[u8],
 ) -> Result<(StatusCode, SubmitReply), Refusal> {
-    let Some(playbook) = hooks.catalog.by_webhook(name) else {
-        return Err(refuse(
-            StatusCode::NOT_FOUND,
-            ErrorCode::NotFound,
-            format!("no webhook named `{name}`"),
-        ));
-    };
-    let Some(rule) = &playbook.webhook else {
+    let Some((playbook, rule)) = hooks
+        .catalog
+        .by_webhook(name)
+        .and_then(|p| p.webhook.as_ref().map(|w| (p, w)))
+    else {
         return Err(refuse(
             StatusCode::NOT_FOUND,
             ErrorCode::NotFound,
