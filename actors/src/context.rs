@@ -255,6 +255,7 @@ impl NodeContext {
             return false;
         }
         paused.insert(task_id.to_string(), task.clone());
+        self.metrics.tasks_held.set(paused.len() as i64);
         true
     }
 
@@ -269,6 +270,7 @@ impl NodeContext {
             if engaged {
                 Vec::new()
             } else {
+                self.metrics.tasks_held.set(0);
                 paused.drain().map(|(_, task)| task).collect()
             }
         };

@@ -42,6 +42,8 @@ pub struct Metrics {
     pub budget_spent_usd: GaugeVec,
     pub budget_cap_usd: GaugeVec,
     pub killswitch_engaged: IntGauge,
+    /// Tasks holding a step back (not dispatched) while the kill switch is engaged.
+    pub tasks_held: IntGauge,
     /// Cluster: leases held, takeovers, stand-downs, fenced effects, checkpoint writes
     /// that did not reach JetStream.
     pub leases_held: IntGauge,
@@ -529,6 +531,10 @@ impl Metrics {
             killswitch_engaged: gauge(
                 "cadre_killswitch_engaged",
                 "1 while the kill switch stops all dispatching.",
+            )?,
+            tasks_held: gauge(
+                "cadre_tasks_held",
+                "Tasks holding a step back, undispatched, while the kill switch is engaged.",
             )?,
             leases_held: gauge(
                 "cadre_leases_held",

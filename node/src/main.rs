@@ -59,6 +59,16 @@ enum Command {
     /// A node's sealed secrets (`{{secret.<name>}}` in params): set, rotate, list,
     /// delete. Values are read from stdin and never printed.
     Secret(SecretArgs),
+    /// The operator console (served by a node with `console_password_hash` set).
+    #[command(subcommand)]
+    Console(ConsoleCommand),
+}
+
+#[derive(Subcommand)]
+enum ConsoleCommand {
+    /// Reads a password from stdin and prints its Argon2id hash for
+    /// `console_password_hash` (`CADRE_CONSOLE_PASSWORD_HASH`).
+    HashPassword,
 }
 
 #[derive(Args)]
@@ -586,6 +596,28 @@ fn main() {
                 )
                 .await
             }
+            Command::Console(ConsoleCommand::HashPassword) => {
+                let mut text = String::new();
+                if let Err(e) = std::io::Read::read_to_string(&mut std::io::stdin(), &mut text) {
+                    eprintln!("cadre: cannot read the password from stdin: {e}");
+                    return 2;
+                }
+                let password = text.trim_end_matches(['\r', '\n']);
+                if password.chars().count() < 12 {
+                    eprintln!("cadre: the password must be at least 12 characters");
+                    return 2;
+                }
+                match node::console::auth::hash_password(password) {
+                    Ok(hash) => {
+                        println!("{hash}");
+                        0
+                    }
+                    Err(e) => {
+                        eprintln!("cadre: {e}");
+                        1
+                    }
+                }
+            }
             Command::Schedule(ScheduleArgs { opts, command }) => {
                 client_main(opts, |c| async move { schedule(&c, command).await }).await
             }
@@ -1027,6 +1059,11 @@ async fn node_run(args: NodeRunArgs) -> i32 {
         let shown = Config {
             nats_url: node::nats_url::display(&config.nats_url),
             llm_api_key: if config.llm_api_key.is_empty() {
+                String::new()
+            } else {
+                "<redacted>".into()
+            },
+            console_password_hash: if config.console_password_hash.is_empty() {
                 String::new()
             } else {
                 "<redacted>".into()

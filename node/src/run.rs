@@ -194,6 +194,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let listener = tokio::net::TcpListener::bind(&config.metrics_addr)
         .await
         .with_context(|| format!("cannot listen on metrics_addr {}", config.metrics_addr))?;
+    let console = match config.console().map_err(|e| anyhow::anyhow!(e))? {
+        Some(console) => {
+            let listener = tokio::net::TcpListener::bind(console.addr)
+                .await
+                .with_context(|| format!("cannot listen on console_addr {}", console.addr))?;
+            Some((listener, console))
+        }
+        None => None,
+    };
     let (fatal_tx, mut fatal_rx) = mpsc::unbounded_channel();
     let children = child_specs(&ctx, &catalog, &tool_set, &knowledge);
     let (root, root_handle) = Actor::spawn(
@@ -223,6 +232,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         body_bytes_max: config.webhook_body_bytes_max,
     });
     let http_task = tokio::spawn(http::serve(listener, ctx.clone(), hooks));
+    let console_task = console.map(|(listener, console)| {
+        tracing::info!(addr = %console.addr, "console: serving");
+        tokio::spawn(crate::console::serve(listener, console, ctx.clone()))
+    });
     let trim_task = tokio::spawn(return_freed_memory());
     tracing::info!(node_id = %config.node_id, nats = %crate::nats_url::display(&url), resumed = ?resumed, playbooks = catalog.len(), "node ready");
 
@@ -246,6 +259,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     root.stop(Some("shutdown".into()));
     let _ = root_handle.await;
     http_task.abort();
+    if let Some(console) = console_task {
+        console.abort();
+    }
     trim_task.abort();
     let _ = nats.flush().await;
     drop(nats);

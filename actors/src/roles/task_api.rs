@@ -131,6 +131,17 @@ impl Actor for TaskApi {
             ),
         ];
         let mut pumps = pumps;
+        // Budgets are per node: a console asks each node of the cluster for its own.
+        pumps.push(bus::spawn_pump(
+            nats.subscribe(subject::on_node(
+                &ctx.settings.node_id,
+                subject::BUDGET_STATUS,
+            ))
+            .await?,
+            myself.clone(),
+            depth,
+            TaskApiMsg::Budget,
+        ));
         // In a cluster, a request about a task another node owns is forwarded to that
         // node's own copy of the subject (no queue group: exactly that node), and a list
         // is asked of every node's copy.
