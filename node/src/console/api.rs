@@ -24,7 +24,7 @@ use super::auth::{self, Refusal};
 /// Longest note or reason taken.
 const NOTE_CHARS_MAX: usize = 2_000;
 
-pub fn error(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Response {
+fn error(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Response {
     (status, Json(ErrorReply::new(code, message))).into_response()
 }
 

@@ -22,11 +22,12 @@ pub const FEED_CAPACITY: usize = 1024;
 /// How often an open stream re-checks its session (a logout or expiry ends it).
 const SESSION_RECHECK: Duration = Duration::from_secs(15);
 
-/// One server-sent event: its `event:` name and its JSON `data:`.
+/// One server-sent event: its `event:` name and its JSON `data:` (shared, not copied,
+/// by every page the broadcast hands it to).
 #[derive(Debug, Clone)]
 pub struct Feed {
     pub kind: &'static str,
-    pub data: String,
+    pub data: Arc<str>,
 }
 
 /// Fills the feed until the console stops. Payloads are passed on as published: task
@@ -52,6 +53,10 @@ pub async fn pump(ctx: Arc<NodeContext>, feed: broadcast::Sender<Feed>) {
         tokio::select! {
             msg = messages.next() => {
                 let Some(msg) = msg else { return };
+                // Every task event passes here: with no page open, drop it unread.
+                if feed.receiver_count() == 0 {
+                    continue;
+                }
                 let kind = if msg.subject.starts_with("cadre.events.task.") {
                     "task"
                 } else if msg.subject.starts_with("cadre.approvals.") {
@@ -59,8 +64,8 @@ pub async fn pump(ctx: Arc<NodeContext>, feed: broadcast::Sender<Feed>) {
                 } else {
                     "intake"
                 };
-                let data = String::from_utf8_lossy(&msg.payload).into_owned();
-                // No receiver (no page open) is not an error.
+                let data = String::from_utf8_lossy(&msg.payload).into();
+                // A page that closed in between is not an error.
                 let _ = feed.send(Feed { kind, data });
             }
             changed = killswitch.changed() => {
@@ -70,7 +75,7 @@ pub async fn pump(ctx: Arc<NodeContext>, feed: broadcast::Sender<Feed>) {
                 let engaged = *killswitch.borrow_and_update();
                 let _ = feed.send(Feed {
                     kind: "killswitch",
-                    data: serde_json::json!({"engaged": engaged}).to_string(),
+                    data: serde_json::json!({"engaged": engaged}).to_string().into(),
                 });
             }
         }
