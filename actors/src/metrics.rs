@@ -424,7 +424,10 @@ impl Metrics {
             commit_seconds: register(
                 r,
                 Histogram::with_opts(
-                    HistogramOpts::new("cadre_commit_seconds", "Synced commit of one transition.")
+                    HistogramOpts::new(
+                        "cadre_commit_seconds",
+                        "A TaskActor commit of one transition, until synced or, for a task's own progress, written.",
+                    )
                         .buckets(LATENCY_BUCKETS.to_vec()),
                 )?,
             )?,

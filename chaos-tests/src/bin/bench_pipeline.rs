@@ -90,10 +90,13 @@ async fn main() -> anyhow::Result<()> {
 
     // Sequential: one task at a time, submit → succeeded.
     let (c0, f0) = store_counters(&node).await?;
+    let h0 = Hists::scrape(&node).await?;
     let mut latencies = Vec::with_capacity(sequential);
+    let mut accepted = Vec::with_capacity(sequential);
     for _ in 0..sequential {
         let started = Instant::now();
         let reply = chaos_tests::request(&client, "cadre.tasks.submit", input.clone()).await?;
+        accepted.push(started.elapsed());
         let id = reply["task_id"].as_str().unwrap_or_default().to_string();
         loop {
             let msg = tokio::time::timeout(Duration::from_secs(30), done.next())
@@ -106,7 +109,9 @@ async fn main() -> anyhow::Result<()> {
         latencies.push(started.elapsed());
     }
     let (c1, f1) = store_counters(&node).await?;
+    let h1 = Hists::scrape(&node).await?;
     latencies.sort();
+    accepted.sort();
     let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
 
     // Throughput: keep `in_flight` tasks going until `throughput` have succeeded.
@@ -152,6 +157,14 @@ async fn main() -> anyhow::Result<()> {
         (f1 - f0) as f64 / sequential as f64
     );
     println!(
+        "  of which: submit → accepted p50 {:.2} ms; means per task: commit wait {:.2} ms × {:.1}, step attempt (dispatch → executor reply) {:.2} ms × {:.1}",
+        ms(accepted[accepted.len() / 2]),
+        h1.mean_ms(&h0, "cadre_commit_seconds"),
+        h1.count(&h0, "cadre_commit_seconds") / sequential as f64,
+        h1.mean_ms(&h0, "cadre_step_duration_seconds"),
+        h1.count(&h0, "cadre_step_duration_seconds") / sequential as f64,
+    );
+    println!(
         "throughput ({throughput} tasks, {in_flight} in flight): {:.0} tasks/s; synced commits/task {:.2}, fsyncs/task {:.2}",
         throughput as f64 / elapsed.as_secs_f64(),
         (c2 - c1) as f64 / throughput as f64,
@@ -177,4 +190,43 @@ async fn store_counters(node: &CadreNode) -> anyhow::Result<(u64, u64)> {
         chaos_tests::metric(&metrics, "cadre_store_commits_total") as u64,
         chaos_tests::metric(&metrics, "cadre_store_fsyncs_total") as u64,
     ))
+}
+
+/// Sums and counts of the node's histograms (over every label set), to say where the
+/// sequential latency goes.
+struct Hists(HashMap<String, f64>);
+
+impl Hists {
+    async fn scrape(node: &CadreNode) -> anyhow::Result<Hists> {
+        let text = node.metrics().await?;
+        let mut sums = HashMap::new();
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let mut parts = line.split_whitespace();
+            let (Some(name), Some(value)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            let name = name.split('{').next().unwrap_or(name);
+            if name.ends_with("_sum") || name.ends_with("_count") {
+                *sums.entry(name.to_string()).or_insert(0.0) += value.parse::<f64>().unwrap_or(0.0);
+            }
+        }
+        Ok(Hists(sums))
+    }
+
+    fn delta(&self, before: &Hists, key: &str) -> f64 {
+        self.0.get(key).copied().unwrap_or(0.0) - before.0.get(key).copied().unwrap_or(0.0)
+    }
+
+    fn count(&self, before: &Hists, name: &str) -> f64 {
+        self.delta(before, &format!("{name}_count"))
+    }
+
+    fn mean_ms(&self, before: &Hists, name: &str) -> f64 {
+        let n = self.count(before, name);
+        if n == 0.0 {
+            0.0
+        } else {
+            self.delta(before, &format!("{name}_sum")) * 1000.0 / n
+        }
+    }
 }
