@@ -54,6 +54,7 @@ pub struct Metrics {
     /// Moved from the store's own counters at scrape time (see [`Metrics::sync_store`]).
     pub store_commits_total: IntCounter,
     pub store_written_commits_total: IntCounter,
+    pub store_commits_in_place_total: IntCounter,
     pub store_fsyncs_total: IntCounter,
     pub store_write_stall_seconds_total: prometheus::Counter,
     pub store_size_bytes: IntGauge,
@@ -198,6 +199,10 @@ impl Metrics {
         advance(
             &self.store_written_commits_total,
             stats.written_commits.load(Relaxed),
+        );
+        advance(
+            &self.store_commits_in_place_total,
+            stats.written_in_place.load(Relaxed),
         );
         advance(&self.store_fsyncs_total, stats.syncs.load(Relaxed));
         let base = self.audit_base.load(Relaxed);
@@ -579,6 +584,13 @@ impl Metrics {
                 IntCounter::new(
                     "cadre_store_written_commits_total",
                     "Commits answered once written, their fsync right after (a task's own progress).",
+                )?,
+            )?,
+            store_commits_in_place_total: register(
+                r,
+                IntCounter::new(
+                    "cadre_store_commits_in_place_total",
+                    "Commits (of both kinds) written by the committing task itself, the commit thread being idle.",
                 )?,
             )?,
             store_fsyncs_total: register(

@@ -1,8 +1,8 @@
 //! RocksDB behind a small typed surface: column families, batches, group commit.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::Instant;
 
 use rocksdb::{ColumnFamilyDescriptor, DB, IteratorMode, Options, WriteBatch, WriteOptions};
@@ -267,6 +267,9 @@ pub struct StoreStats {
     /// Written commits requested ([`Store::commit_written`]): the caller went on once the
     /// batch was in the WAL; the fsync followed.
     pub written_commits: AtomicU64,
+    /// Commits (of both kinds) written on the committer's own thread, the writer thread
+    /// being idle ([`Store::send`]).
+    pub written_in_place: AtomicU64,
     /// fsyncs actually issued by the group-commit writer (≤ commits).
     pub syncs: AtomicU64,
     /// Unsynced writes (made durable by the next sync: RocksDB has one WAL).
@@ -301,6 +304,10 @@ struct Inner {
     db: Arc<DB>,
     path: PathBuf,
     writer: Option<mpsc::Sender<CommitRequest>>,
+    /// The chain head, ticket and syncer queue: held by whoever writes a group, the
+    /// `cadre-commit` thread or a committer writing on its own thread while it is idle.
+    /// (None when read-only.)
+    chain: Option<Arc<Mutex<Chain>>>,
     writer_thread: Option<std::thread::JoinHandle<()>>,
     syncer_thread: Option<std::thread::JoinHandle<()>>,
     stats: Arc<StoreStats>,
@@ -317,6 +324,7 @@ impl Drop for Inner {
     /// so the store can be reopened (RocksDB holds a file lock) as soon as this returns.
     fn drop(&mut self) {
         self.writer.take();
+        self.chain.take();
         // The writer ends, dropping the syncer's channel; the syncer ends after it.
         for thread in [self.writer_thread.take(), self.syncer_thread.take()]
             .into_iter()
@@ -371,12 +379,15 @@ impl Store {
                 .spawn(move || syncer.run(jobs_rx))
                 .map_err(StoreError::WriterThread)?
         };
+        let chain = Arc::new(Mutex::new(Chain {
+            head,
+            ticket: 0,
+            jobs: jobs_tx,
+        }));
         let writer_thread = {
             let writer = GroupWriter {
                 db: db.clone(),
-                head,
-                ticket: 0,
-                jobs: jobs_tx,
+                chain: chain.clone(),
             };
             std::thread::Builder::new()
                 .name("cadre-commit".into())
@@ -388,6 +399,7 @@ impl Store {
                 db,
                 path: path.to_path_buf(),
                 writer: Some(tx),
+                chain: Some(chain),
                 writer_thread: Some(writer_thread),
                 syncer_thread: Some(syncer_thread),
                 stats,
@@ -420,6 +432,7 @@ impl Store {
                 db,
                 path: path.to_path_buf(),
                 writer: None,
+                chain: None,
                 writer_thread: None,
                 syncer_thread: None,
                 stats: Arc::new(StoreStats::default()),
@@ -492,6 +505,13 @@ impl Store {
     }
 
     async fn send(&self, batch: Batch, synced: bool) -> Result<u64, StoreError> {
+        // The writer thread idle: write here, sparing two thread hand-offs (to the writer
+        // and back), which cost more than the write (docs/PERFORMANCE.md).
+        let batch = match self.write_here(batch, synced) {
+            Here::Written(ticket) => return ticket,
+            Here::Syncing(wait) => return answer(wait.await),
+            Here::Busy(batch) => batch,
+        };
         let (done, wait) = oneshot::channel();
         let writer = self.inner.writer.as_ref().ok_or(StoreError::WriterGone)?;
         writer
@@ -502,10 +522,33 @@ impl Store {
             })
             .await
             .map_err(|_| StoreError::WriterGone)?;
-        match wait.await {
-            Ok(Ok(ticket)) => Ok(ticket),
-            Ok(Err(message)) => Err(StoreError::Commit(message)),
-            Err(_) => Err(StoreError::WriterGone),
+        answer(wait.await)
+    }
+
+    /// Writes `batch` as a group of its own on this thread if no group is being written
+    /// (the chain's lock is free), exactly as the writer thread would: chained, to the
+    /// WAL, then handed to the syncer. Never waits for the lock and never for a RocksDB
+    /// write stall (see [`write_group`]).
+    fn write_here(&self, batch: Batch, synced: bool) -> Here {
+        let Some(chain) = &self.inner.chain else {
+            return Here::Busy(batch);
+        };
+        let mut chain = match chain.try_lock() {
+            Ok(guard) => guard,
+            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(TryLockError::WouldBlock) => return Here::Busy(batch),
+        };
+        let (done, wait) = oneshot::channel();
+        let ticket = chain.write(&self.inner.db, vec![(synced, done, batch)], true);
+        drop(chain);
+        self.inner
+            .stats
+            .written_in_place
+            .fetch_add(1, Ordering::Relaxed);
+        match ticket {
+            Err(e) => Here::Written(Err(StoreError::Commit(e))),
+            Ok(_) if synced => Here::Syncing(wait),
+            Ok(ticket) => Here::Written(Ok(ticket)),
         }
     }
 
@@ -876,19 +919,17 @@ fn read_audit_head(db: &DB) -> Result<Head, StoreError> {
 
 /// The `cadre-commit` thread: drains every pending commit into one `WriteBatch`,
 /// chains their audit records, writes it to the WAL, answers the commits that asked only
-/// for that, and hands the group to the `cadre-sync` thread. One writer, so the audit
-/// chain has one author and its order is the commit order; the fsync on its own thread,
-/// so writing the next group never waits for the last one's fsync.
+/// for that, and hands the group to the `cadre-sync` thread. The chain has one author at
+/// a time (its lock), so its order is the commit order; the fsync is on its own thread,
+/// so writing the next group never waits for the last one's fsync. While this thread is
+/// idle a committer writes its batch itself, the same way ([`Store::send`]).
 struct GroupWriter {
     db: Arc<DB>,
-    head: Head,
-    /// Groups written so far.
-    ticket: u64,
-    jobs: std::sync::mpsc::Sender<SyncJob>,
+    chain: Arc<Mutex<Chain>>,
 }
 
 impl GroupWriter {
-    fn run(mut self, mut rx: mpsc::Receiver<CommitRequest>) {
+    fn run(self, mut rx: mpsc::Receiver<CommitRequest>) {
         let mut group = Vec::with_capacity(GROUP_BATCHES_MAX);
         while let Some(first) = rx.blocking_recv() {
             group.push(first);
@@ -898,59 +939,110 @@ impl GroupWriter {
                     Err(_) => break,
                 }
             }
-            let before = self.head;
-            let mut wb = WriteBatch::default();
-            let mut waiters = Vec::with_capacity(group.len());
-            let mut staged = Ok(());
-            for req in group.drain(..) {
-                if staged.is_ok() {
-                    staged = self.stage(&mut wb, req.batch);
-                }
-                waiters.push((req.synced, req.done));
-            }
-            // A link that cannot be encoded fails the whole group: never write a chain
-            // with a hole in it.
-            let result = staged.and_then(|()| self.write(wb));
-            if let Err(e) = result {
-                self.head = before;
-                for (_, done) in waiters {
-                    // A waiter that went away (its task stopped) needs no answer.
-                    let _ = done.send(Err(e.clone()));
-                }
-                continue;
-            }
-            self.ticket += 1;
-            let ticket = self.ticket;
-            let mut for_sync = Vec::new();
-            for (synced, done) in waiters {
-                if synced {
-                    for_sync.push(done);
-                } else {
-                    let _ = done.send(Ok(ticket));
-                }
-            }
-            let job = SyncJob {
-                ticket,
-                audit_head: self.head.seq,
-                waiters: for_sync,
-            };
-            if let Err(std::sync::mpsc::SendError(job)) = self.jobs.send(job) {
-                for done in job.waiters {
-                    let _ = done.send(Err("the store's syncer has stopped".into()));
-                }
-            }
+            let commits = group
+                .drain(..)
+                .map(|req| (req.synced, req.done, req.batch))
+                .collect();
+            let _ = lock(&self.chain).write(&self.db, commits, false);
         }
     }
+}
 
-    fn stage(&mut self, wb: &mut WriteBatch, batch: Batch) -> Result<(), String> {
-        apply(&self.db, wb, batch.ops);
+fn lock(chain: &Mutex<Chain>) -> MutexGuard<'_, Chain> {
+    // A panic while writing left the head where it was (it moves only on success).
+    chain
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// What a commit written on the caller's thread still needs.
+enum Here {
+    /// Written (or failed): the ticket.
+    Written(Result<u64, StoreError>),
+    /// Written; the answer comes once synced.
+    Syncing(oneshot::Receiver<Result<u64, String>>),
+    /// A group is being written: through the writer thread.
+    Busy(Batch),
+}
+
+fn answer(
+    reply: Result<Result<u64, String>, oneshot::error::RecvError>,
+) -> Result<u64, StoreError> {
+    match reply {
+        Ok(Ok(ticket)) => Ok(ticket),
+        Ok(Err(message)) => Err(StoreError::Commit(message)),
+        Err(_) => Err(StoreError::WriterGone),
+    }
+}
+
+/// The audit chain's head, the groups written so far, and the syncer's queue.
+struct Chain {
+    head: Head,
+    /// Groups written so far.
+    ticket: u64,
+    jobs: std::sync::mpsc::Sender<SyncJob>,
+}
+
+/// A commit in a group: answer once synced?, where to answer, what to write.
+type Commit = (bool, oneshot::Sender<Result<u64, String>>, Batch);
+
+impl Chain {
+    /// Writes `commits` as one group: answers those that asked only for the write, hands
+    /// the rest to the syncer with the group's ticket. `here`: on a committer's thread
+    /// (see [`write_group`]).
+    fn write(&mut self, db: &DB, commits: Vec<Commit>, here: bool) -> Result<u64, String> {
+        let before = self.head;
+        let mut wb = WriteBatch::default();
+        let mut waiters = Vec::with_capacity(commits.len());
+        let mut staged = Ok(());
+        for (synced, done, batch) in commits {
+            if staged.is_ok() {
+                staged = self.stage(db, &mut wb, batch);
+            }
+            waiters.push((synced, done));
+        }
+        // A link that cannot be encoded fails the whole group: never write a chain
+        // with a hole in it.
+        if let Err(e) = staged.and_then(|()| write_group(db, wb, here)) {
+            self.head = before;
+            for (_, done) in waiters {
+                // A waiter that went away (its task stopped) needs no answer.
+                let _ = done.send(Err(e.clone()));
+            }
+            return Err(e);
+        }
+        self.ticket += 1;
+        let ticket = self.ticket;
+        let mut for_sync = Vec::new();
+        for (synced, done) in waiters {
+            if synced {
+                for_sync.push(done);
+            } else {
+                let _ = done.send(Ok(ticket));
+            }
+        }
+        let job = SyncJob {
+            ticket,
+            audit_head: self.head.seq,
+            waiters: for_sync,
+        };
+        if let Err(std::sync::mpsc::SendError(job)) = self.jobs.send(job) {
+            for done in job.waiters {
+                let _ = done.send(Err("the store's syncer has stopped".into()));
+            }
+        }
+        Ok(ticket)
+    }
+
+    fn stage(&mut self, db: &DB, wb: &mut WriteBatch, batch: Batch) -> Result<(), String> {
+        apply(db, wb, batch.ops);
         // Consecutive links with the same index form one run: one index key each.
         let mut run: Option<(Vec<u8>, u64, u32)> = None;
         let flush = |wb: &mut WriteBatch, run: Option<(Vec<u8>, u64, u32)>| {
             if let Some((index, first, len)) = run {
                 let value = codec::encode(&len).map_err(|e| e.to_string())?;
                 wb.put_cf(
-                    handle(&self.db, Cf::AuditIndex),
+                    handle(db, Cf::AuditIndex),
                     chain::index_key(&index, first),
                     value,
                 );
@@ -960,7 +1052,7 @@ impl GroupWriter {
         for (payload, index) in batch.audit {
             let link = self.head.append(payload);
             let value = codec::encode(&link).map_err(|e| e.to_string())?;
-            wb.put_cf(handle(&self.db, Cf::Audit), chain::key(link.seq), value);
+            wb.put_cf(handle(db, Cf::Audit), chain::key(link.seq), value);
             run = match (run, index) {
                 (Some((i, first, len)), Some(index)) if i == index => Some((i, first, len + 1)),
                 (previous, index) => {
@@ -971,13 +1063,35 @@ impl GroupWriter {
         }
         flush(wb, run)
     }
+}
 
-    /// To the WAL, not synced: the syncer makes it durable.
-    fn write(&self, wb: WriteBatch) -> Result<(), String> {
-        let mut opts = WriteOptions::default();
-        opts.set_sync(false);
-        self.db.write_opt(wb, &opts).map_err(|e| e.to_string())
+/// To the WAL, not synced: the syncer makes it durable. On a committer's thread
+/// (`here`, an async worker) a RocksDB write stall must not block the worker unannounced:
+/// the write is tried without waiting and, if RocksDB would stall it, done again as
+/// blocking work (`block_in_place`), still under the chain's lock so the order holds.
+fn write_group(db: &DB, wb: WriteBatch, here: bool) -> Result<(), String> {
+    let mut opts = WriteOptions::default();
+    opts.set_sync(false);
+    if !here {
+        return db.write_opt(wb, &opts).map_err(|e| e.to_string());
     }
+    let copy = wb.data().to_vec();
+    opts.set_no_slowdown(true);
+    match db.write_opt(wb, &opts) {
+        Err(e) if e.kind() == rocksdb::ErrorKind::Incomplete => {
+            opts.set_no_slowdown(false);
+            let retry = || db.write_opt(WriteBatch::from_data(&copy), &opts);
+            let multi_thread = tokio::runtime::Handle::try_current()
+                .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+            if multi_thread {
+                tokio::task::block_in_place(retry)
+            } else {
+                retry()
+            }
+        }
+        other => other,
+    }
+    .map_err(|e| e.to_string())
 }
 
 /// The `cadre-sync` thread: one fsync of the WAL for every group written meanwhile
@@ -1055,6 +1169,92 @@ mod tests {
         let got: Option<(String, u32)> = store.get(Cf::Tasks, b"t1").unwrap();
         assert_eq!(got, Some(("hello".to_string(), 7)));
         assert!(!store.contains(Cf::Active, b"t1").unwrap());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_idle_writer_lets_the_committer_write_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        for i in 0..20u32 {
+            let mut batch = Batch::new();
+            batch.put(Cf::Tasks, format!("k{i:02}"), &i).unwrap();
+            batch.append_audit(&format!("r{i}"), Some(b"t")).unwrap();
+            if i % 2 == 0 {
+                store.commit(batch).await.unwrap();
+            } else {
+                let ticket = store.commit_written(batch).await.unwrap();
+                store.wait_synced(ticket).await.unwrap();
+            }
+        }
+        // One committer at a time: the writer thread is never needed.
+        assert_eq!(store.stats().written_in_place.load(Ordering::Relaxed), 20);
+        assert_eq!(store.audit_seq(), 20);
+        assert_eq!(store.get::<u32>(Cf::Tasks, b"k19").unwrap(), Some(19));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn committers_in_place_and_through_the_writer_keep_one_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tasks, each) = (16u32, 40u32);
+        {
+            let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+            let mut joins = Vec::new();
+            for t in 0..tasks {
+                let store = store.clone();
+                joins.push(tokio::spawn(async move {
+                    for i in 0..each {
+                        let mut batch = Batch::new();
+                        batch.put(Cf::Tasks, format!("t{t:02}"), &i).unwrap();
+                        let index = format!("t{t:02}");
+                        for r in 0..3 {
+                            batch
+                                .append_audit(&format!("{t}/{i}/{r}"), Some(index.as_bytes()))
+                                .unwrap();
+                        }
+                        if i % 3 == 0 {
+                            store.commit(batch).await.unwrap();
+                        } else {
+                            store.commit_written(batch).await.unwrap();
+                        }
+                    }
+                }));
+            }
+            for j in joins {
+                j.await.unwrap();
+            }
+            let stats = store.stats();
+            let all = u64::from(tasks * each);
+            let commits = stats.commits.load(Ordering::Relaxed)
+                + stats.written_commits.load(Ordering::Relaxed);
+            assert_eq!(commits, all);
+            let in_place = stats.written_in_place.load(Ordering::Relaxed);
+            println!("{in_place} of {all} commits written in place");
+            assert!(in_place > 0 && in_place <= all);
+            // Every task's last write is visible, and each task's records are indexed in
+            // its own commit order.
+            for t in 0..tasks {
+                let key = format!("t{t:02}");
+                assert_eq!(
+                    store.get::<u32>(Cf::Tasks, key.as_bytes()).unwrap(),
+                    Some(each - 1)
+                );
+                let links = store.audit_links_for(key.as_bytes(), 1000).unwrap();
+                let payloads: Vec<String> = links
+                    .iter()
+                    .map(|l| codec::from_wire::<String>(&l.payload).unwrap())
+                    .collect();
+                let expected: Vec<String> = (0..each)
+                    .flat_map(|i| (0..3).map(move |r| format!("{t}/{i}/{r}")))
+                    .collect();
+                assert_eq!(payloads, expected);
+            }
+        }
+        // One unbroken chain across reopen: every link, in order, none twice.
+        let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        assert_eq!(
+            store.verify_audit().unwrap().head_seq,
+            u64::from(tasks * each * 3)
+        );
     }
 
     #[tokio::test]
