@@ -140,10 +140,17 @@ impl Actor for Intake {
             IntakeMsg::Submit(inbound) => {
                 let msg = inbound.msg;
                 match state.validate(&msg.payload) {
-                    Ok((req, pb_name, run_at)) => {
+                    Ok((req, pb_name, received)) => {
                         let key = req.idempotency_key.clone();
                         state
-                            .accept(&myself, req, pb_name, run_at, key, Waiter::Reply(msg.reply))
+                            .accept(
+                                &myself,
+                                req,
+                                pb_name,
+                                received,
+                                key,
+                                Waiter::Reply(msg.reply),
+                            )
                             .await?;
                     }
                     Err(e) => {
@@ -153,7 +160,7 @@ impl Actor for Intake {
                 }
             }
             IntakeMsg::Enqueued(msg) => match state.validate(&msg.payload) {
-                Ok((req, pb_name, run_at)) => {
+                Ok((req, pb_name, received)) => {
                     // Dedupe key: the client's, else the Nats-Msg-Id, else the stream
                     // sequence (so a redelivery after a crash never makes a second task).
                     let key = req
@@ -174,7 +181,7 @@ impl Actor for Intake {
                             &myself,
                             req,
                             pb_name,
-                            run_at,
+                            received,
                             key,
                             Waiter::Ack(Box::new(msg)),
                         )
@@ -225,11 +232,14 @@ impl Actor for Intake {
 
 impl IntakeState {
     /// Parses and validates a submission: the request, its playbook's name and when it
-    /// may run (`run_at`/`run_after`, read once, here); `Err` is the reply to send.
-    fn validate(&self, payload: &[u8]) -> Result<(SubmitRequest, String, Option<u64>), ErrorReply> {
+    /// may run (`run_at`/`run_after`, against one reading of the clock, here); `Err` is
+    /// the reply to send.
+    fn validate(&self, payload: &[u8]) -> Result<(SubmitRequest, String, Received), ErrorReply> {
         let req: SubmitRequest = parse_json(payload, self.ctx.settings.payload_bytes_max)?;
-        let run_at = not_before(&req, self.ctx.now_ms())
-            .map_err(|e| ErrorReply::new(ErrorCode::InvalidRequest, e))?;
+        let now_ms = self.ctx.now_ms();
+        let run_at =
+            not_before(&req, now_ms).map_err(|e| ErrorReply::new(ErrorCode::InvalidRequest, e))?;
+        let received = Received { now_ms, run_at };
         if req.reason.as_ref().is_some_and(|r| r.chars().count() > 500) {
             return Err(ErrorReply::new(
                 ErrorCode::InvalidRequest,
@@ -275,7 +285,7 @@ impl IntakeState {
                         format!("idempotency_key must be 1 to {IDEMPOTENCY_KEY_BYTES_MAX} bytes"),
                     ));
                 }
-                return Ok((req, GOAL_PLAYBOOK.to_string(), run_at));
+                return Ok((req, GOAL_PLAYBOOK.to_string(), received));
             }
             (None, None) => {
                 return Err(ErrorReply::new(
@@ -319,7 +329,7 @@ impl IntakeState {
             .map_err(|e| {
                 ErrorReply::new(ErrorCode::InvalidInput, format!("playbook `{name}`: {e}"))
             })?;
-        Ok((req, name, run_at))
+        Ok((req, name, received))
     }
 
     fn rejected(&self, subject: &str, e: &ErrorReply) {
@@ -331,10 +341,14 @@ impl IntakeState {
         myself: &ActorRef<IntakeMsg>,
         req: SubmitRequest,
         playbook: String,
-        run_at: Option<u64>,
+        received: Received,
         key: Option<String>,
         waiter: Waiter,
     ) -> Result<(), ActorProcessingErr> {
+        let Received {
+            now_ms: now,
+            run_at,
+        } = received;
         if let Some(key) = &key {
             if let Some(waiters) = self.pending.get_mut(key) {
                 waiters.push(waiter);
@@ -355,7 +369,6 @@ impl IntakeState {
                 return Ok(());
             }
         }
-        let now = self.ctx.now_ms();
         let task_id = ulid::Ulid::from_parts(now, self.rng.random::<u128>()).to_string();
         let mut task = Task::new(
             task_id.clone(),
@@ -508,6 +521,13 @@ async fn fail(ctx: &NodeContext, waiter: Waiter) {
 
 /// Farthest ahead a task may be delayed: a year.
 const DELAY_MS_MAX: u64 = 366 * 86_400_000;
+
+/// When a request was read, and when it asked to run: one clock reading for both, so a
+/// `run_after` of 4 s is exactly 4 s after the task's `created_at_ms`.
+struct Received {
+    now_ms: u64,
+    run_at: Option<u64>,
+}
 
 /// When a submitted task may be planned: `run_at`, or `run_after` from `now_ms`; `None`
 /// for at once (or a time already past).
