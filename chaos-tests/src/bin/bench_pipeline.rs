@@ -115,6 +115,7 @@ async fn main() -> anyhow::Result<()> {
     let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
 
     // Throughput: keep `in_flight` tasks going until `throughput` have succeeded.
+    let cpu0 = node.pid().map(cpu_ms).unwrap_or(0.0);
     let started = Instant::now();
     let mut submitted = 0;
     let mut finished = 0;
@@ -142,6 +143,7 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     let elapsed = started.elapsed();
+    let cpu = node.pid().map(cpu_ms).unwrap_or(0.0) - cpu0;
     let (c2, f2) = store_counters(&node).await?;
     let rss_after = node.rss_kib();
 
@@ -171,12 +173,36 @@ async fn main() -> anyhow::Result<()> {
         (f2 - f1) as f64 / throughput as f64
     );
     println!(
+        "  node CPU per task {:.2} ms ({:.2} CPUs busy)",
+        cpu / throughput as f64,
+        cpu / 1000.0 / elapsed.as_secs_f64()
+    );
+    println!(
         "cadre RSS: {} MiB idle, {} MiB after",
         rss_idle / 1024,
         rss_after / 1024
     );
     node.terminate(Duration::from_secs(30))?;
     Ok(())
+}
+
+/// User + system CPU time of process `pid` so far, in ms (from /proc, in clock ticks of
+/// 10 ms: read it over seconds, not milliseconds).
+fn cpu_ms(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime, fields 14 and 15 of stat(5): the 12th and 13th after the name.
+    (ticks(11) + ticks(12)) * 10.0
 }
 
 fn ms(d: Duration) -> f64 {
