@@ -13,8 +13,9 @@ use std::path::Path;
 use std::str::FromStr;
 
 use cedar_policy::{
-    Authorizer, Context, Decision as CedarDecision, Entities, EntityId, EntityTypeName, EntityUid,
-    PolicyId, PolicySet, Request, RestrictedExpression, Schema, ValidationMode, Validator,
+    ActionConstraint, Authorizer, Context, Decision as CedarDecision, Effect, Entities, EntityId,
+    EntityTypeName, EntityUid, PolicyId, PolicySet, Request, RestrictedExpression, Schema,
+    ValidationMode, Validator,
 };
 use miette::Diagnostic;
 use serde::{Deserialize, Serialize};
@@ -156,6 +157,9 @@ pub struct Policies {
     authorizer: Authorizer,
     run: EntityUid,
     run_unattended: EntityUid,
+    /// The set is shaped so that `run_unattended` permitted implies `run` permitted (see
+    /// [`unattended_implies_run`]): an allowed step needs one evaluation, not two.
+    one_question_allows: bool,
     version: String,
     files: Vec<String>,
     /// What each policy says when it causes a deny or an approval.
@@ -301,11 +305,13 @@ impl Policies {
             return Err(errors);
         }
         let digest = hex::encode(hasher.finalize());
+        let run_unattended = uid("Action", "run_unattended");
         Ok(Policies {
+            one_question_allows: unattended_implies_run(&set, &run_unattended),
             set,
             authorizer: Authorizer::new(),
             run: uid("Action", "run"),
-            run_unattended: uid("Action", "run_unattended"),
+            run_unattended,
             version: digest[..12].to_string(),
             files: sources.iter().map(|(f, _)| f.clone()).collect(),
             reasons,
@@ -356,6 +362,10 @@ impl Policies {
                 context.clone(),
             )
         };
+        // Most steps are allowed: with a set shaped for it, one question settles that.
+        if self.one_question_allows && matches!(ask(&self.run_unattended), Ok(None)) {
+            return decision(Ruling::Allow, Vec::new());
+        }
         match ask(&self.run) {
             Err(e) => return decision(Ruling::Deny, vec![e]),
             Ok(Some(reasons)) => return decision(Ruling::Deny, reasons),
@@ -408,6 +418,30 @@ impl Policies {
             reasons
         }))
     }
+}
+
+/// Whether `run_unattended` permitted, without errors, implies `run` permitted, without
+/// errors, for any request: true when every permit applies to any action, every forbid to
+/// any action or to `run_unattended` alone, and no condition looks at the action. Then
+/// the policies that apply to `run` are a subset of those that apply to
+/// `run_unattended`, evaluated alike (same principal, resource and context): a permit
+/// satisfied for one is satisfied for the other, and a forbid or error for `run` would
+/// have been one for `run_unattended`.
+fn unattended_implies_run(set: &PolicySet, run_unattended: &EntityUid) -> bool {
+    set.policies().all(|policy| {
+        let scope_fits = match (policy.effect(), policy.action_constraint()) {
+            (_, ActionConstraint::Any) => true,
+            (Effect::Forbid, ActionConstraint::Eq(action)) => action == *run_unattended,
+            (Effect::Forbid, ActionConstraint::In(actions)) => {
+                actions.iter().all(|a| a == run_unattended)
+            }
+            (Effect::Permit, _) => false,
+        };
+        let looks_at_action = policy.to_json().map_or(true, |json| {
+            json["conditions"].to_string().contains(r#""Var":"action""#)
+        });
+        scope_fits && !looks_at_action
+    })
 }
 
 /// `Type::"id"`. The type names used here are fixed identifiers, which always parse.

@@ -208,3 +208,77 @@ fn a_directory_loads_in_name_order_and_needs_a_policy() {
     assert_eq!(p.files().len(), 1);
     assert_eq!(p.len(), 5);
 }
+
+#[test]
+fn an_allowed_step_needs_one_question_only_when_the_set_makes_it_safe() {
+    assert!(Policies::builtin().one_question_allows);
+    let permit_all = "permit (principal, action, resource);\n";
+    let shaped = |extra: &str| {
+        one(&format!("{permit_all}{extra}"))
+            .unwrap_or_else(|e| panic!("{e:?}"))
+            .one_question_allows
+    };
+    assert!(shaped(
+        r#"forbid (principal, action == Action::"run_unattended", resource) when { context.tool == "shell.run" };"#
+    ));
+    // A forbid on `run` alone: `run_unattended` may be permitted while `run` is not.
+    assert!(!shaped(
+        r#"forbid (principal, action == Action::"run", resource) when { context.tool == "shell.run" };"#
+    ));
+    assert!(!shaped(
+        r#"forbid (principal, action in [Action::"run", Action::"run_unattended"], resource) when { context.tool == "x" };"#
+    ));
+    // A condition that tells the two questions apart.
+    assert!(!shaped(
+        r#"forbid (principal, action, resource) when { action == Action::"run" && context.tool == "shell.run" };"#
+    ));
+    // A permit for `run_unattended` alone.
+    let p = one(r#"permit (principal, action == Action::"run_unattended", resource);"#)
+        .unwrap_or_else(|e| panic!("{e:?}"));
+    assert!(!p.one_question_allows);
+    assert_eq!(p.decide(&facts("file.write")).ruling, Ruling::Deny);
+    // And with a forbid on `run` alone, the step is still denied, as the two questions say.
+    let p = one(&format!(
+        "{permit_all}{}",
+        r#"forbid (principal, action == Action::"run", resource) when { context.tool == "shell.run" };"#
+    ))
+    .unwrap_or_else(|e| panic!("{e:?}"));
+    assert_eq!(p.decide(&facts("shell.run")).ruling, Ruling::Deny);
+}
+
+#[test]
+fn one_question_decides_as_two_for_the_defaults() {
+    let mut p = Policies::builtin();
+    let mut cases = vec![
+        facts("file.write"),
+        StepFacts {
+            within_roots: true,
+            ..facts("file.write")
+        },
+        facts("shell.run"),
+        facts("email.send"),
+        StepFacts {
+            path: "safety.stop".into(),
+            ..facts("context.put")
+        },
+        StepFacts {
+            path: "notes.x".into(),
+            ..facts("context.put")
+        },
+    ];
+    for method in ["GET", "POST", "DELETE"] {
+        for host in ["localhost", "127.0.0.1", "api.example.com"] {
+            cases.push(http(method, host));
+        }
+    }
+    let one_question: Vec<Decision> = cases.iter().map(|f| p.decide(f)).collect();
+    p.one_question_allows = false;
+    let two_questions: Vec<Decision> = cases.iter().map(|f| p.decide(f)).collect();
+    assert_eq!(one_question, two_questions);
+    for ruling in [Ruling::Allow, Ruling::Deny, Ruling::RequireApproval] {
+        assert!(
+            two_questions.iter().any(|d| d.ruling == ruling),
+            "the cases cover {ruling:?}"
+        );
+    }
+}
