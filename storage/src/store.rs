@@ -366,7 +366,7 @@ impl Store {
         let (head_tx, head_rx) = tokio::sync::watch::channel(head.seq);
         let (tx, rx) = mpsc::channel(GROUP_BATCHES_MAX * 4);
         let (synced_tx, synced_rx) = tokio::sync::watch::channel(0);
-        let (jobs_tx, jobs_rx) = std::sync::mpsc::channel();
+        let queue = Arc::new(SyncQueue::default());
         let syncer_thread = {
             let syncer = Syncer {
                 db: db.clone(),
@@ -376,13 +376,16 @@ impl Store {
             };
             std::thread::Builder::new()
                 .name("cadre-sync".into())
-                .spawn(move || syncer.run(jobs_rx))
+                .spawn({
+                    let queue = queue.clone();
+                    move || syncer.run(&queue)
+                })
                 .map_err(StoreError::WriterThread)?
         };
         let chain = Arc::new(Mutex::new(Chain {
             head,
             ticket: 0,
-            jobs: jobs_tx,
+            jobs: SyncSender(queue),
         }));
         let writer_thread = {
             let writer = GroupWriter {
@@ -989,7 +992,7 @@ struct Chain {
     head: Head,
     /// Groups written so far.
     ticket: u64,
-    jobs: std::sync::mpsc::Sender<SyncJob>,
+    jobs: SyncSender,
 }
 
 /// A commit in a group: answer once synced?, where to answer, what to write.
@@ -1035,11 +1038,7 @@ impl Chain {
             audit_head: self.head.seq,
             waiters: for_sync,
         };
-        if let Err(std::sync::mpsc::SendError(job)) = self.jobs.send(job) {
-            for done in job.waiters {
-                let _ = done.send(Err("the store's syncer has stopped".into()));
-            }
-        }
+        self.jobs.send(job);
         Ok(ticket)
     }
 
@@ -1114,21 +1113,85 @@ struct Syncer {
     synced_tx: tokio::sync::watch::Sender<u64>,
 }
 
+/// Written groups on their way to the syncer. A group nobody waits for does not wake
+/// a syncer that is gathering (it would be woken once per commit, for nothing): only a
+/// group with a waiter, or the window's end, does.
+#[derive(Default)]
+struct SyncQueue {
+    state: Mutex<SyncQueueState>,
+    wake: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct SyncQueueState {
+    jobs: Vec<SyncJob>,
+    /// The syncer is gathering until its window closes.
+    gathering: bool,
+    /// No more groups will come (the store is closing).
+    closed: bool,
+}
+
+/// The writers' end of the queue; dropping the last one lets the syncer finish.
+struct SyncSender(Arc<SyncQueue>);
+
+impl SyncSender {
+    fn send(&self, job: SyncJob) {
+        let mut state = lock_queue(&self.0);
+        let wake = !state.gathering || !job.waiters.is_empty();
+        state.jobs.push(job);
+        drop(state);
+        if wake {
+            self.0.wake.notify_one();
+        }
+    }
+}
+
+impl Drop for SyncSender {
+    fn drop(&mut self) {
+        lock_queue(&self.0).closed = true;
+        self.0.wake.notify_one();
+    }
+}
+
+fn lock_queue(queue: &SyncQueue) -> std::sync::MutexGuard<'_, SyncQueueState> {
+    // Nothing panics while holding it; a poisoned queue still holds whole jobs.
+    queue
+        .state
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 impl Syncer {
-    fn run(self, rx: std::sync::mpsc::Receiver<SyncJob>) {
-        while let Ok(first) = rx.recv() {
-            let mut jobs = vec![first];
+    fn run(self, queue: &SyncQueue) {
+        loop {
+            let mut state = lock_queue(queue);
+            while state.jobs.is_empty() && !state.closed {
+                state = queue
+                    .wake
+                    .wait(state)
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+            }
+            if state.jobs.is_empty() {
+                return;
+            }
             // Nobody waits for groups that were only written: gather more for one fsync,
             // until a synced commit arrives or the window closes.
             let window = Instant::now() + WRITTEN_SYNC_WINDOW;
-            while jobs.iter().all(|j| j.waiters.is_empty()) {
+            state.gathering = true;
+            while state.jobs.iter().all(|j| j.waiters.is_empty()) && !state.closed {
                 let left = window.saturating_duration_since(Instant::now());
-                match rx.recv_timeout(left) {
-                    Ok(job) => jobs.push(job),
-                    Err(_) => break,
+                if left.is_zero() {
+                    break;
                 }
+                state = queue
+                    .wake
+                    .wait_timeout(state, left)
+                    .map(|(state, _)| state)
+                    .unwrap_or_else(|poisoned| poisoned.into_inner().0);
             }
-            jobs.extend(rx.try_iter());
+            state.gathering = false;
+            let jobs = std::mem::take(&mut state.jobs);
+            drop(state);
             let started = Instant::now();
             let result = self.db.flush_wal(true).map_err(|e| e.to_string());
             self.stats
