@@ -20,8 +20,8 @@ use crate::codec::{self, CodecError};
 pub const SCHEMA_VERSION: u32 = 5;
 const META_SCHEMA_KEY: &[u8] = b"schema_version";
 /// How long the syncer gathers groups that were only written (no commit waits for their
-/// fsync) before syncing them: fewer fsyncs under load, and a synced commit arriving
-/// meanwhile is not queued behind one.
+/// fsync) before syncing them, by default: fewer fsyncs under load, and a synced commit
+/// arriving meanwhile is not queued behind one.
 const WRITTEN_SYNC_WINDOW: std::time::Duration = std::time::Duration::from_millis(2);
 /// Upper bound on batches the writer folds into one synced write.
 const GROUP_BATCHES_MAX: usize = 2048;
@@ -146,12 +146,16 @@ pub enum StoreError {
 pub struct StoreOptions {
     /// Memtable size per column family.
     pub write_buffer_bytes: usize,
+    /// How long written-only groups are gathered for one fsync (a synced commit ends the
+    /// wait at once).
+    pub written_sync_window: std::time::Duration,
 }
 
 impl Default for StoreOptions {
     fn default() -> Self {
         StoreOptions {
             write_buffer_bytes: 16 << 20,
+            written_sync_window: WRITTEN_SYNC_WINDOW,
         }
     }
 }
@@ -373,6 +377,7 @@ impl Store {
                 stats: stats.clone(),
                 head_tx,
                 synced_tx,
+                window: options.written_sync_window,
             };
             std::thread::Builder::new()
                 .name("cadre-sync".into())
@@ -1111,6 +1116,7 @@ struct Syncer {
     stats: Arc<StoreStats>,
     head_tx: tokio::sync::watch::Sender<u64>,
     synced_tx: tokio::sync::watch::Sender<u64>,
+    window: std::time::Duration,
 }
 
 /// Written groups on their way to the syncer. A group nobody waits for does not wake
@@ -1176,7 +1182,7 @@ impl Syncer {
             }
             // Nobody waits for groups that were only written: gather more for one fsync,
             // until a synced commit arrives or the window closes.
-            let window = Instant::now() + WRITTEN_SYNC_WINDOW;
+            let window = Instant::now() + self.window;
             state.gathering = true;
             while state.jobs.iter().all(|j| j.waiters.is_empty()) && !state.closed {
                 let left = window.saturating_duration_since(Instant::now());
@@ -1241,6 +1247,34 @@ mod tests {
         let got: Option<(String, u32)> = store.get(Cf::Tasks, b"t1").unwrap();
         assert_eq!(got, Some(("hello".to_string(), 7)));
         assert!(!store.contains(Cf::Active, b"t1").unwrap());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_synced_commit_ends_the_gathering_window_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = StoreOptions {
+            written_sync_window: std::time::Duration::from_secs(600),
+            ..StoreOptions::default()
+        };
+        let store = Store::open(dir.path(), &options).unwrap();
+        let mut batch = Batch::new();
+        batch.put(Cf::Tasks, "written", &1u32).unwrap();
+        let ticket = store.commit_written(batch).await.unwrap();
+        // The syncer now gathers for 10 minutes; more written groups do not end that.
+        let mut batch = Batch::new();
+        batch.put(Cf::Tasks, "written2", &2u32).unwrap();
+        store.commit_written(batch).await.unwrap();
+        assert_eq!(store.stats().syncs.load(Ordering::Relaxed), 0);
+        // A commit that waits for its fsync is not kept waiting for the window.
+        let mut batch = Batch::new();
+        batch.put(Cf::Tasks, "synced", &3u32).unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(20), store.commit(batch))
+            .await
+            .expect("a synced commit waited for the gathering window")
+            .unwrap();
+        // One fsync for all three, and the written ones are synced with it.
+        assert_eq!(store.stats().syncs.load(Ordering::Relaxed), 1);
+        store.wait_synced(ticket).await.unwrap();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
