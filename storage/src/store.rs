@@ -1088,6 +1088,7 @@ fn write_group(db: &DB, wb: WriteBatch, here: bool) -> Result<(), String> {
     if !here {
         return db.write_opt(wb, &opts).map_err(|e| e.to_string());
     }
+    // `write_opt` consumes the batch: keep its bytes for the rare retry.
     let copy = wb.data().to_vec();
     opts.set_no_slowdown(true);
     match db.write_opt(wb, &opts) {
@@ -1135,6 +1136,8 @@ struct SyncQueueState {
     gathering: bool,
     /// No more groups will come (the store is closing).
     closed: bool,
+    /// The syncer thread has ended (it panicked): nobody will fsync what is queued.
+    syncer_gone: bool,
 }
 
 /// The writers' end of the queue; dropping the last one lets the syncer finish.
@@ -1143,6 +1146,11 @@ struct SyncSender(Arc<SyncQueue>);
 impl SyncSender {
     fn send(&self, job: SyncJob) {
         let mut state = lock_queue(&self.0);
+        if state.syncer_gone {
+            drop(state);
+            fail_waiters(vec![job]);
+            return;
+        }
         let wake = !state.gathering || !job.waiters.is_empty();
         state.jobs.push(job);
         drop(state);
@@ -1159,6 +1167,12 @@ impl Drop for SyncSender {
     }
 }
 
+fn fail_waiters(jobs: Vec<SyncJob>) {
+    for done in jobs.into_iter().flat_map(|job| job.waiters) {
+        let _ = done.send(Err("the store's syncer has stopped".into()));
+    }
+}
+
 fn lock_queue(queue: &SyncQueue) -> std::sync::MutexGuard<'_, SyncQueueState> {
     // Nothing panics while holding it; a poisoned queue still holds whole jobs.
     queue
@@ -1169,6 +1183,18 @@ fn lock_queue(queue: &SyncQueue) -> std::sync::MutexGuard<'_, SyncQueueState> {
 
 impl Syncer {
     fn run(self, queue: &SyncQueue) {
+        // However the thread ends, commits waiting for an fsync get an error, not silence.
+        struct Gone<'a>(&'a SyncQueue);
+        impl Drop for Gone<'_> {
+            fn drop(&mut self) {
+                let mut state = lock_queue(self.0);
+                state.syncer_gone = true;
+                let jobs = std::mem::take(&mut state.jobs);
+                drop(state);
+                fail_waiters(jobs);
+            }
+        }
+        let _gone = Gone(queue);
         loop {
             let mut state = lock_queue(queue);
             while state.jobs.is_empty() && !state.closed {
