@@ -472,7 +472,8 @@ impl CadreNode {
         }
     }
 
-    /// SIGTERM, then the exit code (bounded wait).
+    /// SIGTERM, then the exit code (bounded wait). Dying of a signal instead is an error
+    /// that carries the signal and the log, since a node must stop cleanly on SIGTERM.
     pub fn terminate(&mut self, within: Duration) -> anyhow::Result<Option<i32>> {
         let Some(mut child) = self.child.take() else {
             bail!("not running")
@@ -485,6 +486,13 @@ impl CadreNode {
         let deadline = Instant::now() + within;
         loop {
             if let Some(status) = child.try_wait()? {
+                use std::os::unix::process::ExitStatusExt;
+                if let Some(signal) = status.signal() {
+                    bail!(
+                        "cadre died of signal {signal} after SIGTERM; log:\n{}",
+                        self.log_tail()
+                    );
+                }
                 return Ok(status.code());
             }
             if Instant::now() > deadline {

@@ -508,6 +508,28 @@ enum Decision {
     Abort,
 }
 
+/// jemalloc, not glibc's malloc: the node allocates small, short-lived buffers on every
+/// hop from many threads (tokio workers, the blocking pool, the commit writer), and
+/// glibc's arena locks and fastbin consolidation cost a fifth of its CPU under load
+/// (docs/PERFORMANCE.md). RocksDB's own C++ allocations stay with glibc.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's options, read once at its start. Freed pages go back to the OS after about
+/// a second, by jemalloc's background thread even while the node is idle: a burst (10,000
+/// tasks resumed, then parked) must not leave RSS high (the parked-task target).
+#[repr(transparent)]
+struct MallocConf(*const u8);
+// SAFETY: a pointer to a static, NUL-terminated string that nothing writes.
+#[allow(unsafe_code)]
+unsafe impl Sync for MallocConf {}
+#[allow(unsafe_code)]
+#[unsafe(export_name = "_rjem_malloc_conf")]
+static MALLOC_CONF: MallocConf = MallocConf(
+    b"background_thread:true,max_background_threads:1,dirty_decay_ms:1000,muzzy_decay_ms:0\0"
+        .as_ptr(),
+);
+
 fn main() {
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
