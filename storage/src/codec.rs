@@ -24,15 +24,47 @@ pub enum CodecError {
     Postcard(String),
 }
 
+thread_local! {
+    /// Where records are serialised before being copied out at their exact size. A task's
+    /// record (a few KiB, written whole at every transition) grown from a small vector
+    /// would be reallocated and copied five or six times.
+    static SCRATCH: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Past this size the scratch buffer is not kept: one huge record must not pin its
+/// memory on every thread that ever encoded one.
+const SCRATCH_KEEP_MAX: usize = 64 << 10;
+
+/// Serialises `value` after `header` in the thread's scratch buffer, and returns
+/// `finish` of the bytes.
+fn with_scratch<T: Serialize + ?Sized, R>(
+    header: &[u8],
+    value: &T,
+    finish: impl FnOnce(&[u8]) -> R,
+) -> Result<R, CodecError> {
+    let mut scratch = SCRATCH.take();
+    scratch.clear();
+    scratch.extend_from_slice(header);
+    let scratch = match postcard::to_extend(value, scratch) {
+        Ok(v) => v,
+        // The vector went with the error; the next call starts a new one.
+        Err(e) => return Err(CodecError::Postcard(e.to_string())),
+    };
+    let out = finish(&scratch);
+    if scratch.capacity() <= SCRATCH_KEEP_MAX {
+        SCRATCH.set(scratch);
+    }
+    Ok(out)
+}
+
 /// Encodes `value` as a checksummed record.
 pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, CodecError> {
-    let mut out = Vec::with_capacity(128);
-    out.push(RECORD_FORMAT);
-    let mut out =
-        postcard::to_extend(value, out).map_err(|e| CodecError::Postcard(e.to_string()))?;
-    let crc = crc32fast::hash(&out);
-    out.extend_from_slice(&crc.to_le_bytes());
-    Ok(out)
+    with_scratch(&[RECORD_FORMAT], value, |body| {
+        let mut out = Vec::with_capacity(body.len() + CRC_LEN);
+        out.extend_from_slice(body);
+        out.extend_from_slice(&crc32fast::hash(body).to_le_bytes());
+        out
+    })
 }
 
 /// Decodes a record written by [`encode`], checking format and checksum first.
@@ -54,7 +86,7 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
 
 /// Plain postcard for internal wire hops (no checksum: NATS frames are already checked).
 pub fn to_wire<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, CodecError> {
-    postcard::to_stdvec(value).map_err(|e| CodecError::Postcard(e.to_string()))
+    with_scratch(&[], value, <[u8]>::to_vec)
 }
 
 pub fn from_wire<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
@@ -88,6 +120,30 @@ mod tests {
         let bytes = encode(&sample()).unwrap();
         assert_eq!(bytes[0], RECORD_FORMAT);
         assert_eq!(decode::<Sample>(&bytes).unwrap(), sample());
+    }
+
+    #[test]
+    fn records_encoded_one_after_another_on_a_thread_stay_independent() {
+        let sized = |len: usize| Sample {
+            text: "x".repeat(len),
+            ..sample()
+        };
+        // Large (not kept), medium (kept), then smaller ones reuse the scratch buffer.
+        for len in [SCRATCH_KEEP_MAX * 2, 5_000, 3, 0, 40_000, 1] {
+            let record = encode(&sized(len)).unwrap();
+            assert_eq!(
+                decode::<Sample>(&record).unwrap(),
+                sized(len),
+                "record of {len}"
+            );
+            let wire = to_wire(&sized(len)).unwrap();
+            assert_eq!(
+                from_wire::<Sample>(&wire).unwrap(),
+                sized(len),
+                "wire of {len}"
+            );
+            assert_eq!(wire.len() + 1 + CRC_LEN, record.len());
+        }
     }
 
     #[test]
