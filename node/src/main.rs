@@ -532,8 +532,12 @@ static MALLOC_CONF: MallocConf = MallocConf(
 
 fn main() {
     let cli = Cli::parse();
+    // One worker more than there are cores: a worker sometimes waits a moment in a
+    // syscall (the WAL write of a commit written in place, the verifier's stat), and the
+    // spare keeps the cores busy meanwhile (docs/PERFORMANCE.md: +8 % tasks/s on 2 cores).
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get()) + 1;
     let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(workers)
         .enable_all()
         .build()
     {
