@@ -534,7 +534,7 @@ fn main() {
     let cli = Cli::parse();
     // One worker more than there are cores: a worker sometimes waits a moment in a
     // syscall (the WAL write of a commit written in place, the verifier's stat), and the
-    // spare keeps the cores busy meanwhile (docs/PERFORMANCE.md: +8 % tasks/s on 2 cores).
+    // spare keeps the cores busy meanwhile (docs/PERFORMANCE.md: +10 % tasks/s on 2 cores).
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get()) + 1;
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
