@@ -87,7 +87,7 @@ fn the_context_is_exactly_the_schemas() {
     for action in ["run", "run_unattended"] {
         let action = uid("Action", action);
         let context =
-            Context::from_pairs(http("POST", "h").context()).unwrap_or_else(|e| panic!("{e}"));
+            Context::from_pairs(http("POST", "h").context(None)).unwrap_or_else(|e| panic!("{e}"));
         Request::new(
             uid("Persona", "operator"),
             action,
@@ -279,6 +279,88 @@ fn one_question_decides_as_two_for_the_defaults() {
         assert!(
             two_questions.iter().any(|d| d.ruling == ruling),
             "the cases cover {ruling:?}"
+        );
+    }
+}
+
+#[test]
+fn a_question_carries_only_the_context_attributes_the_policies_read() {
+    let read = |text: &str| {
+        one(text)
+            .unwrap_or_else(|e| panic!("{e:?}"))
+            .context_read
+            .map(|r| r.into_iter().collect::<Vec<_>>())
+    };
+    let names = |v: &[&str]| Some(v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+    assert_eq!(
+        Policies::builtin()
+            .context_read
+            .map(|r| r.into_iter().collect::<Vec<_>>()),
+        names(&["host", "method", "path", "tool", "within_roots"])
+    );
+    assert_eq!(read("permit (principal, action, resource);"), names(&[]));
+    assert_eq!(
+        read(
+            r#"permit (principal, action, resource) when { context has hour && context.hour < 18 && resource == Step::"T1/s1" };"#
+        ),
+        names(&["hour"])
+    );
+    // A record literal's keys are names, even one spelled like an operator.
+    assert_eq!(
+        read(r#"permit (principal, action, resource) when { {".": context.minute}["."] > 0 };"#),
+        names(&["minute"])
+    );
+    // `context` used whole: every attribute must be there.
+    assert_eq!(
+        read(r#"forbid (principal, action, resource) when { {"c": context}.c.tool == "x" };"#),
+        None
+    );
+}
+
+#[test]
+fn a_pruned_context_decides_as_the_whole_one() {
+    let sets = [
+        Policies::builtin(),
+        one(concat!(
+            "permit (principal, action, resource) when { context.hour >= 9 };\n",
+            r#"forbid (principal, action == Action::"run_unattended", resource) when { context has weekday && context.weekday > 5 };"#,
+        ))
+        .unwrap_or_else(|e| panic!("{e:?}")),
+    ];
+    let mut cases = vec![
+        facts("file.write"),
+        StepFacts {
+            within_roots: true,
+            ..facts("file.write")
+        },
+        facts("shell.run"),
+        StepFacts {
+            path: "safety.stop".into(),
+            ..facts("context.put")
+        },
+        StepFacts {
+            now_ms: 1_795_529_100_000 - 10 * 3_600_000,
+            ..facts("file.write")
+        },
+        StepFacts {
+            now_ms: 1_795_529_100_000 + 5 * 86_400_000,
+            ..facts("file.write")
+        },
+    ];
+    for method in ["GET", "POST"] {
+        for host in ["localhost", "api.example.com"] {
+            cases.push(http(method, host));
+        }
+    }
+    for mut p in sets {
+        assert!(p.context_read.is_some());
+        let pruned: Vec<Decision> = cases.iter().map(|f| p.decide(f)).collect();
+        p.context_read = None;
+        let whole: Vec<Decision> = cases.iter().map(|f| p.decide(f)).collect();
+        assert_eq!(pruned, whole);
+        assert!(
+            whole.iter().any(|d| d.ruling != Ruling::Allow),
+            "some case is not allowed"
         );
     }
 }
