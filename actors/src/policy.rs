@@ -125,36 +125,41 @@ impl StepFacts {
         let days = secs / 86_400;
         // 1970-01-01 was a Thursday (4); ISO weekday: Monday 1 … Sunday 7.
         let weekday = (days + 3) % 7 + 1;
-        let text = |k: &str, v: &str| (k.to_string(), RestrictedExpression::new_string(v.into()));
-        let long = |k: &str, v: u64| {
-            let v = i64::try_from(v).unwrap_or(i64::MAX);
-            (k.to_string(), RestrictedExpression::new_long(v))
-        };
-        let all = vec![
-            text("task_id", &self.task_id),
-            text("step_id", &self.step_id),
-            text("playbook", &self.playbook),
-            text("tool", &self.tool),
-            text("node", &self.node),
-            text("method", &self.method),
-            text("host", &self.host),
-            text("path", &self.path),
-            (
-                "within_roots".to_string(),
-                RestrictedExpression::new_bool(self.within_roots),
-            ),
-            text("program", &self.program),
-            text("command", &self.command),
-            text("recipient", &self.recipient),
-            long("cost_micros", self.cost_micros),
-            long("hour", secs % 86_400 / 3600),
-            long("minute", secs % 3600 / 60),
-            long("weekday", weekday),
-        ];
-        match read {
-            None => all,
-            Some(read) => all.into_iter().filter(|(k, _)| read.contains(k)).collect(),
+        enum Attr<'a> {
+            Text(&'a str),
+            Long(u64),
+            Bool(bool),
         }
+        use Attr::{Bool, Long, Text};
+        let all = [
+            ("task_id", Text(&self.task_id)),
+            ("step_id", Text(&self.step_id)),
+            ("playbook", Text(&self.playbook)),
+            ("tool", Text(&self.tool)),
+            ("node", Text(&self.node)),
+            ("method", Text(&self.method)),
+            ("host", Text(&self.host)),
+            ("path", Text(&self.path)),
+            ("within_roots", Bool(self.within_roots)),
+            ("program", Text(&self.program)),
+            ("command", Text(&self.command)),
+            ("recipient", Text(&self.recipient)),
+            ("cost_micros", Long(self.cost_micros)),
+            ("hour", Long(secs % 86_400 / 3600)),
+            ("minute", Long(secs % 3600 / 60)),
+            ("weekday", Long(weekday)),
+        ];
+        all.into_iter()
+            .filter(|(k, _)| read.is_none_or(|read| read.contains(*k)))
+            .map(|(k, v)| {
+                let v = match v {
+                    Text(t) => RestrictedExpression::new_string(t.to_string()),
+                    Long(n) => RestrictedExpression::new_long(i64::try_from(n).unwrap_or(i64::MAX)),
+                    Bool(b) => RestrictedExpression::new_bool(b),
+                };
+                (k.to_string(), v)
+            })
+            .collect()
     }
 }
 
