@@ -246,9 +246,8 @@ fn an_allowed_step_needs_one_question_only_when_the_set_makes_it_safe() {
     assert_eq!(p.decide(&facts("shell.run")).ruling, Ruling::Deny);
 }
 
-#[test]
-fn one_question_decides_as_two_for_the_defaults() {
-    let mut p = Policies::builtin();
+/// Steps the built-in policies allow, deny or send for approval.
+fn cases_for_the_defaults() -> Vec<StepFacts> {
     let mut cases = vec![
         facts("file.write"),
         StepFacts {
@@ -271,6 +270,13 @@ fn one_question_decides_as_two_for_the_defaults() {
             cases.push(http(method, host));
         }
     }
+    cases
+}
+
+#[test]
+fn one_question_decides_as_two_for_the_defaults() {
+    let mut p = Policies::builtin();
+    let cases = cases_for_the_defaults();
     let one_question: Vec<Decision> = cases.iter().map(|f| p.decide(f)).collect();
     p.one_question_allows = false;
     let two_questions: Vec<Decision> = cases.iter().map(|f| p.decide(f)).collect();
@@ -327,30 +333,16 @@ fn a_pruned_context_decides_as_the_whole_one() {
         ))
         .unwrap_or_else(|e| panic!("{e:?}")),
     ];
-    let mut cases = vec![
-        facts("file.write"),
-        StepFacts {
-            within_roots: true,
+    let mut cases = cases_for_the_defaults();
+    // For the second set: 04:05 on a Tuesday, and 14:05 on a Sunday.
+    for now_ms in [
+        1_795_529_100_000 - 10 * 3_600_000,
+        1_795_529_100_000 + 5 * 86_400_000,
+    ] {
+        cases.push(StepFacts {
+            now_ms,
             ..facts("file.write")
-        },
-        facts("shell.run"),
-        StepFacts {
-            path: "safety.stop".into(),
-            ..facts("context.put")
-        },
-        StepFacts {
-            now_ms: 1_795_529_100_000 - 10 * 3_600_000,
-            ..facts("file.write")
-        },
-        StepFacts {
-            now_ms: 1_795_529_100_000 + 5 * 86_400_000,
-            ..facts("file.write")
-        },
-    ];
-    for method in ["GET", "POST"] {
-        for host in ["localhost", "api.example.com"] {
-            cases.push(http(method, host));
-        }
+        });
     }
     for mut p in sets {
         assert!(p.context_read.is_some());
