@@ -114,12 +114,11 @@ pub struct StepFacts {
 }
 
 impl StepFacts {
-    /// The policies' `context`: every attribute of the schema's `StepContext`, always
-    /// (a test checks it against the schema; at run time it is built directly, because
-    /// going through JSON and the schema costs more than the decision).
-    ///
-    /// `read`: the attributes the policies read, when that is known (see
-    /// [`context_attributes`]); the others are left out, which no policy can tell.
+    /// The policies' `context`: every attribute of the schema's `StepContext` (a test
+    /// checks it against the schema; at run time it is built directly, because going
+    /// through JSON and the schema costs more than the decision), or only those in
+    /// `read`, the attributes the policies read when that is known (see
+    /// [`context_attributes`]): leaving out the others is something no policy can tell.
     fn context(&self, read: Option<&BTreeSet<String>>) -> Vec<(String, RestrictedExpression)> {
         let secs = self.now_ms / 1000;
         let days = secs / 86_400;
