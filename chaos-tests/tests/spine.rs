@@ -2,7 +2,7 @@
 //! real RocksDB on disk, a real HTTP server as the CRM, real files.
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chaos_tests::{
     CadreNode, HttpSink, NatsServer, eventually, request, shipped_playbooks, wait_task,
@@ -499,6 +499,40 @@ verify = { exit_code = 0 }
     node.wait_ready(&w.client).await?;
     let task = wait_task(&w.client, &task_id, WITHIN, chaos_tests::is_terminal).await?;
     assert_eq!(task["status"], "succeeded", "{task:#}");
+    Ok(())
+}
+
+/// A SIGTERM that comes while the node is still starting stops it cleanly: as soon as
+/// its store is being opened, and while it waits for a NATS server that does not answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_the_node_starts_stops_it_cleanly() -> anyhow::Result<()> {
+    let w = world().await?;
+    let mut node = w.node(&[])?;
+    let lock = node.data_dir.join("store").join("LOCK");
+    let deadline = Instant::now() + WITHIN;
+    while !lock.exists() {
+        anyhow::ensure!(Instant::now() < deadline, "the node never opened its store");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert_eq!(node.terminate(Duration::from_secs(20))?, Some(0));
+
+    // Where it looks for NATS, something accepts connections and never speaks: the node
+    // waits there, and the SIGTERM ends the wait.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let silent_url = format!("nats://{}", silent.local_addr()?);
+    let set_nats_url = |node: &mut CadreNode, url: &str| {
+        node.env.retain(|(k, _)| k != "CADRE_NATS_URL");
+        node.env.push(("CADRE_NATS_URL".into(), url.into()));
+    };
+    set_nats_url(&mut node, &silent_url);
+    node.restart()?;
+    let _connection = tokio::time::timeout(WITHIN, silent.accept()).await??;
+    assert_eq!(node.terminate(Duration::from_secs(10))?, Some(0));
+
+    // It stopped as a node stops: started again, it serves.
+    set_nats_url(&mut node, &w.nats.url);
+    node.restart()?;
+    node.wait_ready(&w.client).await?;
     Ok(())
 }
 

@@ -1079,6 +1079,22 @@ fn policy_files(dir: &std::path::Path) -> Result<std::collections::BTreeMap<Stri
 }
 
 async fn node_run(args: NodeRunArgs) -> i32 {
+    // Registered first: a SIGTERM or ctrl-c that comes while the node is still starting
+    // (opening its store, waiting for NATS, resuming tasks) is kept, and `node::run`
+    // races it with the start. Registered lazily, on the first poll of `shutdown`, such
+    // a signal found the default action and killed the node, even after it had begun to
+    // answer requests.
+    use tokio::signal::unix::{SignalKind, signal};
+    let (mut term, mut interrupt) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(term), Ok(interrupt)) => (term, interrupt),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("cadre: cannot handle SIGTERM and SIGINT: {e}");
+            return 1;
+        }
+    };
     let flags = Overrides {
         node_id: args.node_id,
         data_dir: args.data_dir,
@@ -1121,15 +1137,10 @@ async fn node_run(args: NodeRunArgs) -> i32 {
         }
     }
     let _tracing = init_tracing(&config);
-    let shutdown = async {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => return std::future::pending().await,
-            };
+    let shutdown = async move {
         tokio::select! {
             _ = term.recv() => tracing::info!("SIGTERM"),
-            _ = tokio::signal::ctrl_c() => tracing::info!("interrupt"),
+            _ = interrupt.recv() => tracing::info!("interrupt"),
         }
     };
     match node::run(config, shutdown).await {

@@ -45,6 +45,37 @@ use crate::local_nats::LocalNats;
 /// Runs a node until `shutdown` completes (Ok) or the node cannot go on (Err: the
 /// process exits non-zero so systemd or Docker restarts it).
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let mut shutdown = std::pin::pin!(shutdown);
+    // A start can wait for long, on a NATS server that is not up yet for one. A signal
+    // meanwhile stops it there: everything it did so far was committed as it went, as
+    // the node is built to survive kill -9 at any point.
+    let node = tokio::select! {
+        biased;
+        () = &mut shutdown => {
+            tracing::info!("stopped while starting");
+            return Ok(());
+        }
+        node = start(&config) => node?,
+    };
+    node.serve(&config, shutdown).await
+}
+
+/// What a started node holds until it stops.
+struct Started {
+    store: Store,
+    local_nats: Option<LocalNats>,
+    nats: async_nats::Client,
+    ctx: Arc<NodeContext>,
+    root: ractor::ActorRef<NodeSupervisorMsg>,
+    root_handle: tokio::task::JoinHandle<()>,
+    fatal_rx: mpsc::UnboundedReceiver<String>,
+    http_task: tokio::task::JoinHandle<()>,
+    console_task: Option<tokio::task::JoinHandle<()>>,
+    trim_task: tokio::task::JoinHandle<()>,
+}
+
+/// Wires a node and starts its actors; it serves once this returns.
+async fn start(config: &Config) -> anyhow::Result<Started> {
     let seed = if config.seed == 0 {
         SystemClock.now_ms() ^ u64::from(std::process::id()).rotate_left(32)
     } else {
@@ -203,7 +234,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         }
         None => None,
     };
-    let (fatal_tx, mut fatal_rx) = mpsc::unbounded_channel();
+    let (fatal_tx, fatal_rx) = mpsc::unbounded_channel();
     let children = child_specs(&ctx, &catalog, &tool_set, &knowledge);
     let (root, root_handle) = Actor::spawn(
         Some(actor_name("root", &config.node_id)),
@@ -238,44 +269,78 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     });
     let trim_task = tokio::spawn(return_freed_memory());
     tracing::info!(node_id = %config.node_id, nats = %crate::nats_url::display(&url), resumed = ?resumed, playbooks = catalog.len(), "node ready");
+    Ok(Started {
+        store,
+        local_nats,
+        nats,
+        ctx,
+        root,
+        root_handle,
+        fatal_rx,
+        http_task,
+        console_task,
+        trim_task,
+    })
+}
 
-    let outcome = tokio::select! {
-        () = shutdown => Ok(()),
-        reason = fatal_rx.recv() => Err(reason.unwrap_or_else(|| "supervisor stopped".into())),
-    };
+impl Started {
+    /// Serves until `shutdown` completes or a supervisor escalates, then stops in order.
+    async fn serve(
+        self,
+        config: &Config,
+        shutdown: impl Future<Output = ()>,
+    ) -> anyhow::Result<()> {
+        let Started {
+            store,
+            local_nats,
+            nats,
+            ctx,
+            root,
+            root_handle,
+            mut fatal_rx,
+            http_task,
+            console_task,
+            trim_task,
+        } = self;
+        let outcome = tokio::select! {
+            () = shutdown => Ok(()),
+            reason = fatal_rx.recv() => Err(reason.unwrap_or_else(|| "supervisor stopped".into())),
+        };
 
-    // Stop in order: no new work, let running steps finish, stop the actors (every
-    // transition is already committed), publish what the outbox holds, close.
-    tracing::info!("stopping node");
-    let _ = root.cast(NodeSupervisorMsg::Stopping);
-    if let Some(intake) = ractor::registry::where_is(actor_name(roles::INTAKE, &config.node_id)) {
-        let _ = intake
-            .stop_and_wait(Some("shutdown".into()), Some(Duration::from_secs(5)))
-            .await;
-    }
-    ctx.start_draining();
-    wait_for_steps(&ctx, &config).await;
-    stop_children(&root.get_cell()).await;
-    root.stop(Some("shutdown".into()));
-    let _ = root_handle.await;
-    http_task.abort();
-    if let Some(console) = console_task {
-        console.abort();
-    }
-    trim_task.abort();
-    let _ = nats.flush().await;
-    drop(nats);
-    if let Some(local) = local_nats {
-        local.stop().await;
-    }
-    drop(ctx);
-    drop(store);
-    match outcome {
-        Ok(()) => {
-            tracing::info!("node stopped");
-            Ok(())
+        // Stop in order: no new work, let running steps finish, stop the actors (every
+        // transition is already committed), publish what the outbox holds, close.
+        tracing::info!("stopping node");
+        let _ = root.cast(NodeSupervisorMsg::Stopping);
+        if let Some(intake) = ractor::registry::where_is(actor_name(roles::INTAKE, &config.node_id))
+        {
+            let _ = intake
+                .stop_and_wait(Some("shutdown".into()), Some(Duration::from_secs(5)))
+                .await;
         }
-        Err(reason) => bail!("node stopped after an unrecoverable failure: {reason}"),
+        ctx.start_draining();
+        wait_for_steps(&ctx, &config).await;
+        stop_children(&root.get_cell()).await;
+        root.stop(Some("shutdown".into()));
+        let _ = root_handle.await;
+        http_task.abort();
+        if let Some(console) = console_task {
+            console.abort();
+        }
+        trim_task.abort();
+        let _ = nats.flush().await;
+        drop(nats);
+        if let Some(local) = local_nats {
+            local.stop().await;
+        }
+        drop(ctx);
+        drop(store);
+        match outcome {
+            Ok(()) => {
+                tracing::info!("node stopped");
+                Ok(())
+            }
+            Err(reason) => bail!("node stopped after an unrecoverable failure: {reason}"),
+        }
     }
 }
 
