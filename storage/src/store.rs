@@ -282,10 +282,20 @@ pub struct StoreStats {
     pub sync_micros: AtomicU64,
 }
 
+/// When a commit is answered, and how soon its group is synced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Durability {
+    /// Answered once synced.
+    Synced,
+    /// Answered once written; synced within the gathering window.
+    Written,
+    /// Answered once written; synced at once (someone waits for it meanwhile).
+    Syncing,
+}
+
 struct CommitRequest {
     batch: Batch,
-    /// Answer once the batch is synced (else once it is written).
-    synced: bool,
+    durability: Durability,
     /// The group's ticket: [`Store::wait_synced`] with it waits for its fsync.
     done: oneshot::Sender<Result<u64, String>>,
 }
@@ -296,6 +306,8 @@ struct SyncJob {
     ticket: u64,
     audit_head: u64,
     waiters: Vec<oneshot::Sender<Result<u64, String>>>,
+    /// Sync without gathering: a waiter, or a [`Durability::Syncing`] commit.
+    urgent: bool,
 }
 
 /// A node's RocksDB. Cheap to clone; the writer thread stops when the last clone drops.
@@ -317,8 +329,9 @@ struct Inner {
     stats: Arc<StoreStats>,
     /// The audit chain's head sequence, moved once the links are synced.
     audit_head: tokio::sync::watch::Receiver<u64>,
-    /// The last group ticket whose fsync completed.
-    synced: tokio::sync::watch::Receiver<u64>,
+    /// The last group ticket whose fsync completed, or why an fsync failed (for good:
+    /// after a failed fsync the OS may have dropped what it was to make durable).
+    synced: tokio::sync::watch::Receiver<Result<u64, String>>,
     /// Kept for its statistics (write-stall time).
     db_opts: Options,
 }
@@ -369,7 +382,7 @@ impl Store {
         let head = read_audit_head(&db)?;
         let (head_tx, head_rx) = tokio::sync::watch::channel(head.seq);
         let (tx, rx) = mpsc::channel(GROUP_BATCHES_MAX * 4);
-        let (synced_tx, synced_rx) = tokio::sync::watch::channel(0);
+        let (synced_tx, synced_rx) = tokio::sync::watch::channel(Ok(0));
         let queue = Arc::new(SyncQueue::default());
         let syncer_thread = {
             let syncer = Syncer {
@@ -434,7 +447,7 @@ impl Store {
         let db = Arc::new(DB::open_cf_for_read_only(&db_opts, path, names, false)?);
         let head = read_audit_head(&db)?;
         let (_, head_rx) = tokio::sync::watch::channel(head.seq);
-        let (_, synced) = tokio::sync::watch::channel(0);
+        let (_, synced) = tokio::sync::watch::channel(Ok(0));
         let store = Store {
             inner: Arc::new(Inner {
                 db,
@@ -492,7 +505,7 @@ impl Store {
             return Ok(());
         }
         self.inner.stats.commits.fetch_add(1, Ordering::Relaxed);
-        self.send(batch, true).await.map(|_| ())
+        self.send(batch, Durability::Synced).await.map(|_| ())
     }
 
     /// Commits `batch` like [`Self::commit`] — atomically, in commit order, audit links
@@ -503,19 +516,32 @@ impl Store {
     /// events) waits for it.
     pub async fn commit_written(&self, batch: Batch) -> Result<u64, StoreError> {
         if batch.is_empty() {
-            return Ok(*self.inner.synced.borrow());
+            return self.synced_ticket();
         }
         self.inner
             .stats
             .written_commits
             .fetch_add(1, Ordering::Relaxed);
-        self.send(batch, false).await
+        self.send(batch, Durability::Written).await
     }
 
-    async fn send(&self, batch: Batch, synced: bool) -> Result<u64, StoreError> {
+    /// Commits `batch` like [`Self::commit`], answering once it is written like
+    /// [`Self::commit_written`], with its fsync issued at once rather than gathered: for
+    /// a caller that does other work before it waits for the ticket
+    /// ([`Self::wait_synced`]), so that work overlaps the fsync. Counted as a synced
+    /// commit.
+    pub async fn commit_syncing(&self, batch: Batch) -> Result<u64, StoreError> {
+        if batch.is_empty() {
+            return self.synced_ticket();
+        }
+        self.inner.stats.commits.fetch_add(1, Ordering::Relaxed);
+        self.send(batch, Durability::Syncing).await
+    }
+
+    async fn send(&self, batch: Batch, durability: Durability) -> Result<u64, StoreError> {
         // The writer thread idle: write here, sparing two thread hand-offs (to the writer
         // and back), which cost more than the write (docs/PERFORMANCE.md).
-        let batch = match self.write_here(batch, synced) {
+        let batch = match self.write_here(batch, durability) {
             Here::Written(ticket) => return ticket,
             Here::Syncing(wait) => return answer(wait.await),
             Here::Busy(batch) => batch,
@@ -525,7 +551,7 @@ impl Store {
         writer
             .send(CommitRequest {
                 batch,
-                synced,
+                durability,
                 done,
             })
             .await
@@ -537,7 +563,7 @@ impl Store {
     /// (the chain's lock is free), exactly as the writer thread would: chained, to the
     /// WAL, then handed to the syncer. Never waits for the lock and never for a RocksDB
     /// write stall (see [`write_group`]).
-    fn write_here(&self, batch: Batch, synced: bool) -> Here {
+    fn write_here(&self, batch: Batch, durability: Durability) -> Here {
         let Some(chain) = &self.inner.chain else {
             return Here::Busy(batch);
         };
@@ -549,7 +575,7 @@ impl Store {
             Err(TryLockError::WouldBlock) => return Here::Busy(batch),
         };
         let (done, wait) = oneshot::channel();
-        let ticket = chain.write(&self.inner.db, vec![(synced, done, batch)], true);
+        let ticket = chain.write(&self.inner.db, vec![(durability, done, batch)], true);
         drop(chain);
         self.inner
             .stats
@@ -557,19 +583,31 @@ impl Store {
             .fetch_add(1, Ordering::Relaxed);
         match ticket {
             Err(e) => Here::Written(Err(StoreError::Commit(e))),
-            Ok(_) if synced => Here::Syncing(wait),
+            Ok(_) if durability == Durability::Synced => Here::Syncing(wait),
             Ok(ticket) => Here::Written(Ok(ticket)),
         }
     }
 
     /// Waits until the group with `ticket` (from [`Self::commit_written`]) is synced.
+    /// An error once any fsync has failed.
     pub async fn wait_synced(&self, ticket: u64) -> Result<(), StoreError> {
         let mut synced = self.inner.synced.clone();
-        synced
-            .wait_for(|s| *s >= ticket)
+        let reached = synced
+            .wait_for(|s| s.as_ref().map_or(true, |t| *t >= ticket))
             .await
-            .map(|_| ())
-            .map_err(|_| StoreError::WriterGone)
+            .map_err(|_| StoreError::WriterGone)?;
+        match &*reached {
+            Ok(_) => Ok(()),
+            Err(e) => Err(StoreError::Commit(e.clone())),
+        }
+    }
+
+    fn synced_ticket(&self) -> Result<u64, StoreError> {
+        self.inner
+            .synced
+            .borrow()
+            .clone()
+            .map_err(StoreError::Commit)
     }
 
     /// Writes `batch` to the WAL without fsync. It survives a process crash (the OS has
@@ -801,8 +839,16 @@ impl Store {
         self.inner.audit_head.clone()
     }
 
-    /// Up to `limit` audit links with sequence > `after`, in order.
+    /// Up to `limit` synced audit links with sequence > `after` (at most the audit head),
+    /// in order.
     pub fn audit_links(&self, after: u64, limit: usize) -> Result<Vec<Link>, StoreError> {
+        // Only synced links: one written but not yet synced could still be lost, and its
+        // sequence then reused for another record; what is published or read never is.
+        let synced = self.audit_seq().saturating_sub(after);
+        let limit = usize::try_from(synced).map_or(limit, |n| n.min(limit));
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
         let from = chain::key(after.saturating_add(1));
         Ok(self
             .scan::<Link>(Cf::Audit, Some(&from), false, limit, limit, |_, _| true)?
@@ -951,7 +997,7 @@ impl GroupWriter {
             }
             let commits: Vec<Commit> = group
                 .drain(..)
-                .map(|req| (req.synced, req.done, req.batch))
+                .map(|req| (req.durability, req.done, req.batch))
                 .collect();
             match self.chain.lock() {
                 Ok(mut chain) => {
@@ -1000,8 +1046,8 @@ struct Chain {
     jobs: SyncSender,
 }
 
-/// A commit in a group: answer once synced?, where to answer, what to write.
-type Commit = (bool, oneshot::Sender<Result<u64, String>>, Batch);
+/// A commit in a group: when to answer, where to answer, what to write.
+type Commit = (Durability, oneshot::Sender<Result<u64, String>>, Batch);
 
 impl Chain {
     /// Writes `commits` as one group: answers those that asked only for the write, hands
@@ -1012,11 +1058,11 @@ impl Chain {
         let mut wb = WriteBatch::default();
         let mut waiters = Vec::with_capacity(commits.len());
         let mut staged = Ok(());
-        for (synced, done, batch) in commits {
+        for (durability, done, batch) in commits {
             if staged.is_ok() {
                 staged = self.stage(db, &mut wb, batch);
             }
-            waiters.push((synced, done));
+            waiters.push((durability, done));
         }
         // A link that cannot be encoded fails the whole group: never write a chain
         // with a hole in it.
@@ -1031,8 +1077,10 @@ impl Chain {
         self.ticket += 1;
         let ticket = self.ticket;
         let mut for_sync = Vec::new();
-        for (synced, done) in waiters {
-            if synced {
+        let mut urgent = false;
+        for (durability, done) in waiters {
+            urgent |= durability != Durability::Written;
+            if durability == Durability::Synced {
                 for_sync.push(done);
             } else {
                 let _ = done.send(Ok(ticket));
@@ -1042,6 +1090,7 @@ impl Chain {
             ticket,
             audit_head: self.head.seq,
             waiters: for_sync,
+            urgent,
         };
         self.jobs.send(job);
         Ok(ticket)
@@ -1116,13 +1165,14 @@ struct Syncer {
     db: Arc<DB>,
     stats: Arc<StoreStats>,
     head_tx: tokio::sync::watch::Sender<u64>,
-    synced_tx: tokio::sync::watch::Sender<u64>,
+    synced_tx: tokio::sync::watch::Sender<Result<u64, String>>,
     window: std::time::Duration,
 }
 
 /// Written groups on their way to the syncer. A group nobody waits for does not wake
-/// a syncer that is gathering (it would be woken once per commit, for nothing): only a
-/// group with a waiter, or the window's end, does.
+/// a syncer that is gathering (it would be woken once per commit, for nothing): only an
+/// urgent group (with a waiter, or a [`Durability::Syncing`] commit), or the window's
+/// end, does.
 #[derive(Default)]
 struct SyncQueue {
     state: Mutex<SyncQueueState>,
@@ -1151,7 +1201,7 @@ impl SyncSender {
             fail_waiters(vec![job]);
             return;
         }
-        let wake = !state.gathering || !job.waiters.is_empty();
+        let wake = !state.gathering || job.urgent;
         state.jobs.push(job);
         drop(state);
         if wake {
@@ -1210,7 +1260,7 @@ impl Syncer {
             // until a synced commit arrives or the window closes.
             let window = Instant::now() + self.window;
             state.gathering = true;
-            while state.jobs.iter().all(|j| j.waiters.is_empty()) && !state.closed {
+            while !state.jobs.iter().any(|j| j.urgent) && !state.closed {
                 let left = window.saturating_duration_since(Instant::now());
                 if left.is_zero() {
                     break;
@@ -1231,14 +1281,27 @@ impl Syncer {
                 .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
             self.stats.syncs.fetch_add(1, Ordering::Relaxed);
             // The watches first: a commit answered sees its own links and ticket synced.
-            if let (Ok(()), Some(last)) = (&result, jobs.last()) {
-                let head = last.audit_head;
-                self.head_tx.send_if_modified(|h| {
-                    let moved = *h != head;
-                    *h = head;
-                    moved
-                });
-                self.synced_tx.send_replace(last.ticket);
+            match (&result, jobs.last()) {
+                (Ok(()), Some(last)) => {
+                    let head = last.audit_head;
+                    self.head_tx.send_if_modified(|h| {
+                        let moved = *h != head;
+                        *h = head;
+                        moved
+                    });
+                    // A failure stays: nothing written before it is known durable.
+                    self.synced_tx.send_if_modified(|s| match s {
+                        Ok(t) => {
+                            *t = last.ticket;
+                            true
+                        }
+                        Err(_) => false,
+                    });
+                }
+                (Err(e), _) => {
+                    let _ = self.synced_tx.send_replace(Err(e.clone()));
+                }
+                (Ok(()), None) => {}
             }
             for job in jobs {
                 let answer = result.clone().map(|()| job.ticket);
@@ -1275,14 +1338,21 @@ mod tests {
         assert!(!store.contains(Cf::Active, b"t1").unwrap());
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_synced_commit_ends_the_gathering_window_at_once() {
+    /// A store whose syncer, once it holds only written groups, gathers for 10 minutes:
+    /// any fsync a test sees came from a commit that asked for it.
+    fn gathering_for_ten_minutes() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
         let options = StoreOptions {
             written_sync_window: std::time::Duration::from_secs(600),
             ..StoreOptions::default()
         };
         let store = Store::open(dir.path(), &options).unwrap();
+        (dir, store)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_synced_commit_ends_the_gathering_window_at_once() {
+        let (_dir, store) = gathering_for_ten_minutes();
         let mut batch = Batch::new();
         batch.put(Cf::Tasks, "written", &1u32).unwrap();
         let ticket = store.commit_written(batch).await.unwrap();
@@ -1301,6 +1371,51 @@ mod tests {
         // One fsync for all three, and the written ones are synced with it.
         assert_eq!(store.stats().syncs.load(Ordering::Relaxed), 1);
         store.wait_synced(ticket).await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_syncing_commit_answers_once_written_and_ends_the_window_at_once() {
+        let (_dir, store) = gathering_for_ten_minutes();
+        let mut batch = Batch::new();
+        batch.put(Cf::Tasks, "written", &1u32).unwrap();
+        let written = store.commit_written(batch).await.unwrap();
+        // The syncer now gathers for 10 minutes.
+        let mut batch = Batch::new();
+        batch.put(Cf::Tasks, "syncing", &2u32).unwrap();
+        let ticket = store.commit_syncing(batch).await.unwrap();
+        assert!(ticket > written);
+        // Answered once written: readable before its fsync is waited for.
+        assert_eq!(store.get::<u32>(Cf::Tasks, b"syncing").unwrap(), Some(2));
+        tokio::time::timeout(
+            std::time::Duration::from_secs(20),
+            store.wait_synced(ticket),
+        )
+        .await
+        .expect("a syncing commit waited for the gathering window")
+        .unwrap();
+        // One fsync for both.
+        assert_eq!(store.stats().syncs.load(Ordering::Relaxed), 1);
+        store.wait_synced(written).await.unwrap();
+        assert_eq!(store.stats().commits.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn audit_links_are_read_only_once_synced() {
+        let (_dir, store) = gathering_for_ten_minutes();
+        let mut batch = Batch::new();
+        batch.append_audit(&"written", Some(b"t")).unwrap();
+        batch.append_audit(&"written too", Some(b"t")).unwrap();
+        let ticket = store.commit_written(batch).await.unwrap();
+        // In the WAL, not synced (the syncer gathers for 10 minutes): not yet readable.
+        assert_eq!(store.audit_seq(), 0);
+        assert!(store.audit_links(0, 10).unwrap().is_empty());
+        let mut batch = Batch::new();
+        batch.append_audit(&"synced", Some(b"t")).unwrap();
+        store.commit(batch).await.unwrap();
+        store.wait_synced(ticket).await.unwrap();
+        let links = store.audit_links(0, 10).unwrap();
+        assert_eq!(links.iter().map(|l| l.seq).collect::<Vec<_>>(), [1, 2, 3]);
+        assert_eq!(store.audit_links(1, 1).unwrap().len(), 1);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
