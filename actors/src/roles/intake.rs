@@ -18,11 +18,11 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
-use storage::{Batch, Cf};
+use storage::{Batch, Cf, StoreError};
 use tokio::task::JoinHandle;
 
 use crate::bus::{self, Inbound};
-use crate::context::NodeContext;
+use crate::context::{NodeContext, OutboxEntry};
 use crate::model::{GOAL_PLAYBOOK, JsonText, Task, TaskStatus};
 use crate::playbook::Catalog;
 use crate::protocol::{
@@ -436,32 +436,13 @@ impl IntakeState {
         let ctx = self.ctx.clone();
         let me = myself.clone();
         tokio::spawn(async move {
-            let committed = ctx.store.commit(batch).await;
+            let committed = match ctx.ownership() {
+                None => start_while_syncing(&ctx, batch, &task_id, outgoing).await,
+                Some(own) => start_when_replicated(&ctx, own, batch, &task, now, outgoing).await,
+            };
             let ok = committed.is_ok();
             match committed {
-                Ok(()) => {
-                    // In a cluster, the task is owned and replicated before it is
-                    // acknowledged, so another node can take it over if this one dies.
-                    if let Some(own) = ctx.ownership() {
-                        let replicated = match own.claim(&task.id, now).await {
-                            Ok(_) => own.publish_checkpoint(&task).await,
-                            Err(e) => Err(e),
-                        };
-                        if let Err(e) = replicated {
-                            // Durable here all the same; its actor claims and replicates
-                            // it at its first transition.
-                            ctx.metrics.checkpoint_publish_failures_total.inc();
-                            tracing::warn!(task_id, error = %e, "new task not replicated");
-                        }
-                    }
-                    if let Some(relay) = lookup::<RelayMsg>(RELAY, &ctx.settings.node_id) {
-                        let _ = relay.cast(RelayMsg::Publish(vec![outgoing]));
-                    }
-                    if let Some(tasks) = lookup::<TaskSupervisorMsg>(TASKS, &ctx.settings.node_id) {
-                        let _ = tasks.cast(TaskSupervisorMsg::Start(task_id.clone()));
-                    }
-                    answer(&ctx, waiter, &task_id, TaskStatus::Accepted, false).await;
-                }
+                Ok(()) => answer(&ctx, waiter, &task_id, TaskStatus::Accepted, false).await,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot commit a new task");
                     fail(&ctx, waiter).await;
@@ -473,6 +454,64 @@ impl IntakeState {
         });
         Ok(())
     }
+}
+
+/// Commits a new task on a single node, starts its actor as soon as the record is
+/// written, and returns once it is synced (then it may be acknowledged). The actor plans
+/// meanwhile but dispatches no step before that fsync (its `accepted_ticket`): a power
+/// loss before it loses a task that was never acknowledged and never acted on, and the
+/// plan hop hides the fsync's latency.
+async fn start_while_syncing(
+    ctx: &NodeContext,
+    batch: Batch,
+    task_id: &str,
+    outgoing: (u64, OutboxEntry),
+) -> Result<(), StoreError> {
+    let ticket = ctx.store.commit_syncing(batch).await?;
+    // The relay first: `accepted` goes out before any event of the actor's.
+    if let Some(relay) = lookup::<RelayMsg>(RELAY, &ctx.settings.node_id) {
+        let _ = relay.cast(RelayMsg::PublishWhenSynced(ticket, vec![outgoing]));
+    }
+    if let Some(tasks) = lookup::<TaskSupervisorMsg>(TASKS, &ctx.settings.node_id) {
+        let _ = tasks.cast(TaskSupervisorMsg::Start {
+            task_id: task_id.to_string(),
+            accepted_ticket: Some(ticket),
+        });
+    }
+    ctx.store.wait_synced(ticket).await
+}
+
+/// Commits a new task in a cluster: synced, owned and replicated before its actor starts
+/// and it is acknowledged, so another node can take it over if this one dies.
+async fn start_when_replicated(
+    ctx: &NodeContext,
+    own: &crate::ownership::Ownership,
+    batch: Batch,
+    task: &Task,
+    now: u64,
+    outgoing: (u64, OutboxEntry),
+) -> Result<(), StoreError> {
+    ctx.store.commit(batch).await?;
+    let replicated = match own.claim(&task.id, now).await {
+        Ok(_) => own.publish_checkpoint(task).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = replicated {
+        // Durable here all the same; its actor claims and replicates it at its first
+        // transition.
+        ctx.metrics.checkpoint_publish_failures_total.inc();
+        tracing::warn!(task_id = task.id, error = %e, "new task not replicated");
+    }
+    if let Some(relay) = lookup::<RelayMsg>(RELAY, &ctx.settings.node_id) {
+        let _ = relay.cast(RelayMsg::Publish(vec![outgoing]));
+    }
+    if let Some(tasks) = lookup::<TaskSupervisorMsg>(TASKS, &ctx.settings.node_id) {
+        let _ = tasks.cast(TaskSupervisorMsg::Start {
+            task_id: task.id.clone(),
+            accepted_ticket: None,
+        });
+    }
+    Ok(())
 }
 
 async fn answer(

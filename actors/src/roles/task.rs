@@ -43,6 +43,9 @@ pub struct TaskArgs {
     /// Started to receive a cancel/resolve: stay up after `Start` even if parked, or
     /// the control message that follows would find the actor gone.
     pub hold_after_start: bool,
+    /// The store group that wrote the task as accepted, if it may not be synced yet:
+    /// steps are dispatched only once it is.
+    pub accepted_ticket: Option<u64>,
 }
 
 pub struct TaskState {
@@ -75,6 +78,11 @@ pub struct TaskState {
     /// A low-priority task's slot, held from planning until the actor stops (dropped
     /// with it): at most `low_priority_concurrency_max` such tasks run at once.
     low_slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// See [`TaskArgs::accepted_ticket`].
+    accepted_ticket: Option<u64>,
+    /// What `Cf::Active` holds for the task (its parked flag) as of this actor's last
+    /// commit; `None`: not known yet. A commit writes it only when it changes.
+    active_committed: Option<bool>,
 }
 
 /// An attempt in flight.
@@ -184,6 +192,8 @@ impl Actor for TaskActor {
             me,
             standing_down: false,
             low_slot: None,
+            accepted_ticket: args.accepted_ticket,
+            active_committed: None,
         })
     }
 
@@ -457,10 +467,15 @@ impl TaskState {
         let mut batch = Batch::new();
         let mut approvals = Vec::new();
         batch.put(Cf::Tasks, task.id.as_bytes(), task)?;
-        if task.status.is_terminal() {
-            batch.delete(Cf::Active, task.id.as_bytes());
-        } else {
-            batch.put(Cf::Active, task.id.as_bytes(), &is_parked(task))?;
+        let active = (!task.status.is_terminal()).then(|| is_parked(task));
+        match active {
+            None => {
+                batch.delete(Cf::Active, task.id.as_bytes());
+            }
+            Some(parked) if self.active_committed != Some(parked) => {
+                batch.put(Cf::Active, task.id.as_bytes(), &parked)?;
+            }
+            Some(_) => {}
         }
         let mut outgoing = Vec::with_capacity(events.len());
         for event in events {
@@ -509,6 +524,7 @@ impl TaskState {
             ctx.store.commit(batch).await?;
             None
         };
+        self.active_committed = active;
         ctx.metrics
             .commit_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -620,9 +636,10 @@ impl TaskState {
                     crate::roles::TASKS,
                     &ctx.settings.node_id,
                 ) {
-                    let _ = tasks.cast(crate::roles::task_supervisor::TaskSupervisorMsg::Start(
+                    let _ = tasks.cast(crate::roles::task_supervisor::TaskSupervisorMsg::Start {
                         task_id,
-                    ));
+                        accepted_ticket: None,
+                    });
                 }
             });
         } else {
@@ -630,6 +647,7 @@ impl TaskState {
             // Not resumed here at the next start; a takeover brings it back if needed.
             let mut batch = Batch::new();
             batch.delete(Cf::Active, self.task.id.as_bytes());
+            self.active_committed = None;
             if let Err(e) = ctx.store.write_unsynced(batch) {
                 tracing::warn!(error = %e, "cannot unmark a task owned elsewhere");
             }
@@ -769,6 +787,7 @@ impl TaskState {
                 hop(
                     ctx,
                     myself,
+                    None,
                     subject::plan_on_node(&ctx.settings.node_id),
                     req,
                     timeout,
@@ -841,6 +860,7 @@ impl TaskState {
                 hop(
                     ctx,
                     myself,
+                    self.accepted_ticket,
                     subject,
                     req,
                     timeout,
@@ -893,6 +913,7 @@ impl TaskState {
                 hop(
                     ctx,
                     myself,
+                    None,
                     subject,
                     req,
                     timeout,
@@ -928,6 +949,7 @@ impl TaskState {
                 hop(
                     ctx,
                     myself,
+                    None,
                     subject::verify_on_node(&ctx.settings.node_id),
                     req,
                     hop_timeout,
@@ -967,6 +989,7 @@ impl TaskState {
                 hop(
                     ctx,
                     myself,
+                    None,
                     subject::archive_on_node(&ctx.settings.node_id),
                     req,
                     hop_timeout,
@@ -1153,7 +1176,8 @@ async fn claim(
 }
 
 /// Sends `req` to another role without blocking the actor; the reply (or why there
-/// was none) comes back to it as an input.
+/// was none) comes back to it as an input. With `after_sync`, only once that store
+/// ticket is synced (a step of a task whose accepted record may not be yet).
 ///
 /// "No responders" means nobody subscribes to the subject right now: on the task's own
 /// node, its role is between a crash and its supervisor's restart (100 ms, then
@@ -1162,6 +1186,7 @@ async fn claim(
 fn hop<Req, Rep>(
     ctx: &Arc<NodeContext>,
     me: &ActorRef<TaskMsg>,
+    after_sync: Option<u64>,
     subject: String,
     req: Req,
     timeout: Duration,
@@ -1172,6 +1197,13 @@ fn hop<Req, Rep>(
 {
     let (ctx, me) = (ctx.clone(), me.clone());
     tokio::spawn(async move {
+        if let Some(ticket) = after_sync
+            && let Err(e) = ctx.store.wait_synced(ticket).await
+        {
+            let input = to_input(Err(HopError::Transport(e.to_string())));
+            let _ = me.cast(TaskMsg::Reply { input, from: None });
+            return;
+        }
         let deadline = tokio::time::Instant::now() + timeout;
         let mut pause = Duration::from_millis(20);
         let (reply, from) = loop {

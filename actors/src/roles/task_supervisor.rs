@@ -48,8 +48,12 @@ pub enum ControlError {
 pub type ControlReply = RpcReplyPort<Result<TaskStatus, ControlError>>;
 
 pub enum TaskSupervisorMsg {
-    /// A task was just committed as accepted: drive it.
-    Start(String),
+    /// A task was just committed as accepted: drive it. `accepted_ticket`: the store
+    /// group that wrote it, when it is not yet synced; no step is dispatched before.
+    Start {
+        task_id: String,
+        accepted_ticket: Option<u64>,
+    },
     /// Resume every non-terminal, non-parked task from the store; replies with the count.
     ResumeAll(RpcReplyPort<usize>),
     /// The same, with no one waiting for the count.
@@ -133,8 +137,11 @@ impl Actor for TaskSupervisor {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            TaskSupervisorMsg::Start(task_id) => {
-                state.ensure(&myself, &task_id, None).await;
+            TaskSupervisorMsg::Start {
+                task_id,
+                accepted_ticket,
+            } => {
+                state.start(&myself, &task_id, accepted_ticket).await;
             }
             TaskSupervisorMsg::ResumeAll(reply) => {
                 let started = state.resume_all(&myself).await?;
@@ -318,7 +325,18 @@ impl TaskSupervisorState {
         task_id: &str,
         abandon: Option<String>,
     ) -> Option<ActorRef<TaskMsg>> {
-        self.spawn(myself, task_id, abandon, false).await
+        self.spawn(myself, task_id, abandon, false, None).await
+    }
+
+    /// Drives a task just accepted (see [`TaskSupervisorMsg::Start`]).
+    async fn start(
+        &mut self,
+        myself: &ActorRef<TaskSupervisorMsg>,
+        task_id: &str,
+        accepted_ticket: Option<u64>,
+    ) {
+        self.spawn(myself, task_id, None, false, accepted_ticket)
+            .await;
     }
 
     async fn spawn(
@@ -327,6 +345,7 @@ impl TaskSupervisorState {
         task_id: &str,
         abandon: Option<String>,
         hold_after_start: bool,
+        accepted_ticket: Option<u64>,
     ) -> Option<ActorRef<TaskMsg>> {
         if let Some(actor) = self.running.get(task_id) {
             return Some(actor.clone());
@@ -336,6 +355,7 @@ impl TaskSupervisorState {
             task_id: task_id.to_string(),
             abandon,
             hold_after_start,
+            accepted_ticket,
         };
         match Actor::spawn_linked(None, TaskActor, args, myself.get_cell()).await {
             Ok((actor, _)) => {
@@ -397,7 +417,7 @@ impl TaskSupervisorState {
         }
         // A parked task's actor is started to take this message: it must not passivate
         // before the message arrives.
-        let Some(actor) = self.spawn(myself, task_id, None, true).await else {
+        let Some(actor) = self.spawn(myself, task_id, None, true, None).await else {
             let _ = reply.send(Err(ControlError::Unavailable(
                 "cannot start the task's actor".into(),
             )));

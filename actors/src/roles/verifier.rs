@@ -1,5 +1,6 @@
 //! Verifier (`cadre.verify`): checks a step's outcome, or a whole task, against its
-//! success criteria. File criteria read the disk, so checks run on the blocking pool.
+//! success criteria. Checks that read a file's content run on the blocking pool, and an
+//! LLM judge off the actor; the rest are answered in the actor's handler.
 
 use std::sync::Arc;
 
@@ -65,40 +66,43 @@ impl Actor for Verifier {
         let VerifierMsg::Request(inbound) = msg;
         state.ctx.settings.faults.maybe_panic(super::VERIFIER);
         let ctx = state.ctx.clone();
+        let req = match storage::codec::from_wire::<VerifyRequest>(&inbound.msg.payload) {
+            Ok(req) => req,
+            Err(e) => {
+                let verdict = failed(format!("undecodable verify request: {e}"));
+                answer(&ctx, inbound, &verdict).await;
+                return Ok(());
+            }
+        };
+        let judge = match &req {
+            VerifyRequest::Step { criteria, .. } => criteria.llm_judge.clone(),
+            VerifyRequest::Task { .. } => None,
+        };
+        // Only reading a file's content can wait on the disk, and only a judge on the
+        // network: those run off the actor. The rest, a `stat` for `file_exists`
+        // included (metadata the step just wrote, in the kernel's caches), is answered
+        // here, sparing a task and its thread hand-off per check.
+        if judge.is_none() && !reads_files(&req) {
+            answer(&ctx, inbound, &verify(&req)).await;
+            return Ok(());
+        }
         tokio::spawn(async move {
-            let Inbound { msg, permit } = inbound;
-            let verdict = match storage::codec::from_wire::<VerifyRequest>(&msg.payload) {
-                Ok(req) => {
-                    let judge = match &req {
-                        VerifyRequest::Step { criteria, .. } => criteria.llm_judge.clone(),
-                        VerifyRequest::Task { .. } => None,
-                    };
-                    let output = match &req {
-                        VerifyRequest::Step { output, .. } => Some(output.to_value_lossy()),
-                        VerifyRequest::Task { .. } => None,
-                    };
-                    // Only reading a file's content can wait on the disk; the rest, a
-                    // `stat` for `file_exists` included (metadata the step just wrote, in
-                    // the kernel's caches), is cheap enough to run here, without two
-                    // thread hand-offs per check.
-                    let reply = if reads_files(&req) {
-                        tokio::task::spawn_blocking(move || verify(&req))
-                            .await
-                            .unwrap_or_else(|e| failed(format!("verifier crashed: {e}")))
-                    } else {
-                        verify(&req)
-                    };
-                    match (judge, output) {
-                        (Some(judge), Some(output)) => {
-                            with_judge(&ctx, reply, &judge, &output).await
-                        }
-                        _ => reply,
-                    }
-                }
-                Err(e) => failed(format!("undecodable verify request: {e}")),
+            let output = match &req {
+                VerifyRequest::Step { output, .. } => Some(output.to_value_lossy()),
+                VerifyRequest::Task { .. } => None,
             };
-            bus::reply_wire(&ctx.nats, msg.reply, &verdict, &ctx.from(super::VERIFIER)).await;
-            drop(permit);
+            let reply = if reads_files(&req) {
+                tokio::task::spawn_blocking(move || verify(&req))
+                    .await
+                    .unwrap_or_else(|e| failed(format!("verifier crashed: {e}")))
+            } else {
+                verify(&req)
+            };
+            let verdict = match (judge, output) {
+                (Some(judge), Some(output)) => with_judge(&ctx, reply, &judge, &output).await,
+                _ => reply,
+            };
+            answer(&ctx, inbound, &verdict).await;
         });
         Ok(())
     }
@@ -226,6 +230,13 @@ fn reads_files(req: &VerifyRequest) -> bool {
         }
         VerifyRequest::Task { task, .. } => task.checks.iter().any(|c| reads(&c.criteria)),
     }
+}
+
+/// Replies to the request, then lets its pump take the next one (its permit).
+async fn answer(ctx: &NodeContext, inbound: Inbound, verdict: &VerifyReply) {
+    let Inbound { msg, permit } = inbound;
+    bus::reply_wire(&ctx.nats, msg.reply, verdict, &ctx.from(super::VERIFIER)).await;
+    drop(permit);
 }
 
 fn failed(reason: String) -> VerifyReply {
