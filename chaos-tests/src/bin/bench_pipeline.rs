@@ -3,7 +3,10 @@
 //! sustained tasks/s at a given concurrency, synced commits and fsyncs per task, RSS.
 //!
 //! `cargo run -p chaos-tests --bin bench_pipeline -- [sequential_tasks] [throughput_tasks] [in_flight]`
-//! (`BENCH_CLUSTER=1`: the node in cluster mode.)
+//! (`BENCH_CLUSTER=1`: the node in cluster mode. `BENCH_TRACE=n`: after the sequential
+//! phase, n more tasks run one at a time under a `>` subscription, and the median time
+//! from submit at which each message of a task crossed the server is printed: where the
+//! sequential latency goes, hop by hop.)
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -98,14 +101,7 @@ async fn main() -> anyhow::Result<()> {
         let reply = chaos_tests::request(&client, "cadre.tasks.submit", input.clone()).await?;
         accepted.push(started.elapsed());
         let id = reply["task_id"].as_str().unwrap_or_default().to_string();
-        loop {
-            let msg = tokio::time::timeout(Duration::from_secs(30), done.next())
-                .await?
-                .ok_or_else(|| anyhow::anyhow!("events ended"))?;
-            if msg.subject.as_str().contains(&id) {
-                break;
-            }
-        }
+        wait_succeeded(&mut done, &id).await?;
         latencies.push(started.elapsed());
     }
     let (c1, f1) = store_counters(&node).await?;
@@ -113,6 +109,14 @@ async fn main() -> anyhow::Result<()> {
     latencies.sort();
     accepted.sort();
     let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
+
+    let trace_tasks: usize = std::env::var("BENCH_TRACE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    if trace_tasks > 0 {
+        trace(&client, &input, &mut done, trace_tasks).await?;
+    }
 
     // Throughput: keep `in_flight` tasks going until `throughput` have succeeded.
     let cpu0 = node.pid().map(cpu_ms).unwrap_or(0.0);
@@ -183,6 +187,82 @@ async fn main() -> anyhow::Result<()> {
         rss_after / 1024
     );
     node.terminate(Duration::from_secs(30))?;
+    Ok(())
+}
+
+/// Waits for task `id`'s `succeeded` event on `done`, skipping other tasks'.
+async fn wait_succeeded(done: &mut async_nats::Subscriber, id: &str) -> anyhow::Result<()> {
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(30), done.next())
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("events ended"))?;
+        if msg.subject.as_str().contains(id) {
+            return Ok(());
+        }
+    }
+}
+
+/// Runs `tasks` tasks one at a time while a `>` subscription timestamps every message,
+/// and prints, for each message of a task (named by its subject without ids, and its
+/// occurrence), the median time after submit at which it arrived here.
+async fn trace(
+    client: &async_nats::Client,
+    input: &str,
+    done: &mut async_nats::Subscriber,
+    tasks: usize,
+) -> anyhow::Result<()> {
+    let mut all = client.subscribe(">").await?;
+    client.flush().await?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let reader = tokio::spawn(async move {
+        while let Some(msg) = all.next().await {
+            if tx.send((Instant::now(), msg.subject.to_string())).is_err() {
+                return;
+            }
+        }
+    });
+    let mut arrivals: HashMap<String, Vec<f64>> = HashMap::new();
+    for _ in 0..tasks {
+        let started = Instant::now();
+        let reply = chaos_tests::request(client, "cadre.tasks.submit", input.to_string()).await?;
+        let id = reply["task_id"].as_str().unwrap_or_default().to_string();
+        wait_succeeded(done, &id).await?;
+        // What the task caused that is still on its way (audit batches) arrives too.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        while let Ok((at, subject)) = rx.try_recv() {
+            let name = subject
+                .split('.')
+                .map(|part| if part == id { "<task>" } else { part })
+                .collect::<Vec<_>>()
+                .join(".");
+            let name = match name.strip_prefix("_INBOX.") {
+                Some(_) => "_INBOX (a reply)".to_string(),
+                None => name,
+            };
+            let n = seen.entry(name.clone()).or_insert(0);
+            *n += 1;
+            arrivals
+                .entry(format!("{name} #{n}"))
+                .or_default()
+                .push(ms(at.saturating_duration_since(started)));
+        }
+    }
+    reader.abort();
+    let mut rows: Vec<(f64, String, usize)> = arrivals
+        .into_iter()
+        .map(|(name, mut at)| {
+            at.sort_by(f64::total_cmp);
+            (at[at.len() / 2], name, at.len())
+        })
+        .collect();
+    rows.sort_by(|a, b| a.0.total_cmp(&b.0));
+    println!("trace ({tasks} tasks): median ms after submit at which each message arrived");
+    let mut last = 0.0;
+    for (at, name, n) in rows {
+        println!("  {at:7.3} (+{:.3})  {name}  [{n}]", at - last);
+        last = at;
+    }
     Ok(())
 }
 
