@@ -2,92 +2,107 @@
 
 use std::io::Write;
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
+use super::blocking_pool::BlockingPool;
 use super::{Call, Tool, ToolError, ToolInfo, str_param};
 
 pub struct FileWrite {
-    roots: Vec<PathBuf>,
+    roots: Arc<Vec<PathBuf>>,
     fsync: bool,
+    /// Writes run here, not on tokio's blocking pool (see [`BlockingPool`]): two threads
+    /// while writes are quick, up to 64 when a slow disk makes them wait.
+    pool: Arc<BlockingPool>,
 }
 
 impl FileWrite {
     pub fn new(roots: Vec<PathBuf>, fsync: bool) -> FileWrite {
-        FileWrite { roots, fsync }
+        FileWrite {
+            roots: Arc::new(roots),
+            fsync,
+            pool: Arc::new(BlockingPool::new(
+                "cadre-file-io",
+                2,
+                64,
+                Duration::from_millis(2),
+                Duration::from_secs(10),
+            )),
+        }
     }
+}
 
-    /// The path if it is absolute, has no `..`, and lies under a root, also after
-    /// resolving symlinks of its parent directory.
-    fn admit(&self, raw: &str) -> Result<PathBuf, ToolError> {
-        let path = Path::new(raw);
-        if !path.is_absolute() {
-            return Err(ToolError::permanent(format!(
-                "path `{raw}` must be absolute"
-            )));
-        }
-        if path.components().any(|c| matches!(c, Component::ParentDir)) {
-            return Err(ToolError::permanent(format!(
-                "path `{raw}` must not contain `..`"
-            )));
-        }
-        let Some(root) = self.roots.iter().find(|r| path.starts_with(r)) else {
-            return Err(ToolError::permanent(format!(
-                "path `{raw}` is outside the configured file roots ({})",
-                self.roots
-                    .iter()
-                    .map(|r| r.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )));
-        };
-        let parent = path
-            .parent()
-            .ok_or_else(|| ToolError::permanent(format!("path `{raw}` has no parent")))?;
-        if path.file_name().is_none() {
-            return Err(ToolError::permanent(format!("path `{raw}` names no file")));
-        }
-        std::fs::create_dir_all(parent).map_err(|e| {
-            ToolError::permanent(format!("cannot create {}: {e}", parent.display()))
-        })?;
-        let real_parent = parent.canonicalize().map_err(|e| {
-            ToolError::permanent(format!("cannot resolve {}: {e}", parent.display()))
-        })?;
-        if !real_parent.starts_with(root) {
-            return Err(ToolError::permanent(format!(
-                "path `{raw}` resolves outside its root {} (symlink)",
-                root.display()
-            )));
-        }
-        Ok(real_parent.join(path.file_name().unwrap_or_default()))
+/// The path if it is absolute, has no `..`, and lies under a root, also after resolving
+/// symlinks of its parent directory.
+fn admit(roots: &[PathBuf], raw: &str) -> Result<PathBuf, ToolError> {
+    let path = Path::new(raw);
+    if !path.is_absolute() {
+        return Err(ToolError::permanent(format!(
+            "path `{raw}` must be absolute"
+        )));
     }
+    if path.components().any(|c| matches!(c, Component::ParentDir)) {
+        return Err(ToolError::permanent(format!(
+            "path `{raw}` must not contain `..`"
+        )));
+    }
+    let Some(root) = roots.iter().find(|r| path.starts_with(r)) else {
+        return Err(ToolError::permanent(format!(
+            "path `{raw}` is outside the configured file roots ({})",
+            roots
+                .iter()
+                .map(|r| r.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    };
+    let parent = path
+        .parent()
+        .ok_or_else(|| ToolError::permanent(format!("path `{raw}` has no parent")))?;
+    if path.file_name().is_none() {
+        return Err(ToolError::permanent(format!("path `{raw}` names no file")));
+    }
+    std::fs::create_dir_all(parent)
+        .map_err(|e| ToolError::permanent(format!("cannot create {}: {e}", parent.display())))?;
+    let real_parent = parent
+        .canonicalize()
+        .map_err(|e| ToolError::permanent(format!("cannot resolve {}: {e}", parent.display())))?;
+    if !real_parent.starts_with(root) {
+        return Err(ToolError::permanent(format!(
+            "path `{raw}` resolves outside its root {} (symlink)",
+            root.display()
+        )));
+    }
+    Ok(real_parent.join(path.file_name().unwrap_or_default()))
+}
 
-    fn write(&self, path: &Path, content: &[u8], key: &str) -> Result<(), ToolError> {
-        let dir = path.parent().unwrap_or(Path::new("/"));
-        let name = path.file_name().unwrap_or_default().to_string_lossy();
-        // The temp name carries the idempotency key so concurrent attempts never share it.
-        let tmp = dir.join(format!(".{name}.{}.cadre-tmp", sanitize(key)));
-        let io = |what: &str, e: std::io::Error| {
-            ToolError::retryable(format!("{what} {}: {e}", path.display()))
-        };
-        let mut file =
-            std::fs::File::create(&tmp).map_err(|e| io("cannot create temp file for", e))?;
-        file.write_all(content).map_err(|e| io("cannot write", e))?;
-        if self.fsync {
-            file.sync_all().map_err(|e| io("cannot sync", e))?;
-        }
-        drop(file);
-        std::fs::rename(&tmp, path).map_err(|e| io("cannot rename into", e))?;
-        if self.fsync {
-            std::fs::File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(|e| io("cannot sync directory of", e))?;
-        }
-        Ok(())
+/// Temp file, write, fsync (if asked), rename over `path`, fsync its directory.
+fn write(path: &Path, content: &[u8], key: &str, fsync: bool) -> Result<(), ToolError> {
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    // The temp name carries the idempotency key so concurrent attempts never share it.
+    let tmp = dir.join(format!(".{name}.{}.cadre-tmp", sanitize(key)));
+    let io = |what: &str, e: std::io::Error| {
+        ToolError::retryable(format!("{what} {}: {e}", path.display()))
+    };
+    let mut file = std::fs::File::create(&tmp).map_err(|e| io("cannot create temp file for", e))?;
+    file.write_all(content).map_err(|e| io("cannot write", e))?;
+    if fsync {
+        file.sync_all().map_err(|e| io("cannot sync", e))?;
     }
+    drop(file);
+    std::fs::rename(&tmp, path).map_err(|e| io("cannot rename into", e))?;
+    if fsync {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io("cannot sync directory of", e))?;
+    }
+    Ok(())
 }
 
 fn sanitize(key: &str) -> String {
@@ -115,18 +130,17 @@ impl Tool for FileWrite {
                 Some(other) => serde_json::to_vec_pretty(other).unwrap_or_default(),
                 None => return Err(ToolError::permanent("param `content` is missing")),
             };
-            let roots = self.roots.clone();
-            let fsync = self.fsync;
+            let (roots, fsync) = (self.roots.clone(), self.fsync);
             let key = call.idempotency_key.clone();
-            tokio::task::spawn_blocking(move || {
-                let tool = FileWrite { roots, fsync };
-                let path = tool.admit(&raw)?;
-                tool.write(&path, &content, &key)?;
-                let sha = hex::encode(Sha256::digest(&content));
-                Ok(json!({"path": path.display().to_string(), "bytes": content.len(), "sha256": sha}))
-            })
-            .await
-            .map_err(|e| ToolError::retryable(format!("file.write worker failed: {e}")))?
+            self.pool
+                .run(move || {
+                    let path = admit(&roots, &raw)?;
+                    write(&path, &content, &key, fsync)?;
+                    let sha = hex::encode(Sha256::digest(&content));
+                    Ok(json!({"path": path.display().to_string(), "bytes": content.len(), "sha256": sha}))
+                })
+                .await
+                .map_err(|e| ToolError::retryable(format!("file.write worker failed: {e}")))?
         }
         .boxed()
     }

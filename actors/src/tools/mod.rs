@@ -13,6 +13,7 @@ use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+pub mod blocking_pool;
 mod context_put;
 mod email_send;
 mod file_write;
