@@ -142,9 +142,9 @@ async fn start(config: &Config) -> anyhow::Result<Started> {
         .map(|n| n.url.clone())
         .unwrap_or_else(|| config.nats_url.clone());
     let metrics = Arc::new(Metrics::new()?);
-    let nats = connect_nats(&config, &url, &metrics).await?;
+    let nats = connect_nats(config, &url, &metrics).await?;
 
-    let settings = settings(&config, seed, defaults);
+    let settings = settings(config, seed, defaults);
     let ctx = NodeContext::new(
         settings,
         nats.clone(),
@@ -286,54 +286,42 @@ async fn start(config: &Config) -> anyhow::Result<Started> {
 impl Started {
     /// Serves until `shutdown` completes or a supervisor escalates, then stops in order.
     async fn serve(
-        self,
+        mut self,
         config: &Config,
         shutdown: impl Future<Output = ()>,
     ) -> anyhow::Result<()> {
-        let Started {
-            store,
-            local_nats,
-            nats,
-            ctx,
-            root,
-            root_handle,
-            mut fatal_rx,
-            http_task,
-            console_task,
-            trim_task,
-        } = self;
         let outcome = tokio::select! {
             () = shutdown => Ok(()),
-            reason = fatal_rx.recv() => Err(reason.unwrap_or_else(|| "supervisor stopped".into())),
+            reason = self.fatal_rx.recv() => Err(reason.unwrap_or_else(|| "supervisor stopped".into())),
         };
 
         // Stop in order: no new work, let running steps finish, stop the actors (every
         // transition is already committed), publish what the outbox holds, close.
         tracing::info!("stopping node");
-        let _ = root.cast(NodeSupervisorMsg::Stopping);
+        let _ = self.root.cast(NodeSupervisorMsg::Stopping);
         if let Some(intake) = ractor::registry::where_is(actor_name(roles::INTAKE, &config.node_id))
         {
             let _ = intake
                 .stop_and_wait(Some("shutdown".into()), Some(Duration::from_secs(5)))
                 .await;
         }
-        ctx.start_draining();
-        wait_for_steps(&ctx, &config).await;
-        stop_children(&root.get_cell()).await;
-        root.stop(Some("shutdown".into()));
-        let _ = root_handle.await;
-        http_task.abort();
-        if let Some(console) = console_task {
+        self.ctx.start_draining();
+        wait_for_steps(&self.ctx, config).await;
+        stop_children(&self.root.get_cell()).await;
+        self.root.stop(Some("shutdown".into()));
+        let _ = self.root_handle.await;
+        self.http_task.abort();
+        if let Some(console) = self.console_task {
             console.abort();
         }
-        trim_task.abort();
-        let _ = nats.flush().await;
-        drop(nats);
-        if let Some(local) = local_nats {
+        self.trim_task.abort();
+        let _ = self.nats.flush().await;
+        drop(self.nats);
+        if let Some(local) = self.local_nats {
             local.stop().await;
         }
-        drop(ctx);
-        drop(store);
+        drop(self.ctx);
+        drop(self.store);
         match outcome {
             Ok(()) => {
                 tracing::info!("node stopped");
