@@ -61,7 +61,8 @@ struct State {
 
 impl BlockingPool {
     /// Threads are started when calls come: `min` of them (at least 1) as soon as
-    /// calls find none idle, more up to `max` for calls queued over `grow_after`.
+    /// calls find none idle; more, up to `max`, while calls wait behind threads that are
+    /// all stuck in calls over `grow_after`.
     pub fn new(
         name: &'static str,
         min: usize,
