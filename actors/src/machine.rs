@@ -1143,31 +1143,52 @@ impl Cx<'_> {
         (step.attempts == attempt && step.status == status).then_some(i)
     }
 
+    /// Step `i` ran: its output is kept, and it waits for its verdict.
+    fn done(&mut self, i: usize, output: JsonText) {
+        let step = &mut self.task.steps[i];
+        // What the call itself reported costing (LLM tokens), charged as the task
+        // records the outcome: once, replayed or not.
+        if crate::tools::reports_cost(&step.spec.tool)
+            && let Ok(value) = output.to_value()
+        {
+            let cost = crate::tools::output_cost_micros(&step.spec.tool, &value);
+            step.cost_micros += cost;
+            self.out.reported_cost_micros += cost;
+        }
+        step.output = Some(output);
+        step.error = None;
+        step.redeliveries = 0;
+        step.status = StepStatus::Verifying;
+    }
+
     fn executed(&mut self, step_id: &str, attempt: u32, reply: ExecReply) {
         let Some(i) = self.current(step_id, attempt, StepStatus::Running) else {
             return;
         };
         match reply {
             ExecReply::Done { output, .. } => {
-                let step = &mut self.task.steps[i];
-                // What the call itself reported costing (LLM tokens), charged as the
-                // task records the outcome: once, replayed or not.
-                if crate::tools::reports_cost(&step.spec.tool)
-                    && let Ok(value) = output.to_value()
-                {
-                    let cost = crate::tools::output_cost_micros(&step.spec.tool, &value);
-                    step.cost_micros += cost;
-                    self.out.reported_cost_micros += cost;
-                }
-                step.output = Some(output);
-                step.error = None;
-                step.redeliveries = 0;
-                step.status = StepStatus::Verifying;
+                self.done(i, output);
                 // Not committed: the verdict commits output and verdict together.
                 self.out.actions.push(Action::Verify {
                     step: step_id.to_string(),
                     attempt,
                 });
+            }
+            // The executor forwarded the outcome to the verifier, which answered.
+            ExecReply::Verified {
+                output, verdict, ..
+            } => {
+                self.done(i, output);
+                match verdict.unavailable {
+                    Some(error) => self.verifier_unanswered(step_id, attempt, error),
+                    None => self.verified(
+                        step_id,
+                        attempt,
+                        verdict.verdict,
+                        verdict.task,
+                        verdict.cost_micros,
+                    ),
+                }
             }
             ExecReply::Failed {
                 kind: FailureKind::OutcomeUnknown,

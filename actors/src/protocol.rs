@@ -1168,6 +1168,22 @@ pub struct ExecRequest {
     /// executor runs the effect only while it is the task's current lease.
     pub fencing_token: u64,
     pub timeout_ms: u64,
+    /// The step's checks. With them, an executor whose step is done forwards the outcome
+    /// to its own node's verifier under the task's reply subject, and the verifier's
+    /// `ExecReply::Verified` answers the task: one hop fewer than a reply and a second
+    /// request. `None` (an LLM judge, whose budget the exec timeout does not cover): the
+    /// executor answers `Done` and the task asks the verifier itself.
+    pub verify: Option<StepChecks>,
+}
+
+/// What the verifier checks of a step's outcome, carried by its `ExecRequest`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StepChecks {
+    pub criteria: Criteria,
+    /// The task's checks, when this is the last step left: a passing step's verdict
+    /// then decides the task too. `outputs` holds the other steps'; the verifier adds
+    /// this one's.
+    pub task: Option<TaskChecks>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -1181,6 +1197,16 @@ pub enum ExecReply {
         kind: FailureKind,
         message: String,
         output: Option<JsonText>,
+    },
+    /// `Done` and its verdict, sent by the verifier the executor forwarded the outcome to
+    /// (see `ExecRequest::verify`). Never recorded in the effect ledger.
+    Verified {
+        output: JsonText,
+        duration_us: u64,
+        replayed: bool,
+        /// Who ran the step (`executor@<node>`): the message itself comes from the verifier.
+        executor: String,
+        verdict: VerifyReply,
     },
 }
 
@@ -1215,6 +1241,20 @@ pub enum VerifyRequest {
     Task {
         task_id: String,
         task: TaskChecks,
+    },
+    /// A step's outcome, forwarded by the executor that ran it (on its own node) with
+    /// the task's reply subject: checked as `Step`, and answered with
+    /// `ExecReply::Verified`, not a `VerifyReply`.
+    Executed {
+        task_id: String,
+        step_id: String,
+        tool: String,
+        params: JsonText,
+        checks: StepChecks,
+        output: JsonText,
+        duration_us: u64,
+        replayed: bool,
+        executor: String,
     },
 }
 

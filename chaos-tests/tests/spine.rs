@@ -142,6 +142,73 @@ async fn submitted_task_runs_to_succeeded_with_real_http_and_files() -> anyhow::
     Ok(())
 }
 
+/// A done step's executor forwards its outcome to the verifier under the task's reply
+/// subject, and the verdict is what answers the task: one hop, not a reply and a second
+/// request. Watched on the wire, as any NATS client can.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_steps_outcome_goes_from_its_executor_to_the_verifier_whose_verdict_answers_the_task()
+-> anyhow::Result<()> {
+    let w = world().await?;
+    let mut node = w.node(&[])?;
+    node.wait_ready(&w.client).await?;
+    let mut execs = w.client.subscribe("cadre.exec.>").await?;
+    let mut verifies = w.client.subscribe("cadre.verify.>").await?;
+    let mut inboxes = w.client.subscribe("_INBOX.>").await?;
+    w.client.flush().await?;
+
+    let reply = w
+        .submit(json!({"playbook": "client-onboarding", "input": w.onboarding("Forward")}))
+        .await?;
+    let task_id = reply["task_id"].as_str().unwrap_or_default().to_string();
+    let task = wait_task(&w.client, &task_id, WITHIN, chaos_tests::is_terminal).await?;
+    assert_eq!(task["status"], "succeeded", "{task:#}");
+
+    // Three steps: three exec requests, three forwarded outcomes on this node's verifier
+    // subject, each under the reply subject of its exec request.
+    let mut exec_inboxes = Vec::new();
+    for _ in 0..3 {
+        let msg = tokio::time::timeout(WITHIN, execs.next()).await?;
+        let msg = msg.ok_or_else(|| anyhow::anyhow!("exec subscription ended"))?;
+        exec_inboxes.push(msg.reply.map(|r| r.to_string()).unwrap_or_default());
+    }
+    for i in 0..3 {
+        let msg = tokio::time::timeout(WITHIN, verifies.next()).await?;
+        let msg = msg.ok_or_else(|| anyhow::anyhow!("verify subscription ended"))?;
+        assert_eq!(msg.subject.as_str(), "cadre.verify.node.n1");
+        let reply_to = msg.reply.map(|r| r.to_string()).unwrap_or_default();
+        assert_eq!(
+            reply_to, exec_inboxes[i],
+            "verify {i} answers exec {i}'s inbox"
+        );
+    }
+    // What each exec inbox received came from the verifier, not the executor.
+    let mut answered_by = Vec::new();
+    while answered_by.len() < 3 {
+        let msg = tokio::time::timeout(WITHIN, inboxes.next()).await?;
+        let msg = msg.ok_or_else(|| anyhow::anyhow!("inbox subscription ended"))?;
+        if exec_inboxes.contains(&msg.subject.to_string()) {
+            let from = msg.headers.as_ref().and_then(|h| h.get("Cadre-From"));
+            answered_by.push(from.map(|v| v.as_str().to_string()).unwrap_or_default());
+        }
+    }
+    assert_eq!(answered_by, ["verifier@n1"; 3]);
+    // No verify request was sent apart from the forwarded ones: any would have reached
+    // this connection before the reply that said the task had succeeded.
+    assert!(
+        futures::FutureExt::now_or_never(verifies.next()).is_none(),
+        "a fourth verify request"
+    );
+    // The audit still names the executor as the one that ran each step.
+    let records = chaos_tests::trace_records(&w.client, &task_id).await?;
+    let ran: Vec<_> = records
+        .iter()
+        .filter(|r| r["action"] == "step_executed")
+        .map(|r| r["actor"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(ran, ["executor@n1"; 3], "{records:#?}");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn input_text_is_never_read_as_a_template() -> anyhow::Result<()> {
     let w = world().await?;

@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::model::{Criteria, JsonText, StepSpec};
-use crate::protocol::{ErrorCode, TaskCheck};
+use crate::protocol::{ErrorCode, TaskCheck, VerifyReply};
 
 fn spec(id: &str, deps: &[&str]) -> StepSpec {
     StepSpec {
@@ -861,6 +861,80 @@ fn the_last_steps_verify_can_carry_the_task_verdict_into_one_commit() {
         t.failure.as_deref(),
         Some("task verification failed: FAILED: crm: $.body.name")
     );
+}
+
+fn forwarded(output: &str, verdict: Verdict, task: Option<Verdict>) -> ExecReply {
+    ExecReply::Verified {
+        output: JsonText(output.into()),
+        duration_us: 5,
+        replayed: false,
+        executor: "executor@n1".into(),
+        verdict: VerifyReply {
+            verdict,
+            task,
+            cost_micros: 0,
+            unavailable: None,
+        },
+    }
+}
+
+#[test]
+fn an_outcome_forwarded_with_its_verdict_commits_both_at_once() {
+    // The last step: its verdict carries the task's, as a separate verify would.
+    let mut t = task();
+    planned(&mut t, vec![spec("a", &[])]);
+    let tr = go(
+        &mut t,
+        Input::Executed {
+            step: "a".into(),
+            attempt: 1,
+            reply: forwarded(r#"{"n":1}"#, pass(), Some(pass())),
+        },
+    );
+    assert!(tr.commit, "output and verdict commit together");
+    assert_eq!(kinds(&tr), ["step_succeeded", "verifying", "archiving"]);
+    assert_eq!(tr.actions, vec![Action::Archive], "no verify hop");
+    assert_eq!(t.steps[0].output, Some(JsonText(r#"{"n":1}"#.into())));
+
+    // A failed verdict costs the attempt, as a failed separate verify does.
+    let mut t = task();
+    planned(&mut t, vec![spec("a", &[]), spec("b", &["a"])]);
+    let no = Verdict {
+        passed: false,
+        reasons: vec!["FAILED: exit_code 1 (want 0)".into()],
+    };
+    let tr = go(
+        &mut t,
+        Input::Executed {
+            step: "a".into(),
+            attempt: 1,
+            reply: forwarded("{}", no, None),
+        },
+    );
+    assert_eq!(kinds(&tr), ["step_retry"]);
+    assert_eq!(t.steps[0].status, StepStatus::RetryWait);
+    assert_eq!(t.steps[0].next_attempt, 2);
+
+    // No verdict reached (a judge unreachable): asked again, the effect not re-run.
+    let mut t = task();
+    planned(&mut t, vec![spec("a", &[])]);
+    let mut reply = forwarded("{}", pass(), None);
+    if let ExecReply::Verified { verdict, .. } = &mut reply {
+        verdict.unavailable = Some("llm_judge: down".into());
+    }
+    let tr = go(
+        &mut t,
+        Input::Executed {
+            step: "a".into(),
+            attempt: 1,
+            reply,
+        },
+    );
+    assert!(matches!(
+        tr.actions[..],
+        [Action::VerifyAt { attempt: 1, .. }]
+    ));
+    assert_eq!(t.steps[0].status, StepStatus::Verifying);
 }
 
 /// A gate whose ruling per step and policy version the test sets as it goes.

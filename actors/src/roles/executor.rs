@@ -27,7 +27,7 @@ use tracing::Instrument;
 use crate::bus::{self, Inbound};
 use crate::context::NodeContext;
 use crate::model::JsonText;
-use crate::protocol::{ExecReply, ExecRequest, FailureKind, subject};
+use crate::protocol::{ExecReply, ExecRequest, FailureKind, StepChecks, VerifyRequest, subject};
 use crate::tools::{Call, IdempotencyClass, Tool, ToolError};
 
 #[derive(Clone, Copy)]
@@ -204,12 +204,83 @@ impl ExecutorState {
             tool = %req.tool
         );
         tokio::spawn(async move {
+            let mut req = req;
+            let forward = req.verify.take().map(|checks| Forward {
+                checks,
+                task_id: req.task_id.clone(),
+                step_id: req.step_id.clone(),
+                tool: req.tool.clone(),
+                params: req.params.clone(),
+            });
             let reply = execute(ctx.clone(), running, tool, slots, req)
                 .instrument(span)
                 .await;
-            bus::reply_wire(&ctx.nats, msg.reply, &reply, &ctx.from(super::EXECUTOR)).await;
+            let from = ctx.from(super::EXECUTOR);
+            if let (Some(forward), Some(reply_to), ExecReply::Done { .. }) =
+                (forward, &msg.reply, &reply)
+            {
+                match forward.send(&ctx, reply_to.clone(), &reply, &from).await {
+                    Ok(()) => {
+                        drop(permit);
+                        return;
+                    }
+                    // The task gets `Done` and asks the verifier itself.
+                    Err(why) => tracing::warn!(%why, "outcome not forwarded to the verifier"),
+                }
+            }
+            bus::reply_wire(&ctx.nats, msg.reply, &reply, &from).await;
             drop(permit);
         });
+    }
+}
+
+/// A step whose outcome goes to the verifier, not back to the task (`ExecRequest::verify`).
+struct Forward {
+    checks: StepChecks,
+    task_id: String,
+    step_id: String,
+    tool: String,
+    params: JsonText,
+}
+
+impl Forward {
+    /// Sends a done step's outcome to this node's verifier (file checks read the disk
+    /// the step wrote) with the task's reply subject, so the verdict answers the task.
+    async fn send(
+        self,
+        ctx: &NodeContext,
+        reply_to: async_nats::Subject,
+        done: &ExecReply,
+        executor: &str,
+    ) -> Result<(), String> {
+        let ExecReply::Done {
+            output,
+            duration_us,
+            replayed,
+        } = done
+        else {
+            return Err("only a done step is verified".into());
+        };
+        let request = VerifyRequest::Executed {
+            task_id: self.task_id,
+            step_id: self.step_id,
+            tool: self.tool,
+            params: self.params,
+            checks: self.checks,
+            output: output.clone(),
+            duration_us: *duration_us,
+            replayed: *replayed,
+            executor: executor.to_string(),
+        };
+        let payload = storage::codec::to_wire(&request).map_err(|e| e.to_string())?;
+        ctx.nats
+            .publish_with_reply(
+                subject::verify_on_node(&ctx.settings.node_id),
+                reply_to,
+                bytes::Bytes::from(payload),
+            )
+            .await
+            .map_err(|e| e.to_string())
     }
 }
 

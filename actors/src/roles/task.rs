@@ -28,7 +28,7 @@ use crate::model::{
 };
 use crate::protocol::{
     ArchiveReply, ArchiveRequest, AuditRecord, ExecReply, ExecRequest, FailureKind, PlanReply,
-    PlanRequest, TaskChecks, TaskEvent, VerifyReply, VerifyRequest, subject,
+    PlanRequest, StepChecks, TaskChecks, TaskEvent, VerifyReply, VerifyRequest, subject,
 };
 use crate::roles::relay::RelayMsg;
 use crate::roles::{RELAY, lookup};
@@ -682,7 +682,11 @@ impl TaskState {
                 .observe(elapsed.as_secs_f64());
         }
         let now = self.ctx.now_ms();
-        let actor = from.map_or_else(|| self.ctx.from(crate::roles::EXECUTOR), str::to_string);
+        // A verdict forwarded by the executor comes from the verifier; it names the executor.
+        let actor = match reply {
+            ExecReply::Verified { executor, .. } => executor.clone(),
+            _ => from.map_or_else(|| self.ctx.from(crate::roles::EXECUTOR), str::to_string),
+        };
         let mut r = self
             .facts
             .record(&self.task, &self.ctx.settings.node_id, &actor, now);
@@ -693,6 +697,11 @@ impl TaskState {
         r.args_hash = sent.map(|s| s.args_hash);
         let (outcome, detail, duration_us) = match reply {
             ExecReply::Done {
+                duration_us,
+                replayed,
+                ..
+            }
+            | ExecReply::Verified {
                 duration_us,
                 replayed,
                 ..
@@ -882,22 +891,19 @@ impl TaskState {
                 let Some(s) = self.task.step(&step) else {
                     return;
                 };
-                // The last step carries the task's checks: one round trip decides both.
-                // (Not an undo step: a compensating task has no verdict to reach.)
-                let last = s.spec.compensates.is_none()
-                    && self
-                        .task
-                        .steps
-                        .iter()
-                        .all(|o| o.spec.id == step || o.status == StepStatus::Succeeded);
+                let Some(i) = self.task.step_index(&step) else {
+                    return;
+                };
+                // The params the step ran with, as its forwarded outcome is checked.
+                let params = step_params(&self.task, i).unwrap_or_else(|_| s.spec.params.clone());
                 let req = VerifyRequest::Step {
                     task_id: self.task.id.clone(),
                     step_id: step.clone(),
                     tool: s.spec.tool.clone(),
-                    params: s.spec.params.clone(),
+                    params,
                     criteria: s.spec.verify.clone(),
                     output: s.output.clone().unwrap_or_else(JsonText::null),
-                    task: last.then(|| self.task_checks()),
+                    task: self.is_last(i).then(|| self.task_checks()),
                 };
                 // File criteria read the disk of the node that ran the step.
                 let reads_disk =
@@ -1076,7 +1082,34 @@ impl TaskState {
             idempotency_key: self.task.step_key(&spec.id),
             fencing_token: 0,
             timeout_ms: spec.timeout_ms,
+            verify: self.forwarded_checks(i),
         })
+    }
+
+    /// The checks step `i`'s executor forwards its outcome with (`ExecRequest::verify`):
+    /// all but an LLM judge, whose budget is the verify hop's own.
+    fn forwarded_checks(&self, i: usize) -> Option<StepChecks> {
+        let spec = &self.task.steps[i].spec;
+        if spec.verify.llm_judge.is_some() {
+            return None;
+        }
+        Some(StepChecks {
+            criteria: spec.verify.clone(),
+            task: self.is_last(i).then(|| self.task_checks()),
+        })
+    }
+
+    /// Whether step `i` is the last left: its verification carries the task's checks,
+    /// so one round trip decides both. (Not an undo step: a compensating task has no
+    /// verdict to reach.)
+    fn is_last(&self, i: usize) -> bool {
+        self.task.steps[i].spec.compensates.is_none()
+            && self
+                .task
+                .steps
+                .iter()
+                .enumerate()
+                .all(|(j, o)| j == i || o.status == StepStatus::Succeeded)
     }
 
     fn task_checks(&self) -> TaskChecks {

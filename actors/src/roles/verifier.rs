@@ -11,7 +11,8 @@ use tokio::task::JoinHandle;
 use crate::bus::{self, Inbound};
 use crate::context::NodeContext;
 use crate::criteria;
-use crate::protocol::{TaskChecks, Verdict, VerifyReply, VerifyRequest, subject};
+use crate::model::JsonText;
+use crate::protocol::{ExecReply, TaskChecks, Verdict, VerifyReply, VerifyRequest, subject};
 
 #[derive(Clone, Copy)]
 pub struct Verifier;
@@ -70,26 +71,27 @@ impl Actor for Verifier {
             Ok(req) => req,
             Err(e) => {
                 let verdict = failed(format!("undecodable verify request: {e}"));
-                answer(&ctx, inbound, &verdict).await;
+                answer(&ctx, inbound, verdict, None).await;
                 return Ok(());
             }
         };
+        let (req, executed) = Executed::split(req);
         let judge = match &req {
             VerifyRequest::Step { criteria, .. } => criteria.llm_judge.clone(),
-            VerifyRequest::Task { .. } => None,
+            _ => None,
         };
         // Only reading a file's content can wait on the disk, and only a judge on the
         // network: those run off the actor. The rest, a `stat` for `file_exists`
         // included (metadata the step just wrote, in the kernel's caches), is answered
         // here, sparing a task and its thread hand-off per check.
         if judge.is_none() && !reads_files(&req) {
-            answer(&ctx, inbound, &verify(&req)).await;
+            answer(&ctx, inbound, verify(&req), executed).await;
             return Ok(());
         }
         tokio::spawn(async move {
             let output = match &req {
                 VerifyRequest::Step { output, .. } => Some(output.to_value_lossy()),
-                VerifyRequest::Task { .. } => None,
+                _ => None,
             };
             let reply = if reads_files(&req) {
                 tokio::task::spawn_blocking(move || verify(&req))
@@ -102,7 +104,7 @@ impl Actor for Verifier {
                 (Some(judge), Some(output)) => with_judge(&ctx, reply, &judge, &output).await,
                 _ => reply,
             };
-            answer(&ctx, inbound, &verdict).await;
+            answer(&ctx, inbound, verdict, executed).await;
         });
         Ok(())
     }
@@ -116,6 +118,58 @@ impl Actor for Verifier {
             pump.abort();
         }
         Ok(())
+    }
+}
+
+/// What a forwarded step's verdict is sent back with: the executor's outcome.
+struct Executed {
+    output: JsonText,
+    duration_us: u64,
+    replayed: bool,
+    executor: String,
+}
+
+impl Executed {
+    /// An outcome forwarded by its executor becomes the `Step` check it asks for (the
+    /// task's checks gain this step's output) and the outcome to answer with.
+    fn split(req: VerifyRequest) -> (VerifyRequest, Option<Executed>) {
+        let VerifyRequest::Executed {
+            task_id,
+            step_id,
+            tool,
+            params,
+            checks,
+            output,
+            duration_us,
+            replayed,
+            executor,
+        } = req
+        else {
+            return (req, None);
+        };
+        let mut task = checks.task;
+        if let Some(task) = &mut task {
+            match task.outputs.iter_mut().find(|(id, _)| *id == step_id) {
+                Some((_, out)) => *out = output.clone(),
+                None => task.outputs.push((step_id.clone(), output.clone())),
+            }
+        }
+        let executed = Executed {
+            output: output.clone(),
+            duration_us,
+            replayed,
+            executor,
+        };
+        let step = VerifyRequest::Step {
+            task_id,
+            step_id,
+            tool,
+            params,
+            criteria: checks.criteria,
+            output,
+            task,
+        };
+        (step, Some(executed))
     }
 }
 
@@ -144,6 +198,8 @@ pub fn verify(req: &VerifyRequest) -> VerifyReply {
             cost_micros: 0,
             unavailable: None,
         },
+        // `Executed::split` turns it into `Step` before it gets here.
+        VerifyRequest::Executed { .. } => failed("a forwarded outcome was not unpacked".into()),
     }
 }
 
@@ -221,21 +277,41 @@ async fn with_judge(
 
 fn reads_files(req: &VerifyRequest) -> bool {
     let reads = |c: &crate::model::Criteria| c.file_contains.is_some();
+    let reads_task = |t: &TaskChecks| t.checks.iter().any(|c| reads(&c.criteria));
     match req {
         VerifyRequest::Step { criteria, task, .. } => {
-            reads(criteria)
-                || task
-                    .as_ref()
-                    .is_some_and(|t| t.checks.iter().any(|c| reads(&c.criteria)))
+            reads(criteria) || task.as_ref().is_some_and(reads_task)
         }
-        VerifyRequest::Task { task, .. } => task.checks.iter().any(|c| reads(&c.criteria)),
+        VerifyRequest::Task { task, .. } => reads_task(task),
+        VerifyRequest::Executed { checks, .. } => {
+            reads(&checks.criteria) || checks.task.as_ref().is_some_and(reads_task)
+        }
     }
 }
 
-/// Replies to the request, then lets its pump take the next one (its permit).
-async fn answer(ctx: &NodeContext, inbound: Inbound, verdict: &VerifyReply) {
+/// Replies to the request (to a forwarded outcome, with the outcome and its verdict),
+/// then lets its pump take the next one (its permit).
+async fn answer(
+    ctx: &NodeContext,
+    inbound: Inbound,
+    verdict: VerifyReply,
+    executed: Option<Executed>,
+) {
     let Inbound { msg, permit } = inbound;
-    bus::reply_wire(&ctx.nats, msg.reply, verdict, &ctx.from(super::VERIFIER)).await;
+    let from = ctx.from(super::VERIFIER);
+    match executed {
+        None => bus::reply_wire(&ctx.nats, msg.reply, &verdict, &from).await,
+        Some(e) => {
+            let reply = ExecReply::Verified {
+                output: e.output,
+                duration_us: e.duration_us,
+                replayed: e.replayed,
+                executor: e.executor,
+                verdict,
+            };
+            bus::reply_wire(&ctx.nats, msg.reply, &reply, &from).await;
+        }
+    }
     drop(permit);
 }
 
