@@ -14,7 +14,7 @@ use crate::redact;
 
 /// sha256 of params as sent: the same `args_hash` the effect ledger records.
 pub fn args_hash(params: &JsonText) -> String {
-    hex::encode(Sha256::digest(params.0.as_bytes()))
+    storage::codec::to_hex(&Sha256::digest(params.0.as_bytes()))
 }
 
 /// Params as they may appear in an audit record: redacted, as JSON text.
@@ -127,8 +127,8 @@ fn outcome_of(kind: &str) -> &str {
 pub fn entry(link: &Link) -> Result<AuditEntry, storage::CodecError> {
     Ok(AuditEntry {
         seq: link.seq,
-        hash: hex::encode(link.hash),
-        prev_hash: hex::encode(link.prev_hash),
+        hash: storage::codec::to_hex(&link.hash),
+        prev_hash: storage::codec::to_hex(&link.prev_hash),
         record: storage::codec::from_wire(&link.payload)?,
     })
 }

@@ -93,6 +93,18 @@ pub fn from_wire<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
     postcard::from_bytes(bytes).map_err(|e| CodecError::Postcard(e.to_string()))
 }
 
+/// Lower-case hex of `bytes`, as `hex::encode` writes it but without its char-by-char
+/// collect: the audit publisher writes two hashes per record.
+pub fn to_hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut hex = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        hex.push(char::from(DIGITS[usize::from(b >> 4)]));
+        hex.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+    }
+    hex
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -178,5 +190,12 @@ mod tests {
         let bytes = to_wire(&sample()).unwrap();
         assert_eq!(from_wire::<Sample>(&bytes).unwrap(), sample());
         assert!(from_wire::<Sample>(b"\xff\xff").is_err());
+    }
+
+    #[test]
+    fn to_hex_writes_what_hex_encode_writes() {
+        let bytes: Vec<u8> = (0..=255).collect();
+        assert_eq!(to_hex(&bytes), hex::encode(&bytes));
+        assert_eq!(to_hex(&[]), "");
     }
 }

@@ -409,7 +409,7 @@ async fn run(
         tool: req.tool.clone(),
         class: info.class,
         idempotency_key: req.idempotency_key.clone(),
-        args_hash: hex::encode(Sha256::digest(req.params.0.as_bytes())),
+        args_hash: storage::codec::to_hex(&Sha256::digest(req.params.0.as_bytes())),
         fencing_token: req.fencing_token,
         boot_id: ctx.boot_id,
         started_at_ms: ctx.now_ms(),
