@@ -384,6 +384,18 @@ async fn the_audit_chain_verifies_is_published_keeps_secrets_out_and_catches_tam
     let verify = || cadre_cli(&nats.url, &["audit", "verify", "--data-dir", &data_dir]);
     let (code, out, err) = verify()?;
     assert_eq!(code, 0, "{out}{err}");
+    // Read offline, the store holds every link the node published (the last commits
+    // charged a budget: their merges must replay).
+    let head = published
+        .last()
+        .and_then(|e| e["seq"].as_u64())
+        .unwrap_or(0);
+    let (_, out, _) = cadre_cli(
+        &nats.url,
+        &["audit", "verify", "--data-dir", &data_dir, "--json"],
+    )?;
+    let report: Value = serde_json::from_str(&out)?;
+    assert_eq!(report["head_seq"], head, "{report}");
     let store = data.join("store");
     let original = tamper(&store, 4, |link_bytes| {
         let mut link: storage::chain::Link = storage::codec::decode(link_bytes)?;
@@ -411,7 +423,12 @@ async fn the_audit_chain_verifies_is_published_keeps_secrets_out_and_catches_tam
         "{out}"
     );
 
-    // A node on a tampered store still starts, serves, and reports the break.
+    // A node on a tampered store still starts, serves, and reports the break. Its
+    // publication cursor is set back (as a crash can leave it): the publisher goes
+    // over the broken records again, publishes each as a break, and goes on.
+    set_audit_cursor(&store, 0)?;
+    let mut republished = client.subscribe("cadre.audit.n1").await?;
+    client.flush().await?;
     node = CadreNode::start("n1", &data, &nats.url, &[("CADRE_PLAYBOOKS_DIR", &pb)])?;
     node.wait_ready(&client).await?;
     let (code, out, _) = cadre_cli(&nats.url, &["audit", "verify", "--node", "n1", "--json"])?;
@@ -419,6 +436,35 @@ async fn the_audit_chain_verifies_is_published_keeps_secrets_out_and_catches_tam
     let report: Value = serde_json::from_str(&out)?;
     assert_eq!(report["broken"]["seq"], 6, "{report}");
     assert_eq!(report["ok"], false);
+    let mut again = Vec::new();
+    while again.last().and_then(|e: &Value| e["seq"].as_u64()) < Some(head) {
+        let msg = tokio::time::timeout(WITHIN, republished.next())
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("audit subscription ended"))?;
+        again.extend(serde_json::from_slice::<Vec<Value>>(&msg.payload)?);
+    }
+    let seqs: Vec<u64> = again.iter().filter_map(|e| e["seq"].as_u64()).collect();
+    assert_eq!(seqs, (1..=head).collect::<Vec<_>>(), "every link, in order");
+    assert!(
+        again[5]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("unreadable audit link")),
+        "{:#}",
+        again[5]
+    );
+    assert_eq!(again[4]["seq"], 5);
+    assert!(again[4]["record"].is_object(), "{:#}", again[4]);
+    Ok(())
+}
+
+/// Sets the audit publisher's cursor in a stopped node's store.
+fn set_audit_cursor(store: &Path, seq: u64) -> anyhow::Result<()> {
+    let db = storage::open_raw(store)?;
+    let cf = db
+        .cf_handle("meta")
+        .ok_or_else(|| anyhow::anyhow!("no meta column family"))?;
+    db.put_cf(cf, b"audit_published_seq", storage::codec::encode(&seq)?)?;
+    db.flush_cf(cf)?;
     Ok(())
 }
 
@@ -429,9 +475,7 @@ fn tamper(
     seq: u64,
     f: impl FnOnce(&[u8]) -> anyhow::Result<Vec<u8>>,
 ) -> anyhow::Result<Vec<u8>> {
-    let opts = rocksdb::Options::default();
-    let names = rocksdb::DB::list_cf(&opts, store)?;
-    let db = rocksdb::DB::open_cf(&opts, store, names)?;
+    let db = storage::open_raw(store)?;
     let cf = db
         .cf_handle("audit")
         .ok_or_else(|| anyhow::anyhow!("no audit column family"))?;

@@ -12,4 +12,6 @@ pub mod codec;
 mod store;
 
 pub use codec::CodecError;
-pub use store::{Batch, Cf, SCHEMA_VERSION, ScanPage, Store, StoreError, StoreOptions, StoreStats};
+pub use store::{
+    Batch, Cf, SCHEMA_VERSION, ScanPage, Store, StoreError, StoreOptions, StoreStats, open_raw,
+};

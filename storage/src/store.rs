@@ -367,11 +367,8 @@ impl Store {
         db_opts.set_keep_log_file_num(4);
         db_opts.set_max_total_wal_size(64 << 20);
         let descriptors = Cf::ALL.iter().map(|cf| {
-            let mut cf_opts = Options::default();
+            let mut cf_opts = cf_options(*cf);
             cf_opts.set_write_buffer_size(options.write_buffer_bytes);
-            if *cf == Cf::Spend {
-                cf_opts.set_merge_operator_associative("cadre_add_u64", add_counters);
-            }
             ColumnFamilyDescriptor::new(cf.name(), cf_opts)
         });
         // Tickers only (write-stall time): histograms and timers cost on every write.
@@ -440,11 +437,16 @@ impl Store {
         // Only the families the store has: one written by an older schema lacks the
         // newer ones, and tooling reads only the audit chain and metadata.
         let existing = DB::list_cf(&db_opts, path)?;
-        let names = Cf::ALL
+        let descriptors = Cf::ALL
             .iter()
-            .map(|cf| cf.name())
-            .filter(|n| existing.iter().any(|e| e == n));
-        let db = Arc::new(DB::open_cf_for_read_only(&db_opts, path, names, false)?);
+            .filter(|cf| existing.iter().any(|e| e == cf.name()))
+            .map(|cf| ColumnFamilyDescriptor::new(cf.name(), cf_options(*cf)));
+        let db = Arc::new(DB::open_cf_descriptors_read_only(
+            &db_opts,
+            path,
+            descriptors,
+            false,
+        )?);
         let head = read_audit_head(&db)?;
         let (_, head_rx) = tokio::sync::watch::channel(head.seq);
         let (_, synced) = tokio::sync::watch::channel(Ok(0));
@@ -858,6 +860,31 @@ impl Store {
             .collect())
     }
 
+    /// As [`Store::audit_links`], except that a link that cannot be read takes its place
+    /// as its sequence and why, instead of failing the whole read: the publisher sends
+    /// the break on (a collector sees the gap and why) and goes past it.
+    pub fn audit_links_or_breaks(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Result<Link, (u64, String)>>, StoreError> {
+        let synced = self.audit_seq().saturating_sub(after);
+        let limit = usize::try_from(synced).map_or(limit, |n| n.min(limit));
+        let db = &self.inner.db;
+        let from = chain::key(after.saturating_add(1));
+        let mut links = Vec::with_capacity(limit);
+        let iter = db.iterator_cf(
+            handle(db, Cf::Audit),
+            IteratorMode::From(&from, rocksdb::Direction::Forward),
+        );
+        for item in iter.take(limit) {
+            let (key, value) = item?;
+            let seq = <[u8; 8]>::try_from(&key[..]).map_or(0, u64::from_be_bytes);
+            links.push(codec::decode::<Link>(&value).map_err(|e| (seq, e.to_string())));
+        }
+        Ok(links)
+    }
+
     /// The last `limit` audit links appended under `index`, oldest first.
     pub fn audit_links_for(&self, index: &[u8], limit: usize) -> Result<Vec<Link>, StoreError> {
         let db = &self.inner.db;
@@ -939,6 +966,35 @@ fn apply(db: &DB, wb: &mut WriteBatch, ops: Vec<Op>) {
 
 /// The merge operator of counter families: the sum of the existing value and the
 /// operands, each a little-endian u64 (saturating; a malformed value counts as 0).
+/// A column family's options as every open of the store must give them. The `spend`
+/// family's merge operator above all: replaying a write-ahead log that holds a merge
+/// without it fails that batch, and RocksDB's point-in-time recovery then drops it and
+/// every batch after it, so an open without it reads (and a writable one keeps) the
+/// store as it was before the last commits that charged a budget.
+fn cf_options(cf: Cf) -> Options {
+    let mut opts = Options::default();
+    if cf == Cf::Spend {
+        opts.set_merge_operator_associative("cadre_add_u64", add_counters);
+    }
+    opts
+}
+
+/// Opens a stopped node's store as RocksDB itself, with the store's column family
+/// options, for tools and tests that must edit it below the store's API (a test that
+/// tampers with an audit record). Anything else goes through [`Store`].
+pub fn open_raw(path: &Path) -> Result<DB, StoreError> {
+    let opts = Options::default();
+    let existing = DB::list_cf(&opts, path)?;
+    let descriptors = existing.iter().map(|name| {
+        let opts = Cf::ALL
+            .iter()
+            .find(|cf| cf.name() == name)
+            .map_or_else(Options::default, |cf| cf_options(*cf));
+        ColumnFamilyDescriptor::new(name, opts)
+    });
+    Ok(DB::open_cf_descriptors(&opts, path, descriptors)?)
+}
+
 fn add_counters(
     _key: &[u8],
     existing: Option<&[u8]>,

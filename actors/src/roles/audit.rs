@@ -5,10 +5,12 @@
 //!
 //! Links are appended by the group-commit writer in the same batch as the transition
 //! they describe; this actor only follows the chain's head. Its cursor (the last
-//! sequence published) is kept in `meta`, unsynced: after a crash it may publish some
+//! sequence published) is kept in `meta`, unsynced, written at most once a second while
+//! links flow and at a clean stop: after a crash it may publish up to the last second's
 //! links again, never skip one. Consumers dedupe on `(node_id, seq)`.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
@@ -31,6 +33,9 @@ const PAGE: usize = 512;
 /// A message is sent once its batch reaches this size (NATS's default maximum payload
 /// is 1 MiB; an entry is at most a few KiB).
 const BATCH_BYTES_MAX: usize = 256 * 1024;
+/// How often the cursor is written while links flow. A crash republishes at most this
+/// much more (consumers dedupe); a busy node spares a RocksDB write per pass.
+const CURSOR_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Copy)]
 pub struct AuditLog;
@@ -43,6 +48,8 @@ pub struct AuditState {
     ctx: Arc<NodeContext>,
     /// The last sequence published.
     published: u64,
+    /// The cursor as last written, and when.
+    cursor: (u64, Instant),
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -96,6 +103,7 @@ impl Actor for AuditLog {
         Ok(AuditState {
             ctx,
             published,
+            cursor: (published, Instant::now()),
             tasks,
         })
     }
@@ -144,8 +152,11 @@ impl Actor for AuditLog {
         for task in &state.tasks {
             task.abort();
         }
-        // A clean stop leaves nothing unpublished.
-        state.publish_new().await
+        // A clean stop leaves nothing unpublished, and the cursor where it is (also
+        // when publishing fails: the connection may be closing).
+        let published = state.publish_new().await;
+        state.write_cursor()?;
+        published
     }
 }
 
@@ -155,26 +166,33 @@ impl AuditState {
     /// [`BATCH_BYTES_MAX`] bytes), which keeps a busy node's audit stream to a few
     /// messages per commit group instead of one per record.
     async fn publish_new(&mut self) -> Result<(), ActorProcessingErr> {
-        let ctx = &self.ctx;
+        let ctx = self.ctx.clone();
         let subject = subject::audit(&ctx.settings.node_id);
         loop {
-            let links = ctx.store.audit_links(self.published, PAGE)?;
-            let Some(last) = links.last().map(|l| l.seq) else {
+            let links = ctx.store.audit_links_or_breaks(self.published, PAGE)?;
+            let Some(last) = links
+                .last()
+                .map(|l| l.as_ref().map_or_else(|b| b.0, |l| l.seq))
+            else {
                 return Ok(());
             };
-            let mut batch = Vec::with_capacity(BATCH_BYTES_MAX);
+            let mut batch = Vec::with_capacity((links.len() * 640).min(BATCH_BYTES_MAX));
             for link in &links {
                 batch.push(if batch.is_empty() { b'[' } else { b',' });
-                match audit::entry(link) {
+                let entry = link
+                    .as_ref()
+                    .map_err(|(seq, e)| (*seq, format!("unreadable audit link: {e}")))
+                    .and_then(|link| {
+                        audit::entry(link)
+                            .map_err(|e| (link.seq, format!("undecodable audit record: {e}")))
+                    });
+                match entry {
                     Ok(entry) => serde_json::to_writer(&mut batch, &entry)?,
                     // Published anyway, so a collector sees the gap and why;
                     // `cadre audit verify` names the record.
-                    Err(e) => serde_json::to_writer(
+                    Err((seq, error)) => serde_json::to_writer(
                         &mut batch,
-                        &serde_json::json!({
-                            "seq": link.seq,
-                            "error": format!("undecodable audit record: {e}"),
-                        }),
+                        &serde_json::json!({ "seq": seq, "error": error }),
                     )?,
                 }
                 if batch.len() >= BATCH_BYTES_MAX {
@@ -191,11 +209,21 @@ impl AuditState {
             }
             ctx.nats.flush().await?;
             self.published = last;
-            let mut cursor = Batch::new();
-            cursor.put(Cf::Meta, CURSOR_KEY, &last)?;
-            // Unsynced: losing the cursor only republishes links.
-            ctx.store.write_unsynced(cursor)?;
+            if self.cursor.1.elapsed() >= CURSOR_EVERY {
+                self.write_cursor()?;
+            }
         }
+    }
+
+    /// Unsynced: losing the cursor only republishes links.
+    fn write_cursor(&mut self) -> Result<(), ActorProcessingErr> {
+        if self.cursor.0 != self.published {
+            let mut cursor = Batch::new();
+            cursor.put(Cf::Meta, CURSOR_KEY, &self.published)?;
+            self.ctx.store.write_unsynced(cursor)?;
+        }
+        self.cursor = (self.published, Instant::now());
+        Ok(())
     }
 }
 
