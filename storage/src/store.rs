@@ -842,22 +842,18 @@ impl Store {
     }
 
     /// Up to `limit` synced audit links with sequence > `after` (at most the audit head),
-    /// in order.
+    /// in order. A link that cannot be read fails the read.
     pub fn audit_links(&self, after: u64, limit: usize) -> Result<Vec<Link>, StoreError> {
-        // Only synced links: one written but not yet synced could still be lost, and its
-        // sequence then reused for another record; what is published or read never is.
-        let synced = self.audit_seq().saturating_sub(after);
-        let limit = usize::try_from(synced).map_or(limit, |n| n.min(limit));
-        if limit == 0 {
-            return Ok(Vec::new());
-        }
-        let from = chain::key(after.saturating_add(1));
-        Ok(self
-            .scan::<Link>(Cf::Audit, Some(&from), false, limit, limit, |_, _| true)?
-            .rows
+        self.audit_links_or_breaks(after, limit)?
             .into_iter()
-            .map(|(_, link)| link)
-            .collect())
+            .map(|link| {
+                link.map_err(|(seq, source)| StoreError::Corrupt {
+                    cf: Cf::Audit.name(),
+                    key: String::from_utf8_lossy(&chain::key(seq)).into_owned(),
+                    source,
+                })
+            })
+            .collect()
     }
 
     /// As [`Store::audit_links`], except that a link that cannot be read takes its place
@@ -867,9 +863,14 @@ impl Store {
         &self,
         after: u64,
         limit: usize,
-    ) -> Result<Vec<Result<Link, (u64, String)>>, StoreError> {
+    ) -> Result<Vec<Result<Link, (u64, CodecError)>>, StoreError> {
+        // Only synced links: one written but not yet synced could still be lost, and its
+        // sequence then reused for another record; what is published or read never is.
         let synced = self.audit_seq().saturating_sub(after);
         let limit = usize::try_from(synced).map_or(limit, |n| n.min(limit));
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
         let db = &self.inner.db;
         let from = chain::key(after.saturating_add(1));
         let mut links = Vec::with_capacity(limit);
@@ -877,10 +878,11 @@ impl Store {
             handle(db, Cf::Audit),
             IteratorMode::From(&from, rocksdb::Direction::Forward),
         );
-        for item in iter.take(limit) {
+        for (next, item) in (after.saturating_add(1)..).zip(iter.take(limit)) {
             let (key, value) = item?;
-            let seq = <[u8; 8]>::try_from(&key[..]).map_or(0, u64::from_be_bytes);
-            links.push(codec::decode::<Link>(&value).map_err(|e| (seq, e.to_string())));
+            // Keys are the sequence; a key that is not one still moves the reader on.
+            let seq = <[u8; 8]>::try_from(&key[..]).map_or(next, u64::from_be_bytes);
+            links.push(codec::decode::<Link>(&value).map_err(|e| (seq, e)));
         }
         Ok(links)
     }
