@@ -1477,6 +1477,30 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unreadable_audit_link_is_a_break_for_the_publisher_and_an_error_for_readers() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        let mut batch = Batch::new();
+        for r in ["one", "two", "three"] {
+            batch.append_audit(&r, Some(b"t")).unwrap();
+        }
+        store.commit(batch).await.unwrap();
+        let db = &store.inner.db;
+        db.put_cf(handle(db, Cf::Audit), chain::key(2), b"torn")
+            .unwrap();
+        let read = store.audit_links_or_breaks(0, 10).unwrap();
+        assert_eq!(read.len(), 3);
+        assert_eq!(read[0].as_ref().map(|l| l.seq).ok(), Some(1));
+        assert!(matches!(&read[1], Err((2, _))), "{:?}", read[1]);
+        assert_eq!(read[2].as_ref().map(|l| l.seq).ok(), Some(3));
+        assert!(matches!(
+            store.audit_links(0, 10),
+            Err(StoreError::Corrupt { cf: "audit", .. })
+        ));
+        assert_eq!(store.audit_links(2, 10).unwrap().len(), 1, "past the break");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_idle_writer_lets_the_committer_write_in_place() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
