@@ -888,12 +888,10 @@ impl TaskState {
                 );
             }
             Action::Verify { step, attempt } => {
-                let Some(s) = self.task.step(&step) else {
-                    return;
-                };
                 let Some(i) = self.task.step_index(&step) else {
                     return;
                 };
+                let s = &self.task.steps[i];
                 // The params the step ran with, as its forwarded outcome is checked.
                 let params = step_params(&self.task, i).unwrap_or_else(|_| s.spec.params.clone());
                 let req = VerifyRequest::Step {
