@@ -67,16 +67,43 @@ fn admit(roots: &[PathBuf], raw: &str) -> Result<PathBuf, ToolError> {
     if path.file_name().is_none() {
         return Err(ToolError::permanent(format!("path `{raw}` names no file")));
     }
-    std::fs::create_dir_all(parent)
-        .map_err(|e| ToolError::permanent(format!("cannot create {}: {e}", parent.display())))?;
-    let real_parent = parent
-        .canonicalize()
-        .map_err(|e| ToolError::permanent(format!("cannot resolve {}: {e}", parent.display())))?;
-    if !real_parent.starts_with(root) {
-        return Err(ToolError::permanent(format!(
+    let outside = || {
+        ToolError::permanent(format!(
             "path `{raw}` resolves outside its root {} (symlink)",
             root.display()
-        )));
+        ))
+    };
+    let resolve = |dir: &Path| {
+        dir.canonicalize()
+            .map_err(|e| ToolError::permanent(format!("cannot resolve {}: {e}", dir.display())))
+    };
+    // The parent usually exists: resolving it is the whole check (no mkdir, no stat).
+    let real_parent = match parent.canonicalize() {
+        Ok(real) => real,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            // Directories are created only under an ancestor that resolves inside the
+            // root: a symlink out of it must not get a tree made at its far end.
+            let existing = parent
+                .ancestors()
+                .find(|a| a.exists())
+                .unwrap_or(Path::new("/"));
+            if !resolve(existing)?.starts_with(root) {
+                return Err(outside());
+            }
+            std::fs::create_dir_all(parent).map_err(|e| {
+                ToolError::permanent(format!("cannot create {}: {e}", parent.display()))
+            })?;
+            resolve(parent)?
+        }
+        Err(e) => {
+            return Err(ToolError::permanent(format!(
+                "cannot resolve {}: {e}",
+                parent.display()
+            )));
+        }
+    };
+    if !real_parent.starts_with(root) {
+        return Err(outside());
     }
     Ok(real_parent.join(path.file_name().unwrap_or_default()))
 }
@@ -136,7 +163,7 @@ impl Tool for FileWrite {
                 .run(move || {
                     let path = admit(&roots, &raw)?;
                     write(&path, &content, &key, fsync)?;
-                    let sha = hex::encode(Sha256::digest(&content));
+                    let sha = storage::codec::to_hex(&Sha256::digest(&content));
                     Ok(json!({"path": path.display().to_string(), "bytes": content.len(), "sha256": sha}))
                 })
                 .await
@@ -205,5 +232,21 @@ mod tests {
             .unwrap_err();
         assert!(err.to_string().contains("symlink"), "{err}");
         assert!(!elsewhere.path().join("file").exists());
+
+        // A missing directory behind the link: refused before anything is created there.
+        let deep = root_path.join("link/new/dir/file");
+        let err = tool
+            .run(call(deep.to_str().unwrap(), "x"))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("symlink"), "{err}");
+        assert!(!elsewhere.path().join("new").exists());
+
+        // Missing directories inside the root are created, as before.
+        let nested = root_path.join("a/b/c/file.txt");
+        tool.run(call(nested.to_str().unwrap(), "nested"))
+            .await
+            .unwrap();
+        assert_eq!(std::fs::read_to_string(&nested).unwrap(), "nested");
     }
 }
