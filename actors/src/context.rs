@@ -78,6 +78,9 @@ pub struct KnowledgeSettings {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct OutboxEntry {
     pub subject: String,
+    /// A byte string to postcard: the same bytes on disk as a sequence of `u8` (length,
+    /// then the bytes), written and read in one copy instead of one call per byte.
+    #[serde(with = "serde_bytes")]
     pub payload: Vec<u8>,
 }
 
@@ -322,4 +325,38 @@ pub fn outbox_seq_of(key: &[u8]) -> u64 {
     let n = key.len().min(8);
     b[8 - n..].copy_from_slice(&key[key.len() - n..]);
     u64::from_be_bytes(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The layout an outbox entry had before its payload became a byte string: a
+    /// backlog left by an older build must read back, and a new one read by it.
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct OutboxEntryAsSeq {
+        subject: String,
+        payload: Vec<u8>,
+    }
+
+    #[test]
+    fn outbox_entries_keep_their_bytes_on_disk() {
+        let payload: Vec<u8> = (0..=255u8).chain(*b"{\"kind\":\"accepted\"}").collect();
+        let entry = OutboxEntry {
+            subject: "cadre.events.task.01J.accepted".into(),
+            payload: payload.clone(),
+        };
+        let old = OutboxEntryAsSeq {
+            subject: entry.subject.clone(),
+            payload,
+        };
+        let written = storage::codec::encode(&entry).expect("encode");
+        assert_eq!(written, storage::codec::encode(&old).expect("encode"));
+        let back: OutboxEntry = storage::codec::decode(&written).expect("decode");
+        assert_eq!((back.subject, back.payload), (old.subject.clone(), old.payload.clone()));
+        assert_eq!(
+            storage::codec::decode::<OutboxEntryAsSeq>(&written).expect("decode"),
+            old
+        );
+    }
 }

@@ -409,7 +409,12 @@ async fn run(
         tool: req.tool.clone(),
         class: info.class,
         idempotency_key: req.idempotency_key.clone(),
-        args_hash: storage::codec::to_hex(&Sha256::digest(req.params.0.as_bytes())),
+        // An `idempotent` effect is never written (see `record`): nothing reads its hash.
+        args_hash: if info.class == IdempotencyClass::Idempotent {
+            String::new()
+        } else {
+            storage::codec::to_hex(&Sha256::digest(req.params.0.as_bytes()))
+        },
         fencing_token: req.fencing_token,
         boot_id: ctx.boot_id,
         started_at_ms: ctx.now_ms(),
@@ -543,6 +548,9 @@ async fn run(
             output: output.map(clean),
         },
     };
+    if info.class == IdempotencyClass::Idempotent {
+        return reply;
+    }
     effect.outcome = Some(reply.clone());
     effect.finished_at_ms = Some(ctx.now_ms());
     if info.class == IdempotencyClass::Unsafe
