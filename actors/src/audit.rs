@@ -20,14 +20,14 @@ pub fn args_hash(params: &JsonText) -> String {
 /// Params as they may appear in an audit record: redacted, as JSON text.
 pub fn redacted_params(params: &JsonText) -> String {
     match params.to_value() {
-        Ok(v) => redact::value(&v).to_string(),
+        Ok(v) => crate::model::compact_json(&redact::value(&v)),
         Err(_) => redact::text(&params.0),
     }
 }
 
 /// The pointer to a task's input context: where it lives and what it hashed to.
 pub fn input_ref(task: &Task) -> String {
-    let digest = hex::encode(Sha256::digest(task.input.0.as_bytes()));
+    let digest = storage::codec::to_hex(&Sha256::digest(task.input.0.as_bytes()));
     format!("tasks/{}#input sha256:{}", task.id, &digest[..16])
 }
 
