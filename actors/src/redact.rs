@@ -10,6 +10,9 @@
 //!
 //! A value is redacted whole, so its length does not leak either.
 
+use std::sync::LazyLock;
+
+use aho_corasick::AhoCorasick;
 use serde_json::Value;
 
 pub const MASK: &str = "[redacted]";
@@ -34,10 +37,25 @@ const SECRET_KEY_PARTS: &[&str] = &[
     "signature",
 ];
 
+/// Text that may hold a secret: a URL (userinfo), an HTTP auth scheme, or a key part.
+const TEXT_TRIGGERS: &[&str] = &["://", "bearer ", "basic "];
+
+/// Finds any of `parts`, ASCII case-insensitively, in one pass over a text and without
+/// lowercasing a copy of it first (every event detail and audited param goes through).
+fn matcher(parts: &[&[&str]]) -> AhoCorasick {
+    AhoCorasick::builder()
+        .ascii_case_insensitive(true)
+        .build(parts.iter().flat_map(|p| p.iter()))
+        .expect("a few short fixed patterns always build")
+}
+
+static SECRET_KEY: LazyLock<AhoCorasick> = LazyLock::new(|| matcher(&[SECRET_KEY_PARTS]));
+static MIGHT_HOLD_SECRET: LazyLock<AhoCorasick> =
+    LazyLock::new(|| matcher(&[TEXT_TRIGGERS, SECRET_KEY_PARTS]));
+
 /// Does a key (object key, header name, query parameter) name a secret?
 pub fn is_secret_key(key: &str) -> bool {
-    let k = key.to_ascii_lowercase();
-    SECRET_KEY_PARTS.iter().any(|p| k.contains(p))
+    SECRET_KEY.is_match(key)
 }
 
 /// A copy of `value` with every secret masked: values under secret keys, and secrets
@@ -76,11 +94,7 @@ pub fn text(s: &str) -> String {
 
 /// Cheap pre-check so the common case (no secret-looking text) allocates once.
 fn might_hold_secret(s: &str) -> bool {
-    let lower = s.to_ascii_lowercase();
-    lower.contains("://")
-        || lower.contains("bearer ")
-        || lower.contains("basic ")
-        || SECRET_KEY_PARTS.iter().any(|p| lower.contains(p))
+    MIGHT_HOLD_SECRET.is_match(s)
 }
 
 fn is_value_char(c: char) -> bool {
@@ -232,6 +246,38 @@ mod tests {
         assert_eq!(r["headers"]["Accept"], "json");
         assert_eq!(r["json"]["name"], "Acme");
         assert_eq!(r["token"], Value::Null, "absent secrets stay absent");
+    }
+
+    /// The one-pass matchers answer as lowercasing a copy and searching it for each part.
+    #[test]
+    fn matchers_agree_with_lowercase_and_contains() {
+        let by_contains = |s: &str, parts: &[&str]| {
+            let lower = s.to_ascii_lowercase();
+            parts.iter().any(|p| lower.contains(p))
+        };
+        let texts = [
+            "",
+            "plain words",
+            "X-API-KEY",
+            "Client_Secret",
+            "PaSsWoRd=1",
+            "https://a.b/c",
+            "HTTP:/ not a url",
+            "Authorization: BEARER x",
+            "basic",
+            "BASIC abc",
+            "tok en",
+            "my-sessionid",
+            "ﬁle Šecret é",
+            "signaturé",
+            "api_ke y apikey",
+            r##"{"path":"/srv/acme/README.md","content":"# Acme"}"##,
+        ];
+        let triggers: Vec<&str> = TEXT_TRIGGERS.iter().chain(SECRET_KEY_PARTS).copied().collect();
+        for t in texts {
+            assert_eq!(is_secret_key(t), by_contains(t, SECRET_KEY_PARTS), "key {t:?}");
+            assert_eq!(might_hold_secret(t), by_contains(t, &triggers), "text {t:?}");
+        }
     }
 
     #[test]
