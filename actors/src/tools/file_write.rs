@@ -88,6 +88,14 @@ fn admit(roots: &[PathBuf], raw: &str) -> Result<PathBuf, ToolError> {
                 .find(|a| a.exists())
                 .unwrap_or(Path::new("/"));
             if !resolve(existing)?.starts_with(root) {
+                // Nothing of the root is left: it was removed after the node started
+                // (roots must exist then), which is not a symlink's doing.
+                if root.starts_with(existing) && existing != root.as_path() {
+                    return Err(ToolError::permanent(format!(
+                        "file root {} no longer exists",
+                        root.display()
+                    )));
+                }
                 return Err(outside());
             }
             std::fs::create_dir_all(parent).map_err(|e| {
@@ -241,6 +249,19 @@ mod tests {
             .unwrap_err();
         assert!(err.to_string().contains("symlink"), "{err}");
         assert!(!elsewhere.path().join("new").exists());
+
+        // A root removed after the start is named as such, and not made again.
+        let gone = tempfile::tempdir().unwrap();
+        let gone_root = gone.path().canonicalize().unwrap().join("root");
+        std::fs::create_dir(&gone_root).unwrap();
+        let tool_gone = FileWrite::new(vec![gone_root.clone()], false);
+        std::fs::remove_dir(&gone_root).unwrap();
+        let err = tool_gone
+            .run(call(gone_root.join("x/file").to_str().unwrap(), "x"))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("no longer exists"), "{err}");
+        assert!(!gone_root.exists());
 
         // Missing directories inside the root are created, as before.
         let nested = root_path.join("a/b/c/file.txt");
