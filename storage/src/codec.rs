@@ -94,15 +94,17 @@ pub fn from_wire<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
 }
 
 /// Lower-case hex of `bytes`, as `hex::encode` writes it but without its char-by-char
-/// collect: the audit publisher writes two hashes per record.
+/// collect: the audit publisher writes two hashes per record. The digits go into a
+/// byte buffer of the final size (`String::push` encodes each as UTF-8 and checks the
+/// capacity every time), then become the string after an ASCII check.
 pub fn to_hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut hex = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        hex.push(char::from(DIGITS[usize::from(b >> 4)]));
-        hex.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+    let mut hex = vec![0u8; bytes.len() * 2];
+    for (pair, b) in hex.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = DIGITS[usize::from(b >> 4)];
+        pair[1] = DIGITS[usize::from(b & 0x0f)];
     }
-    hex
+    String::from_utf8(hex).expect("hex digits are ASCII")
 }
 
 #[cfg(test)]
