@@ -195,6 +195,15 @@ mod tests {
         }
     }
 
+    /// Writing `path` fails with an error that says `why`.
+    async fn refused(tool: &FileWrite, path: &Path, why: &str) {
+        let err = tool
+            .run(call(path.to_str().unwrap(), "x"))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains(why), "{}: {err}", path.display());
+    }
+
     #[tokio::test]
     async fn writes_under_root_and_refuses_escapes() {
         let root = tempfile::tempdir().unwrap();
@@ -233,21 +242,11 @@ mod tests {
 
         let elsewhere = tempfile::tempdir().unwrap();
         std::os::unix::fs::symlink(elsewhere.path(), root_path.join("link")).unwrap();
-        let via_link = root_path.join("link/file");
-        let err = tool
-            .run(call(via_link.to_str().unwrap(), "x"))
-            .await
-            .unwrap_err();
-        assert!(err.to_string().contains("symlink"), "{err}");
+        refused(&tool, &root_path.join("link/file"), "symlink").await;
         assert!(!elsewhere.path().join("file").exists());
 
         // A missing directory behind the link: refused before anything is created there.
-        let deep = root_path.join("link/new/dir/file");
-        let err = tool
-            .run(call(deep.to_str().unwrap(), "x"))
-            .await
-            .unwrap_err();
-        assert!(err.to_string().contains("symlink"), "{err}");
+        refused(&tool, &root_path.join("link/new/dir/file"), "symlink").await;
         assert!(!elsewhere.path().join("new").exists());
 
         // A root removed after the start is named as such, and not made again.
@@ -256,11 +255,7 @@ mod tests {
         std::fs::create_dir(&gone_root).unwrap();
         let tool_gone = FileWrite::new(vec![gone_root.clone()], false);
         std::fs::remove_dir(&gone_root).unwrap();
-        let err = tool_gone
-            .run(call(gone_root.join("x/file").to_str().unwrap(), "x"))
-            .await
-            .unwrap_err();
-        assert!(err.to_string().contains("no longer exists"), "{err}");
+        refused(&tool_gone, &gone_root.join("x/file"), "no longer exists").await;
         assert!(!gone_root.exists());
 
         // Missing directories inside the root are created, as before.
