@@ -353,7 +353,10 @@ mod tests {
         let written = storage::codec::encode(&entry).expect("encode");
         assert_eq!(written, storage::codec::encode(&old).expect("encode"));
         let back: OutboxEntry = storage::codec::decode(&written).expect("decode");
-        assert_eq!((back.subject, back.payload), (old.subject.clone(), old.payload.clone()));
+        assert_eq!(
+            (back.subject, back.payload),
+            (old.subject.clone(), old.payload.clone())
+        );
         assert_eq!(
             storage::codec::decode::<OutboxEntryAsSeq>(&written).expect("decode"),
             old

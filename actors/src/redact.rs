@@ -273,10 +273,22 @@ mod tests {
             "api_ke y apikey",
             r##"{"path":"/srv/acme/README.md","content":"# Acme"}"##,
         ];
-        let triggers: Vec<&str> = TEXT_TRIGGERS.iter().chain(SECRET_KEY_PARTS).copied().collect();
+        let triggers: Vec<&str> = TEXT_TRIGGERS
+            .iter()
+            .chain(SECRET_KEY_PARTS)
+            .copied()
+            .collect();
         for t in texts {
-            assert_eq!(is_secret_key(t), by_contains(t, SECRET_KEY_PARTS), "key {t:?}");
-            assert_eq!(might_hold_secret(t), by_contains(t, &triggers), "text {t:?}");
+            assert_eq!(
+                is_secret_key(t),
+                by_contains(t, SECRET_KEY_PARTS),
+                "key {t:?}"
+            );
+            assert_eq!(
+                might_hold_secret(t),
+                by_contains(t, &triggers),
+                "text {t:?}"
+            );
         }
     }
 
