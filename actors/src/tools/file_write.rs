@@ -73,10 +73,10 @@ fn admit(roots: &[PathBuf], raw: &str) -> Result<PathBuf, ToolError> {
             root.display()
         ))
     };
-    let resolve = |dir: &Path| {
-        dir.canonicalize()
-            .map_err(|e| ToolError::permanent(format!("cannot resolve {}: {e}", dir.display())))
+    let unresolved = |dir: &Path, e: std::io::Error| {
+        ToolError::permanent(format!("cannot resolve {}: {e}", dir.display()))
     };
+    let resolve = |dir: &Path| dir.canonicalize().map_err(|e| unresolved(dir, e));
     // The parent usually exists: resolving it is the whole check (no mkdir, no stat).
     let real_parent = match parent.canonicalize() {
         Ok(real) => real,
@@ -103,12 +103,7 @@ fn admit(roots: &[PathBuf], raw: &str) -> Result<PathBuf, ToolError> {
             })?;
             resolve(parent)?
         }
-        Err(e) => {
-            return Err(ToolError::permanent(format!(
-                "cannot resolve {}: {e}",
-                parent.display()
-            )));
-        }
+        Err(e) => return Err(unresolved(parent, e)),
     };
     if !real_parent.starts_with(root) {
         return Err(outside());
