@@ -1,7 +1,8 @@
 //! RocksDB behind a small typed surface: column families, batches, group commit.
 
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, TryLockError};
 use std::time::Instant;
 
@@ -25,6 +26,10 @@ const META_SCHEMA_KEY: &[u8] = b"schema_version";
 const WRITTEN_SYNC_WINDOW: std::time::Duration = std::time::Duration::from_millis(2);
 /// Upper bound on batches the writer folds into one synced write.
 const GROUP_BATCHES_MAX: usize = 2048;
+/// Links the audit feed holds for its reader at most. A reader that falls further
+/// behind reads the rest back from RocksDB; the bound keeps a stalled reader from
+/// holding more than a few MiB.
+const AUDIT_FEED_MAX: usize = 8192;
 
 /// Column families. Each holds one kind of record; keys are documented where written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -329,6 +334,8 @@ struct Inner {
     stats: Arc<StoreStats>,
     /// The audit chain's head sequence, moved once the links are synced.
     audit_head: tokio::sync::watch::Receiver<u64>,
+    /// Links as written, for the one reader that follows the head.
+    audit_feed: Arc<AuditFeed>,
     /// The last group ticket whose fsync completed, or why an fsync failed (for good:
     /// after a failed fsync the OS may have dropped what it was to make durable).
     synced: tokio::sync::watch::Receiver<Result<u64, String>>,
@@ -397,10 +404,12 @@ impl Store {
                 })
                 .map_err(StoreError::WriterThread)?
         };
+        let audit_feed = Arc::new(AuditFeed::default());
         let chain = Arc::new(Mutex::new(Chain {
             head,
             ticket: 0,
             jobs: SyncSender(queue),
+            feed: audit_feed.clone(),
         }));
         let writer_thread = {
             let writer = GroupWriter {
@@ -422,6 +431,7 @@ impl Store {
                 syncer_thread: Some(syncer_thread),
                 stats,
                 audit_head: head_rx,
+                audit_feed,
                 synced: synced_rx,
                 db_opts,
             }),
@@ -460,6 +470,7 @@ impl Store {
                 syncer_thread: None,
                 stats: Arc::new(StoreStats::default()),
                 audit_head: head_rx,
+                audit_feed: Arc::default(),
                 synced,
                 db_opts,
             }),
@@ -887,6 +898,37 @@ impl Store {
         Ok(links)
     }
 
+    /// For the one reader that follows the chain's head (the audit publisher): as
+    /// [`Store::audit_links_or_breaks`], but the links come from memory, as the writer
+    /// encoded them, when it holds them from `after + 1` on: no read back, no decode.
+    /// Taken links leave memory, so a second reader would see gaps (and read those
+    /// back). The feed fills only once this is first called, and drops its oldest links
+    /// past [`AUDIT_FEED_MAX`]; whatever it lacks is read from RocksDB.
+    pub fn take_audit_links(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Result<Link, (u64, CodecError)>>, StoreError> {
+        let feed = &self.inner.audit_feed;
+        feed.on.store(true, Ordering::Relaxed);
+        // Read before the feed: every link at or below it is synced.
+        let synced = self.audit_seq();
+        let mut links = feed.lock();
+        while links.front().is_some_and(|l| l.seq <= after) {
+            links.pop_front();
+        }
+        if links.front().is_some_and(|l| l.seq == after + 1) {
+            let n = links
+                .iter()
+                .take(limit)
+                .take_while(|l| l.seq <= synced)
+                .count();
+            return Ok(links.drain(..n).map(Ok).collect());
+        }
+        drop(links);
+        self.audit_links_or_breaks(after, limit)
+    }
+
     /// The last `limit` audit links appended under `index`, oldest first.
     pub fn audit_links_for(&self, index: &[u8], limit: usize) -> Result<Vec<Link>, StoreError> {
         let db = &self.inner.db;
@@ -1102,6 +1144,32 @@ struct Chain {
     /// Groups written so far.
     ticket: u64,
     jobs: SyncSender,
+    feed: Arc<AuditFeed>,
+}
+
+/// Audit links as the writer encoded them, in chain order, until the publisher takes
+/// them ([`Store::take_audit_links`]). Filled under the chain's lock, only with links
+/// whose group was written, and only once a reader has asked.
+#[derive(Default)]
+struct AuditFeed {
+    on: AtomicBool,
+    links: Mutex<VecDeque<Link>>,
+}
+
+impl AuditFeed {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Link>> {
+        // Nothing panics while holding it; a poisoned feed still holds whole links.
+        self.links
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn extend(&self, written: Vec<Link>) {
+        let mut links = self.lock();
+        links.extend(written);
+        let over = links.len().saturating_sub(AUDIT_FEED_MAX);
+        links.drain(..over);
+    }
 }
 
 /// A commit in a group: when to answer, where to answer, what to write.
@@ -1115,10 +1183,11 @@ impl Chain {
         let before = self.head;
         let mut wb = WriteBatch::default();
         let mut waiters = Vec::with_capacity(commits.len());
+        let mut links = self.feed.on.load(Ordering::Relaxed).then(Vec::new);
         let mut staged = Ok(());
         for (durability, done, batch) in commits {
             if staged.is_ok() {
-                staged = self.stage(db, &mut wb, batch);
+                staged = self.stage(db, &mut wb, batch, links.as_mut());
             }
             waiters.push((durability, done));
         }
@@ -1131,6 +1200,9 @@ impl Chain {
                 let _ = done.send(Err(e.clone()));
             }
             return Err(e);
+        }
+        if let Some(links) = links.filter(|l| !l.is_empty()) {
+            self.feed.extend(links);
         }
         self.ticket += 1;
         let ticket = self.ticket;
@@ -1154,7 +1226,14 @@ impl Chain {
         Ok(ticket)
     }
 
-    fn stage(&mut self, db: &DB, wb: &mut WriteBatch, batch: Batch) -> Result<(), String> {
+    /// Adds `batch` to the group; its links also go to `feed_links` when the feed is on.
+    fn stage(
+        &mut self,
+        db: &DB,
+        wb: &mut WriteBatch,
+        batch: Batch,
+        mut feed_links: Option<&mut Vec<Link>>,
+    ) -> Result<(), String> {
         apply(db, wb, batch.ops);
         // Consecutive links with the same index form one run: one index key each.
         let mut run: Option<(Vec<u8>, u64, u32)> = None;
@@ -1173,11 +1252,15 @@ impl Chain {
             let link = self.head.append(payload);
             let value = codec::encode(&link).map_err(|e| e.to_string())?;
             wb.put_cf(handle(db, Cf::Audit), chain::key(link.seq), value);
+            let seq = link.seq;
+            if let Some(feed) = feed_links.as_deref_mut() {
+                feed.push(link);
+            }
             run = match (run, index) {
                 (Some((i, first, len)), Some(index)) if i == index => Some((i, first, len + 1)),
                 (previous, index) => {
                     flush(wb, previous)?;
-                    index.map(|i| (i, link.seq, 1))
+                    index.map(|i| (i, seq, 1))
                 }
             };
         }
@@ -1498,6 +1581,70 @@ mod tests {
             Err(StoreError::Corrupt { cf: "audit", .. })
         ));
         assert_eq!(store.audit_links(2, 10).unwrap().len(), 1, "past the break");
+    }
+
+    fn seqs(links: &[Result<Link, (u64, CodecError)>]) -> Vec<u64> {
+        links
+            .iter()
+            .map(|l| l.as_ref().map_or_else(|b| b.0, |l| l.seq))
+            .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_audit_feed_hands_over_synced_links_as_written_once_then_reads_back() {
+        let (_dir, store) = gathering_for_ten_minutes();
+        assert!(store.take_audit_links(0, 10).unwrap().is_empty(), "feed on");
+        let mut batch = Batch::new();
+        for r in ["one", "two"] {
+            batch.append_audit(&r, Some(b"t")).unwrap();
+        }
+        let ticket = store.commit_written(batch).await.unwrap();
+        assert!(store.take_audit_links(0, 10).unwrap().is_empty(), "not synced");
+        let mut batch = Batch::new();
+        batch.append_audit(&"three", Some(b"t")).unwrap();
+        store.commit(batch).await.unwrap();
+        store.wait_synced(ticket).await.unwrap();
+        let stored = store.audit_links(0, 10).unwrap();
+        // Link 2 torn on disk after it was written: the feed still holds it as written.
+        let db = &store.inner.db;
+        db.put_cf(handle(db, Cf::Audit), chain::key(2), b"torn")
+            .unwrap();
+        let first = store.take_audit_links(0, 2).unwrap();
+        assert_eq!(seqs(&first), [1, 2], "bounded by the limit");
+        let rest = store.take_audit_links(2, 10).unwrap();
+        let fed: Vec<Link> = first.into_iter().chain(rest).map(Result::unwrap).collect();
+        assert_eq!(fed, stored, "from memory, as written");
+        // Taken once: asked again, the links are read back (and the torn one shows).
+        let again = store.take_audit_links(0, 10).unwrap();
+        assert_eq!(seqs(&again), [1, 2, 3]);
+        assert!(again[1].is_err(), "{:?}", again[1]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reader_behind_the_bounded_feed_reads_back_what_it_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        store.take_audit_links(0, 1).unwrap();
+        let total = AUDIT_FEED_MAX as u64 + 300;
+        let mut batch = Batch::new();
+        for i in 0..total {
+            batch.append_audit(&i, Some(b"t")).unwrap();
+        }
+        store.commit(batch).await.unwrap();
+        assert_eq!(store.inner.audit_feed.lock().len(), AUDIT_FEED_MAX);
+        let mut after = 0;
+        while after < total {
+            let page = store.take_audit_links(after, 512).unwrap();
+            assert_eq!(page.len() as u64, 512.min(total - after));
+            assert_eq!(seqs(&page), (after + 1..=after + page.len() as u64).collect::<Vec<_>>());
+            let page_len = page.len() as u64;
+            for link in page {
+                let link = link.unwrap();
+                assert_eq!(codec::from_wire::<u64>(&link.payload).unwrap(), link.seq - 1);
+            }
+            after += page_len;
+        }
+        assert!(store.inner.audit_feed.lock().is_empty());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -169,7 +169,7 @@ impl AuditState {
         let ctx = self.ctx.clone();
         let subject = subject::audit(&ctx.settings.node_id);
         loop {
-            let links = ctx.store.audit_links_or_breaks(self.published, PAGE)?;
+            let links = ctx.store.take_audit_links(self.published, PAGE)?;
             let Some(last) = links
                 .last()
                 .map(|l| l.as_ref().map_or_else(|b| b.0, |l| l.seq))
