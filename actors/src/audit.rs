@@ -5,11 +5,12 @@
 //! the transition it describes (`storage::Batch::append_audit`), so the audit log and
 //! the state can never disagree.
 
+use serde::Serialize;
 use sha2::{Digest, Sha256};
 use storage::chain::Link;
 
 use crate::model::{JsonText, Task};
-use crate::protocol::{AuditEntry, AuditRecord, TaskEvent};
+use crate::protocol::{AuditEntry, AuditEntryJson, AuditRecord, AuditRecordJson, TaskEvent};
 use crate::redact;
 
 /// sha256 of params as sent: the same `args_hash` the effect ledger records.
@@ -131,4 +132,99 @@ pub fn entry(link: &Link) -> Result<AuditEntry, storage::CodecError> {
         prev_hash: storage::codec::to_hex(&link.prev_hash),
         record: storage::codec::from_wire(&link.payload)?,
     })
+}
+
+/// A stored link as the entry it makes, for writing as JSON: the same text as
+/// [`entry`]'s, with the record decoded in place (its strings borrowed from the link,
+/// not copied). What the publisher writes for every link.
+pub struct LinkEntry<'a> {
+    link: &'a Link,
+    record: AuditRecordJson<'a>,
+}
+
+impl<'a> LinkEntry<'a> {
+    pub fn decode(link: &'a Link) -> Result<LinkEntry<'a>, storage::CodecError> {
+        Ok(LinkEntry {
+            link,
+            record: storage::codec::from_wire(&link.payload)?,
+        })
+    }
+}
+
+impl Serialize for LinkEntry<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let hash = storage::codec::to_hex(&self.link.hash);
+        let prev_hash = storage::codec::to_hex(&self.link.prev_hash);
+        AuditEntryJson {
+            seq: self.link.seq,
+            hash: &hash,
+            prev_hash: &prev_hash,
+            record: self.record,
+        }
+        .serialize(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use storage::chain::Head;
+
+    use super::*;
+
+    fn full() -> AuditRecord {
+        AuditRecord {
+            at_ms: 1_765_000_000_123,
+            node_id: "laptop".into(),
+            actor: "executor@laptop".into(),
+            operator: Some("ana".into()),
+            action: "step_executed".into(),
+            task_id: Some("01JTASK".into()),
+            step_id: Some("folder".into()),
+            attempt: Some(2),
+            plan: Some("client-onboarding@3".into()),
+            tool: Some("file.write".into()),
+            args_hash: Some("ab".repeat(32)),
+            params: Some(r#"{"path":"/srv/a \"b\"\n","token":"[redacted]"}"#.into()),
+            input_ref: Some("tasks/01JTASK#input sha256:0123456789abcdef".into()),
+            outcome: "ok".into(),
+            detail: Some("wrote 12 bytes — ünïcode".into()),
+            duration_ms: Some(17),
+            cost_usd: Some(0.25),
+        }
+    }
+
+    fn sparse() -> AuditRecord {
+        AuditRecord {
+            operator: None,
+            task_id: None,
+            step_id: None,
+            attempt: None,
+            plan: None,
+            tool: None,
+            args_hash: None,
+            params: None,
+            input_ref: None,
+            detail: None,
+            duration_ms: None,
+            cost_usd: None,
+            ..full()
+        }
+    }
+
+    /// The publisher's in-place decode reads the stored record field by field in
+    /// `AuditRecordJson`'s order: it must write what the owned entry writes.
+    #[test]
+    fn a_link_entry_writes_what_the_owned_entry_writes() {
+        let mut head = Head::EMPTY;
+        for record in [full(), sparse()] {
+            let link = head.append(storage::codec::to_wire(&record).unwrap());
+            let owned = serde_json::to_string(&entry(&link).unwrap()).unwrap();
+            let borrowed = serde_json::to_string(&LinkEntry::decode(&link).unwrap()).unwrap();
+            assert_eq!(borrowed, owned);
+            let back: AuditEntry = serde_json::from_str(&borrowed).unwrap();
+            assert_eq!(back.record, record);
+        }
+        let torn = head.append(b"\x05ab".to_vec());
+        assert!(LinkEntry::decode(&torn).is_err());
+    }
 }

@@ -680,48 +680,68 @@ pub struct AuditRecord {
 /// An audit record with its place in the chain, as answered by
 /// `cadre.audit.<node_id>.read` and `cadre.tasks.trace`, and published on
 /// `cadre.audit.<node_id>` (in batches: each message is a JSON array of consecutive
-/// entries). Consumers dedupe on `(record.node_id, seq)`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// entries). Consumers dedupe on `(record.node_id, seq)`. Written as JSON through
+/// [`AuditEntryJson`], its one shape.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct AuditEntry {
     pub seq: u64,
     pub hash: String,
     pub prev_hash: String,
-    #[serde(serialize_with = "record_as_json")]
     pub record: AuditRecord,
 }
 
-fn record_as_json<S: serde::Serializer>(r: &AuditRecord, s: S) -> Result<S::Ok, S::Error> {
-    AuditRecordJson::from(r).serialize(s)
+impl Serialize for AuditEntry {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        AuditEntryJson {
+            seq: self.seq,
+            hash: &self.hash,
+            prev_hash: &self.prev_hash,
+            record: AuditRecordJson::from(&self.record),
+        }
+        .serialize(s)
+    }
+}
+
+/// An [`AuditEntry`] as JSON, borrowing its strings: the publisher writes one from a
+/// stored link without building the owned entry.
+#[derive(Serialize)]
+pub struct AuditEntryJson<'a> {
+    pub seq: u64,
+    pub hash: &'a str,
+    pub prev_hash: &'a str,
+    pub record: AuditRecordJson<'a>,
 }
 
 /// An [`AuditRecord`] as JSON: the same fields, absent ones left out. (The record
-/// itself cannot skip fields: postcard is not self-describing.)
-#[derive(Serialize)]
+/// itself cannot skip fields: postcard is not self-describing.) It also decodes a
+/// stored record in place, borrowing its strings, so its fields must stay in the
+/// record's order (`actors::audit` tests that both decode alike).
+#[derive(Clone, Copy, Serialize, Deserialize)]
 pub struct AuditRecordJson<'a> {
     pub at_ms: u64,
     pub node_id: &'a str,
     pub actor: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none", borrow)]
     pub operator: Option<&'a str>,
     pub action: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none", borrow)]
     pub task_id: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none", borrow)]
     pub step_id: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub attempt: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none", borrow)]
     pub plan: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none", borrow)]
     pub tool: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none", borrow)]
     pub args_hash: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none", borrow)]
     pub params: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none", borrow)]
     pub input_ref: Option<&'a str>,
     pub outcome: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none", borrow)]
     pub detail: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub duration_ms: Option<u64>,
@@ -731,24 +751,45 @@ pub struct AuditRecordJson<'a> {
 
 impl<'a> From<&'a AuditRecord> for AuditRecordJson<'a> {
     fn from(r: &'a AuditRecord) -> Self {
+        // Destructured, so a field added to the record fails to compile here until it
+        // is added to the JSON form too (in the same place).
+        let AuditRecord {
+            at_ms,
+            node_id,
+            actor,
+            operator,
+            action,
+            task_id,
+            step_id,
+            attempt,
+            plan,
+            tool,
+            args_hash,
+            params,
+            input_ref,
+            outcome,
+            detail,
+            duration_ms,
+            cost_usd,
+        } = r;
         AuditRecordJson {
-            at_ms: r.at_ms,
-            node_id: &r.node_id,
-            actor: &r.actor,
-            operator: r.operator.as_deref(),
-            action: &r.action,
-            task_id: r.task_id.as_deref(),
-            step_id: r.step_id.as_deref(),
-            attempt: r.attempt,
-            plan: r.plan.as_deref(),
-            tool: r.tool.as_deref(),
-            args_hash: r.args_hash.as_deref(),
-            params: r.params.as_deref(),
-            input_ref: r.input_ref.as_deref(),
-            outcome: &r.outcome,
-            detail: r.detail.as_deref(),
-            duration_ms: r.duration_ms,
-            cost_usd: r.cost_usd,
+            at_ms: *at_ms,
+            node_id,
+            actor,
+            operator: operator.as_deref(),
+            action,
+            task_id: task_id.as_deref(),
+            step_id: step_id.as_deref(),
+            attempt: *attempt,
+            plan: plan.as_deref(),
+            tool: tool.as_deref(),
+            args_hash: args_hash.as_deref(),
+            params: params.as_deref(),
+            input_ref: input_ref.as_deref(),
+            outcome,
+            detail: detail.as_deref(),
+            duration_ms: *duration_ms,
+            cost_usd: *cost_usd,
         }
     }
 }

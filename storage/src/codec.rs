@@ -6,7 +6,7 @@
 //! back, before a corrupt record can drive a task. The format byte lets a later schema
 //! decode old records during migration.
 
-use serde::{Serialize, de::DeserializeOwned};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 /// Format byte written in front of every record.
 pub const RECORD_FORMAT: u8 = 1;
@@ -89,7 +89,8 @@ pub fn to_wire<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, CodecError> 
     with_scratch(&[], value, <[u8]>::to_vec)
 }
 
-pub fn from_wire<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
+/// Decodes what [`to_wire`] wrote; `T` may borrow its strings from `bytes`.
+pub fn from_wire<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, CodecError> {
     postcard::from_bytes(bytes).map_err(|e| CodecError::Postcard(e.to_string()))
 }
 

@@ -1599,7 +1599,10 @@ mod tests {
             batch.append_audit(&r, Some(b"t")).unwrap();
         }
         let ticket = store.commit_written(batch).await.unwrap();
-        assert!(store.take_audit_links(0, 10).unwrap().is_empty(), "not synced");
+        assert!(
+            store.take_audit_links(0, 10).unwrap().is_empty(),
+            "not synced"
+        );
         let mut batch = Batch::new();
         batch.append_audit(&"three", Some(b"t")).unwrap();
         store.commit(batch).await.unwrap();
@@ -1636,11 +1639,17 @@ mod tests {
         while after < total {
             let page = store.take_audit_links(after, 512).unwrap();
             assert_eq!(page.len() as u64, 512.min(total - after));
-            assert_eq!(seqs(&page), (after + 1..=after + page.len() as u64).collect::<Vec<_>>());
+            assert_eq!(
+                seqs(&page),
+                (after + 1..=after + page.len() as u64).collect::<Vec<_>>()
+            );
             let page_len = page.len() as u64;
             for link in page {
                 let link = link.unwrap();
-                assert_eq!(codec::from_wire::<u64>(&link.payload).unwrap(), link.seq - 1);
+                assert_eq!(
+                    codec::from_wire::<u64>(&link.payload).unwrap(),
+                    link.seq - 1
+                );
             }
             after += page_len;
         }

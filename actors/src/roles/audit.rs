@@ -4,7 +4,10 @@
 //! `cadre.audit.<node_id>.read` and `.verify`.
 //!
 //! Links are appended by the group-commit writer in the same batch as the transition
-//! they describe; this actor only follows the chain's head. Its cursor (the last
+//! they describe; this actor only follows the chain's head. It takes them from the
+//! store's in-memory feed, as the writer encoded them (`Store::take_audit_links`), and
+//! writes each record's JSON straight from the link's bytes (`audit::LinkEntry`); after
+//! a restart, or far behind, it reads them back. Its cursor (the last
 //! sequence published) is kept in `meta`, unsynced, written at most once a second while
 //! links flow and at a clean stop: after a crash it may publish up to the last second's
 //! links again, never skip one. Consumers dedupe on `(node_id, seq)`.
@@ -183,7 +186,7 @@ impl AuditState {
                     .as_ref()
                     .map_err(|(seq, e)| (*seq, format!("unreadable audit link: {e}")))
                     .and_then(|link| {
-                        audit::entry(link)
+                        audit::LinkEntry::decode(link)
                             .map_err(|e| (link.seq, format!("undecodable audit record: {e}")))
                     });
                 match entry {
