@@ -177,6 +177,12 @@ enum Op {
         cf: Cf,
         key: Vec<u8>,
     },
+    /// Deletes every key in `[from, to)`.
+    DeleteRange {
+        cf: Cf,
+        from: Vec<u8>,
+        to: Vec<u8>,
+    },
     /// Adds a little-endian u64 to a counter (a merge).
     Add {
         cf: Cf,
@@ -231,6 +237,23 @@ impl Batch {
         self.ops.push(Op::Delete {
             cf,
             key: key.into(),
+        });
+        self
+    }
+
+    /// Deletes every key in `[from, to)` with one range tombstone: for long runs of
+    /// keys that are read back only by scans (each read of the family consults the
+    /// tombstones, so not for families read by key on a hot path).
+    pub fn delete_range(
+        &mut self,
+        cf: Cf,
+        from: impl Into<Vec<u8>>,
+        to: impl Into<Vec<u8>>,
+    ) -> &mut Self {
+        self.ops.push(Op::DeleteRange {
+            cf,
+            from: from.into(),
+            to: to.into(),
         });
         self
     }
@@ -1003,6 +1026,7 @@ fn apply(db: &DB, wb: &mut WriteBatch, ops: Vec<Op>) {
         match op {
             Op::Put { cf, key, value } => wb.put_cf(handle(db, cf), key, value),
             Op::Delete { cf, key } => wb.delete_cf(handle(db, cf), key),
+            Op::DeleteRange { cf, from, to } => wb.delete_range_cf(handle(db, cf), from, to),
             Op::Add { cf, key, delta } => wb.merge_cf(handle(db, cf), key, delta.to_le_bytes()),
         }
     }
@@ -1477,6 +1501,39 @@ mod tests {
         let got: Option<(String, u32)> = store.get(Cf::Tasks, b"t1").unwrap();
         assert_eq!(got, Some(("hello".to_string(), 7)));
         assert!(!store.contains(Cf::Active, b"t1").unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_range_delete_removes_its_range_only_and_a_later_put_survives_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        let mut batch = Batch::new();
+        for seq in 1u64..=5 {
+            batch.put(Cf::Outbox, seq.to_be_bytes(), &seq).unwrap();
+        }
+        store.commit(batch).await.unwrap();
+        let mut batch = Batch::new();
+        batch.delete_range(Cf::Outbox, 2u64.to_be_bytes(), 4u64.to_be_bytes());
+        store.write_unsynced(batch).unwrap();
+        let keys = |store: &Store| {
+            store
+                .scan::<u64>(Cf::Outbox, None, false, 10, 10, |_, _| true)
+                .unwrap()
+                .rows
+                .into_iter()
+                .map(|(_, v)| v)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(keys(&store), [1, 4, 5]);
+        let mut batch = Batch::new();
+        batch.put(Cf::Outbox, 3u64.to_be_bytes(), &3u64).unwrap();
+        store.commit(batch).await.unwrap();
+        assert_eq!(keys(&store), [1, 3, 4, 5]);
+        assert_eq!(store.count_keys(Cf::Outbox, 10).unwrap(), 4);
+        assert_eq!(
+            store.last_key(Cf::Outbox).unwrap(),
+            Some(5u64.to_be_bytes().to_vec())
+        );
     }
 
     /// A store whose syncer, once it holds only written groups, gathers for 10 minutes:

@@ -156,10 +156,47 @@ async fn flush(state: &mut RelayState) -> Result<(), ActorProcessingErr> {
     }
     state.ctx.nats.flush().await?;
     let mut batch = Batch::new();
-    for seq in state.unflushed.drain(..) {
-        batch.delete(Cf::Outbox, seq.to_be_bytes().to_vec());
+    // A run of consecutive sequences, all published, goes with one range tombstone
+    // rather than a tombstone per key: under load most of a flush is such runs. A
+    // range never covers a sequence this relay did not publish.
+    // (A sequence sent twice, from the backlog and from memory, is deleted once.)
+    state.unflushed.sort_unstable();
+    state.unflushed.dedup();
+    for (first, last) in runs(&state.unflushed) {
+        match last.checked_add(1).filter(|_| first != last) {
+            Some(end) => {
+                batch.delete_range(Cf::Outbox, first.to_be_bytes(), end.to_be_bytes());
+            }
+            None => {
+                for seq in first..=last {
+                    batch.delete(Cf::Outbox, seq.to_be_bytes());
+                }
+            }
+        }
     }
+    state.unflushed.clear();
     // Unsynced: losing a delete only means a duplicate publish after power loss.
     state.ctx.store.write_unsynced(batch)?;
     Ok(())
+}
+
+/// The maximal runs of consecutive values in sorted `seqs`, as `(first, last)`.
+fn runs(seqs: &[u64]) -> impl Iterator<Item = (u64, u64)> + '_ {
+    seqs.chunk_by(|a, b| b.checked_sub(*a) == Some(1))
+        .map(|run| (run[0], run[run.len() - 1]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::runs;
+
+    #[test]
+    fn runs_are_maximal_and_never_bridge_a_gap() {
+        let seqs = [1, 2, 3, 5, 7, 8, u64::MAX - 1, u64::MAX];
+        assert_eq!(
+            runs(&seqs).collect::<Vec<_>>(),
+            [(1, 3), (5, 5), (7, 8), (u64::MAX - 1, u64::MAX)]
+        );
+        assert_eq!(runs(&[]).count(), 0);
+    }
 }
