@@ -25,7 +25,12 @@ use ractor::{ActorRef, registry};
 /// Registered name of a node's singleton actor: `tasks@laptop`. Node-qualified so
 /// several nodes can share one process in tests.
 pub fn actor_name(role: &str, node_id: &str) -> String {
-    format!("{role}@{node_id}")
+    // Built on every lookup, several times per task: concatenated, not `format!`ted.
+    let mut name = String::with_capacity(role.len() + 1 + node_id.len());
+    name.push_str(role);
+    name.push('@');
+    name.push_str(node_id);
+    name
 }
 
 /// Looks a singleton up by name; `None` while it restarts.
