@@ -20,6 +20,11 @@ pub fn args_hash(params: &JsonText) -> String {
 
 /// Params as they may appear in an audit record: redacted, as JSON text.
 pub fn redacted_params(params: &JsonText) -> String {
+    // Nothing secret-looking anywhere in the text, keys included: nothing to mask, and
+    // the params go as sent (the text `args_hash` hashes), without a parse and rewrite.
+    if !redact::might_hold_secret(&params.0) {
+        return params.0.clone();
+    }
     match params.to_value() {
         Ok(v) => crate::model::compact_json(&redact::value(&v)),
         Err(_) => redact::text(&params.0),
@@ -209,6 +214,19 @@ mod tests {
             cost_usd: None,
             ..full()
         }
+    }
+
+    #[test]
+    fn params_without_secrets_go_as_sent_and_a_secret_anywhere_is_masked() {
+        let plain = JsonText(r##"{"path":"/srv/a.md","content":"# Acme","n":1.5}"##.into());
+        assert_eq!(redacted_params(&plain), plain.0);
+        let keyed = JsonText(r#"{"url":"https://x","headers":{"X-Api-Key":"k1"}}"#.into());
+        assert_eq!(
+            redacted_params(&keyed),
+            r#"{"url":"https://x","headers":{"X-Api-Key":"[redacted]"}}"#
+        );
+        let inline = JsonText(r#"{"cmd":["curl","-H","Authorization: Bearer abc"]}"#.into());
+        assert!(!redacted_params(&inline).contains("abc"));
     }
 
     /// The publisher's in-place decode reads the stored record field by field in

@@ -92,8 +92,10 @@ pub fn text(s: &str) -> String {
     mask_pairs(&s)
 }
 
-/// Cheap pre-check so the common case (no secret-looking text) allocates once.
-fn might_hold_secret(s: &str) -> bool {
+/// Cheap pre-check so the common case (no secret-looking text) allocates once. False
+/// means neither [`text`] nor, on JSON text, [`value`] would mask anything in `s`: the
+/// checked parts include every key part.
+pub fn might_hold_secret(s: &str) -> bool {
     MIGHT_HOLD_SECRET.is_match(s)
 }
 
