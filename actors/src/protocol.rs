@@ -702,8 +702,8 @@ impl Serialize for AuditEntry {
     }
 }
 
-/// An [`AuditEntry`] as JSON, borrowing its strings: the publisher writes one from a
-/// stored link without building the owned entry.
+/// An [`AuditEntry`] as JSON, borrowing its strings. The publisher writes the same text
+/// by hand from a stored link (`audit::LinkEntry::write_json`, tested against this).
 #[derive(Serialize)]
 pub struct AuditEntryJson<'a> {
     pub seq: u64,

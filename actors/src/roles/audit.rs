@@ -190,7 +190,7 @@ impl AuditState {
                             .map_err(|e| (link.seq, format!("undecodable audit record: {e}")))
                     });
                 match entry {
-                    Ok(entry) => serde_json::to_writer(&mut batch, &entry)?,
+                    Ok(entry) => entry.write_json(&mut batch),
                     // Published anyway, so a collector sees the gap and why;
                     // `cadre audit verify` names the record.
                     Err((seq, error)) => serde_json::to_writer(
