@@ -13,5 +13,6 @@ mod store;
 
 pub use codec::CodecError;
 pub use store::{
-    Batch, Cf, SCHEMA_VERSION, ScanPage, Store, StoreError, StoreOptions, StoreStats, open_raw,
+    Batch, Cf, LinkOrBreak, SCHEMA_VERSION, ScanPage, Store, StoreError, StoreOptions, StoreStats,
+    open_raw,
 };

@@ -338,6 +338,9 @@ struct SyncJob {
     urgent: bool,
 }
 
+/// An audit link as read: the link, or its sequence and why it cannot be read.
+pub type LinkOrBreak = Result<Link, (u64, CodecError)>;
+
 /// A node's RocksDB. Cheap to clone; the writer thread stops when the last clone drops.
 #[derive(Clone)]
 pub struct Store {
@@ -897,7 +900,7 @@ impl Store {
         &self,
         after: u64,
         limit: usize,
-    ) -> Result<Vec<Result<Link, (u64, CodecError)>>, StoreError> {
+    ) -> Result<Vec<LinkOrBreak>, StoreError> {
         // Only synced links: one written but not yet synced could still be lost, and its
         // sequence then reused for another record; what is published or read never is.
         let synced = self.audit_seq().saturating_sub(after);
@@ -931,7 +934,7 @@ impl Store {
         &self,
         after: u64,
         limit: usize,
-    ) -> Result<Vec<Result<Link, (u64, CodecError)>>, StoreError> {
+    ) -> Result<Vec<LinkOrBreak>, StoreError> {
         let feed = &self.inner.audit_feed;
         feed.on.store(true, Ordering::Relaxed);
         // Read before the feed: every link at or below it is synced.
@@ -1640,7 +1643,7 @@ mod tests {
         assert_eq!(store.audit_links(2, 10).unwrap().len(), 1, "past the break");
     }
 
-    fn seqs(links: &[Result<Link, (u64, CodecError)>]) -> Vec<u64> {
+    fn seqs(links: &[LinkOrBreak]) -> Vec<u64> {
         links
             .iter()
             .map(|l| l.as_ref().map_or_else(|b| b.0, |l| l.seq))
