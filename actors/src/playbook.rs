@@ -286,6 +286,8 @@ pub struct Playbook {
     pub schedule: Option<ScheduleRule>,
     pub webhook: Option<WebhookRule>,
     pub priority: crate::model::Priority,
+    /// What [`Self::check_input`] looks up (see [`submit_refs`]).
+    submit_refs: Option<Vec<(String, String)>>,
 }
 
 /// A `[[remember]]` rule, its templates unrendered.
@@ -713,6 +715,7 @@ impl Playbook {
         context_paths.sort();
         context_paths.dedup();
         let hash = hex::encode(&Sha256::digest(text.as_bytes())[..4]);
+        let submit_refs = submit_refs(&steps, &checks);
         Ok(Playbook {
             name: raw.name,
             description: raw.description,
@@ -729,7 +732,30 @@ impl Playbook {
             schedule,
             webhook,
             priority: raw.priority.unwrap_or_default(),
+            submit_refs,
         })
+    }
+
+    /// Whether `input` can run this playbook: `Ok` exactly when [`Self::plan`] would
+    /// plan it, the same error otherwise, but by looking up what the plan's templates
+    /// read at submit time instead of rendering the plan (the intake checks every
+    /// submission; the planner renders the plan once the task runs).
+    pub fn check_input(&self, input: &Value, persona: &Value) -> Result<(), InputError> {
+        let Some(refs) = &self.submit_refs else {
+            return self.plan("validation", input, persona).map(|_| ());
+        };
+        if !input.is_object() {
+            return Err(InputError::NotAnObject);
+        }
+        let task = json!({"id": "validation", "playbook": self.name});
+        let scope: &[(&str, &Value)] = &[("input", input), ("task", &task), ("persona", persona)];
+        for (step, path) in refs {
+            template::check(path, scope).map_err(|source| InputError::Template {
+                step: step.clone(),
+                source,
+            })?;
+        }
+        Ok(())
     }
 
     /// The goal template rendered for this input (a goal playbook only).
@@ -850,6 +876,38 @@ impl Playbook {
         }
         Ok((specs, checks))
     }
+}
+
+/// Every template reference [`Playbook::plan`] resolves (roots `input`, `task`,
+/// `persona`; the others wait for later), with the step its error names, in the order
+/// `plan` renders them: each step's params, its verify, its compensation; then the
+/// task-level checks. `None` if a template cannot be read (loading refuses those).
+fn submit_refs(steps: &[PlannedStep], checks: &[(String, Value)]) -> Option<Vec<(String, String)>> {
+    fn add(out: &mut Vec<(String, String)>, step: &str, value: &Value) -> Option<()> {
+        for path in template::references(value).ok()? {
+            let root = path.split('.').next().unwrap_or_default();
+            if matches!(root, "input" | "task" | "persona") {
+                out.push((step.to_string(), path));
+            }
+        }
+        Some(())
+    }
+    fn add_step(out: &mut Vec<(String, String)>, step: &PlannedStep) -> Option<()> {
+        add(out, &step.id, &step.params)?;
+        add(out, &step.id, &step.verify)?;
+        match &step.compensate {
+            Some(undo) => add_step(out, undo),
+            None => Some(()),
+        }
+    }
+    let mut out = Vec::new();
+    for step in steps {
+        add_step(&mut out, step)?;
+    }
+    for (step, verify) in checks {
+        add(&mut out, step, verify)?;
+    }
+    Some(out)
 }
 
 impl PlannedStep {

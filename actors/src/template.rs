@@ -112,6 +112,12 @@ fn defused(v: &Value) -> Value {
     }
 }
 
+/// What rendering `{{path}}` would say of it: an error if its root is in scope and the
+/// path is not there (or null), `Ok` otherwise.
+pub fn check(path: &str, scope: &(impl Scope + ?Sized)) -> Result<(), TemplateError> {
+    lookup(path, scope).map(|_| ())
+}
+
 /// `Ok(None)` when the root is not in scope (left for later); an error when the root
 /// is in scope but the path is not there.
 fn lookup<'a>(

@@ -489,3 +489,71 @@ fn a_wait_step_and_a_schedule_are_checked_when_loaded() {
     let bad_tz = scheduled.replace("Europe/London", "Europe/Atlantis");
     assert!(err(&bad_tz).contains("schedule: time zone `Europe/Atlantis`"));
 }
+
+/// The intake checks a submission by looking up what the plan's templates read instead
+/// of rendering the plan: for the shipped playbooks, a compensation and a persona, with
+/// each input field left out, null, an object or an array in turn, with and without a
+/// persona, and for input that is not an object, it says exactly what planning says.
+#[test]
+fn checking_input_says_what_planning_says() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../playbooks");
+    let catalog = Catalog::load_dir(&dir, &defaults()).unwrap_or_else(|e| panic!("{e:?}"));
+    let mut books: Vec<Playbook> = catalog
+        .names()
+        .iter()
+        .filter_map(|n| catalog.get(n).map(|pb| Playbook::clone(pb)))
+        .collect();
+    assert!(books.len() >= 2, "the shipped playbooks");
+    books.push(parse(SAGA).unwrap_or_else(|e| panic!("{e}")));
+    books.push(
+        parse(
+            r#"
+name = "welcome"
+[[steps]]
+id = "mail"
+tool = "file.write"
+params = { path = "/r/{{input.client}}/{{task.id}}.txt", content = "{{input.greeting}} -- {{persona.signature}}" }
+verify = { file_contains = "{{input.client}}" }
+"#,
+        )
+        .unwrap_or_else(|e| panic!("{e}")),
+    );
+    let personas = [Value::Null, json!({"signature": "Ada"})];
+    for pb in &books {
+        let refs = pb.submit_refs.as_ref().expect("references read at load");
+        let fields: Vec<&str> = refs
+            .iter()
+            .filter_map(|(_, path)| path.strip_prefix("input."))
+            .map(|rest| rest.split('.').next().unwrap_or_default())
+            .collect();
+        assert!(!fields.is_empty(), "{} reads its input", pb.name);
+        let full: serde_json::Map<String, Value> =
+            fields.iter().map(|f| (f.to_string(), json!("v"))).collect();
+        let mut inputs = vec![
+            Value::Object(full.clone()),
+            json!({}),
+            json!(["v"]),
+            json!("v"),
+        ];
+        for f in &fields {
+            for replacement in [None, Some(Value::Null), Some(json!({})), Some(json!(["v"]))] {
+                let mut input = full.clone();
+                match replacement {
+                    None => input.remove(*f),
+                    Some(v) => input.insert(f.to_string(), v),
+                };
+                inputs.push(Value::Object(input));
+            }
+        }
+        for input in &inputs {
+            for persona in &personas {
+                assert_eq!(
+                    pb.check_input(input, persona),
+                    pb.plan("validation", input, persona).map(|_| ()),
+                    "{}: input {input}, persona {persona}",
+                    pb.name
+                );
+            }
+        }
+    }
+}

@@ -311,8 +311,8 @@ impl IntakeState {
                 format!("idempotency_key must be 1 to {IDEMPOTENCY_KEY_BYTES_MAX} bytes"),
             ));
         }
-        // Render the plan once now so a missing input field is the submitter's error,
-        // not a failed task later.
+        // Check the input against the plan now (what rendering it would say) so a
+        // missing input field is the submitter's error, not a failed task later.
         let persona = self.catalog.persona();
         if playbook.goal.is_some() && self.ctx.llm().is_none() {
             return Err(ErrorReply::new(
@@ -325,7 +325,7 @@ impl IntakeState {
         }
         playbook
             .goal_text("validation", &req.input, persona)
-            .and_then(|_| playbook.plan("validation", &req.input, persona))
+            .and_then(|_| playbook.check_input(&req.input, persona))
             .map_err(|e| {
                 ErrorReply::new(ErrorCode::InvalidInput, format!("playbook `{name}`: {e}"))
             })?;
