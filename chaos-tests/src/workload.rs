@@ -181,14 +181,24 @@ verify = { exit_code = 0 }
                 "seed {seed}: the unsafe step of {id} ran {:?} times",
                 unsafe_runs.get(id)
             );
-            // In a cluster, gathered from every node's audit chain.
-            let ranks: Vec<u8> = crate::trace_records(client, id)
-                .await?
-                .iter()
-                .filter_map(|r| r["action"].as_str().and_then(rank))
-                .collect();
+            // In a cluster, gathered from every node's audit chain: a node just back
+            // from a fault may not be asked or may not answer in time, so the trace is
+            // read again (bounded) until it holds the task's end.
+            let ranks = eventually(
+                Duration::from_secs(15),
+                &format!("seed {seed}: the trace of {id} to reach `succeeded`"),
+                || async {
+                    let records = crate::trace_records(client, id).await.ok()?;
+                    let ranks: Vec<u8> = records
+                        .iter()
+                        .filter_map(|r| r["action"].as_str().and_then(rank))
+                        .collect();
+                    (ranks.last() == Some(&5)).then_some(ranks)
+                },
+            )
+            .await?;
             assert!(
-                ranks.windows(2).all(|w| w[0] <= w[1]) && ranks.last() == Some(&5),
+                ranks.windows(2).all(|w| w[0] <= w[1]),
                 "seed {seed}: {id} moved backwards: {ranks:?}"
             );
         }
