@@ -72,23 +72,10 @@ impl TaskFacts {
     /// A record for `task` with everything but the action filled in.
     pub fn record(&self, task: &Task, node_id: &str, actor: &str, at_ms: u64) -> AuditRecord {
         AuditRecord {
-            at_ms,
-            node_id: node_id.to_string(),
-            actor: actor.to_string(),
-            operator: None,
-            action: String::new(),
             task_id: Some(task.id.clone()),
-            step_id: None,
-            attempt: None,
             plan: Some(self.plan.clone()),
-            tool: None,
-            args_hash: None,
-            params: None,
             input_ref: Some(self.input_ref.clone()),
-            outcome: String::new(),
-            detail: None,
-            duration_ms: None,
-            cost_usd: None,
+            ..AuditRecord::new(at_ms, node_id, actor, "", "")
         }
     }
 }
@@ -300,21 +287,14 @@ mod tests {
     }
 
     fn sparse() -> AuditRecord {
-        AuditRecord {
-            operator: None,
-            task_id: None,
-            step_id: None,
-            attempt: None,
-            plan: None,
-            tool: None,
-            args_hash: None,
-            params: None,
-            input_ref: None,
-            detail: None,
-            duration_ms: None,
-            cost_usd: None,
-            ..full()
-        }
+        let full = full();
+        AuditRecord::new(
+            full.at_ms,
+            &full.node_id,
+            &full.actor,
+            &full.action,
+            &full.outcome,
+        )
     }
 
     #[test]
@@ -362,27 +342,21 @@ mod tests {
     /// ASCII, multi-byte characters), at random lengths: escaped as serde_json escapes.
     #[test]
     fn strings_are_escaped_as_serde_json_escapes_them() {
+        use rand::{Rng, SeedableRng};
         let seed: u64 = std::env::var("CADRE_TEST_SEED")
             .ok()
             .and_then(|s| s.parse().ok())
             .unwrap_or(0x5eed_0a0d);
         println!("seed {seed} (CADRE_TEST_SEED to repeat)");
-        let mut state = seed;
-        let mut next = move || {
-            // xorshift64*: enough to spread the cases.
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let alphabet = [
             'a', 'Z', '0', ' ', '"', '\\', '/', '\u{0}', '\u{8}', '\t', '\n', '\u{c}', '\r',
             '\u{1f}', '\u{7f}', 'é', '—', '😀', '\u{2028}',
         ];
         for _ in 0..2000 {
-            let len = (next() % 40) as usize;
+            let len = rng.random_range(0..40);
             let s: String = (0..len)
-                .map(|_| alphabet[(next() % alphabet.len() as u64) as usize])
+                .map(|_| alphabet[rng.random_range(0..alphabet.len())])
                 .collect();
             let mut ours = Vec::new();
             json_str(&mut ours, &s);

@@ -677,6 +677,32 @@ pub struct AuditRecord {
     pub cost_usd: Option<f64>,
 }
 
+impl AuditRecord {
+    /// A record of `action` with `outcome`, by `actor` on `node_id`; every optional
+    /// field absent.
+    pub fn new(at_ms: u64, node_id: &str, actor: &str, action: &str, outcome: &str) -> Self {
+        AuditRecord {
+            at_ms,
+            node_id: node_id.into(),
+            actor: actor.into(),
+            operator: None,
+            action: action.into(),
+            task_id: None,
+            step_id: None,
+            attempt: None,
+            plan: None,
+            tool: None,
+            args_hash: None,
+            params: None,
+            input_ref: None,
+            outcome: outcome.into(),
+            detail: None,
+            duration_ms: None,
+            cost_usd: None,
+        }
+    }
+}
+
 /// An audit record with its place in the chain, as answered by
 /// `cadre.audit.<node_id>.read` and `cadre.tasks.trace`, and published on
 /// `cadre.audit.<node_id>` (in batches: each message is a JSON array of consecutive

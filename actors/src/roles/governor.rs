@@ -420,25 +420,13 @@ fn record(ctx: &NodeContext, ks: &KillSwitchState) -> AuditRecord {
 
 /// The governor's record of a node-wide action.
 fn blank_record(ctx: &NodeContext, action: &str, outcome: &str) -> AuditRecord {
-    AuditRecord {
-        at_ms: ctx.now_ms(),
-        node_id: ctx.settings.node_id.clone(),
-        actor: ctx.from(crate::roles::GOVERNOR),
-        operator: None,
-        action: action.into(),
-        task_id: None,
-        step_id: None,
-        attempt: None,
-        plan: None,
-        tool: None,
-        args_hash: None,
-        params: None,
-        input_ref: None,
-        outcome: outcome.into(),
-        detail: None,
-        duration_ms: None,
-        cost_usd: None,
-    }
+    AuditRecord::new(
+        ctx.now_ms(),
+        &ctx.settings.node_id,
+        &ctx.from(crate::roles::GOVERNOR),
+        action,
+        outcome,
+    )
 }
 
 /// Name, size and modification time of each `*.cedar` file in `dir`, sorted.
