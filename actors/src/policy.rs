@@ -11,6 +11,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::LazyLock;
 
 use cedar_policy::{
     ActionConstraint, Authorizer, Context, Decision as CedarDecision, Effect, Entities, EntityId,
@@ -364,8 +365,9 @@ impl Policies {
         } else {
             facts.persona.as_str()
         };
-        let principal = uid("Persona", persona);
-        let resource = uid("Step", &format!("{}/{}", facts.task_id, facts.step_id));
+        let principal = EntityUid::from_type_name_and_id(PERSONA.clone(), EntityId::new(persona));
+        let step = [facts.task_id.as_str(), facts.step_id.as_str()].join("/");
+        let resource = EntityUid::from_type_name_and_id(STEP.clone(), EntityId::new(&step));
         let context = match Context::from_pairs(facts.context(self.context_read.as_ref())) {
             Ok(c) => c,
             Err(e) => return decision(Ruling::Deny, vec![format!("policy context: {e}")]),
@@ -509,10 +511,18 @@ fn context_attributes(set: &PolicySet) -> Option<BTreeSet<String>> {
 
 /// `Type::"id"`. The type names used here are fixed identifiers, which always parse.
 fn uid(ty: &str, id: &str) -> EntityUid {
-    let ty = EntityTypeName::from_str(ty)
-        .unwrap_or_else(|e| panic!("entity type `{ty}` does not parse: {e}"));
-    EntityUid::from_type_name_and_id(ty, EntityId::new(id))
+    EntityUid::from_type_name_and_id(type_name(ty), EntityId::new(id))
 }
+
+fn type_name(ty: &str) -> EntityTypeName {
+    EntityTypeName::from_str(ty)
+        .unwrap_or_else(|e| panic!("entity type `{ty}` does not parse: {e}"))
+}
+
+/// The entity types every question names, parsed once: `from_str` runs Cedar's parser,
+/// and two per step were a third of building a question.
+static PERSONA: LazyLock<EntityTypeName> = LazyLock::new(|| type_name("Persona"));
+static STEP: LazyLock<EntityTypeName> = LazyLock::new(|| type_name("Step"));
 
 /// Errors of a Cedar diagnostic, each at the line and column its first label points at.
 fn located<D: Diagnostic>(file: &str, text: &str, diagnostic: &D) -> Vec<PolicyError> {
