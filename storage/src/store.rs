@@ -943,7 +943,10 @@ impl Store {
         while links.front().is_some_and(|l| l.seq <= after) {
             links.pop_front();
         }
-        if links.front().is_some_and(|l| l.seq == after + 1) {
+        if links
+            .front()
+            .is_some_and(|l| l.seq == after.saturating_add(1))
+        {
             let n = links
                 .iter()
                 .take(limit)
