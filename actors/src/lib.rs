@@ -35,3 +35,15 @@ pub mod schedule;
 pub mod secrets;
 pub mod template;
 pub mod tools;
+
+/// A randomised test's seed: `CADRE_TEST_SEED` if set, else `default`; printed, so a
+/// failure can be replayed.
+#[cfg(test)]
+pub(crate) fn test_seed(default: u64) -> u64 {
+    let seed = std::env::var("CADRE_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default);
+    println!("seed {seed} (CADRE_TEST_SEED to replay)");
+    seed
+}

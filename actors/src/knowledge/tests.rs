@@ -361,11 +361,7 @@ fn a_duplicate_fact_confirms_and_a_contradiction_supersedes() {
 #[test]
 fn retrieval_is_relevant_and_bounded_on_a_seeded_corpus() {
     use rand::{Rng, SeedableRng};
-    let seed: u64 = std::env::var("CADRE_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(20261124);
-    println!("seed {seed}");
+    let seed = crate::test_seed(20261124);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut log = Log::new();
     let index = index::MemoryIndex::open(None).unwrap();
