@@ -232,6 +232,11 @@ struct Cx<'a> {
     limits: &'a Limits,
     gate: &'a dyn Gate,
     out: Transition,
+    /// The input answers one of the task's own calls (an executor's or a verifier's
+    /// reply): nobody outside the task has been told anything, so what follows from it
+    /// may be held uncommitted where it is effect-free and redone after a crash. Not so
+    /// for an operator's input, whose answer waits for its commit.
+    own_reply: bool,
 }
 
 /// Applies `input` to `task`. `jitter` in `[0, 1)` comes from the actor's seeded RNG;
@@ -251,9 +256,15 @@ pub fn apply(
         limits,
         gate,
         out: Transition::default(),
+        own_reply: matches!(
+            input,
+            Input::Executed { .. } | Input::Verified { .. } | Input::TaskVerified(_)
+        ),
     };
     cx.input(input)?;
-    if cx.out.commit {
+    // Also when the events are held: the time the task last changed is now, whenever
+    // it is committed (the archivist records it as the task's finish).
+    if cx.out.commit || !cx.out.events.is_empty() {
         cx.task.updated_at_ms = now_ms;
     }
     Ok(cx.out)
@@ -1421,6 +1432,14 @@ impl Cx<'_> {
             self.task.hop_retries = 0;
             self.set_status(TaskStatus::Archiving, None);
             self.out.actions.push(Action::Archive);
+            // Not committed on its own, as `planning` is not: archiving is effect-free
+            // and redone after a crash, and a last step that ran again goes through the
+            // effect ledger like any re-sent step. So the last step's success, the
+            // verdicts and `archiving` commit with `succeeded`: one commit fewer per
+            // task. A failed archive hop commits them (`hop_failed`).
+            if self.own_reply {
+                self.out.commit = false;
+            }
         } else {
             self.fail(format!("task verification failed: {reasons}"));
         }
@@ -1452,6 +1471,11 @@ impl Cx<'_> {
         }
         let at_ms = self.now_ms + self.backoff(self.task.hop_retries);
         self.out.actions.push(Action::HopAt { at_ms });
+        // A task that waits for the archivist shows where it is: what was held for
+        // the archive's answer (see `task_verified`) is committed now.
+        if during == TaskStatus::Archiving {
+            self.out.commit = true;
+        }
     }
 
     fn hop_due(&mut self) {

@@ -827,7 +827,7 @@ fn the_last_steps_verify_can_carry_the_task_verdict_into_one_commit() {
             cost_micros: 0,
         },
     );
-    assert!(tr.commit);
+    assert!(!tr.commit, "held until the archive answers");
     assert_eq!(kinds(&tr), ["step_succeeded", "verifying", "archiving"]);
     assert_eq!(tr.actions, vec![Action::Archive]);
     assert_eq!(t.status, TaskStatus::Archiving);
@@ -891,7 +891,10 @@ fn an_outcome_forwarded_with_its_verdict_commits_both_at_once() {
             reply: forwarded(r#"{"n":1}"#, pass(), Some(pass())),
         },
     );
-    assert!(tr.commit, "output and verdict commit together");
+    assert!(
+        !tr.commit,
+        "output and verdict are held together for the archive"
+    );
     assert_eq!(kinds(&tr), ["step_succeeded", "verifying", "archiving"]);
     assert_eq!(tr.actions, vec![Action::Archive], "no verify hop");
     assert_eq!(t.steps[0].output, Some(JsonText(r#"{"n":1}"#.into())));
@@ -1472,4 +1475,90 @@ fn a_takeover_is_recorded_and_names_the_new_owner_then_resumes_in_flight_steps()
     );
     assert!(!tr.commit && tr.events.is_empty());
     assert_eq!(ended.node_id, "n1");
+}
+
+/// Archiving is effect-free and redone after a crash: the last step's success, the
+/// verdicts and `archiving` are held and commit with `succeeded` (one commit fewer);
+/// a failed archive hop commits them at once; an operator's input is never held.
+#[test]
+fn archiving_is_held_until_the_archive_answers() {
+    let last_step_done = |t: &mut Task| {
+        planned(t, vec![spec("a", &[])]);
+        go(
+            t,
+            Input::Executed {
+                step: "a".into(),
+                attempt: 1,
+                reply: forwarded("{}", pass(), Some(pass())),
+            },
+        )
+    };
+    let mut t = task();
+    let tr = last_step_done(&mut t);
+    assert!(!tr.commit);
+    assert_eq!(kinds(&tr), ["step_succeeded", "verifying", "archiving"]);
+    assert_eq!(t.updated_at_ms, 2_000, "changed now, whenever it commits");
+    let tr = go(&mut t, Input::Archived(ArchiveReply::Archived));
+    assert!(tr.commit, "`succeeded` commits, and what was held with it");
+    assert_eq!(kinds(&tr), ["succeeded"]);
+
+    let mut t = task();
+    last_step_done(&mut t);
+    let tr = go(
+        &mut t,
+        Input::Archived(ArchiveReply::Failed {
+            message: "store full".into(),
+        }),
+    );
+    assert!(
+        tr.commit,
+        "a task waiting for the archivist shows where it is"
+    );
+    assert!(matches!(tr.actions[..], [Action::HopAt { .. }]));
+    assert_eq!(t.status, TaskStatus::Archiving);
+
+    // Verified by a separate hop: `verifying` commits with the step, `archiving` is held.
+    let mut t = task();
+    planned(&mut t, vec![spec("a", &[])]);
+    let tr = go(
+        &mut t,
+        Input::Executed {
+            step: "a".into(),
+            attempt: 1,
+            reply: forwarded("{}", pass(), None),
+        },
+    );
+    assert!(tr.commit);
+    assert_eq!(tr.actions, vec![Action::VerifyTask]);
+    let tr = go(&mut t, Input::TaskVerified(pass()));
+    assert!(!tr.commit);
+    assert_eq!(kinds(&tr), ["archiving"]);
+
+    // An operator who marks the last step done is answered after a commit.
+    let mut t = task();
+    planned(&mut t, vec![spec("a", &[])]);
+    let unknown = ExecReply::Failed {
+        kind: FailureKind::OutcomeUnknown,
+        message: "unknown".into(),
+        output: None,
+    };
+    go(
+        &mut t,
+        Input::Executed {
+            step: "a".into(),
+            attempt: 1,
+            reply: unknown,
+        },
+    );
+    let tr = go(
+        &mut t,
+        Input::Resolve {
+            step: "a".into(),
+            decision: DecisionKind::MarkDone,
+            by: "ops".into(),
+            note: None,
+        },
+    );
+    assert!(tr.commit);
+    assert_eq!(t.steps[0].status, StepStatus::Succeeded);
 }
