@@ -5,10 +5,10 @@
 //! the transition it describes (`storage::Batch::append_audit`), so the audit log and
 //! the state can never disagree.
 
-use serde::Serialize;
 use sha2::{Digest, Sha256};
 use storage::chain::Link;
 
+use crate::json_write::{field_str, number};
 use crate::model::{JsonText, Task};
 use crate::protocol::{AuditEntry, AuditRecord, AuditRecordJson, TaskEvent};
 use crate::redact;
@@ -146,17 +146,17 @@ impl<'a> LinkEntry<'a> {
     /// [`AuditEntryJson`] (tested against it), written by hand because the publisher
     /// writes one per record, 18 per task, and `serde_json`'s call per field and its
     /// byte-by-byte escape scan were 8 % of a task's instructions. Field names are
-    /// literals here; strings are scanned 8 bytes at a time ([`json_str`]).
+    /// literals here; strings are scanned 8 bytes at a time ([`string`]).
     pub fn write_json(&self, out: &mut Vec<u8>) {
         let r = &self.record;
         out.extend_from_slice(b"{\"seq\":");
-        json_num(out, self.link.seq);
+        number(out, self.link.seq);
         out.extend_from_slice(b",\"hash\":\"");
         out.extend_from_slice(storage::codec::to_hex(&self.link.hash).as_bytes());
         out.extend_from_slice(b"\",\"prev_hash\":\"");
         out.extend_from_slice(storage::codec::to_hex(&self.link.prev_hash).as_bytes());
         out.extend_from_slice(b"\",\"record\":{\"at_ms\":");
-        json_num(out, r.at_ms);
+        number(out, r.at_ms);
         field_str(out, b",\"node_id\":", Some(r.node_id));
         field_str(out, b",\"actor\":", Some(r.actor));
         field_str(out, b",\"operator\":", r.operator);
@@ -165,7 +165,7 @@ impl<'a> LinkEntry<'a> {
         field_str(out, b",\"step_id\":", r.step_id);
         if let Some(attempt) = r.attempt {
             out.extend_from_slice(b",\"attempt\":");
-            json_num(out, attempt);
+            number(out, attempt);
         }
         field_str(out, b",\"plan\":", r.plan);
         field_str(out, b",\"tool\":", r.tool);
@@ -176,83 +176,13 @@ impl<'a> LinkEntry<'a> {
         field_str(out, b",\"detail\":", r.detail);
         if let Some(ms) = r.duration_ms {
             out.extend_from_slice(b",\"duration_ms\":");
-            json_num(out, ms);
+            number(out, ms);
         }
         if let Some(usd) = r.cost_usd {
             out.extend_from_slice(b",\"cost_usd\":");
-            json_num(out, usd);
+            number(out, usd);
         }
         out.extend_from_slice(b"}}");
-    }
-}
-
-fn field_str(out: &mut Vec<u8>, name: &[u8], value: Option<&str>) {
-    if let Some(value) = value {
-        out.extend_from_slice(name);
-        json_str(out, value);
-    }
-}
-
-/// A number as `serde_json` writes it (`null` for a float that is not finite).
-fn json_num(out: &mut Vec<u8>, n: impl Serialize) {
-    // Writing a number into a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut *out, &n);
-}
-
-/// `s` as a JSON string, escaped as `serde_json` escapes: `"` and `\`, the control
-/// characters (`\b \t \n \f \r`, the others as `\u00xx`), nothing else. Runs of 8
-/// bytes with none of those are copied without looking at each byte.
-fn json_str(out: &mut Vec<u8>, s: &str) {
-    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
-    const HIGHS: u64 = u64::from_ne_bytes([0x80; 8]);
-    // Does any byte of the word equal 0 / fall below 0x20? (The has-zero and has-less-than
-    // word tricks: exact as a yes or no for the word, which is all the skip needs.)
-    let has_zero = |v: u64| v.wrapping_sub(ONES) & !v & HIGHS != 0;
-    let has_control = |v: u64| v.wrapping_sub(ONES * 0x20) & !v & HIGHS != 0;
-    let bytes = s.as_bytes();
-    out.reserve(bytes.len() + 2);
-    out.push(b'"');
-    let mut copied = 0;
-    let mut i = 0;
-    while i < bytes.len() {
-        if let Some(word) = bytes.get(i..i + 8) {
-            let v = u64::from_ne_bytes(word.try_into().unwrap_or_default());
-            if !(has_control(v)
-                || has_zero(v ^ (ONES * u64::from(b'"')))
-                || has_zero(v ^ (ONES * u64::from(b'\\'))))
-            {
-                i += 8;
-                continue;
-            }
-        }
-        let b = bytes[i];
-        if b == b'"' || b == b'\\' || b < 0x20 {
-            out.extend_from_slice(&bytes[copied..i]);
-            json_escape(out, b);
-            copied = i + 1;
-        }
-        i += 1;
-    }
-    out.extend_from_slice(&bytes[copied..]);
-    out.push(b'"');
-}
-
-/// The escape of a byte [`json_str`] must escape, as `serde_json` writes it.
-fn json_escape(out: &mut Vec<u8>, b: u8) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    match b {
-        b'"' => out.extend_from_slice(b"\\\""),
-        b'\\' => out.extend_from_slice(b"\\\\"),
-        0x08 => out.extend_from_slice(b"\\b"),
-        0x09 => out.extend_from_slice(b"\\t"),
-        0x0a => out.extend_from_slice(b"\\n"),
-        0x0c => out.extend_from_slice(b"\\f"),
-        0x0d => out.extend_from_slice(b"\\r"),
-        _ => {
-            out.extend_from_slice(b"\\u00");
-            out.push(HEX[usize::from(b >> 4)]);
-            out.push(HEX[usize::from(b & 0x0f)]);
-        }
     }
 }
 
@@ -334,31 +264,5 @@ mod tests {
         }
         let torn = head.append(b"\x05ab".to_vec());
         assert!(LinkEntry::decode(&torn).is_err());
-    }
-
-    /// Strings of random bytes from the ones that matter (controls, quotes, backslashes,
-    /// ASCII, multi-byte characters), at random lengths: escaped as serde_json escapes.
-    #[test]
-    fn strings_are_escaped_as_serde_json_escapes_them() {
-        use rand::{Rng, SeedableRng};
-        let seed = crate::test_seed(0x5eed_0a0d);
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let alphabet = [
-            'a', 'Z', '0', ' ', '"', '\\', '/', '\u{0}', '\u{8}', '\t', '\n', '\u{c}', '\r',
-            '\u{1f}', '\u{7f}', 'é', '—', '😀', '\u{2028}',
-        ];
-        for _ in 0..2000 {
-            let len = rng.random_range(0..40);
-            let s: String = (0..len)
-                .map(|_| alphabet[rng.random_range(0..alphabet.len())])
-                .collect();
-            let mut ours = Vec::new();
-            json_str(&mut ours, &s);
-            assert_eq!(
-                String::from_utf8(ours).unwrap(),
-                serde_json::to_string(&s).unwrap(),
-                "seed {seed}: {s:?}"
-            );
-        }
     }
 }

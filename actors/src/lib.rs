@@ -17,6 +17,7 @@ pub mod context;
 pub mod criteria;
 pub mod faults;
 pub mod governance;
+pub mod json_write;
 pub mod knowledge;
 pub mod llm;
 pub mod machine;

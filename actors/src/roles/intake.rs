@@ -423,7 +423,7 @@ impl IntakeState {
         let outgoing = self.ctx.stage_outbox(
             &mut batch,
             subject::task_event(&task_id, "accepted"),
-            serde_json::to_vec(&event)?,
+            event.to_json(),
         )?;
         if let Some(key) = &key {
             self.pending.insert(key.clone(), Vec::new());

@@ -491,7 +491,7 @@ impl TaskState {
                 }
                 _ => event,
             };
-            let payload = serde_json::to_vec(event)?;
+            let payload = event.to_json();
             outgoing.push(ctx.stage_outbox(
                 &mut batch,
                 subject::task_event(&task.id, &event.kind),
