@@ -49,6 +49,18 @@ fn go(t: &mut Task, input: Input) -> Transition {
     apply(t, input, 2_000, 0.0, &limits(), &AllowAll).expect("accepted input")
 }
 
+/// The executor's `reply` to attempt `attempt` of `step`.
+fn executed(t: &mut Task, step: &str, attempt: u32, reply: ExecReply) -> Transition {
+    go(
+        t,
+        Input::Executed {
+            step: step.into(),
+            attempt,
+            reply,
+        },
+    )
+}
+
 fn planned(t: &mut Task, steps: Vec<StepSpec>) -> Transition {
     go(t, Input::Start);
     go(
@@ -107,14 +119,7 @@ fn happy_path_commits_every_transition_and_numbers_events() {
     assert_eq!(tr.actions, vec![exec("a", 1)], "b waits for a");
     assert_eq!(kinds(&tr), ["running", "step_started"]);
 
-    let tr = go(
-        &mut t,
-        Input::Executed {
-            step: "a".into(),
-            attempt: 1,
-            reply: done(r#"{"status":200}"#),
-        },
-    );
+    let tr = executed(&mut t, "a", 1, done(r#"{"status":200}"#));
     assert!(
         !tr.commit,
         "output is committed with its verdict, not alone"
@@ -140,14 +145,7 @@ fn happy_path_commits_every_transition_and_numbers_events() {
     assert_eq!(kinds(&tr), ["step_succeeded", "step_started"]);
     assert_eq!(tr.actions, vec![exec("b", 1)]);
 
-    go(
-        &mut t,
-        Input::Executed {
-            step: "b".into(),
-            attempt: 1,
-            reply: done("{}"),
-        },
-    );
+    executed(&mut t, "b", 1, done("{}"));
     let tr = go(
         &mut t,
         Input::Verified {
@@ -178,14 +176,7 @@ fn independent_steps_run_in_parallel() {
         vec![spec("a", &[]), spec("b", &[]), spec("c", &["a", "b"])],
     );
     assert_eq!(tr.actions, vec![exec("a", 1), exec("b", 1)]);
-    go(
-        &mut t,
-        Input::Executed {
-            step: "a".into(),
-            attempt: 1,
-            reply: done("{}"),
-        },
-    );
+    executed(&mut t, "a", 1, done("{}"));
     let tr = go(
         &mut t,
         Input::Verified {
@@ -208,14 +199,7 @@ fn retryable_failure_backs_off_then_fails_after_max_attempts() {
         message: "HTTP 503".into(),
         output: None,
     };
-    let tr = go(
-        &mut t,
-        Input::Executed {
-            step: "a".into(),
-            attempt: 1,
-            reply: fail(),
-        },
-    );
+    let tr = executed(&mut t, "a", 1, fail());
     assert_eq!(
         tr.actions,
         vec![Action::RetryAt {
@@ -234,14 +218,7 @@ fn retryable_failure_backs_off_then_fails_after_max_attempts() {
         },
     );
     assert_eq!(tr.actions, vec![exec("a", 2)]);
-    let tr = go(
-        &mut t,
-        Input::Executed {
-            step: "a".into(),
-            attempt: 2,
-            reply: fail(),
-        },
-    );
+    let tr = executed(&mut t, "a", 2, fail());
     assert_eq!(
         tr.actions,
         vec![Action::RetryAt {
@@ -258,14 +235,7 @@ fn retryable_failure_backs_off_then_fails_after_max_attempts() {
             attempt: 3,
         },
     );
-    let tr = go(
-        &mut t,
-        Input::Executed {
-            step: "a".into(),
-            attempt: 3,
-            reply: fail(),
-        },
-    );
+    let tr = executed(&mut t, "a", 3, fail());
     assert_eq!(t.status, TaskStatus::Failed);
     assert_eq!(kinds(&tr), ["step_failed", "failed"]);
     assert_eq!(
@@ -278,14 +248,7 @@ fn retryable_failure_backs_off_then_fails_after_max_attempts() {
 fn failed_verdict_retries_and_permanent_failure_does_not() {
     let mut t = task();
     planned(&mut t, vec![spec("a", &[]), spec("b", &["a"])]);
-    go(
-        &mut t,
-        Input::Executed {
-            step: "a".into(),
-            attempt: 1,
-            reply: done("{}"),
-        },
-    );
+    executed(&mut t, "a", 1, done("{}"));
     let verdict = Verdict {
         passed: false,
         reasons: vec!["FAILED: status 500 in [200]".into()],
@@ -316,14 +279,7 @@ fn failed_verdict_retries_and_permanent_failure_does_not() {
         message: "HTTP 404".into(),
         output: None,
     };
-    go(
-        &mut t,
-        Input::Executed {
-            step: "a".into(),
-            attempt: 2,
-            reply: permanent,
-        },
-    );
+    executed(&mut t, "a", 2, permanent);
     assert_eq!(t.status, TaskStatus::Failed);
     assert_eq!(t.steps[1].status, StepStatus::Skipped);
 }
@@ -332,14 +288,7 @@ fn failed_verdict_retries_and_permanent_failure_does_not() {
 fn stale_replies_are_ignored() {
     let mut t = task();
     planned(&mut t, vec![spec("a", &[])]);
-    let tr = go(
-        &mut t,
-        Input::Executed {
-            step: "a".into(),
-            attempt: 7,
-            reply: done("{}"),
-        },
-    );
+    let tr = executed(&mut t, "a", 7, done("{}"));
     assert!(!tr.commit && tr.actions.is_empty());
     let tr = go(
         &mut t,
@@ -408,14 +357,7 @@ fn outcome_unknown_parks_until_an_operator_decides() {
         message: "unknown".into(),
         output: None,
     };
-    let tr = go(
-        &mut t,
-        Input::Executed {
-            step: "a".into(),
-            attempt: 1,
-            reply: unknown,
-        },
-    );
+    let tr = executed(&mut t, "a", 1, unknown);
     assert_eq!(t.status, TaskStatus::AwaitingOperator);
     assert_eq!(
         kinds(&tr),
@@ -524,27 +466,13 @@ fn outcome_unknown_parks_until_an_operator_decides() {
 fn restart_resends_in_flight_work_and_rearms_timers() {
     let mut t = task();
     planned(&mut t, vec![spec("a", &[]), spec("b", &[])]);
-    go(
-        &mut t,
-        Input::Executed {
-            step: "a".into(),
-            attempt: 1,
-            reply: done("{}"),
-        },
-    ); // verifying, not committed
+    executed(&mut t, "a", 1, done("{}")); // verifying, not committed
     let fail = ExecReply::Failed {
         kind: FailureKind::Retryable,
         message: "503".into(),
         output: None,
     };
-    go(
-        &mut t,
-        Input::Executed {
-            step: "b".into(),
-            attempt: 1,
-            reply: fail,
-        },
-    );
+    executed(&mut t, "b", 1, fail);
     let tr = go(&mut t, Input::Start);
     assert_eq!(
         tr.actions,
@@ -587,14 +515,7 @@ fn cancel_skips_the_rest_and_is_refused_once_terminal() {
         .unwrap_err(),
         Rejected("task is already cancelled".into())
     );
-    let tr = go(
-        &mut t,
-        Input::Executed {
-            step: "a".into(),
-            attempt: 1,
-            reply: done("{}"),
-        },
-    );
+    let tr = executed(&mut t, "a", 1, done("{}"));
     assert!(
         tr.actions.is_empty(),
         "late replies after cancel do nothing"
@@ -642,14 +563,7 @@ fn task_level_check_failure_fails_the_task() {
             planning: None,
         }),
     );
-    go(
-        &mut t,
-        Input::Executed {
-            step: "a".into(),
-            attempt: 1,
-            reply: done("{}"),
-        },
-    );
+    executed(&mut t, "a", 1, done("{}"));
     go(
         &mut t,
         Input::Verified {
@@ -678,14 +592,7 @@ fn task_level_check_failure_fails_the_task() {
 fn an_unanswered_verify_is_asked_again_without_rerunning_the_effect() {
     let mut t = task();
     planned(&mut t, vec![spec("a", &[])]);
-    go(
-        &mut t,
-        Input::Executed {
-            step: "a".into(),
-            attempt: 1,
-            reply: done("{}"),
-        },
-    );
+    executed(&mut t, "a", 1, done("{}"));
     for n in 1..=2 {
         let tr = go(
             &mut t,
@@ -749,22 +656,8 @@ fn a_decision_keeps_the_operator_note_and_attention_moves_to_the_next_unknown_st
         message: m.into(),
         output: None,
     };
-    go(
-        &mut t,
-        Input::Executed {
-            step: "a".into(),
-            attempt: 1,
-            reply: unknown("a unknown"),
-        },
-    );
-    go(
-        &mut t,
-        Input::Executed {
-            step: "b".into(),
-            attempt: 1,
-            reply: unknown("b unknown"),
-        },
-    );
+    executed(&mut t, "a", 1, unknown("a unknown"));
+    executed(&mut t, "b", 1, unknown("b unknown"));
     let tr = go(
         &mut t,
         Input::Resolve {
@@ -809,14 +702,7 @@ fn a_decision_keeps_the_operator_note_and_attention_moves_to_the_next_unknown_st
 fn the_last_steps_verify_can_carry_the_task_verdict_into_one_commit() {
     let mut t = task();
     planned(&mut t, vec![spec("a", &[])]);
-    go(
-        &mut t,
-        Input::Executed {
-            step: "a".into(),
-            attempt: 1,
-            reply: done("{}"),
-        },
-    );
+    executed(&mut t, "a", 1, done("{}"));
     let tr = go(
         &mut t,
         Input::Verified {
@@ -834,14 +720,7 @@ fn the_last_steps_verify_can_carry_the_task_verdict_into_one_commit() {
 
     let mut t = task();
     planned(&mut t, vec![spec("a", &[])]);
-    go(
-        &mut t,
-        Input::Executed {
-            step: "a".into(),
-            attempt: 1,
-            reply: done("{}"),
-        },
-    );
+    executed(&mut t, "a", 1, done("{}"));
     let no = Verdict {
         passed: false,
         reasons: vec!["FAILED: crm: $.body.name".into()],
@@ -883,13 +762,11 @@ fn an_outcome_forwarded_with_its_verdict_commits_both_at_once() {
     // The last step: its verdict carries the task's, as a separate verify would.
     let mut t = task();
     planned(&mut t, vec![spec("a", &[])]);
-    let tr = go(
+    let tr = executed(
         &mut t,
-        Input::Executed {
-            step: "a".into(),
-            attempt: 1,
-            reply: forwarded(r#"{"n":1}"#, pass(), Some(pass())),
-        },
+        "a",
+        1,
+        forwarded(r#"{"n":1}"#, pass(), Some(pass())),
     );
     assert!(
         !tr.commit,
@@ -906,14 +783,7 @@ fn an_outcome_forwarded_with_its_verdict_commits_both_at_once() {
         passed: false,
         reasons: vec!["FAILED: exit_code 1 (want 0)".into()],
     };
-    let tr = go(
-        &mut t,
-        Input::Executed {
-            step: "a".into(),
-            attempt: 1,
-            reply: forwarded("{}", no, None),
-        },
-    );
+    let tr = executed(&mut t, "a", 1, forwarded("{}", no, None));
     assert_eq!(kinds(&tr), ["step_retry"]);
     assert_eq!(t.steps[0].status, StepStatus::RetryWait);
     assert_eq!(t.steps[0].next_attempt, 2);
@@ -1520,14 +1390,7 @@ fn archiving_is_held_until_the_archive_answers() {
     // Verified by a separate hop: `verifying` commits with the step, `archiving` is held.
     let mut t = task();
     planned(&mut t, vec![spec("a", &[])]);
-    let tr = go(
-        &mut t,
-        Input::Executed {
-            step: "a".into(),
-            attempt: 1,
-            reply: forwarded("{}", pass(), None),
-        },
-    );
+    let tr = executed(&mut t, "a", 1, forwarded("{}", pass(), None));
     assert!(tr.commit);
     assert_eq!(tr.actions, vec![Action::VerifyTask]);
     let tr = go(&mut t, Input::TaskVerified(pass()));
@@ -1542,14 +1405,7 @@ fn archiving_is_held_until_the_archive_answers() {
         message: "unknown".into(),
         output: None,
     };
-    go(
-        &mut t,
-        Input::Executed {
-            step: "a".into(),
-            attempt: 1,
-            reply: unknown,
-        },
-    );
+    executed(&mut t, "a", 1, unknown);
     let tr = go(
         &mut t,
         Input::Resolve {
