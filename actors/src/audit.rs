@@ -8,7 +8,7 @@
 use sha2::{Digest, Sha256};
 use storage::chain::Link;
 
-use crate::json_write::{field_str, number};
+use crate::json_write::{field_num, field_str, number};
 use crate::model::{JsonText, Task};
 use crate::protocol::{AuditEntry, AuditRecord, AuditRecordJson, TaskEvent};
 use crate::redact;
@@ -146,7 +146,7 @@ impl<'a> LinkEntry<'a> {
     /// [`AuditEntryJson`] (tested against it), written by hand because the publisher
     /// writes one per record, 18 per task, and `serde_json`'s call per field and its
     /// byte-by-byte escape scan were 8 % of a task's instructions. Field names are
-    /// literals here; strings are scanned 8 bytes at a time ([`string`]).
+    /// literals here; strings are scanned 8 bytes at a time ([`crate::json_write::string`]).
     pub fn write_json(&self, out: &mut Vec<u8>) {
         let r = &self.record;
         out.extend_from_slice(b"{\"seq\":");
@@ -163,10 +163,7 @@ impl<'a> LinkEntry<'a> {
         field_str(out, b",\"action\":", Some(r.action));
         field_str(out, b",\"task_id\":", r.task_id);
         field_str(out, b",\"step_id\":", r.step_id);
-        if let Some(attempt) = r.attempt {
-            out.extend_from_slice(b",\"attempt\":");
-            number(out, attempt);
-        }
+        field_num(out, b",\"attempt\":", r.attempt);
         field_str(out, b",\"plan\":", r.plan);
         field_str(out, b",\"tool\":", r.tool);
         field_str(out, b",\"args_hash\":", r.args_hash);
@@ -174,14 +171,8 @@ impl<'a> LinkEntry<'a> {
         field_str(out, b",\"input_ref\":", r.input_ref);
         field_str(out, b",\"outcome\":", Some(r.outcome));
         field_str(out, b",\"detail\":", r.detail);
-        if let Some(ms) = r.duration_ms {
-            out.extend_from_slice(b",\"duration_ms\":");
-            number(out, ms);
-        }
-        if let Some(usd) = r.cost_usd {
-            out.extend_from_slice(b",\"cost_usd\":");
-            number(out, usd);
-        }
+        field_num(out, b",\"duration_ms\":", r.duration_ms);
+        field_num(out, b",\"cost_usd\":", r.cost_usd);
         out.extend_from_slice(b"}}");
     }
 }

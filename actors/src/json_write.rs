@@ -16,6 +16,14 @@ pub fn field_str(out: &mut Vec<u8>, name: &[u8], value: Option<&str>) {
     }
 }
 
+/// `name` and `value` as a JSON number, if there is a value (see [`field_str`]).
+pub fn field_num(out: &mut Vec<u8>, name: &[u8], value: Option<impl Serialize>) {
+    if let Some(value) = value {
+        out.extend_from_slice(name);
+        number(out, value);
+    }
+}
+
 /// A number as `serde_json` writes it (`null` for a float that is not finite).
 pub fn number(out: &mut Vec<u8>, n: impl Serialize) {
     // Writing a number into a Vec cannot fail.

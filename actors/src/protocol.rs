@@ -634,7 +634,7 @@ impl TaskEvent {
     /// `serde_json`'s escape scan of every byte was 2 % of a task's instructions
     /// ([`crate::json_write`]).
     pub fn to_json(&self) -> Vec<u8> {
-        use crate::json_write::{field_str, number, string};
+        use crate::json_write::{field_num, field_str, number, string};
         let mut out = Vec::with_capacity(160 + self.detail.as_ref().map_or(0, String::len));
         out.extend_from_slice(b"{\"task_id\":");
         string(&mut out, &self.task_id);
@@ -643,10 +643,7 @@ impl TaskEvent {
         field_str(&mut out, b",\"kind\":", Some(&self.kind));
         field_str(&mut out, b",\"status\":", Some(self.status.as_str()));
         field_str(&mut out, b",\"step_id\":", self.step_id.as_deref());
-        if let Some(attempt) = self.attempt {
-            out.extend_from_slice(b",\"attempt\":");
-            number(&mut out, attempt);
-        }
+        field_num(&mut out, b",\"attempt\":", self.attempt);
         field_str(&mut out, b",\"detail\":", self.detail.as_deref());
         out.extend_from_slice(b",\"at_ms\":");
         number(&mut out, self.at_ms);
