@@ -481,10 +481,10 @@ impl TaskState {
         for event in events {
             // Event details carry tool errors, which may quote a URL or a header.
             let redacted;
-            let event = match &event.detail {
-                Some(d) if crate::redact::text(d) != *d => {
+            let event = match event.detail.as_deref().map(crate::redact::text) {
+                Some(masked) if event.detail.as_deref() != Some(masked.as_str()) => {
                     redacted = TaskEvent {
-                        detail: Some(crate::redact::text(d)),
+                        detail: Some(masked),
                         ..event.clone()
                     };
                     &redacted
