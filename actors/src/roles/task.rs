@@ -43,8 +43,8 @@ pub struct TaskArgs {
     /// Started to receive a cancel/resolve: stay up after `Start` even if parked, or
     /// the control message that follows would find the actor gone.
     pub hold_after_start: bool,
-    /// The store group that wrote the task as accepted, if it may not be synced yet:
-    /// steps are dispatched only once it is.
+    /// The store group that wrote the task as accepted (with its `Cf::Active` entry, not
+    /// parked), if it may not be synced yet: steps are dispatched only once it is.
     pub accepted_ticket: Option<u64>,
 }
 
@@ -193,7 +193,8 @@ impl Actor for TaskActor {
             standing_down: false,
             low_slot: None,
             accepted_ticket: args.accepted_ticket,
-            active_committed: None,
+            // A task just accepted here: the intake's batch wrote its entry (not parked).
+            active_committed: args.accepted_ticket.map(|_| false),
         })
     }
 
