@@ -93,16 +93,17 @@ impl BlockingPool {
         let (tx, mut rx) = tokio::sync::oneshot::channel();
         let started = Arc::new(AtomicBool::new(false));
         let running = started.clone();
-        self.submit(Box::new(move || {
+        let has_thread = self.submit(Box::new(move || {
             running.store(true, Ordering::Relaxed);
             let _ = tx.send(catch_unwind(AssertUnwindSafe(f)));
         }))?;
-        let outcome = loop {
-            match tokio::time::timeout(self.shared.grow_after, &mut rx).await {
-                Ok(outcome) => break outcome,
-                Err(_) if !started.load(Ordering::Relaxed) => self.grow(),
-                Err(_) => {}
-            }
+        // A thread free for it (or started for it) takes it now: no growth check, and no
+        // timer, whose registration and removal take tokio's one timer lock
+        // (docs/PERFORMANCE.md: workers yield their core spinning on it).
+        let outcome = if has_thread {
+            rx.await
+        } else {
+            self.wait_growing(&started, &mut rx).await
         };
         match outcome {
             Ok(Ok(value)) => Ok(value),
@@ -112,29 +113,50 @@ impl BlockingPool {
         }
     }
 
+    /// Waits for a call queued behind busy threads, adding a thread every `grow_after`
+    /// it has not started while all of them are stuck in slow calls.
+    async fn wait_growing<T>(
+        &self,
+        started: &AtomicBool,
+        rx: &mut tokio::sync::oneshot::Receiver<T>,
+    ) -> Result<T, tokio::sync::oneshot::error::RecvError> {
+        loop {
+            match tokio::time::timeout(self.shared.grow_after, &mut *rx).await {
+                Ok(outcome) => return outcome,
+                Err(_) if !started.load(Ordering::Relaxed) => self.grow(),
+                Err(_) => {}
+            }
+        }
+    }
+
     /// Threads the pool holds now (for tests and the benchmark's notes).
     pub fn threads(&self) -> usize {
         self.shared.lock().threads
     }
 
-    fn submit(&self, job: Job) -> Result<(), PoolError> {
+    /// Queues `job`; `true` if a thread is there for it: an idle one woken for it (every
+    /// call queued before it has one too), or one started for it.
+    fn submit(&self, job: Job) -> Result<bool, PoolError> {
         let shared = &self.shared;
         let mut state = shared.lock();
         state.queue.push_back(job);
         if state.idle > state.notified {
             state.notified += 1;
             shared.work.notify_one();
-            return Ok(());
+            return Ok(true);
         }
-        if state.threads < shared.min
-            && let Err(e) = shared.add_thread(&mut state)
-            && state.threads == 0
-        {
-            // With no thread at all, nobody would ever take the call.
-            state.queue.pop_back();
-            return Err(PoolError::Unavailable(e.to_string()));
+        if state.threads < shared.min {
+            match shared.add_thread(&mut state) {
+                Ok(()) => return Ok(true),
+                // With no thread at all, nobody would ever take the call.
+                Err(e) if state.threads == 0 => {
+                    state.queue.pop_back();
+                    return Err(PoolError::Unavailable(e.to_string()));
+                }
+                Err(_) => {}
+            }
         }
-        Ok(())
+        Ok(false)
     }
 
     /// A call waited in the queue: one more thread if every thread is stuck in a slow
