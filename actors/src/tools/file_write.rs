@@ -82,7 +82,11 @@ fn admit(roots: &[PathBuf], raw: &str) -> Result<Target, ToolError> {
     let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
         return Err(ToolError::permanent(format!("path `{raw}` names no file")));
     };
-    let below = parent.strip_prefix(root).unwrap_or(Path::new(""));
+    let Ok(below) = parent.strip_prefix(root) else {
+        return Err(ToolError::permanent(format!(
+            "path `{raw}` names the root itself, not a file in it"
+        )));
+    };
     let outside = || {
         ToolError::permanent(format!(
             "path `{raw}` resolves outside its root {} (a symlink leaves it, or is absolute)",
@@ -417,6 +421,10 @@ mod tests {
             .unwrap_err();
         assert!(err.to_string().contains("cannot create temp file"), "{err}");
         assert_eq!(std::fs::read_to_string(&secret).unwrap(), "untouched");
+
+        // The root itself is no file in it.
+        refused(&tool, &root_path, "names the root itself").await;
+        assert!(root_path.is_dir());
 
         // A link whose target leaves the root through `..`: refused as a symlink.
         std::os::unix::fs::symlink("../..", root_path.join("up")).unwrap();
