@@ -155,14 +155,17 @@ fn open_beneath(root_dir: &OwnedFd, root: &Path, rel: &Path) -> io::Result<Owned
         rel
     };
     match fs::openat2(root_dir, rel_or_dot, DIR_FLAGS, Mode::empty(), RESOLVE) {
-        Err(io::Errno::NOSYS) => resolve_then_open(root, rel),
+        // `PERM`: a seccomp filter that predates `openat2` (older container runtimes)
+        // refuses it so; a real permission problem shows again on the way below.
+        Err(io::Errno::NOSYS | io::Errno::PERM) => resolve_then_open(root, rel),
         opened => opened,
     }
 }
 
-/// Without `openat2` (Linux before 5.6, or valgrind before 3.20, which
-/// `ops/scripts/instructions-per-task.sh` runs the node under): the directory's real
-/// path is checked, then opened, and the write goes through that descriptor. A symlink
+/// Without `openat2` (Linux before 5.6, a seccomp filter that does not know it, or
+/// valgrind before 3.20, which `ops/scripts/instructions-per-task.sh` runs the node
+/// under): the directory's real path is checked, then opened, and the write goes
+/// through that descriptor. A symlink
 /// swapped in between check and open is not caught, as it is with `openat2`; an
 /// absolute symlink that stays inside the root is followed. Errors as `openat2`'s:
 /// `XDEV` outside the root, `NOENT` missing.
