@@ -43,7 +43,8 @@ pub struct ExecutorArgs {
     pub in_flight: EffectsInFlight,
 }
 
-type Running = Shared<BoxFuture<'static, ExecReply>>;
+/// A run's reply; `None`: it was not started because the node is stopping.
+type Running = Shared<BoxFuture<'static, Option<ExecReply>>>;
 
 /// Ledger key → the running effect, for coalescing re-sent requests.
 #[derive(Clone, Default)]
@@ -212,9 +213,15 @@ impl ExecutorState {
                 tool: req.tool.clone(),
                 params: req.params.clone(),
             });
-            let reply = execute(ctx.clone(), running, tool, slots, req)
+            let Some(reply) = execute(ctx.clone(), running, tool, slots, req)
                 .instrument(span)
-                .await;
+                .await
+            else {
+                // Not started (the node is stopping) and not answered: the task's next
+                // start sends it again, as it does a step it held back while draining.
+                drop(permit);
+                return;
+            };
             let from = ctx.from(super::EXECUTOR);
             if let (Some(forward), Some(reply_to), ExecReply::Done { .. }) =
                 (forward, &msg.reply, &reply)
@@ -299,12 +306,15 @@ async fn execute(
     tool: Arc<dyn Tool>,
     slots: Arc<Semaphore>,
     req: ExecRequest,
-) -> ExecReply {
+) -> Option<ExecReply> {
     let class = tool.info().class;
     let ledger_key = format!("{}/{}/{}", req.task_id, req.step_id, req.attempt);
     let job = {
         let Ok(mut map) = running.lock() else {
-            return failed(FailureKind::Retryable, "executor state poisoned".into());
+            return Some(failed(
+                FailureKind::Retryable,
+                "executor state poisoned".into(),
+            ));
         };
         if let Some(job) = map.get(&ledger_key) {
             job.clone()
@@ -314,31 +324,31 @@ async fn execute(
                     Ok(Some(Effect {
                         outcome: Some(outcome),
                         ..
-                    })) => return replayed(outcome),
+                    })) => return Some(replayed(outcome)),
                     Ok(Some(effect)) if class == IdempotencyClass::Unsafe => {
                         ctx.metrics
                             .effects_outcome_unknown_total
                             .with_label_values(&[&req.tool])
                             .inc();
-                        return failed(
+                        return Some(failed(
                             FailureKind::OutcomeUnknown,
                             format!(
                                 "`{}` was started at {} ms by an earlier process and its outcome is unknown; \
                                  resolve with retry, mark_done or abort",
                                 effect.tool, effect.started_at_ms
                             ),
-                        );
+                        ));
                     }
                     Ok(_) => {}
                     Err(e) => {
-                        return failed(
+                        return Some(failed(
                             FailureKind::Retryable,
                             format!("effect ledger unreadable: {e}"),
-                        );
+                        ));
                     }
                 }
             }
-            let job = run(ctx.clone(), tool, slots, req, ledger_key.clone())
+            let job = unless_draining(ctx.clone(), tool, slots, req, ledger_key.clone())
                 .boxed()
                 .shared();
             map.insert(ledger_key.clone(), job.clone());
@@ -365,6 +375,25 @@ fn replayed(outcome: ExecReply) -> ExecReply {
         },
         other => other,
     }
+}
+
+/// Runs the step unless the node has begun to stop. Checked here, once the job is in
+/// `running`: the shutdown sets draining, then waits for `running` to empty, so a step
+/// is either counted there (and waited for) or sees draining and never starts. Without
+/// it, a request that arrived just as the node stopped could record an `unsafe` intent
+/// and be dropped with the process: outcome unknown after the restart.
+async fn unless_draining(
+    ctx: Arc<NodeContext>,
+    tool: Arc<dyn Tool>,
+    slots: Arc<Semaphore>,
+    req: ExecRequest,
+    ledger_key: String,
+) -> Option<ExecReply> {
+    if ctx.is_draining() {
+        tracing::info!("not started: the node is stopping");
+        return None;
+    }
+    Some(run(ctx, tool, slots, req, ledger_key).await)
 }
 
 async fn run(
