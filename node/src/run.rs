@@ -557,6 +557,7 @@ async fn return_freed_memory() {
 async fn wait_for_steps(ctx: &NodeContext, config: &Config) {
     let deadline = tokio::time::Instant::now() + Duration::from_millis(config.shutdown_grace_ms);
     let Some(executor) = lookup::<ExecutorMsg>(roles::EXECUTOR, &ctx.settings.node_id) else {
+        tracing::warn!("no executor to wait for: steps still running are not waited for");
         return;
     };
     loop {
@@ -564,7 +565,14 @@ async fn wait_for_steps(ctx: &NodeContext, config: &Config) {
             .call(ExecutorMsg::InFlight, Some(Duration::from_secs(1)))
             .await;
         match in_flight {
-            Ok(ractor::rpc::CallResult::Success(0)) | Err(_) => return,
+            Ok(ractor::rpc::CallResult::Success(0)) => {
+                tracing::info!("no step executing");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the executor cannot be asked: steps still running are not waited for");
+                return;
+            }
             Ok(_) if tokio::time::Instant::now() >= deadline => {
                 tracing::warn!(
                     "grace period over with steps still running; they resume from the ledger on restart"
