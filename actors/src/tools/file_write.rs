@@ -115,28 +115,27 @@ fn admit(roots: &[PathBuf], raw: &str) -> Result<Target, ToolError> {
         Err(io::Errno::NOENT) => {
             // Made a level at a time, each level opened beneath the root first: a
             // symlink out of it never gets a tree made at its far end.
-            let mut dir = beneath(Path::new("")).map_err(|e| cannot("open", root, e))?;
+            let mut made: Option<OwnedFd> = None;
             let mut so_far = PathBuf::new();
             for part in below.components() {
                 so_far.push(part);
-                dir = match beneath(&so_far) {
+                let mut opened = beneath(&so_far);
+                if matches!(opened, Err(io::Errno::NOENT)) {
+                    let at = made.as_ref().unwrap_or(&root_dir);
+                    match fs::mkdirat(at, part.as_os_str(), Mode::from(0o777)) {
+                        Ok(()) | Err(io::Errno::EXIST) => {}
+                        Err(e) => return Err(cannot("create", &root.join(&so_far), e)),
+                    }
+                    opened = beneath(&so_far);
+                }
+                made = Some(match opened {
                     Ok(next) => next,
                     Err(io::Errno::XDEV) => return Err(outside()),
-                    Err(io::Errno::NOENT) => {
-                        match fs::mkdirat(&dir, part.as_os_str(), Mode::from(0o777)) {
-                            Ok(()) | Err(io::Errno::EXIST) => {}
-                            Err(e) => return Err(cannot("create", &root.join(&so_far), e)),
-                        }
-                        match beneath(&so_far) {
-                            Ok(next) => next,
-                            Err(io::Errno::XDEV) => return Err(outside()),
-                            Err(e) => return Err(cannot("open", &root.join(&so_far), e)),
-                        }
-                    }
                     Err(e) => return Err(cannot("resolve", &root.join(&so_far), e)),
-                };
+                });
             }
-            dir
+            // `below` is not empty here: the root itself was opened above.
+            made.ok_or_else(|| cannot("resolve", parent, io::Errno::NOENT))?
         }
         Err(e) => return Err(cannot("resolve", parent, e)),
     };
@@ -165,10 +164,9 @@ fn open_beneath(root_dir: &OwnedFd, root: &Path, rel: &Path) -> io::Result<Owned
 /// Without `openat2` (Linux before 5.6, a seccomp filter that does not know it, or
 /// valgrind before 3.20, which `ops/scripts/instructions-per-task.sh` runs the node
 /// under): the directory's real path is checked, then opened, and the write goes
-/// through that descriptor. A symlink
-/// swapped in between check and open is not caught, as it is with `openat2`; an
-/// absolute symlink that stays inside the root is followed. Errors as `openat2`'s:
-/// `XDEV` outside the root, `NOENT` missing.
+/// through that descriptor. A symlink swapped in between check and open is not caught,
+/// as it is with `openat2`; an absolute symlink that stays inside the root is followed.
+/// Errors as `openat2`'s: `XDEV` outside the root, `NOENT` missing.
 fn resolve_then_open(root: &Path, rel: &Path) -> io::Result<OwnedFd> {
     let real = root
         .join(rel)
