@@ -480,9 +480,15 @@ impl TaskState {
         }
         let mut outgoing = Vec::with_capacity(events.len());
         for event in events {
-            // Event details carry tool errors, which may quote a URL or a header.
+            // Event details carry tool errors, which may quote a URL or a header. Most
+            // hold nothing like a secret: those are neither copied nor compared.
             let redacted;
-            let event = match event.detail.as_deref().map(crate::redact::text) {
+            let masked = event
+                .detail
+                .as_deref()
+                .filter(|d| crate::redact::might_hold_secret(d))
+                .map(crate::redact::text);
+            let event = match masked {
                 Some(masked) if event.detail.as_deref() != Some(masked.as_str()) => {
                     redacted = TaskEvent {
                         detail: Some(masked),
