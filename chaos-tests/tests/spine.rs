@@ -530,7 +530,12 @@ verify = { exit_code = 0 }
 "#,
     )?;
     let pb = playbooks.display().to_string();
-    let mut node = w.node(&[("CADRE_PLAYBOOKS_DIR", &pb), ("CADRE_SHELL_ALLOW", "sleep")])?;
+    // `info`: the shutdown says there why it stops waiting for steps.
+    let mut node = w.node(&[
+        ("CADRE_PLAYBOOKS_DIR", &pb),
+        ("CADRE_SHELL_ALLOW", "sleep"),
+        ("CADRE_LOG_LEVEL", "info"),
+    ])?;
     node.wait_ready(&w.client).await?;
     let r = w
         .submit(json!({"playbook": "slow", "input": {"seconds": "3"}}))
@@ -564,8 +569,17 @@ verify = { exit_code = 0 }
     // Restarted, the task resumes from its checkpoint and finishes.
     node.restart()?;
     node.wait_ready(&w.client).await?;
-    let task = wait_task(&w.client, &task_id, WITHIN, chaos_tests::is_terminal).await?;
-    assert_eq!(task["status"], "succeeded", "{task:#}");
+    let task = wait_task(&w.client, &task_id, WITHIN, |s| {
+        chaos_tests::is_terminal(s) || s == "awaiting_operator"
+    })
+    .await?;
+    // Both processes' logs: the first says why it stopped waiting for the step.
+    assert_eq!(
+        task["status"],
+        "succeeded",
+        "{task:#}\nlog:\n{}",
+        node.log_tail()
+    );
     Ok(())
 }
 

@@ -14,7 +14,7 @@ use actors::model::ApprovalDecision;
 use actors::playbook::{Catalog, StepDefaults};
 use actors::roles::archivist::{Archivist, ArchivistArgs};
 use actors::roles::audit::{AuditArgs, AuditLog};
-use actors::roles::executor::{EffectsInFlight, Executor, ExecutorArgs, ExecutorMsg};
+use actors::roles::executor::{EffectsInFlight, Executor, ExecutorArgs};
 use actors::roles::governor::{Governor, GovernorArgs};
 use actors::roles::intake::{Intake, IntakeArgs};
 use actors::roles::knowledge::{Knowledge, KnowledgeArgs};
@@ -49,15 +49,48 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     // A start can wait for long, on a NATS server that is not up yet for one. A signal
     // meanwhile stops it there: everything it did so far was committed as it went, as
     // the node is built to survive kill -9 at any point.
-    let node = tokio::select! {
+    let prepared = tokio::select! {
         biased;
         () = &mut shutdown => {
             tracing::info!("stopped while starting");
             return Ok(());
         }
-        node = start(&config) => node?,
+        prepared = prepare(&config) => prepared?,
+    };
+    // The actors' start can wait on NATS too (JetStream's answers), but the first of
+    // them serve before the last has started: they may have accepted a task and begun
+    // its step. Stopped there, the node lets such steps finish before it exits; dropped
+    // mid-step, an `unsafe` one would come back as outcome unknown.
+    let (ctx, in_flight) = (prepared.ctx.clone(), prepared.in_flight.clone());
+    let node = tokio::select! {
+        biased;
+        () = &mut shutdown => {
+            tracing::info!("stopped while its actors were starting");
+            ctx.start_draining();
+            wait_for_steps(&in_flight, &config).await;
+            return Ok(());
+        }
+        node = prepared.launch(&config) => node?,
     };
     node.serve(&config, shutdown).await
+}
+
+/// What a node holds before its actors start: dropping it stops nothing that runs.
+struct Prepared {
+    store: Store,
+    local_nats: Option<LocalNats>,
+    nats: async_nats::Client,
+    url: String,
+    ctx: Arc<NodeContext>,
+    metrics: Arc<Metrics>,
+    catalog: Arc<Catalog>,
+    tool_set: Vec<Arc<dyn tools::Tool>>,
+    knowledge: Arc<actors::knowledge::Shared>,
+    listener: tokio::net::TcpListener,
+    console: Option<(tokio::net::TcpListener, crate::console::ConsoleConfig)>,
+    /// The executor's running effects, kept here so a stopping node can wait for them
+    /// whatever state the executor actor is in.
+    in_flight: EffectsInFlight,
 }
 
 /// What a started node holds until it stops.
@@ -65,6 +98,9 @@ struct Started {
     store: Store,
     local_nats: Option<LocalNats>,
     nats: async_nats::Client,
+    url: String,
+    playbooks: usize,
+    in_flight: EffectsInFlight,
     ctx: Arc<NodeContext>,
     root: ractor::ActorRef<NodeSupervisorMsg>,
     root_handle: tokio::task::JoinHandle<()>,
@@ -74,8 +110,8 @@ struct Started {
     trim_task: tokio::task::JoinHandle<()>,
 }
 
-/// Wires a node and starts its actors; it serves once this returns.
-async fn start(config: &Config) -> anyhow::Result<Started> {
+/// Opens and connects what a node needs, up to (not including) starting its actors.
+async fn prepare(config: &Config) -> anyhow::Result<Prepared> {
     let seed = if config.seed == 0 {
         SystemClock.now_ms() ^ u64::from(std::process::id()).rotate_left(32)
     } else {
@@ -234,53 +270,81 @@ async fn start(config: &Config) -> anyhow::Result<Started> {
         }
         None => None,
     };
-    let (fatal_tx, fatal_rx) = mpsc::unbounded_channel();
-    let children = child_specs(&ctx, &catalog, &tool_set, &knowledge);
-    let (root, root_handle) = Actor::spawn(
-        Some(actor_name("root", &config.node_id)),
-        NodeSupervisor,
-        NodeSupervisorArgs {
-            children,
-            policy: RestartPolicy::default(),
-            metrics: metrics.clone(),
-            fatal: fatal_tx,
-        },
-    )
-    .await
-    .context("cannot start the node's actors")?;
-
-    let resumed = match lookup::<TaskSupervisorMsg>(roles::TASKS, &config.node_id) {
-        Some(tasks) => tasks
-            .call(TaskSupervisorMsg::ResumeAll, Some(Duration::from_secs(120)))
-            .await
-            .ok(),
-        None => None,
-    };
-    let hooks = Arc::new(crate::hooks::Hooks {
-        catalog: catalog.clone(),
-        nats: nats.clone(),
-        metrics: metrics.clone(),
-        body_bytes_max: config.webhook_body_bytes_max,
-    });
-    let http_task = tokio::spawn(http::serve(listener, ctx.clone(), hooks));
-    let console_task = console.map(|(listener, console)| {
-        tracing::info!(addr = %console.addr, "console: serving");
-        tokio::spawn(crate::console::serve(listener, console, ctx.clone()))
-    });
-    let trim_task = tokio::spawn(return_freed_memory());
-    tracing::info!(node_id = %config.node_id, nats = %crate::nats_url::display(&url), resumed = ?resumed, playbooks = catalog.len(), "node ready");
-    Ok(Started {
+    Ok(Prepared {
         store,
         local_nats,
         nats,
+        url,
         ctx,
-        root,
-        root_handle,
-        fatal_rx,
-        http_task,
-        console_task,
-        trim_task,
+        metrics,
+        catalog,
+        tool_set,
+        knowledge,
+        listener,
+        console,
+        in_flight: EffectsInFlight::default(),
     })
+}
+
+impl Prepared {
+    /// Starts the node's actors: from here it serves, and stops only in order.
+    async fn launch(self, config: &Config) -> anyhow::Result<Started> {
+        let Prepared {
+            store,
+            local_nats,
+            nats,
+            url,
+            ctx,
+            metrics,
+            catalog,
+            tool_set,
+            knowledge,
+            listener,
+            console,
+            in_flight,
+        } = self;
+        let (fatal_tx, fatal_rx) = mpsc::unbounded_channel();
+        let children = child_specs(&ctx, &catalog, &tool_set, &knowledge, &in_flight);
+        let (root, root_handle) = Actor::spawn(
+            Some(actor_name("root", &config.node_id)),
+            NodeSupervisor,
+            NodeSupervisorArgs {
+                children,
+                policy: RestartPolicy::default(),
+                metrics: metrics.clone(),
+                fatal: fatal_tx,
+            },
+        )
+        .await
+        .context("cannot start the node's actors")?;
+        let hooks = Arc::new(crate::hooks::Hooks {
+            catalog: catalog.clone(),
+            nats: nats.clone(),
+            metrics: metrics.clone(),
+            body_bytes_max: config.webhook_body_bytes_max,
+        });
+        let http_task = tokio::spawn(http::serve(listener, ctx.clone(), hooks));
+        let console_task = console.map(|(listener, console)| {
+            tracing::info!(addr = %console.addr, "console: serving");
+            tokio::spawn(crate::console::serve(listener, console, ctx.clone()))
+        });
+        let trim_task = tokio::spawn(return_freed_memory());
+        Ok(Started {
+            store,
+            local_nats,
+            nats,
+            url,
+            playbooks: catalog.len(),
+            in_flight,
+            ctx,
+            root,
+            root_handle,
+            fatal_rx,
+            http_task,
+            console_task,
+            trim_task,
+        })
+    }
 }
 
 impl Started {
@@ -290,9 +354,26 @@ impl Started {
         config: &Config,
         shutdown: impl Future<Output = ()>,
     ) -> anyhow::Result<()> {
-        let outcome = tokio::select! {
-            () = shutdown => Ok(()),
-            reason = self.fatal_rx.recv() => Err(reason.unwrap_or_else(|| "supervisor stopped".into())),
+        let mut shutdown = std::pin::pin!(shutdown);
+        let fatal =
+            |reason: Option<String>| Err(reason.unwrap_or_else(|| "supervisor stopped".into()));
+        // Resuming thousands of tasks takes a while; a signal meanwhile stops the node
+        // in order like any other (the tasks not yet resumed stay checkpointed).
+        let stopped = tokio::select! {
+            biased;
+            () = &mut shutdown => Some(Ok(())),
+            reason = self.fatal_rx.recv() => Some(fatal(reason)),
+            resumed = resume_tasks(&config.node_id) => {
+                tracing::info!(node_id = %config.node_id, nats = %crate::nats_url::display(&self.url), resumed = ?resumed, playbooks = self.playbooks, "node ready");
+                None
+            }
+        };
+        let outcome = match stopped {
+            Some(outcome) => outcome,
+            None => tokio::select! {
+                () = &mut shutdown => Ok(()),
+                reason = self.fatal_rx.recv() => fatal(reason),
+            },
         };
 
         // Stop in order: no new work, let running steps finish, stop the actors (every
@@ -306,7 +387,7 @@ impl Started {
                 .await;
         }
         self.ctx.start_draining();
-        wait_for_steps(&self.ctx, config).await;
+        wait_for_steps(&self.in_flight, config).await;
         stop_children(&self.root.get_cell()).await;
         self.root.stop(Some("shutdown".into()));
         let _ = self.root_handle.await;
@@ -413,6 +494,7 @@ fn child_specs(
     catalog: &Arc<Catalog>,
     tools: &[Arc<dyn tools::Tool>],
     knowledge: &Arc<actors::knowledge::Shared>,
+    in_flight: &EffectsInFlight,
 ) -> Vec<ChildSpec> {
     let node = &ctx.settings.node_id;
     let (c, cat, t) = (ctx.clone(), catalog.clone(), tools.to_vec());
@@ -454,7 +536,7 @@ fn child_specs(
         }),
         spec(roles::EXECUTOR, node, Executor, {
             let ctx = c.clone();
-            let in_flight = EffectsInFlight::default();
+            let in_flight = in_flight.clone();
             move || ExecutorArgs {
                 ctx: ctx.clone(),
                 tools: t.clone(),
@@ -553,34 +635,33 @@ async fn return_freed_memory() {
     }
 }
 
-/// Waits (bounded by the grace period) until no step is executing on this node.
-async fn wait_for_steps(ctx: &NodeContext, config: &Config) {
+/// Starts an actor for every task a previous process left unfinished; how many.
+async fn resume_tasks(node_id: &str) -> Option<ractor::rpc::CallResult<usize>> {
+    let tasks = lookup::<TaskSupervisorMsg>(roles::TASKS, node_id)?;
+    tasks
+        .call(TaskSupervisorMsg::ResumeAll, Some(Duration::from_secs(120)))
+        .await
+        .ok()
+}
+
+/// Waits (bounded by the grace period) until no step is executing on this node. The
+/// caller has set draining, so the count only falls (`executor::unless_draining`).
+async fn wait_for_steps(in_flight: &EffectsInFlight, config: &Config) {
     let deadline = tokio::time::Instant::now() + Duration::from_millis(config.shutdown_grace_ms);
-    let Some(executor) = lookup::<ExecutorMsg>(roles::EXECUTOR, &ctx.settings.node_id) else {
-        tracing::warn!("no executor to wait for: steps still running are not waited for");
-        return;
-    };
     loop {
-        let in_flight = executor
-            .call(ExecutorMsg::InFlight, Some(Duration::from_secs(1)))
-            .await;
-        match in_flight {
-            Ok(ractor::rpc::CallResult::Success(0)) => {
-                tracing::info!("no step executing");
-                return;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "the executor cannot be asked: steps still running are not waited for");
-                return;
-            }
-            Ok(_) if tokio::time::Instant::now() >= deadline => {
-                tracing::warn!(
-                    "grace period over with steps still running; they resume from the ledger on restart"
-                );
-                return;
-            }
-            Ok(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        let running = in_flight.count();
+        if running == 0 {
+            tracing::info!("no step executing");
+            return;
         }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(
+                running,
+                "grace period over with steps still running; they resume from the ledger on restart"
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

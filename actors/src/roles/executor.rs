@@ -50,6 +50,17 @@ type Running = Shared<BoxFuture<'static, Option<ExecReply>>>;
 #[derive(Clone, Default)]
 pub struct EffectsInFlight(Arc<Mutex<HashMap<String, Running>>>);
 
+impl EffectsInFlight {
+    /// Effects running now: what a stopping node waits for. Read here rather than
+    /// asked of the executor, which may be stopped or not started while they run.
+    pub fn count(&self) -> usize {
+        self.0.lock().map_or_else(
+            |poisoned| poisoned.into_inner().len(),
+            |running| running.len(),
+        )
+    }
+}
+
 pub struct ExecutorState {
     ctx: Arc<NodeContext>,
     tools: HashMap<&'static str, (Arc<dyn Tool>, Arc<Semaphore>)>,
@@ -59,8 +70,6 @@ pub struct ExecutorState {
 
 pub enum ExecutorMsg {
     Request(Inbound),
-    /// Steps executing now (for a draining node).
-    InFlight(ractor::RpcReplyPort<usize>),
 }
 
 /// One effect-ledger entry.
@@ -144,16 +153,9 @@ impl Actor for Executor {
         msg: ExecutorMsg,
         state: &mut ExecutorState,
     ) -> Result<(), ActorProcessingErr> {
-        match msg {
-            ExecutorMsg::Request(inbound) => {
-                state.ctx.settings.faults.maybe_panic(super::EXECUTOR);
-                state.request(inbound)
-            }
-            ExecutorMsg::InFlight(reply) => {
-                let n = state.running.lock().map(|r| r.len()).unwrap_or(0);
-                let _ = reply.send(n);
-            }
-        }
+        let ExecutorMsg::Request(inbound) = msg;
+        state.ctx.settings.faults.maybe_panic(super::EXECUTOR);
+        state.request(inbound);
         Ok(())
     }
 
