@@ -289,53 +289,46 @@ async fn prepare(config: &Config) -> anyhow::Result<Prepared> {
 impl Prepared {
     /// Starts the node's actors: from here it serves, and stops only in order.
     async fn launch(self, config: &Config) -> anyhow::Result<Started> {
-        let Prepared {
-            store,
-            local_nats,
-            nats,
-            url,
-            ctx,
-            metrics,
-            catalog,
-            tool_set,
-            knowledge,
-            listener,
-            console,
-            in_flight,
-        } = self;
+        let ctx = self.ctx;
         let (fatal_tx, fatal_rx) = mpsc::unbounded_channel();
-        let children = child_specs(&ctx, &catalog, &tool_set, &knowledge, &in_flight);
+        let children = child_specs(
+            &ctx,
+            &self.catalog,
+            &self.tool_set,
+            &self.knowledge,
+            &self.in_flight,
+        );
         let (root, root_handle) = Actor::spawn(
             Some(actor_name("root", &config.node_id)),
             NodeSupervisor,
             NodeSupervisorArgs {
                 children,
                 policy: RestartPolicy::default(),
-                metrics: metrics.clone(),
+                metrics: self.metrics.clone(),
                 fatal: fatal_tx,
             },
         )
         .await
         .context("cannot start the node's actors")?;
         let hooks = Arc::new(crate::hooks::Hooks {
-            catalog: catalog.clone(),
-            nats: nats.clone(),
-            metrics: metrics.clone(),
+            catalog: self.catalog.clone(),
+            nats: self.nats.clone(),
+            metrics: self.metrics,
             body_bytes_max: config.webhook_body_bytes_max,
         });
-        let http_task = tokio::spawn(http::serve(listener, ctx.clone(), hooks));
-        let console_task = console.map(|(listener, console)| {
+        let http_task = tokio::spawn(http::serve(self.listener, ctx.clone(), hooks));
+        let console_task = self.console.map(|(listener, console)| {
             tracing::info!(addr = %console.addr, "console: serving");
             tokio::spawn(crate::console::serve(listener, console, ctx.clone()))
         });
         let trim_task = tokio::spawn(return_freed_memory());
         Ok(Started {
-            store,
-            local_nats,
-            nats,
-            url,
-            playbooks: catalog.len(),
-            in_flight,
+            store: self.store,
+            local_nats: self.local_nats,
+            nats: self.nats,
+            url: self.url,
+            playbooks: self.catalog.len(),
+            in_flight: self.in_flight,
             ctx,
             root,
             root_handle,
