@@ -478,6 +478,7 @@ impl CadreNode {
         let Some(mut child) = self.child.take() else {
             bail!("not running")
         };
+        let logged_before = std::fs::metadata(&self.log).map_or(0, |m| m.len());
         #[allow(unsafe_code)]
         // SAFETY: kill(2) on our own child's pid.
         unsafe {
@@ -492,6 +493,19 @@ impl CadreNode {
                         "cadre died of signal {signal} after SIGTERM; log:\n{}",
                         self.log_tail()
                     );
+                }
+                // A clean stop is quiet: an error logged on the way out is one an
+                // operator would see on every shutdown.
+                if status.code() == Some(0) {
+                    let log = std::fs::read(&self.log).unwrap_or_default();
+                    let after = String::from_utf8_lossy(
+                        log.get(logged_before as usize..).unwrap_or_default(),
+                    );
+                    if after.contains("ERROR") {
+                        bail!(
+                            "cadre exited 0 after SIGTERM but logged errors while stopping:\n{after}"
+                        );
+                    }
                 }
                 return Ok(status.code());
             }

@@ -372,7 +372,10 @@ impl Started {
         // Stop in order: no new work, let running steps finish, stop the actors (every
         // transition is already committed), publish what the outbox holds, close.
         tracing::info!("stopping node");
-        let _ = self.root.cast(NodeSupervisorMsg::Stopping);
+        let _ = self
+            .root
+            .call(NodeSupervisorMsg::Stopping, Some(Duration::from_secs(5)))
+            .await;
         if let Some(intake) = ractor::registry::where_is(actor_name(roles::INTAKE, &config.node_id))
         {
             let _ = intake

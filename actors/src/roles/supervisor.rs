@@ -84,8 +84,11 @@ pub struct NodeSupervisorState {
 
 pub enum NodeSupervisorMsg {
     Restart(&'static str),
-    /// Stop restarting children: the node is shutting down.
-    Stopping,
+    /// Stop restarting children: the node is shutting down. A call, not a cast: ractor
+    /// hands an actor its children's exits before its messages, so the shutdown must
+    /// know this was taken before it stops a child, or the exit reads as a failure
+    /// (an `error` line per stopped role, and a restart scheduled).
+    Stopping(ractor::RpcReplyPort<()>),
 }
 
 impl Actor for NodeSupervisor {
@@ -125,7 +128,10 @@ impl Actor for NodeSupervisor {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            NodeSupervisorMsg::Stopping => state.stopping = true,
+            NodeSupervisorMsg::Stopping(taken) => {
+                state.stopping = true;
+                let _ = taken.send(());
+            }
             NodeSupervisorMsg::Restart(name) if !state.stopping => {
                 let Some(spec) = state.specs.get(name).cloned() else {
                     return Ok(());
