@@ -24,6 +24,9 @@ pub struct Limits {
     pub approval_ttl_ms: u64,
     /// What an approval nobody decided in time becomes.
     pub approval_default: ApprovalDecision,
+    /// Every commit's checkpoint is replicated to the cluster, where the next owner
+    /// resumes from: nothing effect-free is held uncommitted past a hop that may fail.
+    pub checkpoints_replicated: bool,
 }
 
 /// The Governor's answer for one step about to be dispatched: the policies' ruling
@@ -75,6 +78,7 @@ impl Default for Limits {
             hop_retries_max: 5,
             approval_ttl_ms: 24 * 3_600_000,
             approval_default: ApprovalDecision::Deny,
+            checkpoints_replicated: false,
         }
     }
 }
@@ -1436,8 +1440,10 @@ impl Cx<'_> {
             // and redone after a crash, and a last step that ran again goes through the
             // effect ledger like any re-sent step. So the last step's success, the
             // verdicts and `archiving` commit with `succeeded`: one commit fewer per
-            // task. A failed archive hop commits them (`hop_failed`).
-            if self.own_reply {
+            // task. A failed archive hop commits them (`hop_failed`). Not in a cluster:
+            // that commit would come after a partition failed the hop, unreplicated, and
+            // the next owner would run the last step and its verdicts again.
+            if self.own_reply && !self.limits.checkpoints_replicated {
                 self.out.commit = false;
             }
         } else {

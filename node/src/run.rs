@@ -419,6 +419,7 @@ fn settings(config: &Config, seed: u64, step_defaults: StepDefaults) -> Settings
             retry_delay_ms_base: config.retry_delay_ms_base,
             retry_delay_ms_max: config.retry_delay_ms_max,
             approval_ttl_ms: config.approval_ttl_ms,
+            checkpoints_replicated: config.cluster,
             approval_default: if config.approval_default == "approve" {
                 ApprovalDecision::Approve
             } else {

@@ -42,6 +42,7 @@ fn limits() -> Limits {
         hop_retries_max: 2,
         approval_ttl_ms: 60_000,
         approval_default: ApprovalDecision::Deny,
+        checkpoints_replicated: false,
     }
 }
 
@@ -1417,4 +1418,31 @@ fn archiving_is_held_until_the_archive_answers() {
     );
     assert!(tr.commit);
     assert_eq!(t.steps[0].status, StepStatus::Succeeded);
+
+    // In a cluster the verdict commits (and is replicated) before the archive hop.
+    let mut t = task();
+    planned(&mut t, vec![spec("a", &[])]);
+    let replicated = Limits {
+        checkpoints_replicated: true,
+        ..limits()
+    };
+    let reply = forwarded("{}", pass(), Some(pass()));
+    let tr = apply(
+        &mut t,
+        Input::Executed {
+            step: "a".into(),
+            attempt: 1,
+            reply,
+        },
+        2_000,
+        0.0,
+        &replicated,
+        &AllowAll,
+    )
+    .expect("accepted input");
+    assert!(
+        tr.commit,
+        "a partitioned archive hop must not leave it unreplicated"
+    );
+    assert_eq!(kinds(&tr), ["step_succeeded", "verifying", "archiving"]);
 }

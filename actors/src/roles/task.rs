@@ -341,7 +341,7 @@ impl TaskState {
         let cost_before: Vec<u64> = self.task.steps.iter().map(|s| s.cost_micros).collect();
         let total_before = self.task.cost_micros();
         let gate = Governor { ctx: &self.ctx };
-        let mut transition = match machine::apply(
+        let transition = match machine::apply(
             &mut self.task,
             input,
             now,
@@ -352,16 +352,6 @@ impl TaskState {
             Ok(t) => t,
             Err(rejected) => return Ok(Err(rejected)),
         };
-        // In a cluster the verdict that starts archiving is committed (and so replicated)
-        // before the archive hop, not held for its answer: were that hop to fail in a
-        // partition, the held transition would be committed only here, unreplicated, and
-        // the next owner would run the task's last step and its verdicts again.
-        if !transition.commit
-            && self.task.status == TaskStatus::Archiving
-            && self.ctx.ownership().is_some()
-        {
-            transition.commit = true;
-        }
         // Exec requests are built before the commit: their params go into the audit
         // record of `step_started`, and the same request is sent after the commit.
         let mut prepared: HashMap<String, Result<Prepared, String>> = HashMap::new();
