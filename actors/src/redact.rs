@@ -83,13 +83,20 @@ pub fn value(v: &Value) -> Value {
 /// `text` with secrets masked: URL userinfo passwords, `Bearer`/`Basic` credentials,
 /// and `key=value` / `key: value` / `"key": "value"` pairs whose key names a secret.
 pub fn text(s: &str) -> String {
+    masked(s).unwrap_or_else(|| s.to_string())
+}
+
+/// [`text`], only where it masks something: `None` leaves `s` as it is, without a copy
+/// (most text holds nothing like a secret and is only scanned once).
+pub fn masked(s: &str) -> Option<String> {
     if !might_hold_secret(s) {
-        return s.to_string();
+        return None;
     }
-    let s = mask_userinfo(s);
-    let s = mask_after_scheme(&s, "bearer ");
-    let s = mask_after_scheme(&s, "basic ");
-    mask_pairs(&s)
+    let out = mask_userinfo(s);
+    let out = mask_after_scheme(&out, "bearer ");
+    let out = mask_after_scheme(&out, "basic ");
+    let out = mask_pairs(&out);
+    (out != s).then_some(out)
 }
 
 /// Cheap pre-check so the common case (no secret-looking text) allocates once. False

@@ -481,22 +481,17 @@ impl TaskState {
         let mut outgoing = Vec::with_capacity(events.len());
         for event in events {
             // Event details carry tool errors, which may quote a URL or a header. Most
-            // hold nothing like a secret: those are neither copied nor compared.
+            // hold nothing like a secret: those are not copied.
             let redacted;
-            let masked = event
-                .detail
-                .as_deref()
-                .filter(|d| crate::redact::might_hold_secret(d))
-                .map(crate::redact::text);
-            let event = match masked {
-                Some(masked) if event.detail.as_deref() != Some(masked.as_str()) => {
+            let event = match event.detail.as_deref().and_then(crate::redact::masked) {
+                Some(masked) => {
                     redacted = TaskEvent {
                         detail: Some(masked),
                         ..event.clone()
                     };
                     &redacted
                 }
-                _ => event,
+                None => event,
             };
             let payload = event.to_json();
             outgoing.push(ctx.stage_outbox(
