@@ -240,6 +240,19 @@ mod tests {
     use serde_json::json;
 
     #[test]
+    fn masked_is_some_only_where_something_was_masked() {
+        assert_eq!(masked("HTTP 503 from https://crm.test/clients"), None);
+        // Passes the pre-check (a secret key's name) but holds no value to mask.
+        assert!(might_hold_secret("token expired"));
+        assert_eq!(masked("token expired"), None);
+        assert_eq!(
+            masked("401: Authorization: Bearer s3cr3t").as_deref(),
+            Some(text("401: Authorization: Bearer s3cr3t").as_str())
+        );
+        assert!(!text("401: Authorization: Bearer s3cr3t").contains("s3cr3t"));
+    }
+
+    #[test]
     fn secret_keys_are_masked_at_any_depth() {
         let v = json!({
             "url": "https://crm.test/clients",
