@@ -347,26 +347,19 @@ impl Started {
         config: &Config,
         shutdown: impl Future<Output = ()>,
     ) -> anyhow::Result<()> {
-        let mut shutdown = std::pin::pin!(shutdown);
-        let fatal =
-            |reason: Option<String>| Err(reason.unwrap_or_else(|| "supervisor stopped".into()));
         // Resuming thousands of tasks takes a while; a signal meanwhile stops the node
         // in order like any other (the tasks not yet resumed stay checkpointed).
-        let stopped = tokio::select! {
-            biased;
-            () = &mut shutdown => Some(Ok(())),
-            reason = self.fatal_rx.recv() => Some(fatal(reason)),
-            resumed = resume_tasks(&config.node_id) => {
-                tracing::info!(node_id = %config.node_id, nats = %crate::nats_url::display(&self.url), resumed = ?resumed, playbooks = self.playbooks, "node ready");
-                None
-            }
+        let (url, playbooks) = (&self.url, self.playbooks);
+        let resume_then_serve = async {
+            let resumed = resume_tasks(&config.node_id).await;
+            tracing::info!(node_id = %config.node_id, nats = %crate::nats_url::display(url), resumed = ?resumed, playbooks, "node ready");
+            std::future::pending::<std::convert::Infallible>().await
         };
-        let outcome = match stopped {
-            Some(outcome) => outcome,
-            None => tokio::select! {
-                () = &mut shutdown => Ok(()),
-                reason = self.fatal_rx.recv() => fatal(reason),
-            },
+        let outcome = tokio::select! {
+            biased;
+            () = shutdown => Ok(()),
+            reason = self.fatal_rx.recv() => Err(reason.unwrap_or_else(|| "supervisor stopped".into())),
+            never = resume_then_serve => match never {},
         };
 
         // Stop in order: no new work, let running steps finish, stop the actors (every
