@@ -1,8 +1,15 @@
-//! The cost of one role hop, apart from what the roles do: sequential NATS
-//! request/replies through a real nats-server on one shared connection (as a node has),
-//! answered (a) straight from the subscription, (b) by a ractor actor fed by the roles'
-//! pump (`actors::bus::spawn_pump`), answering in its handler, (c) the same, answering
-//! from a spawned task (as the executor and verifier do). Interleaved rounds; medians.
+//! The machine's two floors that the spine's figures stand on, as the spine issue names
+//! them (its reference machine: request/reply 130 µs, synced RocksDB write 170 µs).
+//!
+//! One role hop, apart from what the roles do: sequential NATS request/replies through a
+//! real nats-server on one shared connection (as a node has), answered (a) straight from
+//! the subscription, (b) by a ractor actor fed by the roles' pump
+//! (`actors::bus::spawn_pump`), answering in its handler, (c) the same, answering from a
+//! spawned task (as the executor and verifier do). Interleaved rounds; medians.
+//!
+//! One synced RocksDB write: a 200-byte put with `sync = true` into a fresh database
+//! under the temp dir (`TMPDIR`; on disk, not tmpfs, here), one at a time, then from 8
+//! threads at once (RocksDB groups their fsyncs).
 //!
 //! `cargo run -p chaos-tests --bin bench_hop -- [requests per round] [rounds]`
 
@@ -133,5 +140,65 @@ async fn run() -> anyhow::Result<()> {
             medians[i][rounds / 2]
         );
     }
+    synced_writes(requests, rounds)
+}
+
+/// The synced-write floor: sequential p50, then the rate of 8 concurrent writers.
+fn synced_writes(requests: usize, rounds: usize) -> anyhow::Result<()> {
+    const WRITERS: usize = 8;
+    let dir = tempfile::tempdir()?;
+    let mut options = rocksdb::Options::default();
+    options.create_if_missing(true);
+    let db = std::sync::Arc::new(rocksdb::DB::open(&options, dir.path())?);
+    let mut sync = rocksdb::WriteOptions::default();
+    sync.set_sync(true);
+    let value = [7u8; 200];
+    let (mut p50s, mut rates) = (Vec::new(), Vec::new());
+    for round in 1..=rounds {
+        let mut took = Vec::with_capacity(requests);
+        for i in 0..requests {
+            let started = Instant::now();
+            db.put_opt(format!("seq-{round}-{i}"), value, &sync)?;
+            took.push(started.elapsed().as_secs_f64() * 1e6);
+        }
+        took.sort_by(f64::total_cmp);
+        let p50 = took[took.len() / 2];
+        let started = Instant::now();
+        std::thread::scope(|scope| -> anyhow::Result<()> {
+            let handles: Vec<_> = (0..WRITERS)
+                .map(|w| {
+                    let db = db.clone();
+                    scope.spawn(move || -> Result<(), rocksdb::Error> {
+                        let mut sync = rocksdb::WriteOptions::default();
+                        sync.set_sync(true);
+                        for i in 0..requests / WRITERS {
+                            db.put_opt(format!("par-{round}-{w}-{i}"), value, &sync)?;
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            for handle in handles {
+                handle
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("a writer panicked"))??;
+            }
+            Ok(())
+        })?;
+        let rate = (requests / WRITERS * WRITERS) as f64 / started.elapsed().as_secs_f64();
+        println!(
+            "round {round} store.synced_put: p50 {p50:.0} µs, p90 {:.0} µs; {WRITERS} writers: {rate:.0} writes/s",
+            took[took.len() * 9 / 10]
+        );
+        p50s.push(p50);
+        rates.push(rate);
+    }
+    p50s.sort_by(f64::total_cmp);
+    rates.sort_by(f64::total_cmp);
+    println!(
+        "store.synced_put: median p50 over {rounds} rounds {:.0} µs; {WRITERS} writers {:.0} writes/s",
+        p50s[rounds / 2],
+        rates[rounds / 2]
+    );
     Ok(())
 }
