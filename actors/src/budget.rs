@@ -43,6 +43,10 @@ impl Ledger {
     /// `over_cap_approved`: an operator approved crossing it). `task_spent` is what the
     /// step's task has spent before it. With `charge` false the cost is only checked
     /// against the caps (an estimate of what a call will report having cost).
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one decision's scalars; its one caller names each"
+    )]
     pub fn try_charge(
         &self,
         caps: &Caps,

@@ -9,6 +9,9 @@
 //! - [`policy`] and [`governance`]: the Cedar policies and the gate every dispatch
 //!   passes (allow, deny, approval; cost).
 
+// Tests unwrap: a failed unwrap is a failed test, with its location.
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 pub mod audit;
 pub mod budget;
 pub mod bus;

@@ -171,15 +171,12 @@ async fn a_steps_outcome_goes_from_its_executor_to_the_verifier_whose_verdict_an
         let msg = msg.ok_or_else(|| anyhow::anyhow!("exec subscription ended"))?;
         exec_inboxes.push(msg.reply.map(|r| r.to_string()).unwrap_or_default());
     }
-    for i in 0..3 {
+    for (i, exec_inbox) in exec_inboxes.iter().enumerate() {
         let msg = tokio::time::timeout(WITHIN, verifies.next()).await?;
         let msg = msg.ok_or_else(|| anyhow::anyhow!("verify subscription ended"))?;
         assert_eq!(msg.subject.as_str(), "cadre.verify.node.n1");
         let reply_to = msg.reply.map(|r| r.to_string()).unwrap_or_default();
-        assert_eq!(
-            reply_to, exec_inboxes[i],
-            "verify {i} answers exec {i}'s inbox"
-        );
+        assert_eq!(&reply_to, exec_inbox, "verify {i} answers exec {i}'s inbox");
     }
     // What each exec inbox received came from the verifier, not the executor.
     let mut answered_by = Vec::new();

@@ -13,6 +13,10 @@ use sha2::Sha256;
 
 const WITHIN: Duration = Duration::from_secs(30);
 
+/// A delivery the edge must refuse: what it is, its headers, its body, the HTTP status
+/// and a phrase of the error it answers.
+type Refused<'a> = (&'a str, Vec<(&'a str, &'a str)>, Vec<u8>, u16, &'a str);
+
 fn sign(secret: &str, body: &[u8]) -> String {
     let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
     mac.update(body);
@@ -126,7 +130,7 @@ verify = {{ file_contains = "1200" }}
 
     // Refused, each with its reason, and nothing starts.
     let forged = sign("not-the-secret", &body);
-    let cases: Vec<(&str, Vec<(&str, &str)>, Vec<u8>, u16, &str)> = vec![
+    let cases: Vec<Refused<'_>> = vec![
         (
             "forged",
             vec![

@@ -528,7 +528,7 @@ impl Config {
         if self.heartbeat_ms == 0 {
             problems.push("heartbeat_ms must be greater than 0".into());
         }
-        if self.lease_ttl_ms < 1_000 || self.lease_ttl_ms % 1_000 != 0 {
+        if self.lease_ttl_ms < 1_000 || !self.lease_ttl_ms.is_multiple_of(1_000) {
             problems.push(format!(
                 "lease_ttl_ms {} must be whole seconds, at least 1000 (the server's TTLs are in seconds)",
                 self.lease_ttl_ms
@@ -627,8 +627,7 @@ impl Config {
             return Err("console_session_ttl_ms must be at least 60000 (a minute)".into());
         }
         let origin = self.console_origin.trim_end_matches('/');
-        if !origin.is_empty() && !(origin.starts_with("https://") || origin.starts_with("http://"))
-        {
+        if !(origin.is_empty() || origin.starts_with("https://") || origin.starts_with("http://")) {
             return Err(format!(
                 "console_origin `{}` must be the URL the browser sees, e.g. https://ops.example.com",
                 self.console_origin

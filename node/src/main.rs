@@ -526,8 +526,9 @@ unsafe impl Sync for MallocConf {}
 #[allow(unsafe_code)]
 #[unsafe(export_name = "_rjem_malloc_conf")]
 static MALLOC_CONF: MallocConf = MallocConf(
-    b"background_thread:true,max_background_threads:1,dirty_decay_ms:1000,muzzy_decay_ms:0\0"
-        .as_ptr(),
+    c"background_thread:true,max_background_threads:1,dirty_decay_ms:1000,muzzy_decay_ms:0"
+        .as_ptr()
+        .cast(),
 );
 
 /// glibc's malloc serves only what is not Rust here, RocksDB above all (Rust allocates

@@ -56,7 +56,8 @@ pub struct IntakeState {
 
 pub enum IntakeMsg {
     Submit(Inbound),
-    Enqueued(jetstream::Message),
+    /// Boxed as it arrives: a JetStream message is large, and its waiter keeps the box.
+    Enqueued(Box<jetstream::Message>),
     Committed {
         key: String,
         task_id: String,
@@ -112,7 +113,7 @@ impl Actor for Intake {
             while let Some(next) = messages.next().await {
                 match next {
                     Ok(msg) => {
-                        if me.cast(IntakeMsg::Enqueued(msg)).is_err() {
+                        if me.cast(IntakeMsg::Enqueued(Box::new(msg))).is_err() {
                             return;
                         }
                     }
@@ -177,14 +178,7 @@ impl Actor for Intake {
                             })
                         });
                     state
-                        .accept(
-                            &myself,
-                            req,
-                            pb_name,
-                            received,
-                            key,
-                            Waiter::Ack(Box::new(msg)),
-                        )
+                        .accept(&myself, req, pb_name, received, key, Waiter::Ack(msg))
                         .await?;
                 }
                 Err(e) => {

@@ -41,6 +41,9 @@ pub struct TaskApiState {
     pumps: Vec<JoinHandle<()>>,
 }
 
+/// What a request on a subject becomes for the actor.
+type ToMsg = fn(Inbound) -> TaskApiMsg;
+
 pub enum TaskApiMsg {
     Get(Inbound),
     List(Inbound),
@@ -147,7 +150,7 @@ impl Actor for TaskApi {
         // is asked of every node's copy.
         if ctx.ownership().is_some() {
             let node = &ctx.settings.node_id;
-            let owned: [(&str, fn(Inbound) -> TaskApiMsg); 7] = [
+            let owned: [(&str, ToMsg); 7] = [
                 (subject::TASKS_CANCEL, TaskApiMsg::Cancel),
                 (subject::TASKS_RESOLVE, TaskApiMsg::Resolve),
                 (subject::TASKS_SIGNAL, TaskApiMsg::Signal),
