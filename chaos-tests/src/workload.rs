@@ -230,12 +230,14 @@ verify = { exit_code = 0 }
 }
 
 /// A task submitted once a fault is over (`body`, retried until a node accepts it), then
-/// waited for until it succeeds: its success is the recovery.
+/// waited for until it succeeds: its success is the recovery. Returns the task's id and
+/// how long it took to be accepted.
 pub async fn probe(
     client: &async_nats::Client,
     body: String,
     within: Duration,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<(String, Duration)> {
+    let started = std::time::Instant::now();
     let id = eventually(within, "the probe accepted", || {
         let (body, client) = (body.clone(), client.clone());
         async move {
@@ -244,12 +246,43 @@ pub async fn probe(
         }
     })
     .await?;
+    let accepted = started.elapsed();
     eventually(within, "the probe succeeded", || async {
         let get = json!({"task_id": id}).to_string();
         let t = request(client, "cadre.tasks.get", get).await.ok()?;
         (t["status"] == "succeeded").then_some(())
     })
-    .await
+    .await?;
+    Ok((id, accepted))
+}
+
+/// A task's timeline from `cadre.tasks.trace`, one line per record: milliseconds since
+/// the first, the actor, the action, the step and the outcome. For a probe that was slow.
+pub async fn timeline(client: &async_nats::Client, task_id: &str) -> String {
+    let get = json!({"task_id": task_id}).to_string();
+    let Ok(trace) = request(client, "cadre.tasks.trace", get).await else {
+        return format!("  (no trace for {task_id})");
+    };
+    let entries = trace["entries"].as_array().cloned().unwrap_or_default();
+    let first = entries
+        .first()
+        .and_then(|e| e["record"]["at_ms"].as_u64())
+        .unwrap_or(0);
+    entries
+        .iter()
+        .map(|e| {
+            let r = &e["record"];
+            format!(
+                "  +{:>6} ms  {:<16} {:<18} {:<10} {}",
+                r["at_ms"].as_u64().unwrap_or(0).saturating_sub(first),
+                r["actor"].as_str().unwrap_or("?"),
+                r["action"].as_str().unwrap_or("?"),
+                r["step_id"].as_str().unwrap_or(""),
+                r["outcome"].as_str().unwrap_or("")
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Recovery times per fault kind as `Kind: n=… median … max …`, sorted.

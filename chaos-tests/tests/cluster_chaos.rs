@@ -148,20 +148,29 @@ async fn a_cluster_under_mixed_faults_loses_nothing_and_fences_every_stale_owner
         let ended = Instant::now();
         let probe = rig.submit(submitted);
         submitted += 1;
-        chaos_tests::workload::probe(&client, probe, Duration::from_secs(90))
-            .await
-            .map_err(|e| {
-                anyhow::anyhow!(
-                    "seed {seed}, fault {i} {fault:?} on {}: {e}\n{}",
-                    NODES[victim],
-                    tails(&nodes)
-                )
-            })?;
+        let (probe_id, accepted) =
+            chaos_tests::workload::probe(&client, probe, Duration::from_secs(90))
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "seed {seed}, fault {i} {fault:?} on {}: {e}\n{}",
+                        NODES[victim],
+                        tails(&nodes)
+                    )
+                })?;
         let took = ended.elapsed();
         println!(
             "fault {i}: {fault:?} on {} for {held:?}; a task enqueued after it succeeded {took:?} later",
             NODES[victim]
         );
+        // A slow recovery shows where its time went: how long the submit took, then the
+        // probe's own records.
+        if took > Duration::from_secs(1) {
+            println!(
+                "  probe {probe_id}: accepted after {accepted:?}\n{}",
+                chaos_tests::workload::timeline(&client, &probe_id).await
+            );
+        }
         recoveries.entry(fault).or_default().push(took);
     }
 
