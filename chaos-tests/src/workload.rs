@@ -256,33 +256,17 @@ pub async fn probe(
     Ok((id, accepted))
 }
 
-/// A task's timeline from `cadre.tasks.trace`, one line per record: milliseconds since
-/// the first, the actor, the action, the step and the outcome. For a probe that was slow.
-pub async fn timeline(client: &async_nats::Client, task_id: &str) -> String {
+/// Prints a task's timeline from `cadre.tasks.trace` as `cadre task trace` does: for a
+/// probe that was slow.
+pub async fn print_timeline(client: &async_nats::Client, task_id: &str) {
     let get = json!({"task_id": task_id}).to_string();
-    let Ok(trace) = request(client, "cadre.tasks.trace", get).await else {
-        return format!("  (no trace for {task_id})");
-    };
-    let entries = trace["entries"].as_array().cloned().unwrap_or_default();
-    let first = entries
-        .first()
-        .and_then(|e| e["record"]["at_ms"].as_u64())
-        .unwrap_or(0);
-    entries
-        .iter()
-        .map(|e| {
-            let r = &e["record"];
-            format!(
-                "  +{:>6} ms  {:<16} {:<18} {:<10} {}",
-                r["at_ms"].as_u64().unwrap_or(0).saturating_sub(first),
-                r["actor"].as_str().unwrap_or("?"),
-                r["action"].as_str().unwrap_or("?"),
-                r["step_id"].as_str().unwrap_or(""),
-                r["outcome"].as_str().unwrap_or("")
-            )
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
+    match request(client, "cadre.tasks.trace", get)
+        .await
+        .and_then(|v| Ok(serde_json::from_value::<actors::protocol::TraceReply>(v)?))
+    {
+        Ok(trace) => node::cli::print_trace(&trace),
+        Err(e) => println!("  (no trace for {task_id}: {e})"),
+    }
 }
 
 /// Recovery times per fault kind as `Kind: n=… median … max …`, sorted.

@@ -166,10 +166,8 @@ async fn a_cluster_under_mixed_faults_loses_nothing_and_fences_every_stale_owner
         // A slow recovery shows where its time went: how long the submit took, then the
         // probe's own records.
         if took > Duration::from_secs(1) {
-            println!(
-                "  probe {probe_id}: accepted after {accepted:?}\n{}",
-                chaos_tests::workload::timeline(&client, &probe_id).await
-            );
+            println!("  probe {probe_id}: accepted after {accepted:?}");
+            chaos_tests::workload::print_timeline(&client, &probe_id).await;
         }
         recoveries.entry(fault).or_default().push(took);
     }

@@ -149,7 +149,7 @@ fn synced_writes(requests: usize, rounds: usize) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let mut options = rocksdb::Options::default();
     options.create_if_missing(true);
-    let db = std::sync::Arc::new(rocksdb::DB::open(&options, dir.path())?);
+    let db = rocksdb::DB::open(&options, dir.path())?;
     let mut sync = rocksdb::WriteOptions::default();
     sync.set_sync(true);
     let value = [7u8; 200];
@@ -165,14 +165,12 @@ fn synced_writes(requests: usize, rounds: usize) -> anyhow::Result<()> {
         let p50 = took[took.len() / 2];
         let started = Instant::now();
         std::thread::scope(|scope| -> anyhow::Result<()> {
+            let (db, sync) = (&db, &sync);
             let handles: Vec<_> = (0..WRITERS)
                 .map(|w| {
-                    let db = db.clone();
                     scope.spawn(move || -> Result<(), rocksdb::Error> {
-                        let mut sync = rocksdb::WriteOptions::default();
-                        sync.set_sync(true);
                         for i in 0..requests / WRITERS {
-                            db.put_opt(format!("par-{round}-{w}-{i}"), value, &sync)?;
+                            db.put_opt(format!("par-{round}-{w}-{i}"), value, sync)?;
                         }
                         Ok(())
                     })
